@@ -1,0 +1,103 @@
+"""Checkpoints: the LoRA adapter in PEFT format plus everything needed to resume exactly.
+
+Layout of `checkpoint-000050/`:
+    adapter_model.safetensors, adapter_config.json   loadable with PeftModel.from_pretrained
+    trainer_state.pt                                  step, optimizer, scheduler, RNG, data position
+
+A checkpoint is written to a hidden temporary directory and renamed into place, so a kill at
+any moment leaves the previous checkpoint or the new one, never a torn one.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "trainer_state.pt"
+
+
+def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir()
+             if (m := CHECKPOINT_PATTERN.match(p.name)) and (p / STATE_FILE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    dirs = checkpoint_dirs(run_dir)
+    return dirs[-1] if dirs else None
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_adapter(policy, directory: Path) -> None:
+    """Adapter weights and config only, in the standard PEFT format (atomic)."""
+    tmp = directory.with_name(f".{directory.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    policy.save_pretrained(tmp)
+    _replace_dir(tmp, directory)
+
+
+def save_checkpoint(run_dir: Path, step: int, policy, trainer_state: dict[str, Any],
+                    keep: int = 0) -> Path:
+    """Write checkpoint-<step>/ atomically, then delete all but the newest `keep` (0 = keep all)."""
+    final = run_dir / f"checkpoint-{step:06d}"
+    tmp = run_dir / f".checkpoint-{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    policy.save_pretrained(tmp)
+    torch.save({"step": step, "rng": rng_state(), **trainer_state}, tmp / STATE_FILE)
+    _replace_dir(tmp, final)
+    if keep:
+        for old in checkpoint_dirs(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, policy) -> dict[str, Any]:
+    """Load the adapter weights into `policy` and return the trainer state (RNG not yet applied)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(policy, weights)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise RuntimeError(f"checkpoint {path} does not match this model's adapter: {unexpected[:3]} ...")
+    # Our own file, written by save_checkpoint: it holds optimizer state and RNG tuples.
+    return torch.load(path / STATE_FILE, weights_only=False)
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Move `tmp` to `final`, replacing an existing `final` with at most a moment where the old
+    one is parked under a backup name (never a moment where neither exists in full)."""
+    if final.exists():
+        backup = final.with_name(f".{final.name}.old")
+        shutil.rmtree(backup, ignore_errors=True)
+        final.rename(backup)
+        tmp.rename(final)
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        tmp.rename(final)

@@ -1,0 +1,324 @@
+"""Typed run configuration: one flat dataclass, YAML presets, `key=value` overrides.
+
+Precedence is defaults < preset or config file < `key=value` overrides. Everything is validated
+once, here, so the rest of the engine can trust the values it is given. Every problem becomes a
+`ConfigError` whose message names the offending key and says how to fix it.
+
+The keys deliberately match TRL's `GRPOConfig` where the idea is the same (num_generations,
+beta, epsilon, loss_type, scale_rewards, ...) so users' habits and blog posts carry over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+# Short names users type on the command line (`lr=2e-5`) for the full field names.
+ALIASES = {"lr": "learning_rate", "model": "model_name_or_path", "G": "num_generations"}
+
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
+SCALE_REWARDS = ("group", "batch", "none")
+
+
+class ConfigError(ValueError):
+    """A bad preset, config file or override; the message says which key and how to fix it."""
+
+
+@dataclass
+class RewardSpec:
+    """One reward function and its weight in the summed reward.
+
+    `name` is a built-in reward's name (`lowvram-grpo rewards` lists them), a file path and
+    function (`my_rewards.py:correctness`) or a dotted import path (`my_pkg.rewards.fmt`).
+    """
+
+    name: str
+    weight: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    # --- model -------------------------------------------------------------------------------
+    # Hub id or local directory; "builtin:tiny" is a small model the package builds offline.
+    model_name_or_path: str = "builtin:tiny"
+    quantization: Literal["nf4", "none"] = "nf4"
+    # Compute dtype: auto = bf16 on GPUs that support it, fp16 on older ones (T4), fp32 on CPU.
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = True
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    # "all-linear" or a list of module names such as [q_proj, v_proj].
+    lora_target_modules: Union[str, list[str]] = "all-linear"
+    # Whole modules trained (and saved with the adapter) next to LoRA, e.g. [lm_head]: costs
+    # memory for a real model's vocabulary; the tiny demo uses it so it can sharpen quickly.
+    lora_modules_to_save: list[str] = field(default_factory=list)
+    # Continue training from an existing PEFT adapter directory.
+    adapter_path: str | None = None
+
+    # --- data --------------------------------------------------------------------------------
+    # Local file/folder, hub dataset id, or "builtin:arith" (the offline toy task).
+    dataset: str = "builtin:arith"
+    dataset_config: str | None = None
+    dataset_split: str = "train"
+    prompt_column: str = "prompt"
+    answer_column: str | None = "answer"
+    system_prompt: str | None = None
+    # e.g. "{question}\nThink step by step." (placeholders are dataset columns).
+    prompt_template: str | None = None
+    # Held-out prompts for evaluation: a fraction of `dataset`, or a separate file/id.
+    eval_fraction: float = 0.0
+    eval_dataset: str | None = None
+
+    # --- rewards -----------------------------------------------------------------------------
+    rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec("arith_answer")])
+
+    # --- generation (rollouts) ---------------------------------------------------------------
+    num_generations: int = 8  # G: completions per prompt, normalised as one group
+    generation_chunk_size: int = 8  # sequences generated at once; lower if out of memory
+    max_prompt_length: int = 256  # longer prompts are truncated on the left (and counted)
+    max_completion_length: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+
+    # --- GRPO objective ----------------------------------------------------------------------
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = "dapo"
+    beta: float = 0.04  # KL weight; the reference is free here (adapter off), so on by default
+    epsilon: float = 0.2  # lower clip: ratio >= 1 - epsilon
+    epsilon_high: float | None = None  # upper clip; None = epsilon (DAPO suggests 0.28)
+    scale_rewards: Literal["group", "batch", "none"] = "group"  # "none" = Dr. GRPO
+    num_iterations: int = 1  # policy updates per batch of rollouts (>1 needs old log-probs)
+
+    # --- optimisation ------------------------------------------------------------------------
+    max_steps: int = 100
+    prompts_per_step: int = 4  # prompts per optimizer step; each brings G completions
+    micro_batch_size: int = 4  # sequences per forward/backward; lower if out of memory
+    logprob_chunk_size: int = 256  # positions per LM-head chunk; bounds the logits tensor
+    learning_rate: float = 1e-5
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    # paged_adamw_8bit (bitsandbytes) saves optimizer memory on GPU; adamw works everywhere.
+    optimizer: Literal["adamw", "paged_adamw_8bit"] = "adamw"
+    seed: int = 42
+    # CPU threads for torch (0 = torch's default). Tiny models run faster on 1: for their small
+    # matrices, handing work between threads costs more than the work itself.
+    cpu_threads: int = 0
+
+    # --- output ------------------------------------------------------------------------------
+    output_dir: str = "runs/latest"
+    save_every: int = 50  # checkpoint every N steps (and always at the end)
+    keep_checkpoints: int = 2  # older checkpoints are deleted; 0 keeps all
+    log_completions_every: int = 10  # append sampled completions to completions.jsonl
+    num_completions_to_log: int = 4
+
+    def __post_init__(self) -> None:
+        self.rewards = [_as_reward_spec(r) for r in self.rewards]
+        self.validate()
+
+    @property
+    def sequences_per_step(self) -> int:
+        return self.prompts_per_step * self.num_generations
+
+    @property
+    def clip_high(self) -> float:
+        return self.epsilon if self.epsilon_high is None else self.epsilon_high
+
+    def validate(self) -> None:
+        def need(ok: bool, key: str, msg: str) -> None:
+            if not ok:
+                raise ConfigError(f"{key}: {msg}")
+
+        for key in ("num_generations", "generation_chunk_size", "max_prompt_length",
+                    "max_completion_length", "max_steps", "prompts_per_step", "micro_batch_size",
+                    "logprob_chunk_size", "num_iterations", "lora_r", "lora_alpha", "save_every",
+                    "log_completions_every"):
+            need(getattr(self, key) >= 1, key, f"must be at least 1, got {getattr(self, key)}")
+        for key in ("warmup_steps", "keep_checkpoints", "top_k", "num_completions_to_log", "cpu_threads"):
+            need(getattr(self, key) >= 0, key, f"must be 0 or more, got {getattr(self, key)}")
+        need(self.num_generations >= 2, "num_generations",
+             "GRPO compares completions within a group, so it needs at least 2 (8 is typical)")
+        need(self.temperature > 0, "temperature", "must be > 0 (sampling is required for GRPO)")
+        need(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
+        need(self.beta >= 0, "beta", f"must be >= 0, got {self.beta}")
+        need(0 <= self.epsilon < 1, "epsilon", f"must be in [0, 1), got {self.epsilon}")
+        need(self.clip_high >= 0, "epsilon_high", f"must be >= 0, got {self.epsilon_high}")
+        need(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
+        need(0 <= self.lora_dropout < 1, "lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+        need(self.max_grad_norm > 0, "max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
+        need(bool(self.rewards), "rewards", "at least one reward function is needed")
+        for spec in self.rewards:
+            need(bool(spec.name), "rewards", "every reward needs a name")
+        need(0 <= self.eval_fraction < 1, "eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
+        need(bool(self.output_dir), "output_dir", "must not be empty")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _as_reward_spec(value: Any) -> RewardSpec:
+    if isinstance(value, RewardSpec):
+        return value
+    if isinstance(value, str):
+        return RewardSpec(value)
+    if isinstance(value, dict):
+        unknown = set(value) - {"name", "weight"}
+        if "name" not in value or unknown:
+            raise ConfigError(
+                f"rewards: each entry is a name or {{name: ..., weight: ...}}, got {value!r}")
+        return RewardSpec(str(value["name"]), float(value.get("weight", 1.0)))
+    raise ConfigError(f"rewards: each entry is a name or {{name: ..., weight: ...}}, got {value!r}")
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def preset_path(name: str) -> Path:
+    path = PRESETS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        hint = difflib.get_close_matches(name, list_presets(), n=1)
+        suggestion = f" Did you mean '{hint[0]}'?" if hint else ""
+        raise ConfigError(
+            f"preset: no preset named '{name}'.{suggestion} "
+            f"Available: {', '.join(list_presets())} (run `lowvram-grpo presets`).")
+    return path
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config: file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config: {path} is not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {path} must be a mapping of key: value, got {type(data).__name__}")
+    return data
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["lr=2e-5", "num_generations=8"]` -> {"learning_rate": 2e-5, "num_generations": 8}.
+
+    Values are parsed as YAML so numbers, booleans, null and lists (`[q_proj, v_proj]`) work.
+    """
+    parsed: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override '{item}': expected key=value, for example lr=2e-5")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        parsed[key.strip()] = value
+    return parsed
+
+
+def build_config(values: dict[str, Any]) -> TrainConfig:
+    """Check keys and types of a raw mapping and build a validated TrainConfig."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    hints = typing.get_type_hints(TrainConfig)
+    kwargs: dict[str, Any] = {}
+    for raw_key, value in values.items():
+        key = ALIASES.get(raw_key, raw_key)
+        if key not in fields:
+            close = difflib.get_close_matches(raw_key, list(fields) + list(ALIASES), n=1)
+            suggestion = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"{raw_key}: unknown config key.{suggestion}")
+        kwargs[key] = value if key == "rewards" else _coerce(key, value, hints[key])
+    if "rewards" in kwargs and not isinstance(kwargs["rewards"], list):
+        kwargs["rewards"] = [kwargs["rewards"]]
+    return TrainConfig(**kwargs)
+
+
+def load_config(preset: str | None = None, config_path: str | Path | None = None,
+                overrides: list[str] | dict[str, Any] | None = None) -> TrainConfig:
+    """defaults < preset or config file < overrides, validated."""
+    if preset and config_path:
+        raise ConfigError("config: give either --preset or --config, not both")
+    values: dict[str, Any] = {}
+    if preset:
+        values.update(read_yaml(preset_path(preset)))
+    if config_path:
+        values.update(read_yaml(config_path))
+    if isinstance(overrides, dict):
+        values.update(overrides)
+    elif overrides:
+        values.update(parse_overrides(overrides))
+    return build_config(values)
+
+
+def save_config(config: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Convert a YAML/CLI value to the field's declared type, or raise naming the key."""
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(key, value, option)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else
+                          f"{key}: {value!r} is not a valid value ({'; '.join(errors)})")
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"{key}: must be one of {', '.join(map(str, allowed))}; got {value!r}")
+        return value
+    if origin is list:
+        (item_type,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list such as [a, b], got {value!r}")
+        return [_coerce(key, v, item_type) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected a whole number, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "1e-5" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected text, got {value!r}")
+    return value

@@ -1,0 +1,320 @@
+"""The GRPO math, as pure tensor functions.
+
+GRPO (Group Relative Policy Optimization, DeepSeekMath 2024) in one step:
+
+1. For each prompt, sample G completions ("a group") from the current policy.
+2. Score every completion with the reward functions. The *advantage* of a completion is its
+   reward relative to its group: (r - mean(group)) / (std(group) + eps). No value network:
+   the group itself is the baseline, which is what makes GRPO cheap enough for one GPU.
+3. Update the policy with the PPO clipped surrogate on every completion token,
+       ratio = pi(token) / pi_old(token)
+       loss  = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A) + beta * KL(pi || pi_ref)
+   where KL is the per-token "k3" estimator exp(ref - logp) - (ref - logp) - 1 (non-negative,
+   unbiased, low variance), by default weighted by the ratio as TRL does, and pi_ref is the
+   frozen starting model (for LoRA: the same weights with the adapter disabled).
+4. Average the per-token losses into one number; *how* is what distinguishes the variants
+   (`loss_type`): grpo averages per sequence then over sequences, bnpo / dapo average over
+   tokens, dr_grpo divides by a constant so long and short completions weigh the same per token.
+
+Three functions implement this, and they are written to reproduce TRL 1.16's `GRPOTrainer`
+exactly (tests/test_grpo_oracle.py checks losses and LoRA gradients against it):
+
+- `group_advantages`  step 2.
+- `sequence_logprobs` per-token log pi(token) without ever materialising (B, T, V) logits:
+  for a 150k vocabulary that tensor, in fp32, is the single largest allocation of a GRPO step.
+- `grpo_loss`         steps 3-4 for one micro-batch, pre-scaled for gradient accumulation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+SCALE_REWARDS = ("group", "batch", "none")
+
+# Added to the std before dividing, so a group whose rewards are all equal (std 0) gets
+# advantage 0 instead of 0/0. Same value as TRL.
+ADVANTAGE_EPS = 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# Advantages
+# ---------------------------------------------------------------------------------------------
+
+
+def _nanstd(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Sample std (Bessel-corrected) ignoring NaNs; NaN where fewer than 2 values are present.
+
+    Same definition as `trl.trainer.utils.nanstd`, so advantages match TRL bit for bit.
+    """
+    if dim is None:  # reduce over everything
+        x, dim = x.reshape(-1), 0
+    mean = torch.nanmean(x, dim=dim, keepdim=True)
+    var = torch.nanmean((x - mean) ** 2, dim=dim)
+    count = (~torch.isnan(x)).sum(dim=dim)
+    correction = torch.where(count > 1, count / (count - 1), torch.full_like(var, float("nan")))
+    return torch.sqrt(var * correction)
+
+
+def group_advantages(
+    rewards: torch.Tensor, num_generations: int, scale_rewards: str = "group"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group-relative advantages, exactly as TRL 1.16 (`multi_objective_aggregation="sum_then_normalize"`).
+
+    Args:
+        rewards: (N,) summed, weighted reward per completion, N = num_prompts * num_generations,
+            the completions of one prompt contiguous. NaN marks an unscorable completion (every
+            reward function returned None): it is left out of its group's mean and std and its
+            advantage is 0, so it neither biases the baseline nor moves the policy.
+        num_generations: G, the group size.
+        scale_rewards: "group" divides by the group std, "batch" by the std of the whole batch
+            (more robust when a group's std is tiny), "none" does not divide (Dr. GRPO: the std
+            division up-weights easy/hard prompts whose rewards barely vary).
+
+    Returns:
+        (advantages (N,), reward_std (N,)). reward_std is the std TRL checks for zero to log
+        `frac_reward_zero_std`: the group std for "group"/"none", the batch std for "batch".
+    """
+    if scale_rewards not in SCALE_REWARDS:
+        raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
+    if rewards.dim() != 1 or num_generations < 1 or rewards.numel() % num_generations != 0:
+        raise ValueError(
+            f"rewards must be 1-D with a length divisible by num_generations={num_generations}, "
+            f"got shape {tuple(rewards.shape)}"
+        )
+    rewards = rewards.float()
+    groups = rewards.view(-1, num_generations)
+    group_mean = torch.nanmean(groups, dim=1).repeat_interleave(num_generations)
+
+    if scale_rewards == "batch":
+        std = _nanstd(rewards).expand_as(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards)
+    elif num_generations > 1:
+        std = _nanstd(groups, dim=1).repeat_interleave(num_generations)
+    else:  # a group of one has no spread; TRL treats its std as 0 (only happens in eval)
+        std = torch.zeros_like(rewards)
+
+    advantages = rewards - group_mean
+    if scale_rewards != "none":
+        advantages = advantages / (std + ADVANTAGE_EPS)
+    # NaN comes from unscorable completions (or an all-NaN group): no learning signal.
+    advantages = torch.nan_to_num(advantages, nan=0.0)
+    return advantages, std
+
+
+# ---------------------------------------------------------------------------------------------
+# Log-probabilities
+# ---------------------------------------------------------------------------------------------
+
+
+def _unwrap_causal_lm(model):
+    """The transformers CausalLM under an optional peft PeftModel wrapper.
+
+    peft injects LoRA layers *in place* into the CausalLM's modules, so calling that CausalLM's
+    backbone directly still runs the adapters (and honours `disable_adapter()`).
+    """
+    get_base_model = getattr(model, "get_base_model", None)  # only PeftModel has it
+    return get_base_model() if callable(get_base_model) else model
+
+
+def _logit_transform(config) -> tuple[float, float | None]:
+    """(scale, softcap) the model's own forward applies to its logits, looked up like TRL does.
+
+    Most models have neither. Cohere multiplies by `logit_scale`, Granite divides by
+    `logits_scaling`, Falcon-H1 multiplies by `lm_head_multiplier`, Gemma 2/3 soft-cap.
+    Missing these would silently give log-probs of a different distribution than the one sampled.
+    """
+    scale = getattr(config, "logit_scale", None)
+    for name in ("output_multiplier", "lm_head_multiplier"):
+        scale = getattr(config, name, None) if scale is None else scale
+    if scale is None and getattr(config, "logits_scaling", None) is not None:
+        scale = config.logits_scaling if config.model_type == "hyperclovax" else 1 / config.logits_scaling
+    return (1.0 if scale is None else scale), getattr(config, "final_logit_softcapping", None)
+
+
+def _head_logprobs(head, hidden, targets, temperature, logit_scale, softcap, compute_entropy):
+    """log p(target) for one chunk of positions: LM head -> fp32 -> log_softmax -> gather.
+
+    This is the only place (rows, V) logits exist, and only for `rows = chunk_size` positions.
+    """
+    logits = head(hidden).float()  # fp32 log_softmax: bf16 log-probs are too coarse for ratios
+    if logit_scale != 1.0:
+        logits = logits * logit_scale
+    if softcap is not None:  # Gemma-2 style soft-capping, applied before the temperature like TRL
+        logits = softcap * torch.tanh(logits / softcap)
+    logprobs = torch.log_softmax(logits / temperature, dim=-1)
+    token_logps = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    if not compute_entropy:
+        return token_logps, None
+    with torch.no_grad():  # entropy is only a metric: keep it out of the graph
+        entropy = -(logprobs.exp() * logprobs).sum(-1)
+    return token_logps, entropy
+
+
+def sequence_logprobs(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    logits_to_keep: int,
+    temperature: float = 1.0,
+    chunk_size: int = 256,
+    compute_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log-probs of the last `logits_to_keep` tokens, without full (B, T, V) logits.
+
+    Args:
+        model: a transformers CausalLM, or a peft PeftModel wrapping one (4-bit bases included).
+        input_ids, attention_mask: (B, L) prompt + completion, prompts left-padded.
+        logits_to_keep: K, the completion length; the tokens scored are input_ids[:, -K:].
+        temperature: logits are divided by it, so the log-probs are those of the distribution
+            the completions were sampled from.
+        chunk_size: rows (flattened B*K positions) projected through the LM head at a time.
+        compute_entropy: also return the per-token entropy (no gradient; for logging).
+
+    Returns:
+        (logps (B, K) float32, entropy (B, K) or None). Padding positions get a (meaningless)
+        log-prob too; callers mask them with the completion mask.
+
+    The backbone runs once; the LM head then runs on `chunk_size` positions at a time. Under
+    autograd each chunk is checkpointed, so backward recomputes one chunk's logits at a time
+    instead of keeping all of them alive: peak memory is O(chunk_size * V), not O(B * K * V).
+    """
+    causal_lm = _unwrap_causal_lm(model)
+    backbone, head = causal_lm.get_decoder(), causal_lm.get_output_embeddings()
+    logit_scale, softcap = _logit_transform(causal_lm.config.get_text_config())
+
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    # The hidden state at position t predicts token t+1, hence the shift by one.
+    hidden = hidden[:, -logits_to_keep - 1 : -1, :]
+    batch, keep, width = hidden.shape
+    hidden = hidden.reshape(batch * keep, width)
+    targets = input_ids[:, -logits_to_keep:].reshape(-1)
+
+    use_checkpoint = torch.is_grad_enabled() and hidden.requires_grad
+    logps, entropies = [], []
+    for start in range(0, hidden.size(0), chunk_size):
+        args = (head, hidden[start : start + chunk_size], targets[start : start + chunk_size],
+                temperature, logit_scale, softcap, compute_entropy)
+        if use_checkpoint:
+            chunk_logps, chunk_entropy = checkpoint(_head_logprobs, *args, use_reentrant=False)
+        else:
+            chunk_logps, chunk_entropy = _head_logprobs(*args)
+        logps.append(chunk_logps)
+        entropies.append(chunk_entropy)
+
+    logps = torch.cat(logps).view(batch, keep)
+    entropy = torch.cat(entropies).view(batch, keep) if compute_entropy else None
+    return logps, entropy
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss
+# ---------------------------------------------------------------------------------------------
+
+
+def grpo_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor | None,
+    ref_logps: torch.Tensor | None,
+    advantages: torch.Tensor,
+    completion_mask: torch.Tensor,
+    *,
+    loss_type: str,
+    beta: float,
+    epsilon_low: float,
+    epsilon_high: float,
+    max_completion_length: int,
+    num_sequences_in_step: int,
+    num_tokens_in_step: float,
+    num_micro_batches: int,
+    use_bias_correction_kl: bool = True,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One micro-batch's share of the step loss: clipped surrogate + beta * KL, aggregated.
+
+    Scaled so that calling `.backward()` on every micro-batch's loss accumulates exactly the
+    gradient of the whole step's loss, i.e. what TRL 1.16 produces when the step is split into
+    `num_micro_batches` equal micro-batches.
+
+    Args:
+        logps: (B, T) log-probs under the current policy, with grad.
+        old_logps: (B, T) log-probs of the policy that sampled the completions, or None when
+            this is the first (only) update on them: then the ratio is exactly 1 but its
+            gradient, d ratio = d logp, still flows.
+        ref_logps: (B, T) reference-model log-probs; required when beta > 0.
+        advantages: (B,) one advantage per completion, shared by all its tokens.
+        completion_mask: (B, T) 1 for real completion tokens, 0 for padding.
+        loss_type: how per-token losses become one number (see the table below).
+        beta: KL coefficient. epsilon_low / epsilon_high: clip range [1 - low, 1 + high].
+        max_completion_length: dr_grpo's constant denominator per sequence.
+        num_sequences_in_step: completions in the whole optimizer step (all micro-batches).
+        num_tokens_in_step: active completion tokens in the whole step (dapo's denominator).
+        num_micro_batches: micro-batches (gradient-accumulation steps) in the step.
+        use_bias_correction_kl: multiply the k3 term by the (differentiable) ratio pi / pi_old,
+            as TRL 1.16 does by default (DeepSeek-V3.2): k3's plain gradient is a biased estimate
+            of the reverse-KL gradient, ratio * k3's is unbiased. On-policy (ratio == 1) this
+            leaves the loss value unchanged but not its gradient.
+
+    Aggregation (S = num_sequences_in_step, M = num_micro_batches):
+        grpo     sum over these sequences of (masked token mean) / S
+        bnpo     masked token mean of this micro-batch / M
+        dr_grpo  masked token sum / (S * max_completion_length)
+        dapo     masked token sum / num_tokens_in_step
+
+    Returns:
+        (loss, stats): stats are detached sums over this micro-batch, to be summed over the step
+        and divided by the summed "token_count" for logging: "kl_sum" (masked KL term as it enters
+        the loss, TRL's logged `kl`; present when ref_logps is given), "clip_low_count",
+        "clip_high_count", "clip_region_count" and "token_count".
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if beta != 0.0 and ref_logps is None:
+        raise ValueError("ref_logps is required when beta != 0")
+
+    mask = completion_mask.to(logps.dtype)
+    valid = mask.bool()
+    if old_logps is None:
+        old_logps = logps.detach()
+    advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+
+    # Padding positions are zeroed before exp(): they are masked out anyway, but an overflow to
+    # inf there would turn into inf * 0 = NaN in both the loss and its gradient.
+    log_ratio = torch.where(valid, logps - old_logps, 0.0)
+    coef_1 = torch.exp(log_ratio)
+    coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + epsilon_high)
+    # Pessimistic bound: clipping only ever removes the incentive to move the ratio further.
+    per_token_loss = -torch.min(coef_1 * advantages, coef_2 * advantages)
+
+    kl = None
+    if ref_logps is not None:
+        delta = torch.where(valid, ref_logps - logps, 0.0)
+        kl = torch.exp(delta) - delta - 1  # k3: >= 0, and exactly 0 where policy == reference
+        if use_bias_correction_kl:
+            kl = kl * coef_1
+        if beta != 0.0:
+            per_token_loss = per_token_loss + beta * kl
+
+    masked = per_token_loss * mask
+    if loss_type == "grpo":
+        seq_mean = masked.sum(-1) / mask.sum(-1).clamp(min=1.0)
+        loss = seq_mean.sum() / num_sequences_in_step
+    elif loss_type == "bnpo":
+        loss = masked.sum() / mask.sum().clamp(min=1.0) / num_micro_batches
+    elif loss_type == "dr_grpo":
+        loss = masked.sum() / (num_sequences_in_step * max_completion_length)
+    else:  # dapo
+        loss = masked.sum() / max(float(num_tokens_in_step), 1.0)
+
+    with torch.no_grad():
+        # Same definitions as TRL: a token counts as clipped only where clipping changes the loss.
+        is_low = (coef_1 < 1 - epsilon_low) & (advantages < 0)
+        is_high = (coef_1 > 1 + epsilon_high) & (advantages > 0)
+        stats = {
+            "clip_low_count": (is_low * mask).sum(),
+            "clip_high_count": (is_high * mask).sum(),
+            "clip_region_count": ((is_low | is_high) * mask).sum(),
+            "token_count": mask.sum(),
+        }
+        if kl is not None:
+            stats["kl_sum"] = (kl * mask).sum()
+    return loss, stats

@@ -1,0 +1,118 @@
+"""The policy: a 4-bit NF4 base model with LoRA adapters on top, and its tokenizer.
+
+One copy of the base weights serves two roles. With the adapter on it is the policy being
+trained; inside `reference_model(policy)` (peft's `disable_adapter()`) it is the frozen
+reference for the KL penalty. No second model is ever loaded, which is most of the memory
+saving over keeping a separate reference copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+
+from lowvram_grpo.config import TrainConfig
+
+BUILTIN_PREFIX = "builtin:"
+
+
+class ModelLoadError(RuntimeError):
+    """The model or adapter could not be loaded; the message says why and what to do."""
+
+
+def resolve_model_path(name: str) -> str:
+    """`builtin:tiny` -> the locally built tiny model's directory; anything else unchanged."""
+    if name == "builtin:tiny":
+        from lowvram_grpo.tiny import tiny_model_path
+
+        return str(tiny_model_path())
+    if name.startswith(BUILTIN_PREFIX):
+        raise ModelLoadError(f"model_name_or_path: unknown built-in model '{name}'; the only one is builtin:tiny")
+    return name
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def compute_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
+    """bf16 where the GPU supports it, fp16 on older GPUs (e.g. the T4), fp32 on the CPU."""
+    if config.dtype != "auto":
+        return getattr(torch, config.dtype)
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    # Batched generation needs a pad token, and prompts are left-padded so that every
+    # sequence's completion starts at the same column.
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_policy(config: TrainConfig, device: torch.device | None = None):
+    """Load base model (4-bit unless quantization=none) + LoRA; returns (peft_model, tokenizer)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    device = device or default_device()
+    dtype = compute_dtype(config, device)
+    path = resolve_model_path(config.model_name_or_path)
+    tokenizer = load_tokenizer(path, config.trust_remote_code)
+
+    quantization_config = None
+    if config.quantization == "nf4":
+        quantization_config = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
+    try:
+        base = AutoModelForCausalLM.from_pretrained(
+            path, quantization_config=quantization_config, dtype=dtype, device_map={"": device},
+            trust_remote_code=config.trust_remote_code)
+    except OSError as err:
+        raise ModelLoadError(
+            f"model_name_or_path: could not load '{config.model_name_or_path}': {err}. Give a local "
+            "directory with config.json and weights, or a hub id while online "
+            "(builtin:tiny works offline).") from err
+
+    # Only LoRA weights train. We do not call peft's prepare_model_for_kbit_training: it casts
+    # the embeddings and LM head to fp32, which for a 150k-token vocabulary costs gigabytes.
+    # Log-probs are computed in fp32 chunk by chunk instead (see grpo.sequence_logprobs).
+    base.requires_grad_(False)
+    if config.gradient_checkpointing:
+        base.activation_checkpointing_enable({"use_reentrant": False})
+    base.config.use_cache = True  # generation must keep its KV cache (see rollout.py)
+
+    if config.adapter_path:
+        policy = PeftModel.from_pretrained(base, config.adapter_path, is_trainable=True)
+    else:
+        lora = LoraConfig(
+            r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+            target_modules=config.lora_target_modules,
+            modules_to_save=config.lora_modules_to_save or None, task_type="CAUSAL_LM")
+        try:
+            policy = get_peft_model(base, lora)
+        except ValueError as err:
+            raise ModelLoadError(f"lora_target_modules: {err}") from err
+    # peft keeps the adapter weights in fp32 (autocast_adapter_dtype) on a bf16/4-bit base:
+    # they are tiny, and fp32 keeps the optimizer's small updates from rounding away.
+    return policy, tokenizer
+
+
+@contextlib.contextmanager
+def reference_model(policy) -> Iterator[None]:
+    """Inside this block `policy` computes the reference model: the same weights, adapter off."""
+    with policy.disable_adapter():
+        yield
+
+
+def trainable_parameters(policy) -> dict[str, torch.Tensor]:
+    return {name: p for name, p in policy.named_parameters() if p.requires_grad}

@@ -1,0 +1,570 @@
+"""Reward functions: built-ins, loading user functions, and scoring a batch of completions.
+
+A reward function has TRL's signature, so TRL and open-r1 reward functions work unchanged:
+
+    fn(prompts, completions, completion_ids=None, **dataset_columns) -> list[float | None]
+
+A completion is a string for plain-text prompts and `[{"role": "assistant", "content": ...}]`
+for conversational ones; `completion_text` turns either into a string. Dataset columns other
+than the prompt arrive as keyword arguments with one value per completion (`answer=[...]`).
+`None` means "not applicable": that function is left out of the completion's weighted sum.
+
+Reward names in the config are resolved by `resolve_reward`: a built-in name
+(`BUILTIN_REWARDS`), `path/to/file.py:function`, or a dotted import path `pkg.module.function`.
+Everything that can go wrong becomes a one-line `RewardFunctionError` that names the reward
+function and says how to fix it, because a bad reward is usually found mid-run.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import math
+import numbers
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from lowvram_grpo.config import RewardSpec
+from lowvram_grpo.toy import arith_answer
+
+# Defaults for the built-ins; rows can override the length ones with dataset columns.
+DEFAULT_TARGET_LENGTH = 200  # length_target, when there is no `target_length` column
+DEFAULT_MAX_LENGTH = 512  # length_penalty, when there is no `max_length` column
+NUMERIC_REL_TOL = 1e-6  # numeric_answer: relative tolerance (or pass rel_tol= via partial)
+REPETITION_NGRAM = 3  # repetition_penalty: n-gram size (words)
+REPETITION_MAX_PENALTY = -1.0  # repetition_penalty: reward of a fully repeated completion
+
+FORMAT_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+
+
+class RewardFunctionError(RuntimeError):
+    """A reward function that cannot be loaded or misbehaved; the message names it and the fix."""
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------
+
+BUILTIN_REWARDS: dict[str, Callable] = {}
+
+
+def register_reward(name: str) -> Callable:
+    """Decorator that adds a function to `BUILTIN_REWARDS` under `name` (returned unchanged)."""
+
+    def decorator(fn: Callable) -> Callable:
+        if name in BUILTIN_REWARDS:
+            raise ValueError(f"a built-in reward named {name!r} is already registered")
+        BUILTIN_REWARDS[name] = fn
+        return fn
+
+    return decorator
+
+
+# The toy task's reward lives next to the task; register it rather than copy it.
+register_reward("arith_answer")(arith_answer)
+
+
+@dataclass
+class RewardFunction:
+    """A loaded reward function: `name` is its metric name (`rewards/<name>/mean`)."""
+
+    name: str
+    fn: Callable
+    weight: float
+
+
+# --------------------------------------------------------------------------------------------
+# Text helpers shared by the built-ins (and by anyone writing their own rewards)
+# --------------------------------------------------------------------------------------------
+
+
+def completion_text(completion: Any) -> str:
+    """The text of one completion: the string itself, or the last message's content."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, dict):
+        return _content_text(completion.get("content"))
+    if isinstance(completion, (list, tuple)):
+        # Conversational: [{"role": "assistant", "content": ...}]; with tool calls there can be
+        # several messages, and the final answer is in the last one.
+        return completion_text(completion[-1]) if completion else ""
+    raise TypeError(f"a completion must be a string or a list of messages, got {type(completion).__name__}")
+
+
+def _content_text(content: Any) -> str:
+    # Content may be None (a tool-call message) or a list of parts ([{"type": "text", ...}]).
+    if content is None:
+        return ""
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return str(content)
+
+
+def extract_answer(text: str) -> str:
+    """Contents of the last `<answer>...</answer>` if there is one, else the whole text; stripped."""
+    matches = re.findall(r"<answer>(.*?)</answer>", text, re.DOTALL)
+    return (matches[-1] if matches else text).strip()
+
+
+# A number: optional minus (not after a word character, so "3-5" and "COVID-19" do not make a
+# negative), thousands groups "1,234,567" or plain digits, optional decimals. `$`, `%` and units
+# around it are simply not part of the match.
+_NUMBER_RE = re.compile(r"(?:(?<![\w)])-)?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?")
+_BOXED_RE = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")
+
+
+def extract_number(text: str) -> float | None:
+    """The answer number in `text`, or None if there is none.
+
+    Where to look, first match wins: `<answer>` tag contents, text after GSM8K's `####`, the
+    last `\\boxed{...}`, else the whole text. Within that part the last number is taken, with
+    commas, `$`, `%` and trailing units or words ignored ("$1,000" -> 1000, "72 apples" -> 72).
+    """
+    text = text.replace("\u2212", "-")  # Unicode minus sign, common in LaTeX-ish output
+    answers = re.findall(r"<answer>(.*?)</answer>", text, re.DOTALL)
+    boxed = _BOXED_RE.findall(text)
+    if answers:
+        part = answers[-1]
+    elif "####" in text:
+        part = text.rsplit("####", 1)[1]
+    elif boxed:
+        part = boxed[-1]
+    else:
+        part = text
+    numbers_found = _NUMBER_RE.findall(part.replace("$", ""))
+    return float(numbers_found[-1].replace(",", "")) if numbers_found else None
+
+
+def _normalise(text: str) -> str:
+    return " ".join(str(text).split()).lower()
+
+
+def _require_column(kwargs: dict, column: str, reward: str, fix: str) -> list:
+    # Built-ins that need a dataset column fail loudly, naming it, instead of scoring everything 0.
+    if column not in kwargs:
+        raise RewardFunctionError(
+            f"reward function '{reward}' needs a `{column}` column in the dataset; {fix} "
+            f"(columns given: {sorted(kwargs) or 'none'})")
+    return kwargs[column]
+
+
+def _optional_column(kwargs: dict, column: str, n: int, default: Any) -> list:
+    """One value per completion from `column`, `default` where the column or the value is missing."""
+    values = kwargs.get(column) or [None] * n
+    return [default if v is None else v for v in values]
+
+
+def _lengths(completions: list, completion_ids: list | None) -> list[int]:
+    """Completion lengths in tokens when the ids are given, else in whitespace-separated words."""
+    if completion_ids is not None:
+        return [len(ids) for ids in completion_ids]
+    return [len(completion_text(c).split()) for c in completions]
+
+
+# --------------------------------------------------------------------------------------------
+# Built-in rewards
+# --------------------------------------------------------------------------------------------
+
+_ANSWER_FIX = "add one, or set answer_column=<column> to say which column holds the reference answers"
+
+
+@register_reward("exact_answer")
+def exact_answer(prompts, completions, **kwargs) -> list[float | None]:
+    """1.0 if the answer equals the `answer` column, ignoring case and whitespace, else 0.0.
+
+    The answer is the contents of `<answer>...</answer>` if present, else the whole completion.
+    Reads the `answer` column; None (not applicable) for rows whose answer is None or empty.
+    """
+    answers = _require_column(kwargs, "answer", "exact_answer", _ANSWER_FIX)
+    rewards = []
+    for completion, reference in zip(completions, answers):
+        if reference is None or not str(reference).strip():
+            rewards.append(None)
+            continue
+        got = _normalise(extract_answer(completion_text(completion)))
+        rewards.append(1.0 if got == _normalise(reference) else 0.0)
+    return rewards
+
+
+@register_reward("numeric_answer")
+def numeric_answer(prompts, completions, rel_tol: float = NUMERIC_REL_TOL, **kwargs) -> list[float | None]:
+    """1.0 if the completion's number equals the `answer` column's within `rel_tol`, else 0.0.
+
+    Numbers are found by `extract_number` in both the completion and the reference, so GSM8K
+    references ("... #### 1,234") work as they are. Reads the `answer` column; None for rows
+    whose reference has no number. Use functools.partial(numeric_answer, rel_tol=...) to change
+    the tolerance.
+    """
+    answers = _require_column(kwargs, "answer", "numeric_answer", _ANSWER_FIX)
+    rewards = []
+    for completion, reference in zip(completions, answers):
+        expected = None if reference is None else extract_number(str(reference))
+        if expected is None:
+            rewards.append(None)
+            continue
+        got = extract_number(completion_text(completion))
+        ok = got is not None and math.isclose(got, expected, rel_tol=rel_tol, abs_tol=1e-12)
+        rewards.append(1.0 if ok else 0.0)
+    return rewards
+
+
+# open-r1's format: the whole completion is exactly a think block then an answer block.
+# Note: chat templates that already put "<think>\n" in the prompt (DeepSeek-R1, Qwen3) need a
+# reward that does not expect the opening tag.
+_STRICT_FORMAT_RE = re.compile(r"<think>\n.*?\n</think>\n<answer>\n.*?\n</answer>\s*", re.DOTALL)
+_SOFT_FORMAT_RE = re.compile(r"<think>.*?</think>.*?<answer>.*?</answer>", re.DOTALL)
+
+
+@register_reward("format_strict")
+def format_strict(prompts, completions, **kwargs) -> list[float]:
+    """1.0 if the whole completion is `<think>\\n...\\n</think>\\n<answer>\\n...\\n</answer>`, else 0.0.
+
+    Nothing may come before `<think>` or after `</answer>` except trailing whitespace.
+    Reads no dataset column.
+    """
+    return [1.0 if _STRICT_FORMAT_RE.fullmatch(completion_text(c)) else 0.0 for c in completions]
+
+
+@register_reward("format_soft")
+def format_soft(prompts, completions, **kwargs) -> list[float]:
+    """1.0 if the completion contains `<think>...</think>` and later `<answer>...</answer>`, else 0.0.
+
+    Anything may come before, between and after the blocks, and newlines are not required.
+    Reads no dataset column.
+    """
+    return [1.0 if _SOFT_FORMAT_RE.search(completion_text(c)) else 0.0 for c in completions]
+
+
+@register_reward("tag_count")
+def tag_count(prompts, completions, **kwargs) -> list[float]:
+    """0.25 for each of `<think>`, `</think>`, `<answer>`, `</answer>` that appears exactly once.
+
+    Partial credit (like open-r1's tag_count_reward) that helps a model find the format before
+    format_strict ever fires. Reads no dataset column.
+    """
+    return [sum(0.25 for tag in FORMAT_TAGS if completion_text(c).count(tag) == 1) for c in completions]
+
+
+@register_reward("regex_match")
+def regex_match(prompts, completions, **kwargs) -> list[float | None]:
+    """1.0 if `re.search(pattern, completion)` finds a match, else 0.0.
+
+    Reads the regex from the `pattern` column; None for rows whose pattern is None or empty.
+    """
+    patterns = _require_column(kwargs, "pattern", "regex_match", "add a column of regular expressions")
+    rewards = []
+    for completion, pattern in zip(completions, patterns):
+        if not pattern:
+            rewards.append(None)
+            continue
+        try:
+            found = re.search(pattern, completion_text(completion))
+        except re.error as e:
+            raise ValueError(f"invalid regular expression {pattern!r} in the `pattern` column: {e}") from e
+        rewards.append(1.0 if found else 0.0)
+    return rewards
+
+
+@register_reward("length_target")
+def length_target(prompts, completions, completion_ids=None, **kwargs) -> list[float]:
+    """1 - |length - target| / target, clipped to [0, 1]: 1.0 at the target length.
+
+    Length is in tokens (`completion_ids`) when available, else in words. The target comes from
+    the `target_length` column if present, else DEFAULT_TARGET_LENGTH (200).
+    """
+    lengths = _lengths(completions, completion_ids)
+    targets = _optional_column(kwargs, "target_length", len(completions), DEFAULT_TARGET_LENGTH)
+    return [min(1.0, max(0.0, 1.0 - abs(n - t) / max(float(t), 1.0))) for n, t in zip(lengths, targets)]
+
+
+@register_reward("length_penalty")
+def length_penalty(prompts, completions, completion_ids=None, **kwargs) -> list[float]:
+    """0.0 up to `max_length`, then linearly down to -1.0 at twice `max_length` (and below: -1.0).
+
+    A simple overlong penalty in the spirit of Kimi 1.5 / DAPO: it discourages rambling without
+    rewarding short answers. Length is in tokens (`completion_ids`) when available, else in
+    words. The limit comes from the `max_length` column if present, else DEFAULT_MAX_LENGTH (512).
+    Add it next to a correctness reward, typically with a small weight.
+    """
+    lengths = _lengths(completions, completion_ids)
+    limits = _optional_column(kwargs, "max_length", len(completions), DEFAULT_MAX_LENGTH)
+    return [-min(1.0, max(0.0, (n - m) / max(float(m), 1.0))) + 0.0 for n, m in zip(lengths, limits)]
+
+
+@register_reward("repetition_penalty")
+def repetition_penalty(prompts, completions, **kwargs) -> list[float]:
+    """Minus the fraction of repeated word 3-grams: 0.0 with no repetition, towards -1.0 for loops.
+
+    Same as open-r1's repetition penalty with ngram_size=3 and max_penalty=-1: the penalty is
+    (1 - unique 3-grams / all 3-grams) * REPETITION_MAX_PENALTY, words lower-cased and split on
+    whitespace. Completions shorter than 3 words get 0.0. Reads no dataset column.
+    """
+    return [_repeated_fraction(completion_text(c)) * REPETITION_MAX_PENALTY + 0.0 for c in completions]
+
+
+def _repeated_fraction(text: str, n: int = REPETITION_NGRAM) -> float:
+    words = text.lower().split()
+    ngrams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return 1.0 - len(set(ngrams)) / len(ngrams) if ngrams else 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Resolving names to functions
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_reward(name: str) -> Callable:
+    """The function for a reward name: a built-in, `file.py:function` or `pkg.module.function`.
+
+    Relative file paths are relative to the current directory. A callable is returned as is
+    (handy in notebooks). Raises RewardFunctionError with a one-line fix when it cannot.
+    """
+    if callable(name):
+        return name
+    name = str(name).strip()
+    if name in BUILTIN_REWARDS:
+        return BUILTIN_REWARDS[name]
+    if ":" in name:
+        source, attr = name.rsplit(":", 1)
+        if source.endswith(".py") or "/" in source or "\\" in source:
+            return _get_function(_import_file(name, source), attr, name, f"file {source}")
+        return _get_function(_import_module(name, source), attr, name, f"module {source}")
+    if name.endswith(".py"):
+        module = _import_file(name, name)
+        raise RewardFunctionError(
+            f"reward '{name}': say which function to use, as '{name}:<function>'; "
+            f"it defines: {_callables_text(module)}")
+    if "." in name:
+        source, attr = name.rsplit(".", 1)
+        return _get_function(_import_module(name, source), attr, name, f"module {source}")
+    raise RewardFunctionError(_unknown_builtin_message(name))
+
+
+def _unknown_builtin_message(name: str) -> str:
+    close = difflib.get_close_matches(name, BUILTIN_REWARDS, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return (f"unknown reward '{name}': {hint}built-ins are {', '.join(sorted(BUILTIN_REWARDS))}; "
+            f"or give your own as 'path/to/file.py:function' or 'package.module.function'")
+
+
+def _import_file(spec: str, source: str):
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise RewardFunctionError(
+            f"reward '{spec}': file not found: {path.resolve()} "
+            f"(relative paths are relative to the current directory, {Path.cwd()})")
+    path = path.resolve()
+    # A stable, unique module name per file, registered in sys.modules so dataclasses, pickling
+    # and relative lookups inside the user's module behave as in a normal import.
+    module_name = f"lowvram_user_reward_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_name] = module
+    # The file's folder goes on sys.path while it runs, so it can import its sibling modules.
+    sys.path.insert(0, str(path.parent))
+    try:
+        module_spec.loader.exec_module(module)
+    except BaseException as e:
+        del sys.modules[module_name]
+        raise RewardFunctionError(f"reward '{spec}': importing {path} failed: {_one_line(e)}") from e
+    finally:
+        sys.path.remove(str(path.parent))
+    return module
+
+
+def _import_module(spec: str, module_name: str):
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        raise RewardFunctionError(
+            f"reward '{spec}': cannot import module '{module_name}' ({_one_line(e)}); install it, "
+            f"add its folder to PYTHONPATH, or use the file form 'path/to/file.py:function'") from e
+    except Exception as e:
+        raise RewardFunctionError(f"reward '{spec}': importing module '{module_name}' failed: {_one_line(e)}") from e
+
+
+def _get_function(module, attr: str, spec: str, where: str) -> Callable:
+    if not hasattr(module, attr):
+        available = _public_callables(module)
+        close = difflib.get_close_matches(attr, available, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise RewardFunctionError(
+            f"reward '{spec}': {where} has no function '{attr}'; {hint}it defines: {_callables_text(module)}")
+    fn = getattr(module, attr)
+    if not callable(fn):
+        raise RewardFunctionError(
+            f"reward '{spec}': '{attr}' in {where} is a {type(fn).__name__}, not a function")
+    return fn
+
+
+def _public_callables(module) -> list[str]:
+    """Callables the module itself defines (not ones it imported), falling back to all of them."""
+    items = {k: v for k, v in vars(module).items() if callable(v) and not k.startswith("_")}
+    own = [k for k, v in items.items() if getattr(v, "__module__", None) == module.__name__]
+    return sorted(own or items)
+
+
+def _callables_text(module) -> str:
+    return ", ".join(_public_callables(module)) or "no functions"
+
+
+def _one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
+def _function_name(fn: Callable) -> str:
+    # functools.partial and callable objects have no __name__ of their own.
+    if isinstance(fn, functools.partial):
+        return _function_name(fn.func)
+    return getattr(fn, "__name__", None) or type(fn).__name__
+
+
+def load_reward_functions(specs: list[RewardSpec]) -> list[RewardFunction]:
+    """Resolve every spec; metric names are the built-in name or the function's name, made unique."""
+    loaded, seen = [], {}
+    for spec in specs:
+        fn = resolve_reward(spec.name)
+        base = spec.name if isinstance(spec.name, str) and spec.name in BUILTIN_REWARDS else _function_name(fn)
+        seen[base] = seen.get(base, 0) + 1
+        name = base if seen[base] == 1 else f"{base}_{seen[base]}"
+        loaded.append(RewardFunction(name=name, fn=fn, weight=float(spec.weight)))
+    return loaded
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RewardScores:
+    """Rewards of a batch: one column per function (NaN = not applicable) and the weighted total."""
+
+    names: list[str]
+    per_function: torch.Tensor  # (N, F) float32, NaN where a function returned None
+    total: torch.Tensor  # (N,) nansum of weight * value; NaN where every function returned None
+
+    def metrics(self) -> dict[str, float]:
+        """`rewards/<name>/mean` and `/std` (NaN-aware, std unbiased like TRL's nanstd)."""
+        out = {}
+        for i, name in enumerate(self.names):
+            values = self.per_function[:, i]
+            values = values[~torch.isnan(values)]
+            out[f"rewards/{name}/mean"] = values.mean().item() if len(values) else float("nan")
+            out[f"rewards/{name}/std"] = values.std().item() if len(values) > 1 else float("nan")
+        return out
+
+
+def score_completions(
+    reward_functions: list[RewardFunction],
+    prompts: list,
+    completions: list,
+    completion_ids: list[list[int]] | None,
+    columns: dict[str, list],
+) -> RewardScores:
+    """Call every reward function on the batch (as TRL does) and combine the results.
+
+    Each function gets `prompts`, `completions`, `completion_ids` and the dataset `columns`
+    (one value per completion) as keyword arguments, or only those its signature accepts.
+    """
+    n = len(completions)
+    _check_batch(prompts, completions, completion_ids, columns)
+    kwargs = {"prompts": prompts, "completions": completions, "completion_ids": completion_ids, **columns}
+    per_function = torch.full((n, len(reward_functions)), float("nan"), dtype=torch.float32)
+    for i, reward in enumerate(reward_functions):
+        per_function[:, i] = torch.tensor(_call_reward(reward, kwargs, n), dtype=torch.float32)
+    weights = torch.tensor([r.weight for r in reward_functions], dtype=torch.float32)
+    total = (per_function * weights).nansum(dim=1)
+    # nansum would turn "no function applies" into 0, a real-looking reward; keep it NaN as TRL does.
+    total[torch.isnan(per_function).all(dim=1)] = float("nan")
+    return RewardScores(names=[r.name for r in reward_functions], per_function=per_function, total=total)
+
+
+def _check_batch(prompts, completions, completion_ids, columns) -> None:
+    n = len(completions)
+    reserved = {"prompts", "completions", "completion_ids"} & set(columns)
+    if reserved:
+        raise ValueError(f"dataset columns {sorted(reserved)} clash with reward function arguments; rename them")
+    sizes = {"prompts": len(prompts), **{k: len(v) for k, v in columns.items()}}
+    if completion_ids is not None:
+        sizes["completion_ids"] = len(completion_ids)
+    wrong = {k: v for k, v in sizes.items() if v != n}
+    if wrong:
+        raise ValueError(f"every batch input needs one value per completion ({n}); got lengths {wrong}")
+
+
+def _call_reward(reward: RewardFunction, kwargs: dict, n: int) -> list[float]:
+    """Run one function and return its n rewards as floats (NaN for None), or raise naming it."""
+    try:
+        result = reward.fn(**_accepted_kwargs(reward, kwargs))
+    except RewardFunctionError:
+        raise
+    except Exception as e:
+        raise RewardFunctionError(f"reward function '{reward.name}' raised {_one_line(e)}") from e
+    return _validate_output(reward.name, result, n)
+
+
+def _accepted_kwargs(reward: RewardFunction, kwargs: dict) -> dict:
+    """All kwargs for `fn(..., **kwargs)`; only the named ones for `fn(completions, answer)`."""
+    try:
+        params = inspect.signature(reward.fn).parameters
+    except (TypeError, ValueError):  # some C callables have no signature: pass everything
+        return kwargs
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return kwargs
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    missing = [k for k, p in params.items()
+               if p.kind in named and p.default is inspect.Parameter.empty and k not in kwargs]
+    if missing:
+        raise RewardFunctionError(
+            f"reward function '{reward.name}' needs argument(s) {', '.join(missing)}, but the batch only "
+            f"has {', '.join(kwargs)}; add dataset column(s) with those names or give them defaults")
+    return {k: v for k, v in kwargs.items() if k in params and params[k].kind in named}
+
+
+def _validate_output(name: str, result: Any, n: int) -> list[float]:
+    expected = f"expected a list of {n} numbers (one per completion; None for 'not applicable')"
+    if inspect.isawaitable(result):
+        getattr(result, "close", lambda: None)()  # avoid a "never awaited" warning
+        raise RewardFunctionError(f"reward function '{name}' is async; {expected}; make it a plain def")
+    if hasattr(result, "tolist"):  # numpy arrays and tensors, as TRL accepts them
+        result = result.tolist()
+    if isinstance(result, (str, bytes, dict)) or not hasattr(result, "__iter__"):
+        raise RewardFunctionError(f"reward function '{name}' returned {_short(result)}; {expected}")
+    values = list(result)
+    if len(values) != n:
+        raise RewardFunctionError(
+            f"reward function '{name}' returned {len(values)} rewards, but {n} were expected "
+            f"(one per completion); make it return exactly one reward per completion")
+    return [_as_float(name, v, i, expected) for i, v in enumerate(values)]
+
+
+def _as_float(name: str, value: Any, index: int, expected: str) -> float:
+    if value is None:
+        return float("nan")
+    if hasattr(value, "item") and not isinstance(value, (list, tuple)):  # numpy/torch scalars
+        value = value.item()
+    if not isinstance(value, numbers.Real):  # bool is an int, so True/False count as 1/0
+        raise RewardFunctionError(
+            f"reward function '{name}' returned {_short(value)} for completion {index}; {expected}")
+    if not math.isfinite(value):
+        raise RewardFunctionError(
+            f"reward function '{name}' returned {value} for completion {index}; rewards must be finite "
+            f"numbers (return None, not NaN, for 'not applicable')")
+    return float(value)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60] + '...' if len(text) > 60 else text}"

@@ -1,0 +1,119 @@
+"""Chunked group generation: G completions per prompt, a memory-sized chunk at a time.
+
+All P*G sequences of a step are never generated at once: the KV cache of one chunk of
+`generation_chunk_size` sequences is what bounds generation memory, so that is the knob users
+turn when they run out. Completions of one prompt stay contiguous (rows i*G .. i*G+G-1),
+which is the layout group normalisation expects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Rollout:
+    prompt_ids: torch.Tensor  # (N, P) left-padded
+    prompt_mask: torch.Tensor  # (N, P)
+    completion_ids: torch.Tensor  # (N, C) right-padded
+    completion_mask: torch.Tensor  # (N, C) 1 up to and including the first EOS
+    completions: list[str]  # decoded, without special tokens
+    is_clipped: torch.Tensor  # (N,) True where max_completion_length cut the completion off
+    num_prompts_truncated: int  # prompts shortened on the left to max_prompt_length
+
+    @property
+    def num_sequences(self) -> int:
+        return self.completion_ids.size(0)
+
+    def completion_token_lists(self) -> list[list[int]]:
+        """Each completion's token ids without padding (what reward functions receive)."""
+        return [ids[mask.bool()].tolist() for ids, mask in zip(self.completion_ids, self.completion_mask)]
+
+
+def tokenize_prompts(tokenizer, prompt_texts: list[str], max_prompt_length: int,
+                     add_special_tokens: bool = True) -> tuple[list[list[int]], int]:
+    """Token ids per prompt, keeping the last `max_prompt_length` (the end of a prompt, where
+    the question and the generation prompt are, matters most). Returns (ids, how many were cut)."""
+    encoded = tokenizer(prompt_texts, add_special_tokens=add_special_tokens)["input_ids"]
+    truncated = sum(len(ids) > max_prompt_length for ids in encoded)
+    return [ids[-max_prompt_length:] for ids in encoded], truncated
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, width - len(seq):] = torch.tensor(seq)
+            mask[row, width - len(seq):] = 1
+    return ids, mask
+
+
+def completion_mask_from_eos(completion_ids: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
+    """1 for every token up to and including the first EOS, 0 after it."""
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))
+    # Position of the first EOS (or the length, if there is none) in each row.
+    first_eos = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1),
+                            torch.full_like(is_eos[:, 0], completion_ids.size(1), dtype=torch.long))
+    positions = torch.arange(completion_ids.size(1), device=completion_ids.device)
+    return (positions.unsqueeze(0) <= first_eos.unsqueeze(1)).long()
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a completion: the generation config's (chat models often have
+    several, e.g. <|im_end|> and <|endoftext|>) plus the tokenizer's."""
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else ([ids] if isinstance(ids, int) else list(ids))
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+@torch.no_grad()
+def generate_rollouts(model, tokenizer, prompt_texts: list[str], *, num_generations: int,
+                      chunk_size: int, max_prompt_length: int, max_completion_length: int,
+                      temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                      do_sample: bool = True, add_special_tokens: bool = True) -> Rollout:
+    """Sample `num_generations` completions for each prompt, `chunk_size` sequences at a time."""
+    prompt_ids, num_truncated = tokenize_prompts(tokenizer, prompt_texts, max_prompt_length,
+                                                 add_special_tokens)
+    # Repeat each prompt G times, keeping a group's rows together.
+    sequences = [ids for ids in prompt_ids for _ in range(num_generations)]
+    eos_ids = eos_token_ids(model, tokenizer)
+    device = next(model.parameters()).device
+
+    # Gradient checkpointing is only active in training mode; eval mode also turns LoRA
+    # dropout off. Together with use_cache=True this keeps generation linear in length:
+    # with the cache off every new token would re-run the whole sequence.
+    was_training = model.training
+    model.eval()
+    chunks = []
+    try:
+        for start in range(0, len(sequences), chunk_size):
+            ids, mask = left_pad(sequences[start:start + chunk_size], tokenizer.pad_token_id)
+            output = model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device),
+                max_new_tokens=max_completion_length, do_sample=do_sample,
+                temperature=temperature if do_sample else None,
+                top_p=top_p if do_sample else None, top_k=top_k if do_sample else None,
+                use_cache=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids)
+            chunks.append(output[:, ids.size(1):].cpu())
+    finally:
+        model.train(was_training)
+
+    width = max(c.size(1) for c in chunks)
+    completion_ids = torch.cat(
+        [torch.nn.functional.pad(c, (0, width - c.size(1)), value=tokenizer.pad_token_id) for c in chunks])
+    completion_mask = completion_mask_from_eos(completion_ids, eos_ids)
+    has_eos = torch.isin(completion_ids, torch.tensor(eos_ids)).any(dim=1)
+    # Tokens after the first EOS are padding, whatever generate() put there.
+    completion_ids = completion_ids.masked_fill(completion_mask == 0, tokenizer.pad_token_id)
+    all_prompt_ids, all_prompt_mask = left_pad(sequences, tokenizer.pad_token_id)
+    completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    return Rollout(
+        prompt_ids=all_prompt_ids, prompt_mask=all_prompt_mask, completion_ids=completion_ids,
+        completion_mask=completion_mask, completions=completions, is_clipped=~has_eos,
+        num_prompts_truncated=num_truncated)

@@ -1,0 +1,118 @@
+"""The built-in tiny model: a real Qwen2 architecture, small enough to train on two CPU cores.
+
+No hub is reachable offline, so `builtin:tiny` is built here: a character-level tokenizer made
+with `tokenizers`, a Qwen2 model from a small config, and a short supervised warm-up on the toy
+addition task. It is saved as an ordinary transformers checkpoint and then loaded by the same
+`from_pretrained` + 4-bit path a real model takes, so the demo exercises the real code.
+
+Why a warm-up: a freshly initialised tiny model has almost uniform logits, and LoRA on its
+linear layers alone cannot make them peaked (the frozen embeddings and norms cap the logit
+range), so a reward that needs a confident answer would stay flat. The warm-up teaches the
+sums, but in its data only one answer in `WARMUP_COPIES` stops right after the sum; the others
+ramble on with a stray digit ("3+5=" -> "84"). The warmed-up model therefore knows every answer
+but usually spoils it, and the exact-answer reward starts low. Learning to stop after the
+answer is one consistent behaviour across all prompts, which GRPO picks up within a minute,
+so the demo's reward curve climbs visibly instead of crawling.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import torch
+
+from lowvram_grpo import toy
+
+# Bump when the recipe below changes, so stale cached models are rebuilt.
+TINY_VERSION = 1
+SPECIAL_TOKENS = ["<pad>", "<eos>", "<unk>"]
+WARMUP_STEPS = 150
+WARMUP_LR = 3e-3
+WARMUP_COPIES = 4  # per problem: one clean answer, the rest followed by a stray digit
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("LOWVRAM_GRPO_CACHE") or Path.home() / ".cache" / "lowvram_grpo"
+    return Path(root)
+
+
+def tiny_model_path(cache_dir: str | Path | None = None) -> Path:
+    """Directory of the built-in tiny model, building it first if it is not there yet."""
+    path = Path(cache_dir or default_cache_dir()) / f"tiny-v{TINY_VERSION}"
+    if not (path / "config.json").is_file():
+        build_tiny_model(path)
+    return path
+
+
+def build_tokenizer():
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + list(toy.ALPHABET))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    # One token per character; decoding glues them back together without spaces.
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
+        padding_side="left")
+
+
+def build_tiny_model(path: str | Path, seed: int = 0) -> Path:
+    """Build, warm up and save the tiny model and its tokenizer to `path` (atomically)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    model = Qwen2ForCausalLM(config)
+    _warm_up(model, tokenizer)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.rename(path)
+    except OSError:  # another process built it first: theirs is identical
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _warm_up(model, tokenizer) -> None:
+    """Supervised training on `a+b=` -> answer[stray digit]<eos>, loss on the completion only."""
+    rng = random.Random(0)
+    rows = []
+    for row in toy.all_arith_rows():
+        rows.append(row)
+        rows += [{**row, "answer": row["answer"] + str(rng.randrange(10))} for _ in range(WARMUP_COPIES - 1)]
+    prompts = [tokenizer(r["prompt"])["input_ids"] for r in rows]
+    answers = [tokenizer(r["answer"])["input_ids"] + [tokenizer.eos_token_id] for r in rows]
+    width = max(len(p) + len(a) for p, a in zip(prompts, answers))
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+    labels = torch.full((len(rows), width), -100)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        seq = p + a
+        input_ids[i, : len(seq)] = torch.tensor(seq)
+        labels[i, len(p): len(seq)] = torch.tensor(a)
+        attention[i, : len(seq)] = 1
+    optimizer = torch.optim.AdamW(model.parameters(), lr=WARMUP_LR)
+    model.train()
+    for _ in range(WARMUP_STEPS):
+        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()

@@ -1,0 +1,395 @@
+"""The GRPO training loop.
+
+One step, top to bottom (see `train`):
+  1. take the next `prompts_per_step` prompts
+  2. roll out G completions for each with the adapter ON, in memory-sized chunks
+  3. score every completion with the reward functions (weighted sum)
+  4. advantages: normalise rewards within each prompt's group
+  5. reference log-probs with the adapter OFF (only if beta > 0), old log-probs (only if
+     num_iterations > 1): both without gradients, micro-batch by micro-batch
+  6. update: per micro-batch, log-probs with gradients (gradient checkpointing on, LM head in
+     chunks), clipped surrogate + beta * KL, backward; then clip and step the optimizer
+  7. log metrics, sample completions, maybe checkpoint
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from lowvram_grpo import grpo, metrics
+from lowvram_grpo.checkpoint import latest_checkpoint, load_checkpoint, save_adapter, save_checkpoint, set_rng_state
+from lowvram_grpo.config import TrainConfig, save_config
+from lowvram_grpo.data import load_prompt_data, prompt_text
+from lowvram_grpo.model import default_device, load_policy, reference_model
+from lowvram_grpo.rewards import load_reward_functions, score_completions
+from lowvram_grpo.rollout import Rollout, generate_rollouts
+
+
+# --- data order ------------------------------------------------------------------------------
+
+
+class PromptSampler:
+    """Walks the training prompts in a seeded random order, epoch after epoch.
+
+    Its whole state is (epoch, position), saved in checkpoints, so a resumed run sees exactly
+    the prompts an uninterrupted run would have seen.
+    """
+
+    def __init__(self, num_rows: int, seed: int, epoch: int = 0, position: int = 0):
+        self.num_rows, self.seed, self.epoch, self.position = num_rows, seed, epoch, position
+
+    def _order(self) -> list[int]:
+        return torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+
+    def next_indices(self, count: int) -> list[int]:
+        indices, order = [], self._order()
+        while len(indices) < count:
+            if self.position == self.num_rows:
+                self.epoch, self.position = self.epoch + 1, 0
+                order = self._order()
+            indices.append(order[self.position])
+            self.position += 1
+        return indices
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+
+# --- optimizer -------------------------------------------------------------------------------
+
+
+def build_optimizer(config: TrainConfig, params: list[torch.nn.Parameter], device: torch.device):
+    if config.optimizer == "paged_adamw_8bit":
+        if device.type != "cuda":
+            raise ValueError("optimizer: paged_adamw_8bit needs a CUDA GPU; use optimizer=adamw on the CPU")
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW8bit(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+
+
+def build_scheduler(config: TrainConfig, optimizer):
+    from transformers import get_scheduler
+
+    total = config.max_steps * config.num_iterations  # optimizer steps
+    return get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps,
+                         num_training_steps=total)
+
+
+# --- log-probs in micro-batches --------------------------------------------------------------
+
+
+@dataclass
+class MicroBatch:
+    input_ids: torch.Tensor  # prompt + completion, trimmed to this micro-batch's widths
+    attention_mask: torch.Tensor
+    completion_mask: torch.Tensor  # (B, C) float
+    rows: slice  # which rows of the step's rollout these are
+
+    @property
+    def logits_to_keep(self) -> int:
+        return self.completion_mask.size(1)
+
+
+def micro_batches(rollout: Rollout, size: int, device: torch.device) -> list[MicroBatch]:
+    """Split the rollout into micro-batches, trimming padding columns no row in it needs:
+    short completions in one micro-batch should not pay for a long one in another."""
+    batches = []
+    for start in range(0, rollout.num_sequences, size):
+        rows = slice(start, min(start + size, rollout.num_sequences))
+        prompt_mask = rollout.prompt_mask[rows]
+        completion_mask = rollout.completion_mask[rows]
+        first_prompt_col = int((prompt_mask.sum(0) > 0).nonzero()[0]) if prompt_mask.any() else prompt_mask.size(1) - 1
+        completion_width = max(int(completion_mask.sum(1).max()), 1)
+        prompt_ids = rollout.prompt_ids[rows, first_prompt_col:]
+        completion_ids = rollout.completion_ids[rows, :completion_width]
+        batches.append(MicroBatch(
+            input_ids=torch.cat([prompt_ids, completion_ids], 1).to(device),
+            attention_mask=torch.cat([prompt_mask[:, first_prompt_col:], completion_mask[:, :completion_width]], 1).to(device),
+            completion_mask=completion_mask[:, :completion_width].float().to(device),
+            rows=rows))
+    return batches
+
+
+@torch.no_grad()
+def frozen_logprobs(policy, batches: list[MicroBatch], config: TrainConfig) -> list[torch.Tensor]:
+    """Per-token log-probs without gradients (reference or old policy), one tensor per micro-batch."""
+    was_training = policy.training
+    policy.eval()  # no dropout: these are the fixed targets of the update
+    try:
+        return [grpo.sequence_logprobs(policy, mb.input_ids, mb.attention_mask, mb.logits_to_keep,
+                                       temperature=config.temperature, chunk_size=config.logprob_chunk_size)[0]
+                for mb in batches]
+    finally:
+        policy.train(was_training)
+
+
+# --- the loop --------------------------------------------------------------------------------
+
+
+class StopRequested:
+    """SIGINT/SIGTERM set a flag; the loop finishes its step, saves a checkpoint and exits."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. called from a notebook thread)
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second Ctrl-C: the user really wants out
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train(config: TrainConfig, resume: bool = False, progress: bool = True,
+          on_step: Callable[[dict[str, Any]], None] | None = None) -> Path:
+    """Run GRPO as configured; returns the directory of the final adapter.
+
+    With `resume=True` the run continues from the newest checkpoint in `config.output_dir`.
+    `on_step` receives each step's metrics (the notebook uses it for a live plot).
+    """
+    run_dir = Path(config.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    step = 0
+    metrics.write_status(run_dir, "running", step, config.max_steps)
+    try:
+        with StopRequested() as stop:
+            return _train(config, run_dir, resume, progress, on_step, stop)
+    except BaseException as err:
+        status = metrics.read_status(run_dir) or {}
+        message = f"{type(err).__name__}: {err}" if not isinstance(err, KeyboardInterrupt) else "interrupted"
+        metrics.write_status(run_dir, "failed", status.get("step", 0), config.max_steps, error=message,
+                             traceback=traceback.format_exc())
+        raise
+
+
+def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool,
+           on_step: Callable | None, stop: StopRequested) -> Path:
+    seed_everything(config.seed)
+    device = default_device()
+    if device.type == "cpu" and config.cpu_threads:
+        torch.set_num_threads(config.cpu_threads)
+    policy, tokenizer = load_policy(config, device)
+    data = load_prompt_data(config, tokenizer)
+    reward_functions = load_reward_functions(config.rewards)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = build_optimizer(config, params, device)
+    scheduler = build_scheduler(config, optimizer)
+    sampler = PromptSampler(len(data.train), config.seed)
+    save_config(config, run_dir / "config.yaml")
+
+    start_step = 0
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, policy)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        sampler = PromptSampler(len(data.train), config.seed, **state["sampler"])
+        set_rng_state(state["rng"])
+        start_step = state["step"]
+        # Steps after the checkpoint are redone, so their records would appear twice.
+        metrics.truncate_jsonl_after_step(run_dir / "metrics.jsonl", start_step)
+        metrics.truncate_jsonl_after_step(run_dir / "completions.jsonl", start_step)
+    elif resume:
+        raise FileNotFoundError(f"--resume: no checkpoint in {run_dir}; start it without --resume")
+
+    def checkpoint_now(step: int) -> Path:
+        return save_checkpoint(run_dir, step, policy, {
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "sampler": sampler.state_dict()}, keep=config.keep_checkpoints)
+
+    bar = _progress_bar(progress, start_step, config.max_steps)
+    policy.train()
+    step = start_step
+    while step < config.max_steps:
+        step += 1
+        record = grpo_step(config, policy, tokenizer, data.train, sampler, reward_functions,
+                           optimizer, scheduler, device, step, run_dir)
+        metrics.append_jsonl(run_dir / "metrics.jsonl", record)
+        if on_step:
+            on_step(record)
+        if bar:
+            bar.update(1)
+            bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record.get('kl', 0.0):.4f}")
+        if stop.requested:
+            metrics.write_status(run_dir, "stopping", step, config.max_steps)
+            checkpoint_now(step)
+            metrics.write_status(run_dir, "stopped", step, config.max_steps)
+            if bar:
+                bar.close()
+            return run_dir
+        if step % config.save_every == 0 or step == config.max_steps:
+            checkpoint_now(step)
+        metrics.write_status(run_dir, "running", step, config.max_steps)
+    if bar:
+        bar.close()
+    final = run_dir / "final"
+    save_adapter(policy, final)
+    metrics.write_status(run_dir, "finished", step, config.max_steps)
+    return final
+
+
+def grpo_step(config: TrainConfig, policy, tokenizer, rows: list[dict], sampler: PromptSampler,
+              reward_functions, optimizer, scheduler, device: torch.device, step: int,
+              run_dir: Path) -> dict[str, Any]:
+    """One GRPO step (steps 1-7 of the module docstring); returns its metrics record."""
+    started = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    G = config.num_generations
+
+    # 1. Prompts.
+    batch = [rows[i] for i in sampler.next_indices(config.prompts_per_step)]
+    prompts = [row["prompt"] for row in batch]
+    conversational = isinstance(prompts[0], list)
+
+    # 2. Rollouts, adapter on. Chat templates already contain their special tokens.
+    rollout = generate_rollouts(
+        policy, tokenizer, [prompt_text(tokenizer, p) for p in prompts], num_generations=G,
+        chunk_size=config.generation_chunk_size, max_prompt_length=config.max_prompt_length,
+        max_completion_length=config.max_completion_length, temperature=config.temperature,
+        top_p=config.top_p, top_k=config.top_k, add_special_tokens=not conversational)
+    generation_time = time.perf_counter() - started
+
+    # 3. Rewards: TRL's calling convention, one entry per completion.
+    completions = ([[{"role": "assistant", "content": c}] for c in rollout.completions]
+                   if conversational else rollout.completions)
+    columns = {key: [row[key] for row in batch for _ in range(G)] for key in batch[0] if key != "prompt"}
+    scores = score_completions(reward_functions, [p for p in prompts for _ in range(G)], completions,
+                               rollout.completion_token_lists(), columns)
+
+    # 4. Advantages within each prompt's group.
+    advantages, reward_std = grpo.group_advantages(scores.total, G, config.scale_rewards)
+
+    # 5. Frozen log-probs: reference (adapter off) for the KL, old policy for the ratio.
+    batches = micro_batches(rollout, config.micro_batch_size, device)
+    ref_logps = None
+    if config.beta > 0:
+        with reference_model(policy):
+            ref_logps = frozen_logprobs(policy, batches, config)
+    old_logps = frozen_logprobs(policy, batches, config) if config.num_iterations > 1 else None
+
+    # 6. Update(s). With num_iterations > 1 the same rollouts are reused for several
+    #    optimizer steps; the clipped ratio against old_logps keeps each one close.
+    num_tokens = float(rollout.completion_mask.sum())
+    totals: dict[str, float] = {}
+    for _ in range(config.num_iterations):
+        totals = _update(config, policy, optimizer, scheduler, batches, advantages.to(device),
+                         ref_logps, old_logps, num_tokens)
+
+    # 7. Metrics (TRL's names) and samples.
+    lengths = rollout.completion_mask.sum(1).float()
+    record: dict[str, Any] = {
+        "step": step,
+        "reward": float(torch.nanmean(scores.total)),
+        "reward_std": float(torch.nanmean(reward_std)),
+        **scores.metrics(),
+        "frac_reward_zero_std": float(torch.isclose(reward_std, torch.zeros_like(reward_std)).float().mean()),
+        "completions/mean_length": float(lengths.mean()),
+        "completions/min_length": float(lengths.min()),
+        "completions/max_length": float(lengths.max()),
+        "completions/clipped_ratio": float(rollout.is_clipped.float().mean()),
+        **totals,
+        "learning_rate": scheduler.get_last_lr()[0],
+        "num_prompts_truncated": rollout.num_prompts_truncated,
+        "generation_chunk_size": config.generation_chunk_size,
+    }
+    elapsed = time.perf_counter() - started
+    record.update({"step_time": elapsed, "generation_time": generation_time,
+                   "tokens_per_second": float(lengths.sum()) / elapsed,
+                   "peak_memory_gb": metrics.peak_memory_gb(device)})
+    if step % config.log_completions_every == 0 or step == 1:
+        _log_completions(run_dir, step, prompts, rollout, scores, advantages, config)
+    return record
+
+
+def _update(config: TrainConfig, policy, optimizer, scheduler, batches: list[MicroBatch],
+            advantages: torch.Tensor, ref_logps, old_logps, num_tokens: float) -> dict[str, float]:
+    """Accumulate the step's gradient over micro-batches, then clip and apply it. A step whose
+    loss or gradient is not finite is skipped (reported), never applied."""
+    sums: dict[str, float] = {}
+    loss_total = 0.0
+    num_sequences = sum(mb.completion_mask.size(0) for mb in batches)
+    for i, mb in enumerate(batches):
+        logps, entropy = grpo.sequence_logprobs(
+            policy, mb.input_ids, mb.attention_mask, mb.logits_to_keep,
+            temperature=config.temperature, chunk_size=config.logprob_chunk_size, compute_entropy=True)
+        loss, stats = grpo.grpo_loss(
+            logps, None if old_logps is None else old_logps[i], None if ref_logps is None else ref_logps[i],
+            advantages[mb.rows], mb.completion_mask, loss_type=config.loss_type, beta=config.beta,
+            epsilon_low=config.epsilon, epsilon_high=config.clip_high,
+            max_completion_length=config.max_completion_length, num_sequences_in_step=num_sequences,
+            num_tokens_in_step=num_tokens, num_micro_batches=len(batches))
+        loss.backward()
+        loss_total += float(loss)
+        stats["entropy_sum"] = (entropy * mb.completion_mask).sum()
+        for key, value in stats.items():
+            sums[key] = sums.get(key, 0.0) + float(value)
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+    skipped = not (math.isfinite(loss_total) and math.isfinite(grad_norm))
+    if not skipped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+
+    tokens = max(sums.get("token_count", 0.0), 1.0)
+    result = {"loss": loss_total, "grad_norm": grad_norm, "step_skipped": int(skipped),
+              "entropy": sums["entropy_sum"] / tokens,
+              "clip_ratio/low_mean": sums.get("clip_low_count", 0.0) / tokens,
+              "clip_ratio/high_mean": sums.get("clip_high_count", 0.0) / tokens,
+              "clip_ratio/region_mean": sums.get("clip_region_count", 0.0) / tokens}
+    if ref_logps is not None:
+        result["kl"] = sums.get("kl_sum", 0.0) / tokens
+    if skipped:
+        print(f"warning: non-finite loss ({loss_total}) or gradient norm ({grad_norm}); "
+              "this update was skipped, not applied", flush=True)
+    return result
+
+
+def _log_completions(run_dir: Path, step: int, prompts: list, rollout: Rollout, scores,
+                     advantages: torch.Tensor, config: TrainConfig) -> None:
+    G = config.num_generations
+    for i in range(min(config.num_completions_to_log, rollout.num_sequences)):
+        metrics.append_jsonl(run_dir / "completions.jsonl", {
+            "step": step, "prompt": prompts[i // G], "completion": rollout.completions[i],
+            "reward": float(scores.total[i]), "advantage": float(advantages[i]),
+            "rewards": {name: float(scores.per_function[i, j]) for j, name in enumerate(scores.names)}})
+
+
+def _progress_bar(enabled: bool, start: int, total: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="GRPO", unit="step", dynamic_ncols=True,
+                disable=os.environ.get("LOWVRAM_GRPO_NO_PROGRESS") == "1")

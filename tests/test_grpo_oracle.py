@@ -1,0 +1,291 @@
+"""Correctness oracle: lowvram_grpo.grpo against TRL 1.16's GRPOTrainer, on the same model and inputs.
+
+One real `GRPOTrainer` (tiny random Qwen2 + LoRA, CPU, fp32) is built per module. Its
+`_compute_loss` is fed hand-made rollouts (left-padded prompts, right-padded completions,
+advantages, old/ref log-probs), split into two micro-batches exactly as TRL's gradient
+accumulation would, and our `sequence_logprobs` + `grpo_loss` must give the same per-micro-batch
+losses, the same accumulated gradient on every LoRA parameter, and the same logged metrics.
+
+Running TRL's loss outside `train()` only needs three attributes that the training loop would
+set: `current_gradient_accumulation_steps`, `args.steps_per_generation` (dapo's normaliser) and
+the model in train mode. The loss knobs (`loss_type`, `beta`, `args.use_bias_correction_kl`) are
+read at call time, so one trainer serves every case. The temperature is baked into TRL's fused
+LM head at construction, so it is fixed for the module.
+"""
+
+import warnings
+
+import pytest
+import torch
+
+from lowvram_grpo.grpo import group_advantages, grpo_loss, sequence_logprobs
+
+TINY = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2)
+TEMPERATURE = 0.7
+MAX_COMPLETION_LENGTH = 8  # longer than the completions below, so dr_grpo's constant is not their length
+PAD = 2
+MICRO_BATCHES = (slice(0, 3), slice(3, 6))  # one step = two equal micro-batches of 3 completions
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # On small CPU boxes, 2 OpenMP threads make these tiny matmuls ~100x slower than 1 thread.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over "t0".."t63", built offline (no hub access in tests)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(64)}, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="t0", eos_token="t1", pad_token=f"t{PAD}")
+
+
+def constant_reward(completions, **kwargs):
+    return [0.0] * len(completions)
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory):
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from trl import GRPOConfig, GRPOTrainer
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(**TINY))
+    args = GRPOConfig(
+        output_dir=str(tmp_path_factory.mktemp("trl")),
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        activation_checkpointing=False,  # TRL defaults gradient checkpointing on
+        per_device_train_batch_size=6,
+        num_generations=2,
+        max_completion_length=MAX_COMPLETION_LENGTH,
+        temperature=TEMPERATURE,
+        epsilon=0.2,
+        epsilon_high=0.28,
+    )
+    # init_lora_weights=False: random A *and* B, so the adapter changes the model (B = 0 would make
+    # every lora_A gradient zero and the policy equal to the reference, hiding bugs).
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, init_lora_weights=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        trainer = GRPOTrainer(model=model, reward_funcs=constant_reward, args=args, processing_class=tiny_tokenizer(),
+                              train_dataset=Dataset.from_dict({"prompt": ["t3 t4", "t5 t6 t7"] * 3}), peft_config=lora)
+    trainer.model.train()  # TRL picks its "train" normalisers from model.training
+    trainer.current_gradient_accumulation_steps = len(MICRO_BATCHES)  # set by Trainer.train() normally
+    trainer.args.steps_per_generation = len(MICRO_BATCHES)  # one generation batch = one optimizer step
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def rollouts(trainer):
+    """A hand-made step of 6 completions, with padding on both sides and off-policy old log-probs."""
+    g = torch.Generator().manual_seed(1)
+    batch, prompt_len, completion_len = 6, 5, 7
+    prompt_ids = torch.randint(3, 64, (batch, prompt_len), generator=g)
+    prompt_mask = torch.ones_like(prompt_ids)
+    prompt_mask[1, :2] = prompt_mask[4, :1] = 0  # left padding
+    completion_ids = torch.randint(3, 64, (batch, completion_len), generator=g)
+    completion_mask = torch.ones_like(completion_ids)
+    completion_mask[0, 5:] = completion_mask[3, 2:] = completion_mask[5, 6:] = 0  # ended early
+    prompt_ids[prompt_mask == 0] = PAD
+    completion_ids[completion_mask == 0] = PAD
+
+    input_ids = torch.cat([prompt_ids, completion_ids], 1)
+    attention_mask = torch.cat([prompt_mask, completion_mask], 1)
+    with torch.no_grad():
+        policy, _ = sequence_logprobs(trainer.model, input_ids, attention_mask, completion_len, TEMPERATURE)
+        with trainer.model.disable_adapter():
+            ref, _ = sequence_logprobs(trainer.model, input_ids, attention_mask, completion_len, TEMPERATURE)
+    return dict(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        completion_ids=completion_ids,
+        completion_mask=completion_mask,
+        advantages=torch.randn(batch, generator=g),
+        # +-0.3 nats of drift: enough for some tokens to leave the [0.8, 1.28] clip range
+        old_per_token_logps=policy + 0.3 * torch.randn(batch, completion_len, generator=g),
+        ref_per_token_logps=ref,
+        num_items_in_batch=completion_mask.sum(),  # TRL: active completion tokens in the generation batch
+    )
+
+
+def lora_grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("old_given", [False, True], ids=["on_policy", "off_policy"])
+@pytest.mark.parametrize("beta, bias_correction_kl", [(0.0, True), (0.04, True), (0.04, False)],
+                         ids=["beta0", "beta0.04", "beta0.04-no_kl_correction"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "bnpo"])
+def test_loss_and_lora_gradients_match_trl(trainer, rollouts, loss_type, beta, bias_correction_kl, old_given):
+    model = trainer.model
+    trainer.loss_type, trainer.beta = loss_type, beta
+    trainer.args.use_bias_correction_kl = bias_correction_kl
+    metrics = trainer._metrics["train"]
+    metrics.clear()
+
+    # TRL: one _compute_loss + backward per micro-batch, gradients accumulate.
+    model.zero_grad(set_to_none=True)
+    trl_losses = []
+    for mb in MICRO_BATCHES:
+        inputs = {k: (v if k == "num_items_in_batch" else v[mb]) for k, v in rollouts.items()}
+        if not old_given:
+            del inputs["old_per_token_logps"]  # num_iterations == 1: TRL uses per_token_logps.detach()
+        loss = trainer._compute_loss(model, inputs)
+        loss.backward()
+        trl_losses.append(loss.item())
+    trl_grads = lora_grads(model)
+
+    # Ours: the same micro-batches through sequence_logprobs + grpo_loss.
+    model.zero_grad(set_to_none=True)
+    input_ids = torch.cat([rollouts["prompt_ids"], rollouts["completion_ids"]], 1)
+    attention_mask = torch.cat([rollouts["prompt_mask"], rollouts["completion_mask"]], 1)
+    keep = rollouts["completion_ids"].size(1)
+    our_losses, our_stats = [], []
+    for mb in MICRO_BATCHES:
+        logps, _ = sequence_logprobs(model, input_ids[mb], attention_mask[mb], keep, TEMPERATURE, chunk_size=4)
+        loss, stats = grpo_loss(
+            logps,
+            rollouts["old_per_token_logps"][mb] if old_given else None,
+            rollouts["ref_per_token_logps"][mb],
+            rollouts["advantages"][mb],
+            rollouts["completion_mask"][mb],
+            loss_type=loss_type,
+            beta=beta,
+            epsilon_low=trainer.epsilon_low,
+            epsilon_high=trainer.epsilon_high,
+            max_completion_length=MAX_COMPLETION_LENGTH,
+            num_sequences_in_step=input_ids.size(0),
+            num_tokens_in_step=float(rollouts["num_items_in_batch"]),
+            num_micro_batches=len(MICRO_BATCHES),
+            use_bias_correction_kl=bias_correction_kl,
+        )
+        loss.backward()
+        our_losses.append(loss.item())
+        our_stats.append(stats)
+    our_grads = lora_grads(model)
+    model.zero_grad(set_to_none=True)
+
+    assert our_losses == pytest.approx(trl_losses, abs=1e-5), "per-micro-batch loss differs from TRL"
+    assert len(trl_grads) == 2 * 7 * 2, "expected lora_A/B on the 7 linears of both layers"
+    for name, trl_grad in trl_grads.items():
+        assert trl_grad.abs().max() > 0, f"{name}: TRL gradient is zero, the comparison would be vacuous"
+        torch.testing.assert_close(our_grads[name], trl_grad, rtol=0, atol=1e-5, msg=f"gradient of {name}")
+
+    # Logged metrics: TRL appends one token-mean per micro-batch.
+    for mb, ours in enumerate(our_stats):
+        tokens = ours["token_count"]
+        for key, trl_key in [("clip_low_count", "clip_ratio/low_mean"), ("clip_high_count", "clip_ratio/high_mean"),
+                             ("clip_region_count", "clip_ratio/region_mean")]:
+            assert (ours[key] / tokens).item() == pytest.approx(metrics[trl_key][mb], abs=1e-6), key
+        if beta != 0.0:
+            assert (ours["kl_sum"] / tokens).item() == pytest.approx(metrics["kl"][mb], abs=1e-6), "kl"
+    if old_given:  # sanity: the off-policy case really exercises clipping
+        assert sum(s["clip_region_count"] for s in our_stats) > 0
+
+
+def test_logprobs_and_entropy_match_trl(trainer, rollouts):
+    """Our chunked head vs TRL's fused LM head kernel, temperature != 1, padding on both sides."""
+    input_ids = torch.cat([rollouts["prompt_ids"], rollouts["completion_ids"]], 1)
+    attention_mask = torch.cat([rollouts["prompt_mask"], rollouts["completion_mask"]], 1)
+    keep = rollouts["completion_ids"].size(1)
+    mask = rollouts["completion_mask"].bool()
+    with torch.no_grad():
+        trl_logps, trl_entropy, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model, input_ids, attention_mask, keep, compute_entropy=True)
+        ours, entropy = sequence_logprobs(trainer.model, input_ids, attention_mask, keep, TEMPERATURE,
+                                          chunk_size=5, compute_entropy=True)
+    # TRL writes 0 at padded completion positions; ours has a (meaningless) value there. Compare real tokens.
+    torch.testing.assert_close(ours[mask], trl_logps[mask], rtol=0, atol=1e-5)
+    torch.testing.assert_close(entropy[mask], trl_entropy[mask], rtol=0, atol=1e-5)
+
+
+def trl_sum_then_normalize(rewards, num_generations, scale_rewards):
+    """TRL 1.16 `_generate_and_score_completions`, multi_objective_aggregation="sum_then_normalize".
+
+    Copied verbatim (single reward function, so `rewards` is already the weighted sum with NaN for
+    unscorable rows): the code is inline in a method that generates and scores, so it cannot be
+    called on its own. `nanstd` is TRL's own.
+    """
+    from trl.trainer.utils import nanstd
+
+    mean_grouped_rewards = torch.nanmean(rewards.view(-1, num_generations), dim=1)
+    mean_grouped_rewards = mean_grouped_rewards.repeat_interleave(num_generations, dim=0)
+    if scale_rewards in ["group", "none"]:
+        if num_generations > 1:
+            std_rewards = nanstd(rewards.view(-1, num_generations), dim=1)
+            std_rewards = std_rewards.repeat_interleave(num_generations, dim=0)
+        else:
+            std_rewards = torch.zeros_like(rewards)
+    elif scale_rewards == "batch":
+        if rewards.numel() > 1:
+            std_rewards = nanstd(rewards).expand_as(rewards)
+        else:
+            std_rewards = torch.zeros_like(rewards)
+    advantages = rewards - mean_grouped_rewards
+    if scale_rewards != "none":
+        advantages = advantages / (std_rewards + 1e-4)
+    return torch.nan_to_num(advantages, nan=0.0), std_rewards
+
+
+@pytest.mark.parametrize("scale_rewards", ["group", "batch", "none"])
+@pytest.mark.parametrize("num_generations", [1, 2, 4])
+def test_advantages_match_trl(scale_rewards, num_generations):
+    nan = float("nan")
+    rewards = torch.tensor([
+        0.3, 1.7, nan, 0.9,  # one unscorable completion
+        nan, nan, nan, nan,  # a fully unscorable group
+        2.0, 2.0, 2.0, 2.0,  # zero spread
+        nan, 5.0, nan, nan,  # a single scorable completion: std is NaN
+        -1.0, 4.0, 0.5, 0.25,
+    ])
+    ours, our_std = group_advantages(rewards, num_generations, scale_rewards)
+    expected, expected_std = trl_sum_then_normalize(rewards, num_generations, scale_rewards)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+    torch.testing.assert_close(our_std, expected_std, rtol=0, atol=0, equal_nan=True)
+    assert not ours.isnan().any()
+
+
+def test_4bit_base_with_adapter_disabled_matches_naive_logprobs(tmp_path):
+    """QLoRA path: NF4 double-quant base + LoRA; disable_adapter() must give the 4-bit base's log-probs."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(Qwen2Config(**TINY)).save_pretrained(tmp_path)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quant, dtype=torch.float32)
+    assert type(base.model.layers[0].mlp.up_proj).__name__ == "Linear4bit", "the base must really be 4-bit"
+    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+
+    input_ids = torch.randint(3, 64, (3, 12), generator=torch.Generator().manual_seed(2))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :2] = 0
+    keep = 6
+    with torch.no_grad(), model.disable_adapter():
+        ours, _ = sequence_logprobs(model, input_ids, attention_mask, keep, TEMPERATURE, chunk_size=5)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -keep - 1 : -1]
+        naive = torch.log_softmax(logits.float() / TEMPERATURE, -1).gather(-1, input_ids[:, -keep:, None]).squeeze(-1)
+    torch.testing.assert_close(ours, naive, rtol=0, atol=1e-5)
+
+    with torch.no_grad():
+        lora_logps, _ = sequence_logprobs(model, input_ids, attention_mask, keep, TEMPERATURE)
+    assert (lora_logps - ours).abs().max() > 1e-2, "with the adapter enabled the log-probs must change"
+    # And gradients reach the LoRA weights through the 4-bit layers and the checkpointed head.
+    lora_logps, _ = sequence_logprobs(model, input_ids, attention_mask, keep, TEMPERATURE, chunk_size=5)
+    lora_logps.sum().backward()
+    grads = [p.grad for n, p in model.named_parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() and g.abs().max() > 0 for g in grads)
