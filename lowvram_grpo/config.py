@@ -123,6 +123,9 @@ class TrainConfig:
     keep_checkpoints: int = 2  # older checkpoints are deleted; 0 keeps all
     log_completions_every: int = 10  # append sampled completions to completions.jsonl
     num_completions_to_log: int = 4
+    eval_every: int = 0  # evaluate on the eval split every N steps (0 = never); logs eval/* metrics
+    # Also send metrics to these tools when installed: tensorboard, wandb, trackio.
+    report_to: list[Literal["tensorboard", "wandb", "trackio"]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.rewards = [_as_reward_spec(r) for r in self.rewards]
@@ -146,7 +149,8 @@ class TrainConfig:
                     "logprob_chunk_size", "num_iterations", "lora_r", "lora_alpha", "save_every",
                     "log_completions_every"):
             need(getattr(self, key) >= 1, key, f"must be at least 1, got {getattr(self, key)}")
-        for key in ("warmup_steps", "keep_checkpoints", "top_k", "num_completions_to_log", "cpu_threads"):
+        for key in ("warmup_steps", "keep_checkpoints", "top_k", "num_completions_to_log", "cpu_threads",
+                    "eval_every"):
             need(getattr(self, key) >= 0, key, f"must be 0 or more, got {getattr(self, key)}")
         need(self.num_generations >= 2, "num_generations",
              "GRPO compares completions within a group, so it needs at least 2 (8 is typical)")
