@@ -349,7 +349,7 @@ def _update(config: TrainConfig, policy, optimizer, scheduler, batches: list[Mic
             max_completion_length=config.max_completion_length, num_sequences_in_step=num_sequences,
             num_tokens_in_step=num_tokens, num_micro_batches=len(batches))
         loss.backward()
-        loss_total += float(loss)
+        loss_total += loss.item()
         stats["entropy_sum"] = (entropy * mb.completion_mask).sum()
         for key, value in stats.items():
             sums[key] = sums.get(key, 0.0) + float(value)

@@ -1,0 +1,179 @@
+"""Evaluation: greedy completions on held-out prompts, scored with the run's reward functions.
+
+`evaluate` is the building block: one greedy completion per prompt (no sampling, so two runs on
+the same prompts give the same numbers), scored with the same reward functions as training,
+reported as `eval/*` metrics. The trainer calls it every `eval_every` steps; `compare` runs it
+twice on one loaded model, adapter off (the base model) and adapter on, which is what
+`lowvram-grpo eval` prints.
+
+Metrics (all floats):
+    eval/reward                     mean weighted reward, as in training (`reward`)
+    eval/rewards/<name>/mean        mean of each reward function (not-applicable rows left out)
+    eval/accuracy                   only when an answer reward is configured (see below)
+    eval/completions/mean_length    mean completion length in tokens
+    eval/completions/clipped_ratio  fraction cut off by max_completion_length
+    eval/num_prompts                how many prompts were evaluated
+
+Accuracy is deliberately simple: the first answer reward in the config (arith_answer,
+exact_answer or numeric_answer: those score 1.0 for a right answer and 0.0 for a wrong one) is
+taken, and accuracy is the fraction of prompts where it scored exactly 1.0, among the prompts
+it applies to (rows whose reference answer is missing are left out). Without an answer reward
+there is no notion of "right", so `eval/accuracy` is omitted rather than guessed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from lowvram_grpo.config import TrainConfig
+from lowvram_grpo.data import load_prompt_data, prompt_text
+from lowvram_grpo.model import default_device, load_policy, reference_model, resolve_model_path
+from lowvram_grpo.rewards import BUILTIN_REWARDS, RewardFunction, load_reward_functions, score_completions
+from lowvram_grpo.rollout import generate_rollouts
+
+# Built-in rewards that mean "the answer is right" (1.0) or "wrong" (0.0).
+ANSWER_REWARDS = ("arith_answer", "exact_answer", "numeric_answer")
+
+# Prompts evaluated when there is no eval split and --max-prompts is not given.
+DEFAULT_FALLBACK_PROMPTS = 100
+
+
+def evaluate(policy, tokenizer, rows: list[dict], reward_functions: list[RewardFunction] | None,
+             config: TrainConfig, max_prompts: int | None = None, adapter: bool = True) -> dict[str, float]:
+    """Greedy-decode one completion per prompt of `rows` and score it; returns `eval/*` metrics.
+
+    Args:
+        policy: the peft model (as from `load_policy`).
+        rows: prompt rows as `load_prompt_data` returns them (`prompt` plus dataset columns).
+        reward_functions: loaded reward functions; None loads `config.rewards`.
+        config: generation limits (`max_prompt_length`, `max_completion_length`) and the
+            chunk size (`generation_chunk_size` prompts are generated at a time).
+        max_prompts: evaluate only the first N rows.
+        adapter: False evaluates the base model (adapter disabled), True the trained policy.
+
+    The policy is left in the train/eval mode it was in, with its adapter enabled.
+    """
+    rows = list(rows)[:max_prompts] if max_prompts else list(rows)
+    if not rows:
+        raise ValueError("evaluate: no prompts to evaluate (the eval split is empty)")
+    if reward_functions is None:
+        reward_functions = load_reward_functions(config.rewards)
+    if not adapter:
+        with reference_model(policy):
+            return evaluate(policy, tokenizer, rows, reward_functions, config, adapter=True)
+
+    prompts = [row["prompt"] for row in rows]
+    conversational = isinstance(prompts[0], list)
+    was_training = policy.training
+    try:
+        # Greedy: one completion per prompt is enough, and the result is deterministic.
+        rollout = generate_rollouts(
+            policy, tokenizer, [prompt_text(tokenizer, p) for p in prompts], num_generations=1,
+            chunk_size=config.generation_chunk_size, max_prompt_length=config.max_prompt_length,
+            max_completion_length=config.max_completion_length, do_sample=False,
+            add_special_tokens=not conversational)
+    finally:
+        policy.train(was_training)
+
+    completions = ([[{"role": "assistant", "content": c}] for c in rollout.completions]
+                   if conversational else rollout.completions)
+    columns = {key: [row.get(key) for row in rows] for key in rows[0] if key != "prompt"}
+    scores = score_completions(reward_functions, prompts, completions,
+                               rollout.completion_token_lists(), columns)
+
+    lengths = rollout.completion_mask.sum(1).float()
+    result = {"eval/reward": _nanmean(scores.total)}
+    for i, reward in enumerate(reward_functions):
+        result[f"eval/rewards/{reward.name}/mean"] = _nanmean(scores.per_function[:, i])
+    column = _answer_reward_column(reward_functions)
+    if column is not None:
+        values = scores.per_function[:, column]
+        values = values[~torch.isnan(values)]
+        result["eval/accuracy"] = float((values == 1.0).float().mean()) if len(values) else float("nan")
+    result.update({
+        "eval/completions/mean_length": float(lengths.mean()),
+        "eval/completions/clipped_ratio": float(rollout.is_clipped.float().mean()),
+        "eval/num_prompts": float(len(rows)),
+    })
+    return result
+
+
+def compare(config: TrainConfig, adapter_path: str | Path, max_prompts: int | None = None,
+            log: Callable[[str], None] | None = None) -> tuple[dict[str, float], dict[str, float]]:
+    """Evaluate the base model and base + adapter on the eval split: returns (before, after).
+
+    The model is loaded once, with the adapter from `adapter_path`; "before" is the same weights
+    with the adapter disabled, so both use exactly the same (possibly 4-bit) base. Prompts are
+    the eval split (`eval_fraction` or `eval_dataset`); without one, the first `max_prompts`
+    (default 100) training prompts, and `log` says so, since the adapter may have trained on
+    them. `log` receives progress notes (default: printed to stderr).
+    """
+    from lowvram_grpo.export import read_adapter_config
+
+    log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    adapter_config = read_adapter_config(adapter_path)
+    _warn_if_other_base(adapter_config.get("base_model_name_or_path"), config, log)
+    config = dataclasses.replace(config, adapter_path=str(adapter_path))
+
+    device = default_device()
+    if device.type == "cpu" and config.cpu_threads:
+        torch.set_num_threads(config.cpu_threads)
+    policy, tokenizer = load_policy(config, device)
+    data = load_prompt_data(config, tokenizer)
+    if data.eval:
+        rows = data.eval[:max_prompts] if max_prompts else data.eval
+        log(f"evaluating {len(rows)} held-out prompts ({data.source})")
+    else:
+        rows = data.train[:max_prompts or DEFAULT_FALLBACK_PROMPTS]
+        log(f"note: no eval split (set eval_fraction or eval_dataset), so evaluating the first "
+            f"{len(rows)} training prompts, which the adapter may have trained on")
+    reward_functions = load_reward_functions(config.rewards)
+    before = evaluate(policy, tokenizer, rows, reward_functions, config, adapter=False)
+    after = evaluate(policy, tokenizer, rows, reward_functions, config, adapter=True)
+    return before, after
+
+
+def format_comparison(before: dict[str, float], after: dict[str, float]) -> str:
+    """A small text table: metric, base, adapter, delta (one row per metric, counts left out)."""
+    rows = [("metric", "base", "adapter", "delta")]
+    for key in after:
+        if key == "eval/num_prompts":
+            continue
+        b, a = before.get(key, float("nan")), after[key]
+        rows.append((key.removeprefix("eval/"), f"{b:.4f}", f"{a:.4f}", f"{a - b:+.4f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = [row[0].ljust(widths[0]) + "  " + "  ".join(cell.rjust(w) for cell, w in zip(row[1:], widths[1:]))
+             for row in rows]
+    return "\n".join(lines)
+
+
+def _answer_reward_column(reward_functions: list[RewardFunction]) -> int | None:
+    """Index of the first answer reward (by built-in name, or the built-in function itself)."""
+    answer_fns = [BUILTIN_REWARDS[name] for name in ANSWER_REWARDS if name in BUILTIN_REWARDS]
+    for i, reward in enumerate(reward_functions):
+        if reward.name in ANSWER_REWARDS or any(reward.fn is fn for fn in answer_fns):
+            return i
+    return None
+
+
+def _nanmean(values: torch.Tensor) -> float:
+    return float(torch.nanmean(values.float())) if values.numel() else float("nan")
+
+
+def _warn_if_other_base(adapter_base: str | None, config: TrainConfig, log: Callable[[str], None]) -> None:
+    """An adapter on the wrong base model either fails to load or silently evaluates nonsense."""
+    if not adapter_base:
+        return
+    expected = resolve_model_path(config.model_name_or_path)
+    same = adapter_base == expected or (
+        Path(adapter_base).is_dir() and Path(expected).is_dir()
+        and Path(adapter_base).resolve() == Path(expected).resolve())
+    # The built-in tiny model's adapters record a cache path that differs between machines.
+    if not same and not config.model_name_or_path.startswith("builtin:"):
+        log(f"warning: the adapter was trained on '{adapter_base}' but the config's model is "
+            f"'{config.model_name_or_path}'; pass the run's own config (or model=...) if that is wrong")

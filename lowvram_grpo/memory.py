@@ -1,0 +1,629 @@
+"""Memory planner: how much GPU memory a GRPO run needs, from the model's config alone.
+
+No weights are loaded: everything is computed from the architecture (`config.json`: hidden
+size, layers, heads, vocabulary...) and the run's settings (`TrainConfig`). Three entry points:
+
+- `estimate_memory(model_config, train_config)` -> `MemoryEstimate`, a breakdown in bytes.
+- `plan(train_config, vram_gb)` -> `Plan`: the largest `generation_chunk_size`,
+  `micro_batch_size` and `logprob_chunk_size` that fit the budget with a 10% safety margin,
+  or, if even the smallest settings do not fit, what to reduce.
+- `format_plan(plan)` -> the breakdown table the CLI (`lowvram-grpo plan`) and the app print.
+
+`resolve_model_config(name_or_path)` turns a shipped architecture name (`qwen2.5-7b`), a hub id
+that maps to one (`Qwen/Qwen2.5-7B-Instruct`), a local directory with `config.json`, or
+`builtin:tiny` into the config dict the estimate needs.
+
+How memory is modelled
+----------------------
+A GRPO step has phases that do not overlap in time, so the peak is
+
+    static (weights, LoRA, optimizer states, CUDA context) + max(generation, reference, update)
+
+- generation: the KV cache of one chunk of `generation_chunk_size` sequences, the prefill's
+  activations (one layer at a time, no gradients) and the sampling logits.
+- reference (and old-policy) log-probs: a no-grad forward of one micro-batch.
+- update: one micro-batch with gradients: the checkpointed input of every decoder layer, one
+  layer's activations recomputed in backward (plus the gradients flowing through it), the
+  LM-head chunk in fp32, the LoRA gradients.
+
+The numbers are estimates (aim: within ~15% of `torch.cuda.max_memory_allocated` plus the CUDA
+context), assuming transformers' default SDPA attention (no T x T score matrix is stored) and
+the trainer in this package (adapter-off reference, chunked LM head, fp32 LoRA weights).
+Allocator fragmentation is what the planner's 10% safety margin is for.
+
+Units: "GB" here means GiB (2**30 bytes), as in the trainer's `peak_memory_gb` and as GPU
+makers' "16 GB" cards actually hold 16 GiB.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lowvram_grpo.config import TrainConfig
+
+GIB = 2**30
+ARCH_DIR = Path(__file__).parent / "arch"
+
+# --- constants, each with its reason -----------------------------------------------------------
+
+# NF4 stores 4 bits per weight. bitsandbytes quantises blocks of 64 weights, each with an
+# absmax scale. Without double quantisation that scale is fp32: 32/64 = 0.5 bit per weight.
+# With double quantisation (`bnb_4bit_use_double_quant=True`, what model.py loads) the scales
+# are stored in 8 bits (8/64 = 0.125 bit) plus one fp32 scale per 256 of those
+# (32/(64*256) ~= 0.002 bit): ~0.127 bit per weight, so ~0.516 byte per weight in all.
+NF4_BITS = 4.0
+NF4_ABSMAX_BITS_DOUBLE_QUANT = 8 / 64 + 32 / (64 * 256)
+NF4_BYTES_PER_PARAM = (NF4_BITS + NF4_ABSMAX_BITS_DOUBLE_QUANT) / 8
+
+# bitsandbytes' 8-bit optimizers keep each state in 1 byte plus one fp32 absmax per block of
+# 256 values: 2 states -> 2 * (1 + 4/256) bytes per parameter.
+ADAM8BIT_BYTES_PER_PARAM = 2 * (1 + 4 / 256)
+
+# The CUDA context (kernels, cuBLAS/cuDNN workspaces) lives outside torch's allocator: 300-600
+# MiB depending on GPU and driver, invisible to torch.cuda.max_memory_allocated but not to the
+# card. 0.5 GiB is a round, slightly conservative figure.
+CUDA_OVERHEAD_BYTES = GIB // 2
+
+# plan() keeps this fraction of the card free: allocator fragmentation and estimate error.
+SAFETY_MARGIN = 0.10
+
+# The LM-head chunk exists as: logits in the compute dtype, plus ~4 fp32 tensors of the same
+# shape at the peak (fp32 upcast, divided by the temperature, log_softmax, and its gradient).
+LOGPROB_FP32_COPIES = 4
+
+# Sampling in generate(): the last position's logits in fp32, processed, and the softmax.
+SAMPLING_FP32_COPIES = 3
+
+# The layer recomputed in backward holds its activations and, while backward runs through it,
+# gradients of about the same size.
+BACKWARD_FACTOR = 2
+
+# Candidates plan() tries for the LM-head chunk (rows of B*K positions per chunk).
+LOGPROB_CHUNK_CANDIDATES = (1024, 512, 256, 128, 64, 32, 16)
+MIN_GOOD_LOGPROB_CHUNK = 64  # below this the Python loop over chunks starts to cost time
+
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+# Canonical decoder-layer linear layers (Llama / Qwen2 / Mistral / Qwen3 naming), so that
+# `lora_target_modules: [q_proj, v_proj]` can be counted exactly.
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+
+
+class PlannerError(ValueError):
+    """The planner cannot describe this model (unknown name, unsupported architecture)."""
+
+
+# --- the model's shape -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimate needs to know about an architecture (a dense decoder-only LM)."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    tied_embeddings: bool
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    model_type: str = ""
+
+    @classmethod
+    def from_config(cls, model_config: Any) -> "ModelShape":
+        """From a config dict (config.json) or a transformers PretrainedConfig."""
+        cfg = _config_dict(model_config)
+        for key in ("num_experts", "num_local_experts", "n_routed_experts"):
+            if (cfg.get(key) or 0) > 1:
+                raise PlannerError(
+                    f"model_config: mixture-of-experts models ({key}={cfg[key]}) are not supported by "
+                    "the planner yet; it models dense decoder-only transformers")
+        missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+                   if cfg.get(k) is None]
+        if missing:
+            raise PlannerError(f"model_config: missing {', '.join(missing)}; is this a decoder-only LM config?")
+        hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+        model_type = str(cfg.get("model_type", ""))
+        attention_bias = bool(cfg.get("attention_bias", False))
+        return cls(
+            hidden_size=hidden,
+            intermediate_size=int(cfg.get("intermediate_size") or 4 * hidden),
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or hidden // heads),
+            vocab_size=int(cfg["vocab_size"]),
+            # transformers' own default is tied, and configs that omit the key rely on it.
+            tied_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+            # Qwen2 hard-codes a bias on q, k and v (its config has no key for it); Llama-style
+            # configs switch all four attention projections with `attention_bias`.
+            qkv_bias=model_type == "qwen2" or attention_bias,
+            o_bias=attention_bias,
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            model_type=model_type,
+        )
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of each linear layer in one decoder layer."""
+        H, I, hd = self.hidden_size, self.intermediate_size, self.head_dim
+        return {
+            "q_proj": (H, self.num_heads * hd), "k_proj": (H, self.num_kv_heads * hd),
+            "v_proj": (H, self.num_kv_heads * hd), "o_proj": (self.num_heads * hd, H),
+            "gate_proj": (H, I), "up_proj": (H, I), "down_proj": (I, H),
+        }
+
+
+def _config_dict(model_config: Any) -> dict[str, Any]:
+    if hasattr(model_config, "get_text_config"):  # a transformers PretrainedConfig
+        model_config = model_config.get_text_config().to_dict()
+    if not isinstance(model_config, dict):
+        raise PlannerError(f"model_config: expected a dict or a transformers config, got {type(model_config).__name__}")
+    # Multimodal configs keep the language model's shape under text_config.
+    if "hidden_size" not in model_config and isinstance(model_config.get("text_config"), dict):
+        return model_config["text_config"]
+    return model_config
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Parameter counts by where they live in memory."""
+
+    linear: int  # decoder-layer linear weights: quantised to NF4
+    embedding: int  # input embeddings (V x H), kept in 16-bit
+    lm_head: int  # 0 when tied to the embeddings
+    other: int  # norms and biases, kept in 16-bit
+
+    @property
+    def total(self) -> int:
+        return self.linear + self.embedding + self.lm_head + self.other
+
+
+def count_parameters(model_config: Any) -> ParamCounts:
+    """Parameters of the model, computed from its config (no weights needed)."""
+    shape = model_config if isinstance(model_config, ModelShape) else ModelShape.from_config(model_config)
+    H, I, L = shape.hidden_size, shape.intermediate_size, shape.num_layers
+    linear = L * sum(i * o for i, o in shape.linear_shapes().values())
+    q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    biases = (q + 2 * kv if shape.qkv_bias else 0) + (H if shape.o_bias else 0) + (2 * I + H if shape.mlp_bias else 0)
+    norms = 2 * H  # input_layernorm + post_attention_layernorm
+    embedding = shape.vocab_size * H
+    return ParamCounts(linear=linear, embedding=embedding, lm_head=0 if shape.tied_embeddings else embedding,
+                       other=L * (biases + norms) + H)  # + the final norm
+
+
+def lora_parameters(model_config: Any, train_config: TrainConfig) -> tuple[int, list[str]]:
+    """(LoRA parameters, notes) for `lora_r` on `lora_target_modules`. Each adapted linear
+    (in -> out) gains A (r x in) and B (out x r)."""
+    shape = model_config if isinstance(model_config, ModelShape) else ModelShape.from_config(model_config)
+    shapes = shape.linear_shapes()
+    targets, notes = _lora_targets(train_config.lora_target_modules, shapes)
+    r = train_config.lora_r
+    return shape.num_layers * sum(r * (shapes[t][0] + shapes[t][1]) for t in targets), notes
+
+
+def _lora_targets(spec: str | list[str], shapes: dict[str, tuple[int, int]]) -> tuple[list[str], list[str]]:
+    if isinstance(spec, str):
+        spec = [spec]
+    if "all-linear" in spec:
+        return list(shapes), []  # peft's all-linear: every linear layer except the LM head
+    targets = [name for name in shapes if any(name == s or s.endswith("." + name) or name in s for s in spec)]
+    if not targets:
+        return list(shapes), [f"lora_target_modules {spec} match no known layer name; counted as all-linear"]
+    return targets, []
+
+
+# --- the estimate -------------------------------------------------------------------------------
+
+
+@dataclass
+class MemoryEstimate:
+    """Peak GPU memory of a run, broken down in bytes.
+
+    `parts` holds the static parts and the parts of the peak phase; they sum to `total_bytes`.
+    `phases` holds every phase's transient parts (the peak one included), for display.
+    """
+
+    parts: dict[str, int]
+    phases: dict[str, dict[str, int]]
+    peak_phase: str
+    static_bytes: int
+    total_bytes: int
+    params: ParamCounts
+    lora_params: int
+    settings: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total_gb(self) -> float:
+        return self.total_bytes / GIB
+
+    def phase_bytes(self, phase: str) -> int:
+        return sum(self.phases[phase].values())
+
+
+def _dtype_bytes(train_config: TrainConfig) -> int:
+    # "auto" is bf16 or fp16 on a GPU: 2 bytes either way. The planner is about GPU memory.
+    return DTYPE_BYTES.get(train_config.dtype, 2)
+
+
+def estimate_memory(model_config: Any, train_config: TrainConfig, *,
+                    generation_chunk_size: int | None = None, micro_batch_size: int | None = None,
+                    logprob_chunk_size: int | None = None) -> MemoryEstimate:
+    """Estimate the peak GPU memory of training `model_config` as `train_config` says.
+
+    `model_config` is a config dict (config.json) or a transformers PretrainedConfig. The three
+    chunk sizes default to the train config's; plan() passes candidates instead.
+    """
+    shape = ModelShape.from_config(model_config)
+    counts = count_parameters(shape)
+    c = train_config
+    gen_chunk = generation_chunk_size or c.generation_chunk_size
+    micro = micro_batch_size or c.micro_batch_size
+    lp_chunk = logprob_chunk_size or c.logprob_chunk_size
+    db = _dtype_bytes(c)
+    H, I, L, V = shape.hidden_size, shape.intermediate_size, shape.num_layers, shape.vocab_size
+    q_width, kv_width = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    prompt, completion = c.max_prompt_length, c.max_completion_length
+    seq = prompt + completion  # worst case: every completion runs to max_completion_length
+    sequences = c.sequences_per_step
+    gen_chunk, micro = min(gen_chunk, sequences), min(micro, sequences)
+    notes: list[str] = []
+    linear_shapes = shape.linear_shapes()
+
+    # ---- static: lives for the whole run ----
+    static: dict[str, int] = {}
+    if c.quantization == "nf4":
+        static[f"4-bit NF4 linear weights ({_billions(counts.linear)} params, ~4.13 bit each)"] = \
+            round(counts.linear * NF4_BYTES_PER_PARAM)
+    else:
+        static[f"{db * 8}-bit linear weights ({_billions(counts.linear)} params)"] = counts.linear * db
+    head = "tied lm_head" if shape.tied_embeddings else "lm_head"
+    static[f"{db * 8}-bit embeddings + {head} + norms ({_billions(counts.embedding + counts.lm_head + counts.other)})"] = \
+        (counts.embedding + counts.lm_head + counts.other) * db
+
+    lora, lora_notes = lora_parameters(shape, c)
+    notes += lora_notes
+    # peft keeps adapter weights in fp32 on a 16-bit/4-bit base (see model.py).
+    static[f"LoRA weights, fp32 (r={c.lora_r}, {_millions(lora)} params)"] = lora * 4
+    saved_modules = _modules_to_save_params(shape, c.lora_modules_to_save, notes)
+    if saved_modules:
+        static[f"modules_to_save copies ({_millions(saved_modules)} params)"] = saved_modules * db
+    if c.optimizer == "paged_adamw_8bit":
+        optimizer = (lora + saved_modules) * ADAM8BIT_BYTES_PER_PARAM
+        static["optimizer: paged 8-bit AdamW states (~2 bytes/param)"] = round(optimizer)
+    else:
+        # torch AdamW keeps exp_avg and exp_avg_sq in the parameter's dtype.
+        static["optimizer: AdamW states (2 x fp32 per LoRA param)"] = lora * 8 + saved_modules * 2 * db
+    static["CUDA context + cuBLAS workspace (constant)"] = CUDA_OVERHEAD_BYTES
+
+    # bitsandbytes dequantises a 4-bit weight to the compute dtype for each matmul with more
+    # than one row of input: the largest linear layer exists once in 16-bit, transiently.
+    largest_linear = max(i * o for i, o in linear_shapes.values())
+    dequant = largest_linear * db if c.quantization == "nf4" else 0
+
+    # ---- phase 1: generation of one chunk ----
+    # K and V for every layer, every position, every sequence of the chunk.
+    kv_per_token = L * 2 * kv_width * db
+    generation = {
+        f"KV cache ({gen_chunk} seq x {seq} tokens x {L} layers)": gen_chunk * seq * kv_per_token,
+        # The prefill runs one layer at a time without gradients: the widest moment is the MLP.
+        f"prefill activations (one layer, {gen_chunk} x {prompt} tokens)":
+            gen_chunk * prompt * _nograd_layer_bytes_per_token(shape, db),
+        "sampling logits (fp32)": gen_chunk * V * 4 * SAMPLING_FP32_COPIES,
+    }
+    if dequant:
+        generation["dequantised weight of the largest linear"] = dequant
+
+    # ---- phase 2: reference / old-policy log-probs, no gradients ----
+    tokens = micro * seq
+    rows = min(lp_chunk, micro * completion)  # the LM head runs on completion positions only
+    reference = {
+        f"forward activations (one layer, {micro} x {seq} tokens)": tokens * _nograd_layer_bytes_per_token(shape, db),
+        "final hidden states": tokens * H * db,
+        f"LM-head chunk ({rows} positions x {V} vocab)": rows * V * (db + 2 * 4),
+    }
+    if dequant:
+        reference["dequantised weight of the largest linear"] = dequant
+
+    # ---- phase 3: the update of one micro-batch, with gradients ----
+    layer_bytes = _train_layer_bytes_per_token(shape, db, c)
+    update: dict[str, int] = {}
+    if c.gradient_checkpointing:
+        update[f"checkpointed layer inputs ({micro} x {seq} tokens x {L} layers)"] = tokens * H * db * L
+        update["one layer recomputed in backward (+ its gradients)"] = tokens * layer_bytes * BACKWARD_FACTOR
+    else:
+        update[f"activations of all {L} layers (no gradient checkpointing)"] = tokens * layer_bytes * L
+        notes.append("gradient_checkpointing is off: every layer's activations are kept; turn it on to save most of them")
+    # The final norm's output, the completion positions sliced out of it for the LM head, and
+    # the gradients of both.
+    update["final hidden states (+ gradients)"] = 2 * (tokens + micro * completion) * H * db + tokens * H * 4
+    update[f"LM-head chunk ({rows} positions x {V} vocab, fp32)"] = rows * V * (db + LOGPROB_FP32_COPIES * 4)
+    update["LoRA gradients (fp32)"] = lora * 4 + saved_modules * db
+    # Token ids and masks of the micro-batch, and per-token reference/old log-probs of the step.
+    frozen_copies = (1 if c.beta > 0 else 0) + (1 if c.num_iterations > 1 else 0)
+    update["rollout tensors (ids, masks, frozen log-probs)"] = tokens * 8 * 2 + sequences * completion * 4 * (frozen_copies + 2)
+    if dequant:
+        update["dequantised weight of the largest linear"] = dequant
+
+    phases = {"generation": generation, "reference": reference, "update": update}
+    if c.beta == 0 and c.num_iterations == 1:
+        del phases["reference"]  # no frozen log-probs are computed at all
+    peak_phase = max(phases, key=lambda p: sum(phases[p].values()))
+    parts = {**static, **{f"[{peak_phase}] {k}": v for k, v in phases[peak_phase].items()}}
+    static_bytes = sum(static.values())
+    return MemoryEstimate(
+        parts=parts, phases=phases, peak_phase=peak_phase, static_bytes=static_bytes,
+        total_bytes=sum(parts.values()), params=counts, lora_params=lora,
+        settings={"generation_chunk_size": gen_chunk, "micro_batch_size": micro, "logprob_chunk_size": lp_chunk,
+                  "seq_len": seq, "dtype_bytes": db},
+        notes=notes)
+
+
+def _nograd_layer_bytes_per_token(shape: ModelShape, db: int) -> int:
+    """Widest moment of one decoder layer's forward without autograd: the residual stream,
+    its normed copy and the MLP's gate, up and product, plus peft's fp32 copy of the
+    down-projection's input (LoRA adapters run in fp32)."""
+    H, I = shape.hidden_size, shape.intermediate_size
+    return db * (3 * H + 3 * I) + 4 * I
+
+
+def _train_layer_bytes_per_token(shape: ModelShape, db: int, c: TrainConfig) -> int:
+    """Bytes per token autograd keeps for one decoder layer in training mode.
+
+    RMSNorm upcasts its input to fp32 (kept) and outputs the compute dtype; attention keeps
+    q, k, v, their rotary copies and its output (SDPA keeps no T x T matrix); the MLP keeps
+    gate, up, act(gate) and their product. peft casts each adapted layer's input to fp32 for
+    LoRA's A matrix and keeps that copy for the gradient of A (a second copy with dropout).
+    """
+    H, I = shape.hidden_size, shape.intermediate_size
+    q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    norms = 2 * (4 * H + db * H)
+    attention = db * ((q + 2 * kv) + (q + kv) + q + 2 * H)
+    mlp = db * (4 * I + 2 * H)
+    shapes = shape.linear_shapes()
+    targets, _ = _lora_targets(c.lora_target_modules, shapes)
+    lora_inputs = sum(shapes[t][0] for t in targets) * 4 * (2 if c.lora_dropout > 0 else 1)
+    lora_rank = len(targets) * c.lora_r * 4  # A's output, kept for B's gradient
+    # (B's fp32 output, its scaled and cast copies are transient: no later op keeps them.)
+    return norms + attention + mlp + lora_inputs + lora_rank
+
+
+def _modules_to_save_params(shape: ModelShape, modules: list[str], notes: list[str]) -> int:
+    """Parameters of fully trained modules (peft's modules_to_save), e.g. lm_head."""
+    total = 0
+    for name in modules:
+        if name in ("lm_head", "embed_tokens", "wte", "embed_out"):
+            total += shape.vocab_size * shape.hidden_size
+        else:
+            notes.append(f"lora_modules_to_save: '{name}' not modelled by the planner (not counted)")
+    return total
+
+
+def _billions(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.1f}M"
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n / 1e3:.1f}K"
+
+
+# --- resolving a model name to its config -------------------------------------------------------
+
+
+def shipped_architectures() -> list[str]:
+    """Names of the architecture configs shipped in lowvram_grpo/arch/ (e.g. qwen2.5-7b)."""
+    return sorted(p.stem for p in ARCH_DIR.glob("*.json"))
+
+
+def load_arch(name: str) -> dict[str, Any]:
+    """A shipped architecture's config.json as a dict (keys starting with '_' removed)."""
+    path = ARCH_DIR / f"{name.lower()}.json"
+    if not path.is_file():
+        raise PlannerError(f"no shipped architecture '{name}'; available: {', '.join(shipped_architectures())}")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return {k: v for k, v in data.items() if not k.startswith("_")}
+
+
+def arch_for_model_name(name: str) -> str | None:
+    """The shipped architecture a hub id names, by lowercase substring, longest name first:
+    `Qwen/Qwen2.5-7B-Instruct` -> `qwen2.5-7b`, `meta-llama/Llama-3.1-8B` -> `llama-3.1-8b`."""
+    lowered = name.lower()
+    for arch in sorted(shipped_architectures(), key=len, reverse=True):
+        if arch in lowered:
+            return arch
+    return None
+
+
+def resolve_model_config(name_or_path: str) -> dict[str, Any]:
+    """The config dict of a model, without loading weights.
+
+    Tried in order: `builtin:tiny` (built locally if needed), a local directory with
+    config.json (or the config.json itself), a shipped architecture name (`qwen2.5-7b`), a hub
+    id containing one (`Qwen/Qwen2.5-7B-Instruct`), and finally transformers' AutoConfig (the
+    local hub cache, or the hub when online).
+    """
+    from lowvram_grpo.model import BUILTIN_PREFIX, resolve_model_path
+
+    if name_or_path.startswith(BUILTIN_PREFIX):
+        name_or_path = resolve_model_path(name_or_path)
+    path = Path(name_or_path).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        path = path / "config.json"
+    if path.is_file() and path.suffix == ".json":
+        return json.loads(path.read_text(encoding="utf-8"))
+    if path.is_dir():
+        raise PlannerError(f"model_name_or_path: {path} has no config.json")
+    arch = name_or_path.lower() if name_or_path.lower() in shipped_architectures() else arch_for_model_name(name_or_path)
+    if arch:
+        return load_arch(arch)
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(name_or_path).get_text_config().to_dict()
+    except Exception as err:  # offline, unknown id, gated repo...
+        raise PlannerError(
+            f"model_name_or_path: cannot find a config for '{name_or_path}' ({type(err).__name__}). Give a "
+            f"local directory with config.json, or one of the shipped architectures: "
+            f"{', '.join(shipped_architectures())}") from None
+
+
+# --- the plan ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """The chunk sizes to use on a card of `vram_gb`, and the estimate behind them."""
+
+    fits: bool
+    vram_gb: float
+    usable_gb: float  # vram_gb minus the safety margin
+    generation_chunk_size: int
+    micro_batch_size: int
+    logprob_chunk_size: int
+    estimate: MemoryEstimate  # at the chosen (or, if nothing fits, the smallest) settings
+    configured: MemoryEstimate  # at the train config's own settings
+    model_name: str
+    advice: list[str] = field(default_factory=list)
+
+    @property
+    def overrides(self) -> dict[str, int]:
+        """The chosen settings as config keys, ready for `load_config(overrides=...)`."""
+        return {"generation_chunk_size": self.generation_chunk_size, "micro_batch_size": self.micro_batch_size,
+                "logprob_chunk_size": self.logprob_chunk_size}
+
+
+def _divisors_desc(n: int) -> list[int]:
+    return [d for d in range(n, 0, -1) if n % d == 0]
+
+
+def plan(train_config: TrainConfig, vram_gb: float, model_config: Any = None,
+         margin: float = SAFETY_MARGIN) -> Plan:
+    """Choose the largest chunk sizes that fit in `vram_gb` with `margin` kept free.
+
+    Larger generation chunks make generation (most of a GRPO step's time) faster, so the
+    generation chunk is maximised first; it only affects the generation phase, so it can be
+    chosen independently. Then the micro-batch, then the LM-head chunk (kept >= 64 rows when
+    possible). Chunk sizes are divisors of prompts_per_step * num_generations so every chunk is
+    full. If even one sequence at a time does not fit, `fits` is False and `advice` says what
+    to reduce.
+    """
+    if vram_gb <= 0:
+        raise ValueError(f"vram_gb must be > 0, got {vram_gb}")
+    model_config = resolve_model_config(train_config.model_name_or_path) if model_config is None else model_config
+    model_name = _model_label(train_config.model_name_or_path)
+    budget = vram_gb * GIB * (1 - margin)
+    sequences = train_config.sequences_per_step
+
+    def estimate(g: int, m: int, lp: int) -> MemoryEstimate:
+        return estimate_memory(model_config, train_config, generation_chunk_size=g, micro_batch_size=m,
+                               logprob_chunk_size=lp)
+
+    configured = estimate_memory(model_config, train_config)
+    smallest = estimate(1, 1, LOGPROB_CHUNK_CANDIDATES[-1])
+    if smallest.total_bytes > budget:
+        return Plan(fits=False, vram_gb=vram_gb, usable_gb=budget / GIB, generation_chunk_size=1,
+                    micro_batch_size=1, logprob_chunk_size=LOGPROB_CHUNK_CANDIDATES[-1], estimate=smallest,
+                    configured=configured, model_name=model_name,
+                    advice=_advice(smallest, train_config, model_config, budget))
+
+    def fits(g: int, m: int, lp: int) -> bool:
+        return estimate(g, m, lp).total_bytes <= budget
+
+    generation = next(g for g in _divisors_desc(sequences) if fits(g, 1, LOGPROB_CHUNK_CANDIDATES[-1]))
+    good = [lp for lp in LOGPROB_CHUNK_CANDIDATES if lp >= MIN_GOOD_LOGPROB_CHUNK]
+    small = [lp for lp in LOGPROB_CHUNK_CANDIDATES if lp < MIN_GOOD_LOGPROB_CHUNK]
+    micro, logprob = 1, LOGPROB_CHUNK_CANDIDATES[-1]
+    for candidates in (good, small):
+        found = next(((m, lp) for m in _divisors_desc(sequences) for lp in candidates if fits(1, m, lp)), None)
+        if found:
+            micro, logprob = found
+            break
+    # Rows beyond micro_batch_size * max_completion_length are never used: do not report more.
+    logprob = min(logprob, max(micro * train_config.max_completion_length, LOGPROB_CHUNK_CANDIDATES[-1]))
+    chosen = estimate(generation, micro, logprob)
+    advice = []
+    if configured.total_bytes > budget:
+        advice.append(f"your settings need ~{configured.total_gb:.1f} GB: use the chosen chunk sizes")
+    return Plan(fits=True, vram_gb=vram_gb, usable_gb=budget / GIB, generation_chunk_size=generation,
+                micro_batch_size=micro, logprob_chunk_size=logprob, estimate=chosen, configured=configured,
+                model_name=model_name, advice=advice)
+
+
+def _advice(smallest: MemoryEstimate, c: TrainConfig, model_config: Any, budget: float) -> list[str]:
+    """What to reduce when even one sequence at a time does not fit."""
+    gb = lambda b: f"{b / GIB:.1f} GB"  # noqa: E731
+    advice = []
+    if smallest.static_bytes > budget:
+        advice.append(f"the model's weights, LoRA and optimizer alone need ~{gb(smallest.static_bytes)} of the "
+                      f"{gb(budget)} usable: choose a smaller model")
+        if c.quantization != "nf4":
+            advice.append("load the base in 4 bits: quantization=nf4")
+        if c.optimizer != "paged_adamw_8bit":
+            advice.append("use optimizer=paged_adamw_8bit (8-bit optimizer states)")
+        return advice
+    peak = smallest.peak_phase
+    advice.append(f"one sequence of {c.max_prompt_length}+{c.max_completion_length} tokens needs "
+                  f"~{gb(smallest.phase_bytes(peak))} in the {peak} phase on top of "
+                  f"~{gb(smallest.static_bytes)} static")
+    # The longest completion that would fit with everything else unchanged.
+    low, high = 0, c.max_completion_length
+    while low < high:
+        mid = (low + high + 1) // 2
+        trial = dataclasses.replace(c, max_completion_length=max(mid, 1))
+        if estimate_memory(model_config, trial, generation_chunk_size=1, micro_batch_size=1,
+                           logprob_chunk_size=LOGPROB_CHUNK_CANDIDATES[-1]).total_bytes <= budget:
+            low = mid
+        else:
+            high = mid - 1
+    if low >= 1:
+        advice.append(f"reduce max_completion_length to {low} or less (or shorten max_prompt_length)")
+    else:
+        advice.append("reduce max_prompt_length, or choose a smaller model")
+    if not c.gradient_checkpointing:
+        advice.append("turn gradient_checkpointing on")
+    return advice
+
+
+def _model_label(name: str) -> str:
+    arch = arch_for_model_name(name) if not name.startswith("builtin:") else None
+    return name if not arch or arch == name.lower() else f"{name} ({arch})"
+
+
+def format_plan(p: Plan) -> str:
+    """The plan as a plain-text table: the breakdown, the total against the card, the choice."""
+    est, c = p.estimate, p.estimate.settings
+    lines = [f"Memory plan for {p.model_name} ({est.params.total / 1e9:.2f}B params) on a {p.vram_gb:g} GB GPU",
+             f"  sequences of up to {c['seq_len']} tokens (prompt + completion), "
+             f"{c['dtype_bytes'] * 8}-bit compute", ""]
+    width = max(len(k) for k in est.parts) + 2
+    lines.append(f"  {'part'.ljust(width)}{'GB':>8}")
+    for label, value in est.parts.items():
+        lines.append(f"  {label.ljust(width)}{value / GIB:8.2f}")
+    lines.append(f"  {'total'.ljust(width)}{est.total_gb:8.2f}")
+    others = [f"{phase} {est.phase_bytes(phase) / GIB:.2f} GB" for phase in est.phases if phase != est.peak_phase]
+    lines.append(f"  (phases do not overlap; the peak is {est.peak_phase}"
+                 + (f"; others: {', '.join(others)})" if others else ")"))
+    lines.append("")
+    verdict = "fits" if p.fits else "does NOT fit"
+    lines.append(f"needs ~{est.total_gb:.1f} GB of {p.vram_gb:g} GB ({p.usable_gb:.1f} GB usable with a "
+                 f"{SAFETY_MARGIN:.0%} safety margin): {verdict}")
+    settings = " ".join(f"{k}={v}" for k, v in p.overrides.items())
+    lines.append(f"{'chosen' if p.fits else 'smallest settings'}: {settings}")
+    cfg = p.configured.settings
+    lines.append(f"your settings (generation_chunk_size={cfg['generation_chunk_size']} "
+                 f"micro_batch_size={cfg['micro_batch_size']} logprob_chunk_size={cfg['logprob_chunk_size']}): "
+                 f"~{p.configured.total_gb:.1f} GB")
+    for note in est.notes:
+        lines.append(f"note: {note}")
+    for item in p.advice:
+        lines.append(f"{'to fit' if not p.fits else 'hint'}: {item}")
+    return "\n".join(lines)

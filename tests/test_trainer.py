@@ -1,0 +1,192 @@
+"""The training loop end to end on the built-in tiny model: it learns, it writes the run
+directory the front ends rely on, it resumes exactly, and it refuses to apply a broken step."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lowvram_grpo import grpo, metrics
+from lowvram_grpo.config import load_config
+from lowvram_grpo.rewards import RewardFunctionError
+from lowvram_grpo.trainer import PromptSampler, train
+
+
+def _config(tmp_path, name="run", **overrides):
+    return load_config(preset="tiny-cpu", overrides={"output_dir": str(tmp_path / name), **overrides})
+
+
+@pytest.fixture(scope="module")
+def demo_run(tiny_cache, tmp_path_factory):
+    """The tiny-cpu preset exactly as users run it."""
+    config = _config(tmp_path_factory.mktemp("demo"))
+    final = train(config, progress=False)
+    return config, final
+
+
+def test_demo_reward_climbs(demo_run):
+    config, _ = demo_run
+    rewards = [r["reward"] for r in metrics.read_jsonl(f"{config.output_dir}/metrics.jsonl")]
+    tenth = len(rewards) // 10
+    first, last = sum(rewards[:tenth]) / tenth, sum(rewards[-tenth:]) / tenth
+    assert last >= first + 0.3, f"reward went from {first:.2f} to {last:.2f}: {rewards}"
+
+
+def test_run_directory_contract(demo_run):
+    config, final = demo_run
+    run = final.parent
+    names = {p.name for p in run.iterdir()}
+    assert {"config.yaml", "status.json", "metrics.jsonl", "completions.jsonl", "final"} <= names
+    # save_every=20 over 60 steps, keep_checkpoints=2: the two newest survive.
+    assert sorted(n for n in names if n.startswith("checkpoint-")) == ["checkpoint-000040", "checkpoint-000060"]
+    assert not [n for n in names if n.endswith(".tmp")]
+
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "finished" and status["step"] == status["total_steps"] == 60
+
+    records = metrics.read_jsonl(run / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 61))
+    for key in ("reward", "reward_std", "rewards/arith_answer/mean", "rewards/arith_answer/std", "kl",
+                "loss", "grad_norm", "learning_rate", "completions/mean_length", "completions/clipped_ratio",
+                "frac_reward_zero_std", "clip_ratio/region_mean", "entropy", "step_time",
+                "tokens_per_second", "peak_memory_gb", "generation_chunk_size"):
+        assert all(key in r for r in records), key
+    samples = metrics.read_jsonl(run / "completions.jsonl")
+    assert {s["step"] for s in samples} == {1, 10, 20, 30, 40, 50, 60}
+    assert {"prompt", "completion", "reward", "advantage", "rewards"} <= set(samples[0])
+    assert load_config(config_path=run / "config.yaml") == config
+
+
+def test_final_adapter_loads_with_plain_peft_and_lora_changed(demo_run, tiny_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    config, final = demo_run
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= {p.name for p in final.iterdir()}
+    weights = load_file(final / "adapter_model.safetensors")
+    lora_b = [w for name, w in weights.items() if "lora_B" in name]
+    # LoRA's B starts at exactly zero, so any non-zero entry is learned.
+    assert lora_b and all(w.abs().max() > 0 for w in lora_b)
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_path)
+    model = PeftModel.from_pretrained(base, final)
+    ids = torch.tensor([[5 + 3, 13, 5 + 5, 14]])  # any tokens will do
+    with torch.no_grad():
+        tuned = model(ids).logits
+        with model.disable_adapter():
+            plain = model(ids).logits
+    assert (tuned - plain).abs().max() > 1e-3
+
+
+def test_nonfinite_step_is_skipped_not_applied(tiny_cache, tmp_path, monkeypatch):
+    real_loss = grpo.grpo_loss
+    calls = {"n": 0}
+
+    def poisoned_on_second_step(*args, **kwargs):
+        calls["n"] += 1
+        loss, stats = real_loss(*args, **kwargs)
+        return (loss * float("nan"), stats) if calls["n"] == 2 else (loss, stats)
+
+    monkeypatch.setattr(grpo, "grpo_loss", poisoned_on_second_step)
+    records = []
+    # A checkpoint after every step shows the LoRA weights before and after the broken one.
+    config = _config(tmp_path, max_steps=3, save_every=1, keep_checkpoints=0)
+    train(config, progress=False, on_step=records.append)
+    assert [r["step_skipped"] for r in records] == [0, 1, 0]
+    w1 = load_file(tmp_path / "run" / "checkpoint-000001" / "adapter_model.safetensors")
+    w2 = load_file(tmp_path / "run" / "checkpoint-000002" / "adapter_model.safetensors")
+    w3 = load_file(tmp_path / "run" / "checkpoint-000003" / "adapter_model.safetensors")
+    assert all(torch.equal(w1[k], w2[k]) for k in w1), "the NaN step must not change the weights"
+    assert any(not torch.equal(w2[k], w3[k]) for k in w2), "training goes on after it"
+
+
+def test_failing_reward_function_stops_the_run_naming_it(tiny_cache, tmp_path):
+    reward_file = tmp_path / "my_rewards.py"
+    reward_file.write_text("def picky(completions, **kwargs):\n    raise ValueError('no digits allowed')\n")
+    config = _config(tmp_path, rewards=[f"{reward_file}:picky"], max_steps=2)
+    with pytest.raises(RewardFunctionError, match="picky.*no digits allowed"):
+        train(config, progress=False)
+    status = metrics.read_status(config.output_dir)
+    assert status["state"] == "failed" and "picky" in status["error"]
+
+
+def test_prompt_sampler_walks_epochs_deterministically():
+    sampler = PromptSampler(5, seed=1)
+    first = sampler.next_indices(3) + sampler.next_indices(3)
+    assert sorted(first[:5]) == [0, 1, 2, 3, 4]  # one full epoch before any repeat
+    resumed = PromptSampler(5, seed=1, **PromptSampler(5, seed=1).state_dict())
+    assert resumed.next_indices(6) == first
+
+
+# --- the CLI, interruption and resume (real processes) ----------------------------------------
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "lowvram_grpo", "train", "--no-progress", *args]
+
+
+def _wait_for(predicate, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+RESUME_ARGS = ["--preset", "tiny-cpu", "max_steps=12", "save_every=4", "keep_checkpoints=0"]
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_cache, tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(_cli(*RESUME_ARGS, f"output_dir={straight}"), check=True, capture_output=True)
+
+    process = subprocess.Popen(_cli(*RESUME_ARGS, f"output_dir={killed}"),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert _wait_for(lambda: (killed / "checkpoint-000004").is_dir())
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "final").exists(), "the kill came too late to test anything"
+
+    subprocess.run(_cli("--resume", str(killed)), check=True, capture_output=True)
+    a = load_file(straight / "final" / "adapter_model.safetensors")
+    b = load_file(killed / "final" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+    steps = [r["step"] for r in metrics.read_jsonl(killed / "metrics.jsonl")]
+    assert steps == list(range(1, 13)), "redone steps must not be logged twice"
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_cache, tmp_path):
+    run = tmp_path / "run"
+    process = subprocess.Popen(_cli("--preset", "tiny-cpu", "max_steps=1000", f"output_dir={run}"),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert _wait_for(lambda: (metrics.read_status(run) or {}).get("step", 0) >= 2)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output
+    status = metrics.read_status(run)
+    assert status["state"] == "stopped"
+    assert (run / f"checkpoint-{status['step']:06d}" / "adapter_model.safetensors").is_file()
+    assert "--resume" in output
+
+
+def test_cli_dry_run_and_errors(tiny_cache, tmp_path):
+    dry = subprocess.run(_cli("--preset", "tiny-cpu", "--dry-run", "lr=3e-4", "--dataset", "data.jsonl"),
+                         capture_output=True, text=True)
+    assert dry.returncode == 0
+    assert "learning_rate: 0.0003" in dry.stdout and "dataset: data.jsonl" in dry.stdout
+
+    bad = subprocess.run(_cli("--preset", "tiny-cpu", "num_generationz=4"), capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == "error: num_generationz: unknown config key. Did you mean 'num_generations'?"
+
+    missing = subprocess.run(_cli("--resume", str(tmp_path / "nowhere")), capture_output=True, text=True)
+    assert missing.returncode == 2 and "has no config.yaml" in missing.stderr
