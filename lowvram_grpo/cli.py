@@ -6,6 +6,8 @@
     lowvram-grpo train --preset X --dry-run
     lowvram-grpo presets
     lowvram-grpo rewards
+    lowvram-grpo eval --preset X --adapter runs/x/final [--max-prompts N]
+    lowvram-grpo export --adapter runs/x/final --merge out/model [--dtype float16]
 
 Bad input (an unknown key, a missing file, a broken reward function) ends with one line that
 names the problem and the fix, and exit status 2; a traceback means a bug in lowvram-grpo.
@@ -50,6 +52,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("presets", help="list the presets")
     commands.add_parser("rewards", help="list the built-in reward functions")
+
+    evaluate = commands.add_parser(
+        "eval", help="compare the base model and an adapter on held-out prompts (greedy decoding)")
+    eval_source = evaluate.add_mutually_exclusive_group()
+    eval_source.add_argument("--preset", help="the preset the adapter was trained with")
+    eval_source.add_argument("--config", help="the config file the adapter was trained with")
+    evaluate.add_argument("--adapter", required=True, metavar="DIR",
+                          help="adapter directory, e.g. runs/x/final (without --preset/--config, "
+                               "the run's config.yaml next to it is used)")
+    evaluate.add_argument("--max-prompts", type=int, metavar="N", help="evaluate at most N prompts")
+    evaluate.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. max_completion_length=512")
+
+    export = commands.add_parser("export", help="merge an adapter into its base model (16-bit) and save it")
+    export.add_argument("--adapter", required=True, metavar="DIR", help="adapter directory, e.g. runs/x/final")
+    export.add_argument("--merge", required=True, metavar="OUT", help="directory for the merged model")
+    export.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16",
+                        help="weights dtype of the merged model (default: float16)")
+    export.add_argument("--base", metavar="MODEL",
+                        help="base model hub id or directory (default: the one recorded in the adapter)")
+    export.add_argument("--overwrite", action="store_true", help="replace OUT if it already exists")
+    export.add_argument("--trust-remote-code", action="store_true", help="allow the base model's custom code")
     return parser
 
 
@@ -115,7 +138,42 @@ def cmd_rewards(_: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "presets": cmd_presets, "rewards": cmd_rewards}
+def cmd_eval(args: argparse.Namespace) -> int:
+    from lowvram_grpo.evaluate import compare, format_comparison
+    from lowvram_grpo.export import read_adapter_config
+
+    read_adapter_config(args.adapter)  # a missing adapter is the first thing to report
+    if args.max_prompts is not None and args.max_prompts < 1:
+        raise ConfigError(f"--max-prompts: must be at least 1, got {args.max_prompts}")
+    overrides = parse_overrides(args.overrides)
+    if args.preset or args.config:
+        config = load_config(preset=args.preset, config_path=args.config, overrides=overrides)
+    else:
+        # An adapter inside a run directory (final/, checkpoint-N/) has the run's config next to it.
+        saved = Path(args.adapter).resolve().parent / "config.yaml"
+        if not saved.is_file():
+            raise ConfigError("eval: give --preset NAME or --config FILE (the one the adapter was "
+                              f"trained with); {saved} does not exist")
+        values = read_yaml(saved)
+        values.update(overrides)
+        config = build_config(values)
+    before, after = compare(config, args.adapter, max_prompts=args.max_prompts)
+    print(format_comparison(before, after))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from lowvram_grpo.export import GGUF_HINT, merge_adapter
+
+    out = merge_adapter(args.adapter, args.merge, base_model=args.base, dtype=args.dtype,
+                        overwrite=args.overwrite, trust_remote_code=args.trust_remote_code)
+    print(f"merged model saved to {out}")
+    print(GGUF_HINT.format(out=out))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "presets": cmd_presets, "rewards": cmd_rewards, "eval": cmd_eval,
+            "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

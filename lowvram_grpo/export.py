@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from lowvram_grpo.config import ConfigError
 from lowvram_grpo.model import ModelLoadError, resolve_model_path
 
 DTYPES = ("float16", "bfloat16", "float32")
@@ -46,8 +47,11 @@ GGUF_HINT = """To use it with llama.cpp, Ollama or LM Studio, convert it to GGUF
   python llama.cpp/convert_hf_to_gguf.py {out} --outfile model.gguf --outtype q8_0"""
 
 
-class ExportError(ValueError):
-    """The export cannot go ahead as asked (e.g. it would overwrite a directory); says what to do."""
+class ExportError(ConfigError):
+    """The export cannot go ahead as asked (e.g. it would overwrite a directory); says what to do.
+
+    A ConfigError (bad command-line input), so the CLI reports it as one line.
+    """
 
 
 def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:

@@ -237,6 +237,8 @@ class MemoryEstimate:
     peak_phase: str
     static_bytes: int
     total_bytes: int
+    weights_bytes: int  # the base model's weights as loaded: 4-bit linears + 16-bit rest
+    optimizer_bytes: int
     params: ParamCounts
     lora_params: int
     settings: dict[str, Any]
@@ -282,6 +284,8 @@ def estimate_memory(model_config: Any, train_config: TrainConfig, *,
     # ---- static: lives for the whole run ----
     static: dict[str, int] = {}
     if c.quantization == "nf4":
+        # transformers' bitsandbytes integration quantises the decoder layers' nn.Linear only:
+        # embeddings, the LM head (tied or not), norms and biases stay in the compute dtype.
         static[f"4-bit NF4 linear weights ({_billions(counts.linear)} params, ~4.13 bit each)"] = \
             round(counts.linear * NF4_BYTES_PER_PARAM)
     else:
@@ -289,6 +293,8 @@ def estimate_memory(model_config: Any, train_config: TrainConfig, *,
     head = "tied lm_head" if shape.tied_embeddings else "lm_head"
     static[f"{db * 8}-bit embeddings + {head} + norms ({_billions(counts.embedding + counts.lm_head + counts.other)})"] = \
         (counts.embedding + counts.lm_head + counts.other) * db
+
+    weights_bytes = sum(static.values())
 
     lora, lora_notes = lora_parameters(shape, c)
     notes += lora_notes
@@ -298,11 +304,12 @@ def estimate_memory(model_config: Any, train_config: TrainConfig, *,
     if saved_modules:
         static[f"modules_to_save copies ({_millions(saved_modules)} params)"] = saved_modules * db
     if c.optimizer == "paged_adamw_8bit":
-        optimizer = (lora + saved_modules) * ADAM8BIT_BYTES_PER_PARAM
-        static["optimizer: paged 8-bit AdamW states (~2 bytes/param)"] = round(optimizer)
+        optimizer = round((lora + saved_modules) * ADAM8BIT_BYTES_PER_PARAM)
+        static["optimizer: paged 8-bit AdamW states (~2 bytes/param)"] = optimizer
     else:
         # torch AdamW keeps exp_avg and exp_avg_sq in the parameter's dtype.
-        static["optimizer: AdamW states (2 x fp32 per LoRA param)"] = lora * 8 + saved_modules * 2 * db
+        optimizer = lora * 8 + saved_modules * 2 * db
+        static["optimizer: AdamW states (2 x fp32 per LoRA param)"] = optimizer
     static["CUDA context + cuBLAS workspace (constant)"] = CUDA_OVERHEAD_BYTES
 
     # bitsandbytes dequantises a 4-bit weight to the compute dtype for each matmul with more
@@ -362,7 +369,7 @@ def estimate_memory(model_config: Any, train_config: TrainConfig, *,
     static_bytes = sum(static.values())
     return MemoryEstimate(
         parts=parts, phases=phases, peak_phase=peak_phase, static_bytes=static_bytes,
-        total_bytes=sum(parts.values()), params=counts, lora_params=lora,
+        total_bytes=sum(parts.values()), weights_bytes=weights_bytes, optimizer_bytes=optimizer, params=counts, lora_params=lora,
         settings={"generation_chunk_size": gen_chunk, "micro_batch_size": micro, "logprob_chunk_size": lp_chunk,
                   "seq_len": seq, "dtype_bytes": db},
         notes=notes)
@@ -565,10 +572,19 @@ def _advice(smallest: MemoryEstimate, c: TrainConfig, model_config: Any, budget:
     if smallest.static_bytes > budget:
         advice.append(f"the model's weights, LoRA and optimizer alone need ~{gb(smallest.static_bytes)} of the "
                       f"{gb(budget)} usable: choose a smaller model")
+        # Only suggest the switches that would actually close the gap.
         if c.quantization != "nf4":
-            advice.append("load the base in 4 bits: quantization=nf4")
+            nf4 = estimate_memory(model_config, dataclasses.replace(c, quantization="nf4"))
+            if nf4.static_bytes < budget:
+                advice.append(f"or load the base in 4 bits: quantization=nf4 (static ~{gb(nf4.static_bytes)})")
         if c.optimizer != "paged_adamw_8bit":
-            advice.append("use optimizer=paged_adamw_8bit (8-bit optimizer states)")
+            adam8 = estimate_memory(model_config, dataclasses.replace(c, optimizer="paged_adamw_8bit"))
+            if adam8.static_bytes < budget:
+                advice.append(f"or use optimizer=paged_adamw_8bit (static ~{gb(adam8.static_bytes)})")
+        if c.lora_r > 8:
+            low_rank = estimate_memory(model_config, dataclasses.replace(c, lora_r=8))
+            if low_rank.static_bytes < budget:
+                advice.append(f"or a smaller adapter: lora_r=8 (static ~{gb(low_rank.static_bytes)})")
         return advice
     peak = smallest.peak_phase
     advice.append(f"one sequence of {c.max_prompt_length}+{c.max_completion_length} tokens needs "

@@ -62,10 +62,17 @@ def build_tokenizer():
 
 def build_tiny_model(path: str | Path, seed: int = 0) -> Path:
     """Build, warm up and save the tiny model and its tokenizer to `path` (atomically)."""
+    path = Path(path)
+    # A private RNG: building the model on first use must not change the random stream of
+    # the training run that triggered it (resumed and fresh runs must sample the same).
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return _build_and_save(path)
+
+
+def _build_and_save(path: Path) -> Path:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    path = Path(path)
-    torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     config = Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
