@@ -190,3 +190,46 @@ def test_cli_dry_run_and_errors(tiny_cache, tmp_path):
 
     missing = subprocess.run(_cli("--resume", str(tmp_path / "nowhere")), capture_output=True, text=True)
     assert missing.returncode == 2 and "has no config.yaml" in missing.stderr
+
+
+def test_training_continues_from_an_existing_adapter(demo_run):
+    from lowvram_grpo.model import load_policy
+
+    config, final = demo_run
+    saved = load_file(final / "adapter_model.safetensors")
+    policy, _ = load_policy(load_config(preset="tiny-cpu", overrides={"adapter_path": str(final)}),
+                            torch.device("cpu"))
+    loaded = {name: p for name, p in policy.named_parameters() if p.requires_grad}
+    assert len(loaded) == len(saved)
+    for name, param in loaded.items():
+        key = name.replace(".default", "")
+        torch.testing.assert_close(param.detach(), saved[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"loss_type": "grpo", "beta": 0.0},
+    {"loss_type": "dr_grpo", "scale_rewards": "none", "micro_batch_size": 16},
+    {"loss_type": "bnpo", "scale_rewards": "batch", "epsilon_high": 0.28},
+    {"loss_type": "dapo", "quantization": "none", "gradient_checkpointing": False, "generation_chunk_size": 5},
+])
+def test_every_variant_trains(tiny_cache, tmp_path, overrides):
+    records = []
+    train(_config(tmp_path, max_steps=3, save_every=100, **overrides), progress=False, on_step=records.append)
+    assert len(records) == 3
+    assert all(r["step_skipped"] == 0 for r in records)
+    assert records[-1]["grad_norm"] > 0 and torch.isfinite(torch.tensor(records[-1]["loss"]))
+
+
+def test_num_iterations_reuses_rollouts_for_several_updates(tiny_cache, tmp_path, monkeypatch):
+    from lowvram_grpo import trainer
+
+    generations, updates = [], []
+    real_generate, real_step = trainer.generate_rollouts, torch.optim.AdamW.step
+    monkeypatch.setattr(trainer, "generate_rollouts", lambda *a, **k: generations.append(1) or real_generate(*a, **k))
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: updates.append(1) or real_step(self, *a, **k))
+    records = []
+    train(_config(tmp_path, max_steps=2, num_iterations=3, epsilon=0.01, save_every=100),
+          progress=False, on_step=records.append)
+    assert (len(generations), len(updates)) == (2, 6)
+    # Later updates on the same rollouts are off-policy, so with a tight clip some tokens clip.
+    assert max(r["clip_ratio/region_mean"] for r in records) > 0
