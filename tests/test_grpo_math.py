@@ -26,15 +26,6 @@ TINY = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_lay
 NAN = float("nan")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On small CPU boxes, 2 OpenMP threads make these tiny matmuls ~100x slower than 1 thread.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 # ---------------------------------------------------------------------------------------------
 # group_advantages
 # ---------------------------------------------------------------------------------------------

@@ -28,15 +28,6 @@ PAD = 2
 MICRO_BATCHES = (slice(0, 3), slice(3, 6))  # one step = two equal micro-batches of 3 completions
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On small CPU boxes, 2 OpenMP threads make these tiny matmuls ~100x slower than 1 thread.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def tiny_tokenizer():
     """A word-level tokenizer over "t0".."t63", built offline (no hub access in tests)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
