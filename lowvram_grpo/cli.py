@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="adapter directory, e.g. runs/x/final (without --preset/--config, "
                                "the run's config.yaml next to it is used)")
     evaluate.add_argument("--max-prompts", type=int, metavar="N", help="evaluate at most N prompts")
-    evaluate.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. max_completion_length=512")
+    evaluate.add_argument("overrides", nargs="*", metavar="key=value",
+                          help="config overrides, e.g. max_completion_length=512")
 
     export = commands.add_parser("export", help="merge an adapter into its base model (16-bit) and save it")
     export.add_argument("--adapter", required=True, metavar="DIR", help="adapter directory, e.g. runs/x/final")

@@ -29,9 +29,11 @@ import torch
 
 from lowvram_grpo import grpo, metrics
 from lowvram_grpo.checkpoint import latest_checkpoint, load_checkpoint, save_adapter, save_checkpoint, set_rng_state
-from lowvram_grpo.config import TrainConfig, save_config
+from lowvram_grpo.config import ConfigError, TrainConfig, save_config
 from lowvram_grpo.data import load_prompt_data, prompt_text
+from lowvram_grpo.evaluate import evaluate
 from lowvram_grpo.model import default_device, load_policy, reference_model
+from lowvram_grpo.reporting import make_reporters
 from lowvram_grpo.rewards import load_reward_functions, score_completions
 from lowvram_grpo.rollout import Rollout, generate_rollouts
 
@@ -181,8 +183,10 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
     step = 0
     metrics.write_status(run_dir, "running", step, config.max_steps)
     try:
-        with StopRequested() as stop:
-            return _train(config, run_dir, resume, progress, on_step, stop)
+        # Reporters first: a missing tensorboard/wandb package should fail in seconds, not
+        # after the model has loaded.
+        with StopRequested() as stop, make_reporters(config.report_to, run_dir, config.to_dict()) as reporters:
+            return _train(config, run_dir, resume, progress, on_step, stop, reporters)
     except BaseException as err:
         status = metrics.read_status(run_dir) or {}
         message = f"{type(err).__name__}: {err}" if not isinstance(err, KeyboardInterrupt) else "interrupted"
@@ -192,13 +196,15 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
 
 
 def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool,
-           on_step: Callable | None, stop: StopRequested) -> Path:
+           on_step: Callable | None, stop: StopRequested, reporters) -> Path:
     seed_everything(config.seed)
     device = default_device()
     if device.type == "cpu" and config.cpu_threads:
         torch.set_num_threads(config.cpu_threads)
     policy, tokenizer = load_policy(config, device)
     data = load_prompt_data(config, tokenizer)
+    if config.eval_every and not data.eval:
+        raise ConfigError("eval_every: there is no eval split; set eval_fraction (e.g. 0.05) or eval_dataset")
     reward_functions = load_reward_functions(config.rewards)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = build_optimizer(config, params, device)
@@ -231,9 +237,16 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool,
     step = start_step
     while step < config.max_steps:
         step += 1
-        record = grpo_step(config, policy, tokenizer, data.train, sampler, reward_functions,
-                           optimizer, scheduler, device, step, run_dir)
+        record, samples = grpo_step(config, policy, tokenizer, data.train, sampler, reward_functions,
+                                    optimizer, scheduler, device, step)
+        if config.eval_every and (step % config.eval_every == 0 or step == config.max_steps):
+            record.update(evaluate(policy, tokenizer, data.eval, reward_functions, config))
         metrics.append_jsonl(run_dir / "metrics.jsonl", record)
+        for sample in samples:
+            metrics.append_jsonl(run_dir / "completions.jsonl", sample)
+        reporters.log(record, step)
+        if samples:
+            reporters.log_completions(samples, step)
         if on_step:
             on_step(record)
         if bar:
@@ -258,9 +271,10 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool,
 
 
 def grpo_step(config: TrainConfig, policy, tokenizer, rows: list[dict], sampler: PromptSampler,
-              reward_functions, optimizer, scheduler, device: torch.device, step: int,
-              run_dir: Path) -> dict[str, Any]:
-    """One GRPO step (steps 1-7 of the module docstring); returns its metrics record."""
+              reward_functions, optimizer, scheduler, device: torch.device,
+              step: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One GRPO step (steps 1-7 of the module docstring); returns its metrics record and,
+    every `log_completions_every` steps, sampled completions to log."""
     started = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -326,9 +340,10 @@ def grpo_step(config: TrainConfig, policy, tokenizer, rows: list[dict], sampler:
     record.update({"step_time": elapsed, "generation_time": generation_time,
                    "tokens_per_second": float(lengths.sum()) / elapsed,
                    "peak_memory_gb": metrics.peak_memory_gb(device)})
+    samples = []
     if step % config.log_completions_every == 0 or step == 1:
-        _log_completions(run_dir, step, prompts, rollout, scores, advantages, config)
-    return record
+        samples = _sample_records(step, prompts, rollout, scores, advantages, config)
+    return record, samples
 
 
 def _update(config: TrainConfig, policy, optimizer, scheduler, batches: list[MicroBatch],
@@ -376,14 +391,14 @@ def _update(config: TrainConfig, policy, optimizer, scheduler, batches: list[Mic
     return result
 
 
-def _log_completions(run_dir: Path, step: int, prompts: list, rollout: Rollout, scores,
-                     advantages: torch.Tensor, config: TrainConfig) -> None:
+def _sample_records(step: int, prompts: list, rollout: Rollout, scores, advantages: torch.Tensor,
+                    config: TrainConfig) -> list[dict[str, Any]]:
+    """The first completions of the step (one group, usually), for completions.jsonl."""
     G = config.num_generations
-    for i in range(min(config.num_completions_to_log, rollout.num_sequences)):
-        metrics.append_jsonl(run_dir / "completions.jsonl", {
-            "step": step, "prompt": prompts[i // G], "completion": rollout.completions[i],
-            "reward": float(scores.total[i]), "advantage": float(advantages[i]),
-            "rewards": {name: float(scores.per_function[i, j]) for j, name in enumerate(scores.names)}})
+    return [{"step": step, "prompt": prompts[i // G], "completion": rollout.completions[i],
+             "reward": float(scores.total[i]), "advantage": float(advantages[i]),
+             "rewards": {name: float(scores.per_function[i, j]) for j, name in enumerate(scores.names)}}
+            for i in range(min(config.num_completions_to_log, rollout.num_sequences))]
 
 
 def _progress_bar(enabled: bool, start: int, total: int):

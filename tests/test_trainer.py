@@ -233,3 +233,16 @@ def test_num_iterations_reuses_rollouts_for_several_updates(tiny_cache, tmp_path
     assert (len(generations), len(updates)) == (2, 6)
     # Later updates on the same rollouts are off-policy, so with a tight clip some tokens clip.
     assert max(r["clip_ratio/region_mean"] for r in records) > 0
+
+
+def test_eval_every_logs_eval_metrics(tiny_cache, tmp_path):
+    records = []
+    train(_config(tmp_path, max_steps=4, eval_every=2, eval_fraction=0.05, save_every=100),
+          progress=False, on_step=records.append)
+    evaluated = [r["step"] for r in records if "eval/reward" in r]
+    assert evaluated == [2, 4]
+    assert 0.0 <= records[-1]["eval/accuracy"] <= 1.0
+    from lowvram_grpo.config import ConfigError
+
+    with pytest.raises(ConfigError, match="eval_every: there is no eval split"):
+        train(_config(tmp_path, name="no-eval", max_steps=2, eval_every=1), progress=False)
