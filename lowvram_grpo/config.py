@@ -86,7 +86,7 @@ class TrainConfig:
     # --- generation (rollouts) ---------------------------------------------------------------
     num_generations: int = 8  # G: completions per prompt, normalised as one group
     generation_chunk_size: int = 8  # sequences generated at once; lower if out of memory
-    max_prompt_length: int = 256  # longer prompts are truncated on the left (and counted)
+    max_prompt_length: int = 256  # longer prompts are dropped when the data loads (and counted)
     max_completion_length: int = 256
     temperature: float = 1.0
     top_p: float = 1.0

@@ -203,6 +203,9 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool,
         torch.set_num_threads(config.cpu_threads)
     policy, tokenizer = load_policy(config, device)
     data = load_prompt_data(config, tokenizer)
+    dropped = f"; dropped {data.num_dropped_too_long} prompts longer than max_prompt_length" \
+        if data.num_dropped_too_long else ""
+    print(f"dataset: {data.source}{dropped}", flush=True)
     if config.eval_every and not data.eval:
         raise ConfigError("eval_every: there is no eval split; set eval_fraction (e.g. 0.05) or eval_dataset")
     reward_functions = load_reward_functions(config.rewards)

@@ -246,3 +246,16 @@ def test_eval_every_logs_eval_metrics(tiny_cache, tmp_path):
 
     with pytest.raises(ConfigError, match="eval_every: there is no eval split"):
         train(_config(tmp_path, name="no-eval", max_steps=2, eval_every=1), progress=False)
+
+
+def test_user_dataset_and_dropped_prompts_are_reported(tiny_cache, tmp_path, capsys):
+    data = tmp_path / "sums.jsonl"
+    rows = [{"question": f"{a}+{b}=", "solution": str(a + b)} for a in range(5) for b in range(5)]
+    rows.append({"question": "1+1+1+1+1+1+1+1+1=", "solution": "9"})  # longer than max_prompt_length
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records = []
+    train(_config(tmp_path, dataset=str(data), prompt_column="question", answer_column="solution",
+                  max_prompt_length=8, max_steps=2, save_every=100), progress=False, on_step=records.append)
+    out = capsys.readouterr().out
+    assert "sums.jsonl (26 rows)" in out and "dropped 1 prompts longer than max_prompt_length" in out
+    assert len(records) == 2
