@@ -1,0 +1,42 @@
+"""lowvram-grpo: GRPO fine-tuning on one consumer GPU (4-bit base, LoRA, adapter-off reference).
+
+The public API, shared by the CLI, the Gradio app and the notebook:
+
+    import lowvram_grpo as lg
+    config = lg.load_config(preset="tiny-cpu", overrides={"max_steps": 20})
+    adapter_dir = lg.train(config, on_step=lambda record: print(record["reward"]))
+
+Names are imported on first use, so `import lowvram_grpo` (and the CLI's start-up) stays fast
+and does not pull in torch until something needs it.
+"""
+
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "TrainConfig": "config", "RewardSpec": "config", "ConfigError": "config",
+    "load_config": "config", "list_presets": "config",
+    "load_prompt_data": "data", "preview": "data", "DatasetError": "data",
+    "BUILTIN_REWARDS": "rewards", "register_reward": "rewards", "RewardFunctionError": "rewards",
+    "load_policy": "model", "reference_model": "model",
+    "train": "trainer",
+    "evaluate": "evaluate", "compare": "evaluate", "format_comparison": "evaluate",
+    "merge_adapter": "export",
+    "estimate_memory": "memory", "plan": "memory", "format_plan": "memory",
+    "read_jsonl": "metrics", "read_status": "metrics",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(import_module(f"lowvram_grpo.{_EXPORTS[name]}"), name)
+        globals()[name] = value  # cache: later lookups skip this function
+        return value
+    raise AttributeError(f"module 'lowvram_grpo' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)
