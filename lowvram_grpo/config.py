@@ -26,6 +26,8 @@ PRESETS_DIR = Path(__file__).parent / "presets"
 ALIASES = {"lr": "learning_rate", "model": "model_name_or_path", "G": "num_generations"}
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
+AUTO = "auto"
+CHUNK_KEYS = ("generation_chunk_size", "micro_batch_size", "logprob_chunk_size")
 SCALE_REWARDS = ("group", "batch", "none")
 
 
@@ -85,7 +87,9 @@ class TrainConfig:
 
     # --- generation (rollouts) ---------------------------------------------------------------
     num_generations: int = 8  # G: completions per prompt, normalised as one group
-    generation_chunk_size: int = 8  # sequences generated at once; lower if out of memory
+    # Memory-bound chunking: a number, or "auto" to let the planner choose for `vram_gb`.
+    # The trainer also halves them on an out-of-memory error and redoes the work.
+    generation_chunk_size: Union[int, Literal["auto"]] = 8  # sequences generated at once
     max_prompt_length: int = 256  # longer prompts are dropped when the data loads (and counted)
     max_completion_length: int = 256
     temperature: float = 1.0
@@ -103,8 +107,9 @@ class TrainConfig:
     # --- optimisation ------------------------------------------------------------------------
     max_steps: int = 100
     prompts_per_step: int = 4  # prompts per optimizer step; each brings G completions
-    micro_batch_size: int = 4  # sequences per forward/backward; lower if out of memory
-    logprob_chunk_size: int = 256  # positions per LM-head chunk; bounds the logits tensor
+    micro_batch_size: Union[int, Literal["auto"]] = 4  # sequences per forward/backward
+    logprob_chunk_size: Union[int, Literal["auto"]] = 256  # positions per LM-head chunk
+    vram_gb: float | None = None  # memory budget for "auto" settings; None = the GPU's total
     learning_rate: float = 1e-5
     lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"
     warmup_steps: int = 0
@@ -144,11 +149,14 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(f"{key}: {msg}")
 
-        for key in ("num_generations", "generation_chunk_size", "max_prompt_length",
-                    "max_completion_length", "max_steps", "prompts_per_step", "micro_batch_size",
-                    "logprob_chunk_size", "num_iterations", "lora_r", "lora_alpha", "save_every",
+        for key in ("num_generations", "max_prompt_length", "max_completion_length", "max_steps",
+                    "prompts_per_step", "num_iterations", "lora_r", "lora_alpha", "save_every",
                     "log_completions_every"):
             need(getattr(self, key) >= 1, key, f"must be at least 1, got {getattr(self, key)}")
+        for key in CHUNK_KEYS:
+            value = getattr(self, key)
+            need(value == AUTO or value >= 1, key, f"must be at least 1 or auto, got {value}")
+        need(self.vram_gb is None or self.vram_gb > 0, "vram_gb", f"must be > 0, got {self.vram_gb}")
         for key in ("warmup_steps", "keep_checkpoints", "top_k", "num_completions_to_log", "cpu_threads",
                     "eval_every"):
             need(getattr(self, key) >= 0, key, f"must be 0 or more, got {getattr(self, key)}")
@@ -290,8 +298,10 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
                 return _coerce(key, value, option)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else
-                          f"{key}: {value!r} is not a valid value ({'; '.join(errors)})")
+        if len(errors) == 1:
+            raise ConfigError(errors[0])
+        expected = " or ".join(_describe(o) for o in options if o is not type(None))
+        raise ConfigError(f"{key}: expected {expected}, got {value!r}")
     if origin is Literal:
         allowed = typing.get_args(hint)
         if value not in allowed:
@@ -326,3 +336,12 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             return str(value)
         raise ConfigError(f"{key}: expected text, got {value!r}")
     return value
+
+
+def _describe(hint: Any) -> str:
+    """How a type reads in an error message."""
+    if typing.get_origin(hint) is Literal:
+        return " or ".join(map(str, typing.get_args(hint)))
+    if typing.get_origin(hint) is list:
+        return "a list such as [a, b]"
+    return {int: "a whole number", float: "a number", str: "text", bool: "true or false"}.get(hint, str(hint))

@@ -14,6 +14,7 @@ One step, top to bottom (see `train`):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -28,8 +29,9 @@ import numpy as np
 import torch
 
 from lowvram_grpo import grpo, metrics
+from lowvram_grpo.backoff import MemoryBudgetError, retry_on_oom
 from lowvram_grpo.checkpoint import latest_checkpoint, load_checkpoint, save_adapter, save_checkpoint, set_rng_state
-from lowvram_grpo.config import ConfigError, TrainConfig, save_config
+from lowvram_grpo.config import AUTO, CHUNK_KEYS, ConfigError, TrainConfig, save_config
 from lowvram_grpo.data import load_prompt_data, prompt_text
 from lowvram_grpo.evaluate import evaluate
 from lowvram_grpo.model import default_device, load_policy, reference_model
@@ -124,17 +126,26 @@ def micro_batches(rollout: Rollout, size: int, device: torch.device) -> list[Mic
     return batches
 
 
+def _rows_of(logps: torch.Tensor | None, mb: MicroBatch) -> torch.Tensor | None:
+    """The part of a whole-rollout (N, C) log-prob tensor that belongs to micro-batch `mb`."""
+    return None if logps is None else logps[mb.rows, :mb.logits_to_keep]
+
+
 @torch.no_grad()
-def frozen_logprobs(policy, batches: list[MicroBatch], config: TrainConfig) -> list[torch.Tensor]:
-    """Per-token log-probs without gradients (reference or old policy), one tensor per micro-batch."""
+def frozen_logprobs(policy, rollout: Rollout, config: TrainConfig, device: torch.device) -> torch.Tensor:
+    """Per-token log-probs without gradients (reference or old policy), as one (N, C) tensor
+    over the whole rollout, so that the update may split it into different micro-batches."""
     was_training = policy.training
     policy.eval()  # no dropout: these are the fixed targets of the update
+    out = torch.zeros(rollout.completion_ids.shape, dtype=torch.float32, device=device)
     try:
-        return [grpo.sequence_logprobs(policy, mb.input_ids, mb.attention_mask, mb.logits_to_keep,
-                                       temperature=config.temperature, chunk_size=config.logprob_chunk_size)[0]
-                for mb in batches]
+        for mb in micro_batches(rollout, config.micro_batch_size, device):
+            out[mb.rows, :mb.logits_to_keep] = grpo.sequence_logprobs(
+                policy, mb.input_ids, mb.attention_mask, mb.logits_to_keep,
+                temperature=config.temperature, chunk_size=config.logprob_chunk_size)[0]
     finally:
         policy.train(was_training)
+    return out
 
 
 # --- the loop --------------------------------------------------------------------------------
@@ -163,6 +174,30 @@ class StopRequested:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def resolve_chunking(config: TrainConfig, device: torch.device) -> TrainConfig:
+    """The run's working copy of the config, with "auto" chunk sizes chosen by the memory
+    planner. It is a copy because out-of-memory back-off shrinks its chunk sizes in place."""
+    auto = [key for key in CHUNK_KEYS if getattr(config, key) == AUTO]
+    if not auto:
+        return dataclasses.replace(config)
+    from lowvram_grpo.memory import plan
+
+    budget = config.vram_gb or device_memory_gb(device)
+    chosen = plan(config, budget)
+    if not chosen.fits:
+        raise MemoryBudgetError(f"vram_gb: this run does not fit in {budget:.1f} GB: " + "; ".join(chosen.advice))
+    values = {key: chosen.overrides[key] for key in auto}
+    print(f"auto settings for {budget:.1f} GB: " + ", ".join(f"{k}={v}" for k, v in values.items())
+          + f" (estimated peak {chosen.estimate.total_gb:.1f} GB)", flush=True)
+    return dataclasses.replace(config, **values)
+
+
+def device_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory / 2**30
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
 
 
 def seed_everything(seed: int) -> None:
@@ -201,6 +236,8 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool,
     device = default_device()
     if device.type == "cpu" and config.cpu_threads:
         torch.set_num_threads(config.cpu_threads)
+    save_config(config, run_dir / "config.yaml")  # as the user gave it ("auto" stays "auto")
+    config = resolve_chunking(config, device)
     policy, tokenizer = load_policy(config, device)
     data = load_prompt_data(config, tokenizer)
     dropped = f"; dropped {data.num_dropped_too_long} prompts longer than max_prompt_length" \
@@ -213,7 +250,6 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool,
     optimizer = build_optimizer(config, params, device)
     scheduler = build_scheduler(config, optimizer)
     sampler = PromptSampler(len(data.train), config.seed)
-    save_config(config, run_dir / "config.yaml")
 
     start_step = 0
     checkpoint = latest_checkpoint(run_dir) if resume else None
@@ -224,6 +260,9 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool,
         sampler = PromptSampler(len(data.train), config.seed, **state["sampler"])
         set_rng_state(state["rng"])
         start_step = state["step"]
+        # Chunk sizes shrunk by out-of-memory back-off stay shrunk.
+        for key, value in state.get("chunking", {}).items():
+            setattr(config, key, value)
         # Steps after the checkpoint are redone, so their records would appear twice.
         metrics.truncate_jsonl_after_step(run_dir / "metrics.jsonl", start_step)
         metrics.truncate_jsonl_after_step(run_dir / "completions.jsonl", start_step)
@@ -233,7 +272,8 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool,
     def checkpoint_now(step: int) -> Path:
         return save_checkpoint(run_dir, step, policy, {
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "sampler": sampler.state_dict()}, keep=config.keep_checkpoints)
+            "sampler": sampler.state_dict(),
+            "chunking": {key: getattr(config, key) for key in CHUNK_KEYS}}, keep=config.keep_checkpoints)
 
     bar = _progress_bar(progress, start_step, config.max_steps)
     policy.train()
@@ -289,11 +329,14 @@ def grpo_step(config: TrainConfig, policy, tokenizer, rows: list[dict], sampler:
     conversational = isinstance(prompts[0], list)
 
     # 2. Rollouts, adapter on. Chat templates already contain their special tokens.
-    rollout = generate_rollouts(
+    #    Each memory-heavy phase below runs under retry_on_oom: on an out-of-memory error it
+    #    halves the chunk size that bounds the phase (in `config`) and runs the phase again.
+    oom_events: list[str] = []
+    rollout = retry_on_oom("generation", config, lambda: generate_rollouts(
         policy, tokenizer, [prompt_text(tokenizer, p) for p in prompts], num_generations=G,
         chunk_size=config.generation_chunk_size, max_prompt_length=config.max_prompt_length,
         max_completion_length=config.max_completion_length, temperature=config.temperature,
-        top_p=config.top_p, top_k=config.top_k, add_special_tokens=not conversational)
+        top_p=config.top_p, top_k=config.top_k, add_special_tokens=not conversational), oom_events)
     generation_time = time.perf_counter() - started
 
     # 3. Rewards: TRL's calling convention, one entry per completion.
@@ -307,20 +350,23 @@ def grpo_step(config: TrainConfig, policy, tokenizer, rows: list[dict], sampler:
     advantages, reward_std = grpo.group_advantages(scores.total, G, config.scale_rewards)
 
     # 5. Frozen log-probs: reference (adapter off) for the KL, old policy for the ratio.
-    batches = micro_batches(rollout, config.micro_batch_size, device)
-    ref_logps = None
+    ref_logps = old_logps = None
     if config.beta > 0:
-        with reference_model(policy):
-            ref_logps = frozen_logprobs(policy, batches, config)
-    old_logps = frozen_logprobs(policy, batches, config) if config.num_iterations > 1 else None
+        def reference_logprobs():
+            with reference_model(policy):
+                return frozen_logprobs(policy, rollout, config, device)
+        ref_logps = retry_on_oom("log-probs", config, reference_logprobs, oom_events)
+    if config.num_iterations > 1:
+        old_logps = retry_on_oom("log-probs", config, lambda: frozen_logprobs(policy, rollout, config, device),
+                                 oom_events)
 
     # 6. Update(s). With num_iterations > 1 the same rollouts are reused for several
     #    optimizer steps; the clipped ratio against old_logps keeps each one close.
-    num_tokens = float(rollout.completion_mask.sum())
     totals: dict[str, float] = {}
     for _ in range(config.num_iterations):
-        totals = _update(config, policy, optimizer, scheduler, batches, advantages.to(device),
-                         ref_logps, old_logps, num_tokens)
+        totals = retry_on_oom("update", config, lambda: _update(
+            config, policy, optimizer, scheduler, rollout, advantages.to(device), ref_logps, old_logps,
+            device), oom_events)
 
     # 7. Metrics (TRL's names) and samples.
     lengths = rollout.completion_mask.sum(1).float()
@@ -338,6 +384,9 @@ def grpo_step(config: TrainConfig, policy, tokenizer, rows: list[dict], sampler:
         "learning_rate": scheduler.get_last_lr()[0],
         "num_prompts_truncated": rollout.num_prompts_truncated,
         "generation_chunk_size": config.generation_chunk_size,
+        "micro_batch_size": config.micro_batch_size,
+        "logprob_chunk_size": config.logprob_chunk_size,
+        "oom_retries": len(oom_events),
     }
     elapsed = time.perf_counter() - started
     record.update({"step_time": elapsed, "generation_time": generation_time,
@@ -349,23 +398,26 @@ def grpo_step(config: TrainConfig, policy, tokenizer, rows: list[dict], sampler:
     return record, samples
 
 
-def _update(config: TrainConfig, policy, optimizer, scheduler, batches: list[MicroBatch],
-            advantages: torch.Tensor, ref_logps, old_logps, num_tokens: float) -> dict[str, float]:
+def _update(config: TrainConfig, policy, optimizer, scheduler, rollout: Rollout, advantages: torch.Tensor,
+            ref_logps: torch.Tensor | None, old_logps: torch.Tensor | None,
+            device: torch.device) -> dict[str, float]:
     """Accumulate the step's gradient over micro-batches, then clip and apply it. A step whose
     loss or gradient is not finite is skipped (reported), never applied."""
+    optimizer.zero_grad(set_to_none=True)  # a clean slate, also when redone after out-of-memory
+    batches = micro_batches(rollout, config.micro_batch_size, device)
+    num_tokens = float(rollout.completion_mask.sum())
     sums: dict[str, float] = {}
     loss_total = 0.0
-    num_sequences = sum(mb.completion_mask.size(0) for mb in batches)
-    for i, mb in enumerate(batches):
+    for mb in batches:
         logps, entropy = grpo.sequence_logprobs(
             policy, mb.input_ids, mb.attention_mask, mb.logits_to_keep,
             temperature=config.temperature, chunk_size=config.logprob_chunk_size, compute_entropy=True)
         loss, stats = grpo.grpo_loss(
-            logps, None if old_logps is None else old_logps[i], None if ref_logps is None else ref_logps[i],
-            advantages[mb.rows], mb.completion_mask, loss_type=config.loss_type, beta=config.beta,
-            epsilon_low=config.epsilon, epsilon_high=config.clip_high,
-            max_completion_length=config.max_completion_length, num_sequences_in_step=num_sequences,
-            num_tokens_in_step=num_tokens, num_micro_batches=len(batches))
+            logps, _rows_of(old_logps, mb), _rows_of(ref_logps, mb), advantages[mb.rows], mb.completion_mask,
+            loss_type=config.loss_type, beta=config.beta, epsilon_low=config.epsilon,
+            epsilon_high=config.clip_high, max_completion_length=config.max_completion_length,
+            num_sequences_in_step=rollout.num_sequences, num_tokens_in_step=num_tokens,
+            num_micro_batches=len(batches))
         loss.backward()
         loss_total += loss.item()
         stats["entropy_sum"] = (entropy * mb.completion_mask).sum()

@@ -1,0 +1,63 @@
+"""Out-of-memory back-off: halve the chunk size that ran out and redo the same work.
+
+A GRPO step's memory depends on completion lengths, which nobody knows in advance: the same
+settings can fit for a hundred steps and then meet a batch of long completions. Instead of
+crashing a long run, the trainer catches CUDA's out-of-memory error around each phase of the
+step, halves the chunk size that bounds that phase's memory, and redoes the phase. The
+optimizer only steps after a phase completes, so no step is lost and none is applied twice.
+The smaller setting is kept for the rest of the run.
+"""
+
+from __future__ import annotations
+
+import gc
+from typing import Callable, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+# Which settings bound each phase's memory, in the order to shrink them.
+SHRINKABLE = {
+    "generation": ("generation_chunk_size",),
+    "log-probs": ("micro_batch_size", "logprob_chunk_size"),
+    "update": ("micro_batch_size", "logprob_chunk_size"),
+}
+SMALLEST = {"generation_chunk_size": 1, "micro_batch_size": 1, "logprob_chunk_size": 16}
+
+
+class MemoryBudgetError(RuntimeError):
+    """Out of memory even at the smallest chunk sizes; the message says what to reduce."""
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def shrink(config, phase: str) -> str:
+    """Halve the first setting of `phase` that can still shrink; describe the change."""
+    for key in SHRINKABLE[phase]:
+        value = getattr(config, key)
+        if value > SMALLEST[key]:
+            setattr(config, key, max(SMALLEST[key], value // 2))
+            return f"{key} {value} -> {getattr(config, key)}"
+    raise MemoryBudgetError(
+        f"out of memory during {phase} even with "
+        + ", ".join(f"{key}={getattr(config, key)}" for key in SHRINKABLE[phase])
+        + ": reduce max_completion_length, max_prompt_length or num_generations, or use a smaller "
+          "model (`lowvram-grpo plan` estimates what fits)")
+
+
+def retry_on_oom(phase: str, config, attempt: Callable[[], T], events: list[str]) -> T:
+    """Run `attempt()`; on out-of-memory shrink `phase`'s chunking in `config` and run it again."""
+    while True:
+        try:
+            return attempt()
+        except torch.OutOfMemoryError:
+            pass  # leave the except block first: its traceback keeps the failed tensors alive
+        free_memory()
+        change = shrink(config, phase)
+        events.append(f"out of memory during {phase}: {change}")
+        print(f"warning: out of memory during {phase}; {change}; redoing it", flush=True)

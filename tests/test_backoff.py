@@ -1,0 +1,102 @@
+"""Out-of-memory back-off: shrink the chunk that ran out, redo the same work, lose nothing.
+
+CUDA out-of-memory errors are injected on the CPU (torch.OutOfMemoryError is what CUDA raises).
+"""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lowvram_grpo import grpo, trainer
+from lowvram_grpo.backoff import MemoryBudgetError, retry_on_oom
+from lowvram_grpo.config import load_config
+from lowvram_grpo.trainer import train
+
+
+def test_retry_halves_the_phase_setting_until_it_fits():
+    config = load_config(overrides={"generation_chunk_size": 8})
+    sizes, events = [], []
+
+    def generate():
+        sizes.append(config.generation_chunk_size)
+        if config.generation_chunk_size > 2:
+            raise torch.OutOfMemoryError("injected")
+        return "done"
+
+    assert retry_on_oom("generation", config, generate, events) == "done"
+    assert sizes == [8, 4, 2] and len(events) == 2
+
+
+def test_update_shrinks_micro_batch_then_logprob_chunk_then_gives_up():
+    config = load_config(overrides={"micro_batch_size": 2, "logprob_chunk_size": 32})
+
+    def always_oom():
+        raise torch.OutOfMemoryError("injected")
+
+    with pytest.raises(MemoryBudgetError, match="micro_batch_size=1, logprob_chunk_size=16: reduce max_completion_length"):
+        retry_on_oom("update", config, always_oom, events := [])
+    assert events == ["out of memory during update: micro_batch_size 2 -> 1",
+                      "out of memory during update: logprob_chunk_size 32 -> 16"]
+
+
+def _config(tmp_path, name, **overrides):
+    return load_config(preset="tiny-cpu", overrides={
+        "output_dir": str(tmp_path / name), "max_steps": 3, "beta": 0.0, "save_every": 100, **overrides})
+
+
+def test_oom_in_backward_redoes_the_step_exactly_once(tiny_cache, tmp_path, monkeypatch):
+    """Out of memory on the second micro-batch, after the first one's backward: the redo must
+    start from clean gradients, so the run equals one that used the smaller size throughout."""
+    clean = train(_config(tmp_path, "clean", micro_batch_size=16), progress=False)
+
+    real = grpo.sequence_logprobs
+    grad_calls = {"n": 0}
+
+    def oom_on_second_big_micro_batch(policy, input_ids, *args, **kwargs):
+        if torch.is_grad_enabled() and input_ids.size(0) > 16:
+            grad_calls["n"] += 1
+            if grad_calls["n"] == 2:
+                raise torch.OutOfMemoryError("injected")
+        return real(policy, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(grpo, "sequence_logprobs", oom_on_second_big_micro_batch)
+    updates, real_step = [], torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: updates.append(1) or real_step(self, *a, **k))
+    records = []
+    backed_off = train(_config(tmp_path, "oom", micro_batch_size=32), progress=False, on_step=records.append)
+
+    assert len(updates) == 3, "one optimizer step per training step: none lost, none doubled"
+    assert [r["oom_retries"] for r in records] == [1, 0, 0]
+    assert [r["micro_batch_size"] for r in records] == [16, 16, 16]
+    a = load_file(clean / "adapter_model.safetensors")
+    b = load_file(backed_off / "adapter_model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+
+
+def test_oom_in_generation_halves_the_generation_chunk(tiny_cache, tmp_path, monkeypatch):
+    real = trainer.generate_rollouts
+
+    def oom_above_16(*args, chunk_size, **kwargs):
+        if chunk_size > 16:
+            raise torch.OutOfMemoryError("injected")
+        return real(*args, chunk_size=chunk_size, **kwargs)
+
+    monkeypatch.setattr(trainer, "generate_rollouts", oom_above_16)
+    records = []
+    train(_config(tmp_path, "gen", generation_chunk_size=64), progress=False, on_step=records.append)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert [r["generation_chunk_size"] for r in records] == [16, 16, 16]
+    assert [r["oom_retries"] for r in records] == [2, 0, 0]  # 64 -> 32 -> 16
+
+
+def test_auto_chunk_sizes_come_from_the_planner(tiny_cache, tmp_path, capsys):
+    records = []
+    train(_config(tmp_path, "auto", generation_chunk_size="auto", micro_batch_size="auto",
+                  logprob_chunk_size="auto", vram_gb=4, max_steps=1), progress=False, on_step=records.append)
+    assert "auto settings for 4.0 GB" in capsys.readouterr().out
+    chosen = records[0]
+    assert all(isinstance(chosen[k], int) and chosen[k] >= 1
+               for k in ("generation_chunk_size", "micro_batch_size", "logprob_chunk_size"))
+    # The saved config keeps what the user asked for.
+    assert "generation_chunk_size: auto" in (tmp_path / "auto" / "config.yaml").read_text()
