@@ -1,0 +1,15 @@
+"""The lowvram-grpo web app: `python app.py` is the same as `lowvram-grpo ui`.
+
+    python app.py                              # http://127.0.0.1:7860, this machine only
+    python app.py --port 8000 --work-dir runs/app
+    python app.py --host 0.0.0.0 --auth alice:s3cret   # reachable from the network, with a login
+    python app.py --share --auth alice:s3cret          # plus a temporary public gradio.live link
+    python app.py --allow-custom-code                  # allow uploading Python reward files
+"""
+
+import sys
+
+from lowvram_grpo.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["ui", *sys.argv[1:]]))
