@@ -4,6 +4,9 @@ Layout of `checkpoint-000050/`:
     adapter_model.safetensors, adapter_config.json   loadable with PeftModel.from_pretrained
     trainer_state.pt                                  step, optimizer, scheduler, RNG, data position
 
+A run of N processes (see distributed.py) saves one checkpoint, from rank 0, with the random
+state of every process in it ("rng_per_rank"); it resumes with the same number of processes.
+
 A checkpoint is written to a hidden temporary directory and renamed into place, so a kill at
 any moment leaves the previous checkpoint or the new one, never a torn one.
 """
@@ -62,13 +65,19 @@ def save_adapter(policy, directory: Path) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, policy, trainer_state: dict[str, Any],
-                    keep: int = 0) -> Path:
-    """Write checkpoint-<step>/ atomically, then delete all but the newest `keep` (0 = keep all)."""
+                    keep: int = 0, rng_states: list[dict[str, Any]] | None = None) -> Path:
+    """Write checkpoint-<step>/ atomically, then delete all but the newest `keep` (0 = keep all).
+
+    `rng_states`: with several processes, every process's `rng_state()` in rank order.
+    """
     final = run_dir / f"checkpoint-{step:06d}"
     tmp = run_dir / f".checkpoint-{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     policy.save_pretrained(tmp)
-    torch.save({"step": step, "rng": rng_state(), **trainer_state}, tmp / STATE_FILE)
+    state = {"step": step, "rng": rng_state(), **trainer_state}
+    if rng_states is not None and len(rng_states) > 1:
+        state.update(rng=rng_states[0], rng_per_rank=rng_states, world_size=len(rng_states))
+    torch.save(state, tmp / STATE_FILE)
     _replace_dir(tmp, final)
     if keep:
         for old in checkpoint_dirs(run_dir)[:-keep]:
@@ -76,8 +85,29 @@ def save_checkpoint(run_dir: Path, step: int, policy, trainer_state: dict[str, A
     return final
 
 
-def load_checkpoint(path: Path, policy) -> dict[str, Any]:
-    """Load the adapter weights into `policy` and return the trainer state (RNG not yet applied)."""
+def read_trainer_state(path: Path, world_size: int = 1) -> dict[str, Any]:
+    """The trainer state of checkpoint `path`, refused if it was saved by a different number of
+    processes: each process's random state is part of it, so only the same number resumes exactly."""
+    from lowvram_grpo.config import ConfigError
+
+    # Our own file, written by save_checkpoint: it holds optimizer state and RNG tuples.
+    state = torch.load(path / STATE_FILE, weights_only=False)
+    saved = state.get("world_size", 1)
+    if saved != world_size:
+        hint = f"--num-processes {saved}" if saved > 1 else "a single process (no --num-processes)"
+        raise ConfigError(f"--resume: {path.name} was saved by a run of {saved} process(es), this one has "
+                          f"{world_size}; resume it with {hint}: each process's random state is in the checkpoint")
+    return state
+
+
+def restore_rng_state(state: dict[str, Any], rank: int = 0) -> None:
+    """Apply this process's random state from a checkpoint's trainer state."""
+    set_rng_state(state["rng_per_rank"][rank] if "rng_per_rank" in state else state["rng"])
+
+
+def load_checkpoint(path: Path, policy, state: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Load the adapter weights into `policy` and return the trainer state (RNG not yet applied).
+    `state`: the trainer state if already read (`read_trainer_state`)."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -87,7 +117,7 @@ def load_checkpoint(path: Path, policy) -> dict[str, Any]:
     if unexpected:
         raise RuntimeError(f"checkpoint {path} does not match this model's adapter: {unexpected[:3]} ...")
     # Our own file, written by save_checkpoint: it holds optimizer state and RNG tuples.
-    return torch.load(path / STATE_FILE, weights_only=False)
+    return state if state is not None else torch.load(path / STATE_FILE, weights_only=False)
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:

@@ -4,10 +4,13 @@
     lowvram-grpo train --config my.yaml --output-dir runs/x lr=2e-5 num_generations=8
     lowvram-grpo train --resume runs/x
     lowvram-grpo train --preset X --dry-run
+    lowvram-grpo train --preset X --num-processes 2        (data-parallel, one process per GPU)
     lowvram-grpo presets
     lowvram-grpo rewards
+    lowvram-grpo plan --preset X --vram-gb 16 [key=value ...]
     lowvram-grpo eval --preset X --adapter runs/x/final [--max-prompts N]
     lowvram-grpo export --adapter runs/x/final --merge out/model [--dtype float16]
+    lowvram-grpo ui [--host H] [--port P] [--share] [--auth user:pass] [--allow-custom-code] [--work-dir DIR]
 
 Bad input (an unknown key, a missing file, a broken reward function) ends with one line that
 names the problem and the fix, and exit status 2; a traceback means a bug in lowvram-grpo.
@@ -48,10 +51,23 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dataset", help="dataset file, folder or hub id (same as dataset=...)")
     train.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--num-processes", type=int, default=1, metavar="N",
+                       help="train data-parallel on N processes, one per GPU (runs itself under "
+                            "`accelerate launch --num_processes N`)")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. lr=2e-5")
 
     commands.add_parser("presets", help="list the presets")
     commands.add_parser("rewards", help="list the built-in reward functions")
+
+    plan = commands.add_parser(
+        "plan", help="estimate GPU memory from the model's config and choose chunk sizes that fit")
+    plan_source = plan.add_mutually_exclusive_group()
+    plan_source.add_argument("--preset", help="a named preset (see `lowvram-grpo presets`)")
+    plan_source.add_argument("--config", help="a YAML config file")
+    plan.add_argument("--vram-gb", type=float, required=True, metavar="GB",
+                      help="GPU memory to plan for, e.g. 8, 12, 16 or 24")
+    plan.add_argument("overrides", nargs="*", metavar="key=value",
+                      help="config overrides, e.g. model=Qwen/Qwen2.5-7B-Instruct max_completion_length=1024")
 
     evaluate = commands.add_parser(
         "eval", help="compare the base model and an adapter on held-out prompts (greedy decoding)")
@@ -74,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="base model hub id or directory (default: the one recorded in the adapter)")
     export.add_argument("--overwrite", action="store_true", help="replace OUT if it already exists")
     export.add_argument("--trust-remote-code", action="store_true", help="allow the base model's custom code")
+
+    add_ui_parser(commands)
     return parser
 
 
@@ -101,12 +119,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         return 0
+    from lowvram_grpo import distributed
+
+    if args.num_processes != 1:
+        distributed.check_world_size(config, args.num_processes)  # before starting N processes
+        return distributed.launch(args.num_processes, _train_argv(args))
     from lowvram_grpo.trainer import train
 
     result = train(config, resume=bool(args.resume), progress=not args.no_progress)
-    print(f"adapter saved to {result}" if result.name == "final" else
-          f"stopped; checkpoint saved in {result} (continue with: lowvram-grpo train --resume {result})")
+    if distributed.is_main_process():
+        resume = f"lowvram-grpo train --resume {result}"
+        print(f"adapter saved to {result}" if result.name == "final" else
+              f"stopped; checkpoint saved in {result} (continue with: {resume})")
     return 0
+
+
+def _train_argv(args: argparse.Namespace) -> list[str]:
+    """The `train` arguments again, without --num-processes: what each launched process runs."""
+    argv = ["train"]
+    for flag, value in (("--preset", args.preset), ("--config", args.config), ("--resume", args.resume),
+                        ("--output-dir", args.output_dir), ("--dataset", args.dataset)):
+        if value:
+            argv += [flag, value]
+    if args.no_progress:
+        argv.append("--no-progress")
+    return argv + list(args.overrides)
 
 
 def cmd_presets(_: argparse.Namespace) -> int:
@@ -173,8 +210,66 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Print the memory breakdown; exit 0 if the run fits in --vram-gb, 1 (saying what to
+    reduce) if even one sequence at a time does not."""
+    from lowvram_grpo.memory import PlannerError, format_plan, plan
+
+    if args.vram_gb <= 0:
+        raise ConfigError(f"--vram-gb: must be more than 0, got {args.vram_gb:g}")
+    config = load_config(preset=args.preset, config_path=args.config, overrides=args.overrides)
+    try:
+        result = plan(config, args.vram_gb)
+    except PlannerError as err:  # e.g. a model name the planner cannot find a config for
+        raise ConfigError(str(err)) from None
+    print(format_plan(result))
+    if not result.fits:
+        print(f"error: this run does not fit in {args.vram_gb:g} GB even one sequence at a time; "
+              + "; ".join(result.advice), file=sys.stderr)
+        return 1
+    source = f"--preset {args.preset} " if args.preset else f"--config {args.config} " if args.config else ""
+    # The user's other overrides, then the chosen chunk sizes (replacing any given, "auto" too).
+    kept = [o for o in args.overrides if o.partition("=")[0] not in result.overrides]
+    words = ["lowvram-grpo", "train", *source.split(), *kept,
+             *(f"{key}={value}" for key, value in result.overrides.items())]
+    print("\nto train with these: " + " ".join(words))
+    return 0
+
+
+def add_ui_parser(commands) -> argparse.ArgumentParser:
+    """`lowvram-grpo ui` (and `python app.py`, which parses the same flags)."""
+    ui = commands.add_parser("ui", help="the web app: set up, start, watch and use runs in a browser")
+    ui.add_argument("--host", default="127.0.0.1",
+                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
+    ui.add_argument("--port", type=int, help="port (default: 7860, or the next free one)")
+    ui.add_argument("--share", action="store_true", help="also publish a temporary public gradio.live link")
+    ui.add_argument("--auth", metavar="USER:PASS", help="require this login (recommended with --host or --share)")
+    ui.add_argument("--allow-custom-code", action="store_true",
+                    help="allow uploading Python reward files (they run with your permissions)")
+    ui.add_argument("--work-dir", default="runs/app", metavar="DIR",
+                    help="where the app keeps runs, uploads and exports (default: runs/app)")
+    return ui
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    auth = None
+    if args.auth is not None:
+        user, sep, password = args.auth.partition(":")
+        if not sep or not user or not password:
+            raise ConfigError("--auth: expected USER:PASS, for example --auth alice:s3cret")
+        auth = (user, password)
+    try:
+        from lowvram_grpo.ui import launch
+    except ImportError as err:
+        raise ConfigError(f"the web app needs gradio ({err}); "
+                          "install it with: pip install 'lowvram-grpo[ui]'") from None
+    launch(host=args.host, port=args.port, share=args.share, auth=auth, allow_custom_code=args.allow_custom_code,
+           work_dir=args.work_dir)
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "presets": cmd_presets, "rewards": cmd_rewards, "eval": cmd_eval,
-            "export": cmd_export}
+            "export": cmd_export, "plan": cmd_plan, "ui": cmd_ui}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -165,7 +165,9 @@ class JobManager:
         while self.is_alive(job) and time.time() < deadline:
             time.sleep(0.2)
         if self.is_alive(job):
-            os.kill(job.pid, signal.SIGKILL)
+            # The job leads its own session (start_new_session): kill the whole group, so that
+            # processes it launched (data-parallel workers) do not outlive it.
+            os.killpg(job.pid, signal.SIGKILL)
             child = self._children.get(job.pid)
             if child is not None:
                 child.wait(10)

@@ -17,14 +17,16 @@ How memory is modelled
 ----------------------
 A GRPO step has phases that do not overlap in time, so the peak is
 
-    static (weights, LoRA, optimizer states, CUDA context) + max(generation, reference, update)
+    static (weights, LoRA, optimizer states, CUDA context) + max(phases)
 
 - generation: the KV cache of one chunk of `generation_chunk_size` sequences, the prefill's
   activations (one layer at a time, no gradients) and the sampling logits.
 - reference (and old-policy) log-probs: a no-grad forward of one micro-batch.
-- update: one micro-batch with gradients: the checkpointed input of every decoder layer, one
-  layer's activations recomputed in backward (plus the gradients flowing through it), the
-  LM-head chunk in fp32, the LoRA gradients.
+- update, in two phases because backward runs the LM head first and the layers after it:
+  "LM head": the checkpointed input of every decoder layer, the final hidden states and one
+  LM-head chunk in fp32 (`logprob_chunk_size` x vocab); "layers": the checkpointed inputs and
+  one decoder layer recomputed in backward (plus the gradients flowing through it). Both hold
+  the LoRA gradients, which accumulate over micro-batches.
 
 The numbers are estimates (aim: within ~15% of `torch.cuda.max_memory_allocated` plus the CUDA
 context), assuming transformers' default SDPA attention (no T x T score matrix is stored) and
@@ -43,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lowvram_grpo.config import TrainConfig
+from lowvram_grpo.config import AUTO, CHUNK_KEYS, TrainConfig
 
 GIB = 2**30
 ARCH_DIR = Path(__file__).parent / "arch"
@@ -71,27 +73,22 @@ CUDA_OVERHEAD_BYTES = GIB // 2
 # plan() keeps this fraction of the card free: allocator fragmentation and estimate error.
 SAFETY_MARGIN = 0.10
 
-# The LM-head chunk exists as: logits in the compute dtype, plus ~4 fp32 tensors of the same
-# shape at the peak (fp32 upcast, divided by the temperature, log_softmax, and its gradient).
+# The LM-head chunk (rows x vocab) exists as the logits in the compute dtype plus fp32 tensors
+# of the same shape: with gradients ~4 at the peak (fp32 upcast, log_softmax, the entropy
+# metric's exp, then the gradients of log_softmax and of the temperature division); without
+# gradients 3 (upcast, divided by the temperature, log_softmax). Measured: 15.4 and 11.1 bytes
+# per element (bf16 logits), against the 18 and 12 counted here.
 LOGPROB_FP32_COPIES = 4
+LOGPROB_FP32_COPIES_NO_GRAD = 3
 
 # Sampling in generate(): the last position's logits in fp32, processed, and the softmax.
 SAMPLING_FP32_COPIES = 3
-
-# The layer recomputed in backward holds its activations and, while backward runs through it,
-# gradients of about the same size.
-BACKWARD_FACTOR = 2
 
 # Candidates plan() tries for the LM-head chunk (rows of B*K positions per chunk).
 LOGPROB_CHUNK_CANDIDATES = (1024, 512, 256, 128, 64, 32, 16)
 MIN_GOOD_LOGPROB_CHUNK = 64  # below this the Python loop over chunks starts to cost time
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-
-# Canonical decoder-layer linear layers (Llama / Qwen2 / Mistral / Qwen3 naming), so that
-# `lora_target_modules: [q_proj, v_proj]` can be counted exactly.
-ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 
 
 class PlannerError(ValueError):
@@ -142,8 +139,9 @@ class ModelShape:
             num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
             head_dim=int(cfg.get("head_dim") or hidden // heads),
             vocab_size=int(cfg["vocab_size"]),
-            # transformers' own default is tied, and configs that omit the key rely on it.
-            tied_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+            # A config.json without the key gets its model class's default (untied for Llama
+            # and Qwen2, tied for others); assuming untied can only over-estimate.
+            tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             # Qwen2 hard-codes a bias on q, k and v (its config has no key for it); Llama-style
             # configs switch all four attention projections with `attention_bias`.
             qkv_bias=model_type == "qwen2" or attention_bias,
@@ -153,7 +151,8 @@ class ModelShape:
         )
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """(in_features, out_features) of each linear layer in one decoder layer."""
+        """(in_features, out_features) of each linear layer in one decoder layer, by its
+        Llama/Qwen2/Mistral name, so `lora_target_modules: [q_proj, v_proj]` counts exactly."""
         H, I, hd = self.hidden_size, self.intermediate_size, self.head_dim
         return {
             "q_proj": (H, self.num_heads * hd), "k_proj": (H, self.num_kv_heads * hd),
@@ -291,8 +290,8 @@ def estimate_memory(model_config: Any, train_config: TrainConfig, *,
     else:
         static[f"{db * 8}-bit linear weights ({_billions(counts.linear)} params)"] = counts.linear * db
     head = "tied lm_head" if shape.tied_embeddings else "lm_head"
-    static[f"{db * 8}-bit embeddings + {head} + norms ({_billions(counts.embedding + counts.lm_head + counts.other)})"] = \
-        (counts.embedding + counts.lm_head + counts.other) * db
+    kept = counts.embedding + counts.lm_head + counts.other
+    static[f"{db * 8}-bit embeddings + {head} + norms ({_billions(kept)})"] = kept * db
 
     weights_bytes = sum(static.values())
 
@@ -336,32 +335,43 @@ def estimate_memory(model_config: Any, train_config: TrainConfig, *,
     reference = {
         f"forward activations (one layer, {micro} x {seq} tokens)": tokens * _nograd_layer_bytes_per_token(shape, db),
         "final hidden states": tokens * H * db,
-        f"LM-head chunk ({rows} positions x {V} vocab)": rows * V * (db + 2 * 4),
+        f"LM-head chunk ({rows} positions x {V} vocab)": rows * V * 4 * LOGPROB_FP32_COPIES_NO_GRAD,
     }
     if dequant:
         reference["dequantised weight of the largest linear"] = dequant
 
-    # ---- phase 3: the update of one micro-batch, with gradients ----
-    layer_bytes = _train_layer_bytes_per_token(shape, db, c)
-    update: dict[str, int] = {}
+    # ---- phases 3 and 4: the update of one micro-batch, with gradients ----
+    # Autograd runs the LM head's chunks backward first, then the decoder layers, so the
+    # LM-head chunk and the recomputed layer are never alive together: two phases.
+    update_common: dict[str, int] = {}
     if c.gradient_checkpointing:
-        update[f"checkpointed layer inputs ({micro} x {seq} tokens x {L} layers)"] = tokens * H * db * L
-        update["one layer recomputed in backward (+ its gradients)"] = tokens * layer_bytes * BACKWARD_FACTOR
-    else:
-        update[f"activations of all {L} layers (no gradient checkpointing)"] = tokens * layer_bytes * L
-        notes.append("gradient_checkpointing is off: every layer's activations are kept; turn it on to save most of them")
-    # The final norm's output, the completion positions sliced out of it for the LM head, and
-    # the gradients of both.
-    update["final hidden states (+ gradients)"] = 2 * (tokens + micro * completion) * H * db + tokens * H * 4
-    update[f"LM-head chunk ({rows} positions x {V} vocab, fp32)"] = rows * V * (db + LOGPROB_FP32_COPIES * 4)
-    update["LoRA gradients (fp32)"] = lora * 4 + saved_modules * db
+        update_common[f"checkpointed layer inputs ({micro} x {seq} tokens x {L} layers)"] = tokens * H * db * L
+    # The final norm's output (and its fp32 upcast), the completion positions sliced out of it
+    # for the LM head, and their gradients.
+    update_common["final hidden states (+ gradients)"] = 2 * (tokens + micro * completion) * H * db + tokens * H * 4
+    # Gradients accumulate over micro-batches, so they exist from the first backward on.
+    update_common["LoRA gradients (fp32)"] = lora * 4 + saved_modules * db
     # Token ids and masks of the micro-batch, and per-token reference/old log-probs of the step.
     frozen_copies = (1 if c.beta > 0 else 0) + (1 if c.num_iterations > 1 else 0)
-    update["rollout tensors (ids, masks, frozen log-probs)"] = tokens * 8 * 2 + sequences * completion * 4 * (frozen_copies + 2)
-    if dequant:
-        update["dequantised weight of the largest linear"] = dequant
+    update_common["rollout tensors (ids, masks, frozen log-probs)"] = \
+        tokens * 8 * 2 + sequences * completion * 4 * (frozen_copies + 2)
 
-    phases = {"generation": generation, "reference": reference, "update": update}
+    update_head = dict(update_common)
+    update_head[f"LM-head chunk ({rows} positions x {V} vocab, fp32)"] = rows * V * (db + LOGPROB_FP32_COPIES * 4)
+
+    update_layers = dict(update_common)
+    layer_bytes = _train_layer_bytes_per_token(shape, db, c)
+    if c.gradient_checkpointing:
+        update_layers["one layer recomputed in backward (+ its gradients)"] = tokens * layer_bytes
+    else:
+        update_layers[f"activations of all {L} layers (no gradient checkpointing)"] = tokens * layer_bytes * L
+        notes.append("gradient_checkpointing is off: every layer's activations are kept; "
+                     "turn it on to save most of them")
+    if dequant:
+        update_layers["dequantised weight of the largest linear"] = dequant
+
+    phases = {"generation": generation, "reference": reference, "update: LM head": update_head,
+              "update: layers": update_layers}
     if c.beta == 0 and c.num_iterations == 1:
         del phases["reference"]  # no frozen log-probs are computed at all
     peak_phase = max(phases, key=lambda p: sum(phases[p].values()))
@@ -369,7 +379,8 @@ def estimate_memory(model_config: Any, train_config: TrainConfig, *,
     static_bytes = sum(static.values())
     return MemoryEstimate(
         parts=parts, phases=phases, peak_phase=peak_phase, static_bytes=static_bytes,
-        total_bytes=sum(parts.values()), weights_bytes=weights_bytes, optimizer_bytes=optimizer, params=counts, lora_params=lora,
+        total_bytes=sum(parts.values()), weights_bytes=weights_bytes, optimizer_bytes=optimizer,
+        params=counts, lora_params=lora,
         settings={"generation_chunk_size": gen_chunk, "micro_batch_size": micro, "logprob_chunk_size": lp_chunk,
                   "seq_len": seq, "dtype_bytes": db},
         notes=notes)
@@ -384,12 +395,18 @@ def _nograd_layer_bytes_per_token(shape: ModelShape, db: int) -> int:
 
 
 def _train_layer_bytes_per_token(shape: ModelShape, db: int, c: TrainConfig) -> int:
-    """Bytes per token autograd keeps for one decoder layer in training mode.
+    """Bytes per token of one decoder layer recomputed in backward, at its peak.
 
-    RMSNorm upcasts its input to fp32 (kept) and outputs the compute dtype; attention keeps
+    What autograd keeps: RMSNorm upcasts its input to fp32 (kept) and outputs the compute dtype; attention keeps
     q, k, v, their rotary copies and its output (SDPA keeps no T x T matrix); the MLP keeps
     gate, up, act(gate) and their product. peft casts each adapted layer's input to fp32 for
     LoRA's A matrix and keeps that copy for the gradient of A (a second copy with dropout).
+
+    Calibrated without a GPU: the peak of live tensor bytes (tracked op by op with a
+    TorchDispatchMode) during backward through a 4-bit + LoRA Qwen2 micro-batch, minus the
+    checkpointed inputs and LoRA gradients, came to 0.85-1.0x this count for four shapes
+    (hidden 256-1024, 256-2048 tokens, with and without dropout). The gradients flowing back
+    through the layer fit in what this count over-estimates of the saved activations.
     """
     H, I = shape.hidden_size, shape.intermediate_size
     q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
@@ -469,12 +486,17 @@ def resolve_model_config(name_or_path: str) -> dict[str, Any]:
         return json.loads(path.read_text(encoding="utf-8"))
     if path.is_dir():
         raise PlannerError(f"model_name_or_path: {path} has no config.json")
-    arch = name_or_path.lower() if name_or_path.lower() in shipped_architectures() else arch_for_model_name(name_or_path)
+    arch = (name_or_path.lower() if name_or_path.lower() in shipped_architectures()
+            else arch_for_model_name(name_or_path))
     if arch:
         return load_arch(arch)
-    try:
-        from transformers import AutoConfig
+    from transformers import AutoConfig
 
+    try:  # the local hub cache first: instant, and works offline
+        return AutoConfig.from_pretrained(name_or_path, local_files_only=True).get_text_config().to_dict()
+    except Exception:
+        pass
+    try:
         return AutoConfig.from_pretrained(name_or_path).get_text_config().to_dict()
     except Exception as err:  # offline, unknown id, gated repo...
         raise PlannerError(
@@ -513,7 +535,7 @@ def _divisors_desc(n: int) -> list[int]:
 
 
 def plan(train_config: TrainConfig, vram_gb: float, model_config: Any = None,
-         margin: float = SAFETY_MARGIN) -> Plan:
+         margin: float = SAFETY_MARGIN, model_name: str | None = None) -> Plan:
     """Choose the largest chunk sizes that fit in `vram_gb` with `margin` kept free.
 
     Larger generation chunks make generation (most of a GRPO step's time) faster, so the
@@ -522,11 +544,17 @@ def plan(train_config: TrainConfig, vram_gb: float, model_config: Any = None,
     possible). Chunk sizes are divisors of prompts_per_step * num_generations so every chunk is
     full. If even one sequence at a time does not fit, `fits` is False and `advice` says what
     to reduce.
+
+    `model_config` defaults to `resolve_model_config(train_config.model_name_or_path)`;
+    `model_name` is only the label printed by format_plan.
     """
     if vram_gb <= 0:
         raise ValueError(f"vram_gb must be > 0, got {vram_gb}")
-    model_config = resolve_model_config(train_config.model_name_or_path) if model_config is None else model_config
-    model_name = _model_label(train_config.model_name_or_path)
+    if model_config is None:
+        model_config = resolve_model_config(train_config.model_name_or_path)
+        model_name = model_name or _model_label(train_config.model_name_or_path)
+    else:
+        model_name = model_name or f"a {ModelShape.from_config(model_config).model_type or 'custom'} model"
     budget = vram_gb * GIB * (1 - margin)
     sequences = train_config.sequences_per_step
 
@@ -534,9 +562,15 @@ def plan(train_config: TrainConfig, vram_gb: float, model_config: Any = None,
         return estimate_memory(model_config, train_config, generation_chunk_size=g, micro_batch_size=m,
                                logprob_chunk_size=lp)
 
-    configured = estimate_memory(model_config, train_config)
+    def configured_estimate(g: int, m: int, lp: int) -> MemoryEstimate:
+        """The user's own settings; an "auto" one takes the value this plan chose for it."""
+        own = [value if (value := getattr(train_config, key)) != AUTO else chosen
+               for key, chosen in zip(CHUNK_KEYS, (g, m, lp))]
+        return estimate(*own)
+
     smallest = estimate(1, 1, LOGPROB_CHUNK_CANDIDATES[-1])
     if smallest.total_bytes > budget:
+        configured = configured_estimate(1, 1, LOGPROB_CHUNK_CANDIDATES[-1])
         return Plan(fits=False, vram_gb=vram_gb, usable_gb=budget / GIB, generation_chunk_size=1,
                     micro_batch_size=1, logprob_chunk_size=LOGPROB_CHUNK_CANDIDATES[-1], estimate=smallest,
                     configured=configured, model_name=model_name,
@@ -557,6 +591,7 @@ def plan(train_config: TrainConfig, vram_gb: float, model_config: Any = None,
     # Rows beyond micro_batch_size * max_completion_length are never used: do not report more.
     logprob = min(logprob, max(micro * train_config.max_completion_length, LOGPROB_CHUNK_CANDIDATES[-1]))
     chosen = estimate(generation, micro, logprob)
+    configured = configured_estimate(generation, micro, logprob)
     advice = []
     if configured.total_bytes > budget:
         advice.append(f"your settings need ~{configured.total_gb:.1f} GB: use the chosen chunk sizes")
@@ -617,21 +652,25 @@ def _model_label(name: str) -> str:
 def format_plan(p: Plan) -> str:
     """The plan as a plain-text table: the breakdown, the total against the card, the choice."""
     est, c = p.estimate, p.estimate.settings
-    lines = [f"Memory plan for {p.model_name} ({est.params.total / 1e9:.2f}B params) on a {p.vram_gb:g} GB GPU",
+    # Small models (the CPU demo) would read 0.00 GB everywhere: show them in MB.
+    unit, scale = ("GB", GIB) if est.total_bytes >= GIB else ("MB", 2**20)
+    lines = [f"Memory plan for {p.model_name} ({_billions(est.params.total)} params) on a {p.vram_gb:g} GB GPU",
              f"  sequences of up to {c['seq_len']} tokens (prompt + completion), "
              f"{c['dtype_bytes'] * 8}-bit compute", ""]
     width = max(len(k) for k in est.parts) + 2
-    lines.append(f"  {'part'.ljust(width)}{'GB':>8}")
+    lines.append(f"  {'part'.ljust(width)}{unit:>8}")
     for label, value in est.parts.items():
-        lines.append(f"  {label.ljust(width)}{value / GIB:8.2f}")
-    lines.append(f"  {'total'.ljust(width)}{est.total_gb:8.2f}")
-    others = [f"{phase} {est.phase_bytes(phase) / GIB:.2f} GB" for phase in est.phases if phase != est.peak_phase]
+        lines.append(f"  {label.ljust(width)}{value / scale:8.2f}")
+    lines.append(f"  {'total'.ljust(width)}{est.total_bytes / scale:8.2f}")
+    others = [f"{phase} {est.phase_bytes(phase) / scale:.2f} {unit}" for phase in est.phases
+              if phase != est.peak_phase]
     lines.append(f"  (phases do not overlap; the peak is {est.peak_phase}"
                  + (f"; others: {', '.join(others)})" if others else ")"))
     lines.append("")
     verdict = "fits" if p.fits else "does NOT fit"
-    lines.append(f"needs ~{est.total_gb:.1f} GB of {p.vram_gb:g} GB ({p.usable_gb:.1f} GB usable with a "
-                 f"{SAFETY_MARGIN:.0%} safety margin): {verdict}")
+    needs = f"{est.total_gb:.{1 if est.total_gb >= 1 else 2}f}"
+    lines.append(f"needs ~{needs} GB of {p.vram_gb:g} GB ({p.usable_gb:.1f} GB usable with a "
+                 f"{1 - p.usable_gb / p.vram_gb:.0%} safety margin): {verdict}")
     settings = " ".join(f"{k}={v}" for k, v in p.overrides.items())
     lines.append(f"{'chosen' if p.fits else 'smallest settings'}: {settings}")
     cfg = p.configured.settings

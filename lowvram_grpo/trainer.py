@@ -10,6 +10,11 @@ One step, top to bottom (see `train`):
   6. update: per micro-batch, log-probs with gradients (gradient checkpointing on, LM head in
      chunks), clipped surrogate + beta * KL, backward; then clip and step the optimizer
   7. log metrics, sample completions, maybe checkpoint
+
+With several processes (`accelerate launch` / `--num-processes N`, see distributed.py) each
+process runs this same loop on its share of the step's prompts; the few lines that make them
+act as one (gather rewards, all-reduce gradients, gather metrics) call distributed.py, and
+only rank 0 writes the run directory. One process runs exactly the loop above.
 """
 
 from __future__ import annotations
@@ -28,15 +33,16 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from lowvram_grpo import grpo, metrics
+from lowvram_grpo import distributed, grpo, metrics
 from lowvram_grpo.backoff import MemoryBudgetError, retry_on_oom
-from lowvram_grpo.checkpoint import latest_checkpoint, load_checkpoint, save_adapter, save_checkpoint, set_rng_state
+from lowvram_grpo.checkpoint import (checkpoint_dirs, latest_checkpoint, load_checkpoint, read_trainer_state, restore_rng_state,
+                                     rng_state, save_adapter, save_checkpoint)
 from lowvram_grpo.config import AUTO, CHUNK_KEYS, ConfigError, TrainConfig, save_config
 from lowvram_grpo.data import load_prompt_data, prompt_text
 from lowvram_grpo.evaluate import evaluate
-from lowvram_grpo.model import default_device, load_policy, reference_model
+from lowvram_grpo.model import load_policy, reference_model, resolve_model_path
 from lowvram_grpo.reporting import make_reporters
-from lowvram_grpo.rewards import load_reward_functions, score_completions
+from lowvram_grpo.rewards import RewardScores, load_reward_functions, score_completions
 from lowvram_grpo.rollout import Rollout, generate_rollouts
 
 
@@ -152,10 +158,16 @@ def frozen_logprobs(policy, rollout: Rollout, config: TrainConfig, device: torch
 
 
 class StopRequested:
-    """SIGINT/SIGTERM set a flag; the loop finishes its step, saves a checkpoint and exits."""
+    """SIGINT/SIGTERM set a flag; the loop finishes its step, saves a checkpoint and exits.
 
-    def __init__(self):
+    `same_request_within`: signals this close to the first one are the same request (with
+    several processes, Ctrl-C reaches a process both from the terminal and from the launcher).
+    """
+
+    def __init__(self, same_request_within: float = 0.0):
         self.requested = False
+        self.same_request_within = same_request_within
+        self._first = 0.0
         self._previous: dict[int, Any] = {}
 
     def __enter__(self):
@@ -167,16 +179,17 @@ class StopRequested:
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:  # a second Ctrl-C: the user really wants out
-            raise KeyboardInterrupt
-        self.requested = True
+        if self.requested and time.monotonic() - self._first >= self.same_request_within:
+            raise KeyboardInterrupt  # a second Ctrl-C: the user really wants out
+        if not self.requested:
+            self.requested, self._first = True, time.monotonic()
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
 
-def resolve_chunking(config: TrainConfig, device: torch.device) -> TrainConfig:
+def resolve_chunking(config: TrainConfig, device: torch.device, announce: bool = True) -> TrainConfig:
     """The run's working copy of the config, with "auto" chunk sizes chosen by the memory
     planner. It is a copy because out-of-memory back-off shrinks its chunk sizes in place."""
     auto = [key for key in CHUNK_KEYS if getattr(config, key) == AUTO]
@@ -189,8 +202,9 @@ def resolve_chunking(config: TrainConfig, device: torch.device) -> TrainConfig:
     if not chosen.fits:
         raise MemoryBudgetError(f"vram_gb: this run does not fit in {budget:.1f} GB: " + "; ".join(chosen.advice))
     values = {key: chosen.overrides[key] for key in auto}
-    print(f"auto settings for {budget:.1f} GB: " + ", ".join(f"{k}={v}" for k, v in values.items())
-          + f" (estimated peak {chosen.estimate.total_gb:.1f} GB)", flush=True)
+    if announce:
+        print(f"auto settings for {budget:.1f} GB: " + ", ".join(f"{k}={v}" for k, v in values.items())
+              + f" (estimated peak {chosen.estimate.total_gb:.1f} GB)", flush=True)
     return dataclasses.replace(config, **values)
 
 
@@ -212,70 +226,121 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
 
     With `resume=True` the run continues from the newest checkpoint in `config.output_dir`.
     `on_step` receives each step's metrics (the notebook uses it for a live plot).
+    Started by a launcher (see distributed.py), every process calls this; rank 0 writes the run
+    directory, reports and shows the progress bar, and gets `on_step` calls.
     """
+    world = distributed.world()
     run_dir = Path(config.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    step = 0
-    metrics.write_status(run_dir, "running", step, config.max_steps)
+    if not resume and _holds_a_run(run_dir):
+        # Never mix two runs' curves in one metrics.jsonl, nor overwrite their checkpoints.
+        raise ConfigError(f"output_dir: {run_dir} already holds a training run; continue it with "
+                          f"`lowvram-grpo train --resume {run_dir}` or choose another output_dir")
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        metrics.write_status(run_dir, "running", 0, config.max_steps)
     try:
+        distributed.check_world_size(config, world.world_size)
         # Reporters first: a missing tensorboard/wandb package should fail in seconds, not
         # after the model has loaded.
-        with StopRequested() as stop, make_reporters(config.report_to, run_dir, config.to_dict()) as reporters:
-            return _train(config, run_dir, resume, progress, on_step, stop, reporters)
+        with StopRequested(same_request_within=1.0 if world.distributed else 0.0) as stop, \
+                make_reporters(config.report_to if world.is_main else [], run_dir, config.to_dict()) as reporters:
+            result = _train(config, run_dir, resume, progress, on_step, stop, reporters, world)
+        distributed.finish()
+        return result
     except BaseException as err:
-        status = metrics.read_status(run_dir) or {}
-        message = f"{type(err).__name__}: {err}" if not isinstance(err, KeyboardInterrupt) else "interrupted"
-        metrics.write_status(run_dir, "failed", status.get("step", 0), config.max_steps, error=message,
-                             traceback=traceback.format_exc())
+        _write_failure(run_dir, config, err, world)
         raise
 
 
+def _holds_a_run(run_dir: Path) -> bool:
+    return (run_dir / "metrics.jsonl").exists() or (run_dir / "final").exists() or bool(checkpoint_dirs(run_dir))
+
+
+def _write_failure(run_dir: Path, config: TrainConfig, err: BaseException, world) -> None:
+    """status.json says "failed", with the error. With several processes, the first failure
+    is the one to keep: rank 0 does not overwrite another process's error with its own
+    (usually a lost connection to that process)."""
+    status = metrics.read_status(run_dir) or {}
+    if world.distributed and status.get("state") == "failed" and status.get("pid") != os.getpid():
+        return
+    message = f"{type(err).__name__}: {err}" if not isinstance(err, KeyboardInterrupt) else "interrupted"
+    if world.distributed and not world.is_main:
+        message = f"process {world.rank}: {message}"
+    try:
+        metrics.write_status(run_dir, "failed", status.get("step", 0), config.max_steps, error=message,
+                             traceback=traceback.format_exc())
+    except OSError:  # e.g. another machine, where the run directory does not exist
+        if world.is_main:
+            raise
+
+
 def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool,
-           on_step: Callable | None, stop: StopRequested, reporters) -> Path:
+           on_step: Callable | None, stop: StopRequested, reporters, world: distributed.World) -> Path:
+    main = world.is_main  # rank 0 (the only process, usually) writes the run directory
     seed_everything(config.seed)
-    device = default_device()
+    device = world.device
     if device.type == "cpu" and config.cpu_threads:
         torch.set_num_threads(config.cpu_threads)
-    save_config(config, run_dir / "config.yaml")  # as the user gave it ("auto" stays "auto")
-    config = resolve_chunking(config, device)
+    # Read the checkpoint before the model loads: resuming with the wrong number of processes
+    # should fail in seconds.
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    if resume and checkpoint is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {run_dir}; start it without --resume")
+    state = read_trainer_state(checkpoint, world.world_size) if checkpoint is not None else None
+    if main:
+        save_config(config, run_dir / "config.yaml")  # as the user gave it ("auto" stays "auto")
+    config = resolve_chunking(config, device, announce=main)
+    with distributed.main_process_first():  # a model to build or download: once, not per process
+        resolve_model_path(config.model_name_or_path)
     policy, tokenizer = load_policy(config, device)
+    if world.rank > 0:
+        # Same seed as rank 0 until here (same LoRA initialisation); from here on each process
+        # samples its own completions.
+        seed_everything(config.seed + world.rank)
     data = load_prompt_data(config, tokenizer)
     dropped = f"; dropped {data.num_dropped_too_long} prompts longer than max_prompt_length" \
         if data.num_dropped_too_long else ""
-    print(f"dataset: {data.source}{dropped}", flush=True)
+    if main:
+        print(f"dataset: {data.source}{dropped}", flush=True)
     if config.eval_every and not data.eval:
         raise ConfigError("eval_every: there is no eval split; set eval_fraction (e.g. 0.05) or eval_dataset")
     reward_functions = load_reward_functions(config.rewards)
     params = [p for p in policy.parameters() if p.requires_grad]
+    distributed.broadcast_parameters(params)  # every process starts from rank 0's LoRA weights
     optimizer = build_optimizer(config, params, device)
     scheduler = build_scheduler(config, optimizer)
     sampler = PromptSampler(len(data.train), config.seed)
 
     start_step = 0
-    checkpoint = latest_checkpoint(run_dir) if resume else None
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, policy)
+        load_checkpoint(checkpoint, policy, state)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         sampler = PromptSampler(len(data.train), config.seed, **state["sampler"])
-        set_rng_state(state["rng"])
+        restore_rng_state(state, world.rank)
         start_step = state["step"]
         # Chunk sizes shrunk by out-of-memory back-off stay shrunk.
         for key, value in state.get("chunking", {}).items():
             setattr(config, key, value)
         # Steps after the checkpoint are redone, so their records would appear twice.
-        metrics.truncate_jsonl_after_step(run_dir / "metrics.jsonl", start_step)
-        metrics.truncate_jsonl_after_step(run_dir / "completions.jsonl", start_step)
-    elif resume:
-        raise FileNotFoundError(f"--resume: no checkpoint in {run_dir}; start it without --resume")
+        if main:
+            metrics.truncate_jsonl_after_step(run_dir / "metrics.jsonl", start_step)
+            metrics.truncate_jsonl_after_step(run_dir / "completions.jsonl", start_step)
 
-    def checkpoint_now(step: int) -> Path:
-        return save_checkpoint(run_dir, step, policy, {
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "sampler": sampler.state_dict(),
-            "chunking": {key: getattr(config, key) for key in CHUNK_KEYS}}, keep=config.keep_checkpoints)
+    def checkpoint_now(step: int) -> None:
+        rng_states = distributed.gather_objects(rng_state())  # every process's, to resume each
+        if main:
+            save_checkpoint(run_dir, step, policy, {
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "sampler": sampler.state_dict(),
+                "chunking": {key: getattr(config, key) for key in CHUNK_KEYS}}, keep=config.keep_checkpoints,
+                rng_states=rng_states)
 
-    bar = _progress_bar(progress, start_step, config.max_steps)
+    def write_status(state: str, step: int) -> None:
+        if main:
+            metrics.write_status(run_dir, state, step, config.max_steps)
+
+    bar = _progress_bar(progress and main, start_step, config.max_steps)
     policy.train()
     step = start_step
     while step < config.max_steps:
@@ -284,32 +349,35 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool,
                                     optimizer, scheduler, device, step)
         if config.eval_every and (step % config.eval_every == 0 or step == config.max_steps):
             record.update(evaluate(policy, tokenizer, data.eval, reward_functions, config))
-        metrics.append_jsonl(run_dir / "metrics.jsonl", record)
-        for sample in samples:
-            metrics.append_jsonl(run_dir / "completions.jsonl", sample)
-        reporters.log(record, step)
-        if samples:
-            reporters.log_completions(samples, step)
-        if on_step:
-            on_step(record)
+        if main:
+            metrics.append_jsonl(run_dir / "metrics.jsonl", record)
+            for sample in samples:
+                metrics.append_jsonl(run_dir / "completions.jsonl", sample)
+            reporters.log(record, step)
+            if samples:
+                reporters.log_completions(samples, step)
+            if on_step:
+                on_step(record)
         if bar:
             bar.update(1)
             bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record.get('kl', 0.0):.4f}")
-        if stop.requested:
-            metrics.write_status(run_dir, "stopping", step, config.max_steps)
+        # All processes stop together, after the same step, when any of them was asked to.
+        if distributed.any_rank(stop.requested):
+            write_status("stopping", step)
             checkpoint_now(step)
-            metrics.write_status(run_dir, "stopped", step, config.max_steps)
+            write_status("stopped", step)
             if bar:
                 bar.close()
             return run_dir
         if step % config.save_every == 0 or step == config.max_steps:
             checkpoint_now(step)
-        metrics.write_status(run_dir, "running", step, config.max_steps)
+        write_status("running", step)
     if bar:
         bar.close()
     final = run_dir / "final"
-    save_adapter(policy, final)
-    metrics.write_status(run_dir, "finished", step, config.max_steps)
+    if main:
+        save_adapter(policy, final)
+    write_status("finished", step)
     return final
 
 
@@ -323,8 +391,8 @@ def grpo_step(config: TrainConfig, policy, tokenizer, rows: list[dict], sampler:
         torch.cuda.reset_peak_memory_stats(device)
     G = config.num_generations
 
-    # 1. Prompts.
-    batch = [rows[i] for i in sampler.next_indices(config.prompts_per_step)]
+    # 1. Prompts. Every process draws the same list and takes its own share of whole prompts.
+    batch = [rows[i] for i in distributed.local_share(sampler.next_indices(config.prompts_per_step))]
     prompts = [row["prompt"] for row in batch]
     conversational = isinstance(prompts[0], list)
 
@@ -346,8 +414,12 @@ def grpo_step(config: TrainConfig, policy, tokenizer, rows: list[dict], sampler:
     scores = score_completions(reward_functions, [p for p in prompts for _ in range(G)], completions,
                                rollout.completion_token_lists(), columns)
 
-    # 4. Advantages within each prompt's group.
-    advantages, reward_std = grpo.group_advantages(scores.total, G, config.scale_rewards)
+    # 4. Advantages within each prompt's group. A process holds whole groups, but
+    #    scale_rewards="batch" needs the std of the whole step: so gather the rewards of every
+    #    process, normalise them exactly as one process would, and keep this process's rows.
+    all_scores = _gather_scores(scores)
+    all_advantages, reward_std = grpo.group_advantages(all_scores.total, G, config.scale_rewards)
+    advantages = distributed.local_share(all_advantages)
 
     # 5. Frozen log-probs: reference (adapter off) for the KL, old policy for the ratio.
     ref_logps = old_logps = None
@@ -364,67 +436,79 @@ def grpo_step(config: TrainConfig, policy, tokenizer, rows: list[dict], sampler:
     #    optimizer steps; the clipped ratio against old_logps keeps each one close.
     totals: dict[str, float] = {}
     for _ in range(config.num_iterations):
-        totals = retry_on_oom("update", config, lambda: _update(
-            config, policy, optimizer, scheduler, rollout, advantages.to(device), ref_logps, old_logps,
-            device), oom_events)
+        totals = _update(config, policy, optimizer, scheduler, rollout, advantages.to(device), ref_logps,
+                         old_logps, device, oom_events)
 
-    # 7. Metrics (TRL's names) and samples.
-    lengths = rollout.completion_mask.sum(1).float()
+    # 7. Metrics (TRL's names) and samples, over the whole step (gathered from every process).
+    lengths = distributed.all_gather_tensor(rollout.completion_mask.sum(1).float())
+    clipped = distributed.all_gather_tensor(rollout.is_clipped)
+    counts = distributed.all_reduce_sum({"num_prompts_truncated": rollout.num_prompts_truncated,
+                                         "oom_retries": len(oom_events)})
     record: dict[str, Any] = {
         "step": step,
-        "reward": float(torch.nanmean(scores.total)),
+        "reward": float(torch.nanmean(all_scores.total)),
         "reward_std": float(torch.nanmean(reward_std)),
-        **scores.metrics(),
+        **all_scores.metrics(),
         "frac_reward_zero_std": float(torch.isclose(reward_std, torch.zeros_like(reward_std)).float().mean()),
         "completions/mean_length": float(lengths.mean()),
         "completions/min_length": float(lengths.min()),
         "completions/max_length": float(lengths.max()),
-        "completions/clipped_ratio": float(rollout.is_clipped.float().mean()),
+        "completions/clipped_ratio": float(clipped.float().mean()),
         **totals,
         "learning_rate": scheduler.get_last_lr()[0],
-        "num_prompts_truncated": rollout.num_prompts_truncated,
+        "num_prompts_truncated": counts["num_prompts_truncated"],
         "generation_chunk_size": config.generation_chunk_size,
         "micro_batch_size": config.micro_batch_size,
         "logprob_chunk_size": config.logprob_chunk_size,
-        "oom_retries": len(oom_events),
+        "oom_retries": counts["oom_retries"],
     }
-    elapsed = time.perf_counter() - started
-    record.update({"step_time": elapsed, "generation_time": generation_time,
-                   "tokens_per_second": float(lengths.sum()) / elapsed,
-                   "peak_memory_gb": metrics.peak_memory_gb(device)})
+    # The slowest process sets the pace; peak memory is the largest of any process's.
+    slowest = distributed.all_reduce_max({"step_time": time.perf_counter() - started,
+                                          "generation_time": generation_time,
+                                          "peak_memory_gb": metrics.peak_memory_gb(device)})
+    record.update({"step_time": slowest["step_time"], "generation_time": slowest["generation_time"],
+                   "tokens_per_second": float(lengths.sum()) / slowest["step_time"],
+                   "peak_memory_gb": slowest["peak_memory_gb"]})
     samples = []
     if step % config.log_completions_every == 0 or step == 1:
-        samples = _sample_records(step, prompts, rollout, scores, advantages, config)
+        # The step's first completions, wherever they were generated.
+        local = _sample_records(step, prompts, rollout, scores, advantages, config)
+        samples = [s for part in distributed.gather_objects(local) for s in part][:config.num_completions_to_log]
     return record, samples
+
+
+def _gather_scores(scores: RewardScores) -> RewardScores:
+    """The rewards of the whole step, every process's in rank order (the step's prompt order)."""
+    return RewardScores(names=scores.names, per_function=distributed.all_gather_tensor(scores.per_function),
+                        total=distributed.all_gather_tensor(scores.total))
 
 
 def _update(config: TrainConfig, policy, optimizer, scheduler, rollout: Rollout, advantages: torch.Tensor,
             ref_logps: torch.Tensor | None, old_logps: torch.Tensor | None,
-            device: torch.device) -> dict[str, float]:
+            device: torch.device, oom_events: list[str] | None = None) -> dict[str, float]:
     """Accumulate the step's gradient over micro-batches, then clip and apply it. A step whose
-    loss or gradient is not finite is skipped (reported), never applied."""
-    optimizer.zero_grad(set_to_none=True)  # a clean slate, also when redone after out-of-memory
-    batches = micro_batches(rollout, config.micro_batch_size, device)
-    num_tokens = float(rollout.completion_mask.sum())
-    sums: dict[str, float] = {}
-    loss_total = 0.0
-    for mb in batches:
-        logps, entropy = grpo.sequence_logprobs(
-            policy, mb.input_ids, mb.attention_mask, mb.logits_to_keep,
-            temperature=config.temperature, chunk_size=config.logprob_chunk_size, compute_entropy=True)
-        loss, stats = grpo.grpo_loss(
-            logps, _rows_of(old_logps, mb), _rows_of(ref_logps, mb), advantages[mb.rows], mb.completion_mask,
-            loss_type=config.loss_type, beta=config.beta, epsilon_low=config.epsilon,
-            epsilon_high=config.clip_high, max_completion_length=config.max_completion_length,
-            num_sequences_in_step=rollout.num_sequences, num_tokens_in_step=num_tokens,
-            num_micro_batches=len(batches))
-        loss.backward()
-        loss_total += loss.item()
-        stats["entropy_sum"] = (entropy * mb.completion_mask).sum()
-        for key, value in stats.items():
-            sums[key] = sums.get(key, 0.0) + float(value)
+    loss or gradient is not finite is skipped (reported), never applied.
 
+    With several processes, `rollout` (and `advantages`, the log-probs) is this process's share
+    of the step; the loss is normalised by the whole step, and the gradients are summed over
+    processes before clipping, so the update is the one a single process would make with the
+    whole step's sequences, and it is identical on every process.
+    """
+    world_size = distributed.world().world_size
+    # The whole step's counts (dapo divides by all its completion tokens; shares are equal in
+    # sequences, not in tokens). Counted here, outside the out-of-memory retry, so that a
+    # retry on one process never meets a collective the others are not in.
+    num_sequences = rollout.num_sequences * world_size
+    num_tokens = distributed.all_reduce_sum(float(rollout.completion_mask.sum()))
+    sums = retry_on_oom("update", config, lambda: _accumulate_gradients(
+        config, policy, optimizer, rollout, advantages, ref_logps, old_logps, device, num_sequences, num_tokens),
+        oom_events if oom_events is not None else [])
+
+    # All-reduce the LoRA gradients (SUM): every process now holds the whole step's gradient.
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    distributed.all_reduce_gradients(params)
+    sums = distributed.all_reduce_sum(sums)
+    loss_total = sums.pop("loss")
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
     skipped = not (math.isfinite(loss_total) and math.isfinite(grad_norm))
     if not skipped:
@@ -440,10 +524,43 @@ def _update(config: TrainConfig, policy, optimizer, scheduler, rollout: Rollout,
               "clip_ratio/region_mean": sums.get("clip_region_count", 0.0) / tokens}
     if ref_logps is not None:
         result["kl"] = sums.get("kl_sum", 0.0) / tokens
-    if skipped:
+    if skipped and distributed.is_main_process():
         print(f"warning: non-finite loss ({loss_total}) or gradient norm ({grad_norm}); "
               "this update was skipped, not applied", flush=True)
     return result
+
+
+def _accumulate_gradients(config: TrainConfig, policy, optimizer, rollout: Rollout, advantages: torch.Tensor,
+                          ref_logps: torch.Tensor | None, old_logps: torch.Tensor | None, device: torch.device,
+                          num_sequences: int, num_tokens: float) -> dict[str, float]:
+    """Backward every micro-batch of `rollout`, leaving the summed gradient in `.grad`; returns
+    the summed loss ("loss") and the loss statistics (sums, for token-weighted means)."""
+    optimizer.zero_grad(set_to_none=True)  # a clean slate, also when redone after out-of-memory
+    batches = micro_batches(rollout, config.micro_batch_size, device)
+    # bnpo divides each micro-batch's token mean by the number of micro-batches. Counting every
+    # process's micro-batches (this one's times the number of processes) makes the summed
+    # gradient the average of the processes' per-micro-batch means: what DDP's gradient
+    # averaging gives, and exactly one process's result when the micro-batches line up.
+    num_micro_batches = len(batches) * distributed.world().world_size
+    sums: dict[str, float] = {}
+    loss_total = 0.0
+    for mb in batches:
+        logps, entropy = grpo.sequence_logprobs(
+            policy, mb.input_ids, mb.attention_mask, mb.logits_to_keep,
+            temperature=config.temperature, chunk_size=config.logprob_chunk_size, compute_entropy=True)
+        loss, stats = grpo.grpo_loss(
+            logps, _rows_of(old_logps, mb), _rows_of(ref_logps, mb), advantages[mb.rows], mb.completion_mask,
+            loss_type=config.loss_type, beta=config.beta, epsilon_low=config.epsilon,
+            epsilon_high=config.clip_high, max_completion_length=config.max_completion_length,
+            num_sequences_in_step=num_sequences, num_tokens_in_step=num_tokens,
+            num_micro_batches=num_micro_batches)
+        loss.backward()
+        loss_total += loss.item()
+        stats["entropy_sum"] = (entropy * mb.completion_mask).sum()
+        for key, value in stats.items():
+            sums[key] = sums.get(key, 0.0) + float(value)
+    sums["loss"] = loss_total
+    return sums
 
 
 def _sample_records(step: int, prompts: list, rollout: Rollout, scores, advantages: torch.Tensor,

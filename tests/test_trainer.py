@@ -259,3 +259,14 @@ def test_user_dataset_and_dropped_prompts_are_reported(tiny_cache, tmp_path, cap
     out = capsys.readouterr().out
     assert "sums.jsonl (26 rows)" in out and "dropped 1 prompts longer than max_prompt_length" in out
     assert len(records) == 2
+
+
+def test_a_new_run_never_overwrites_an_existing_one(demo_run):
+    config, final = demo_run
+    before = (final.parent / "metrics.jsonl").read_text()
+    from lowvram_grpo.config import ConfigError
+
+    with pytest.raises(ConfigError, match="already holds a training run; continue it with .*--resume"):
+        train(config, progress=False)
+    assert (final.parent / "metrics.jsonl").read_text() == before
+    assert metrics.read_status(final.parent)["state"] == "finished"

@@ -1,0 +1,139 @@
+"""Smoke tests for bench/bench_grpo.py: it runs both trainers on the CPU and reports them, and
+it rewrites only its own section of docs/benchmarks.md.
+
+Not a timed test: nothing here asserts on speed or memory, only that the figures exist.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "bench" / "bench_grpo.py"
+
+FOREIGN = """# Benchmarks
+
+Intro written by someone else.
+
+<!-- demo:tiny-cpu -->
+## Another section
+| a | b |
+|---|---|
+| 1 | 2 |
+<!-- /demo:tiny-cpu -->
+"""
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_grpo", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_grpo"] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+# --- the docs section writer (fast) -------------------------------------------------------------
+
+
+def test_update_docs_creates_the_file(bench, tmp_path):
+    path = tmp_path / "docs" / "benchmarks.md"
+    bench.update_docs(path, "cpu-tiny", "table one")
+    text = path.read_text()
+    assert text.startswith("# Benchmarks")
+    assert "<!-- bench:cpu-tiny -->\ntable one\n<!-- /bench:cpu-tiny -->" in text
+
+
+def test_update_docs_appends_then_replaces_only_its_section(bench, tmp_path):
+    path = tmp_path / "benchmarks.md"
+    path.write_text(FOREIGN)
+    bench.update_docs(path, "cpu-tiny", "first")
+    bench.update_docs(path, "cuda-qwen2.5-7b", "gpu figures")
+    bench.update_docs(path, "cpu-tiny", "second")
+    text = path.read_text()
+    assert text.startswith(FOREIGN.rstrip("\n"))  # the other sections, byte for byte
+    assert "first" not in text and text.count("second") == 1
+    assert text.count("<!-- bench:cpu-tiny -->") == 1 and text.count("<!-- /bench:cpu-tiny -->") == 1
+    assert "<!-- bench:cuda-qwen2.5-7b -->\ngpu figures\n<!-- /bench:cuda-qwen2.5-7b -->" in text
+
+
+def test_table_has_both_rows_and_ratios(bench):
+    summary = {"peak_memory_gb": 1.0, "rss_after_imports_gb": 0.5, "step_time_s": 2.0, "cpu_step_time_s": 1.0,
+               "tokens_per_s": 10.0, "mean_completion_length": 3.0}
+    trl = {**summary, "peak_memory_gb": 2.0, "step_time_s": 4.0, "cpu_step_time_s": 4.0, "tokens_per_s": 5.0}
+    table = bench.format_table({"ours": summary, "trl": trl}, "cpu")
+    assert "| lowvram-grpo |" in table and "| TRL GRPOTrainer |" in table
+    assert "| ours / TRL | 0.50x | 1.00x | 0.50x | 0.25x | 2.00x |" in table
+    gpu = bench.format_table({"ours": summary, "trl": trl}, "cuda")
+    assert "RSS" not in gpu and "| ours / TRL | 0.50x | 0.50x | 2.00x |" in gpu
+
+
+def test_cuda_needs_an_architecture(bench):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--device", "cuda"])
+    args = bench.parse_args(["--device", "cuda", "--arch", "qwen2.5-7b"])
+    assert (args.steps, args.warmup) == (2, 1)
+
+
+def test_bench_tokenizer_round_trips_prompts_for_qwen_and_llama(bench, tmp_path):
+    """The random-weight GPU path: prompts must be exactly N tokens under the tokenizer class
+    transformers picks for each model type (Qwen2Tokenizer for qwen2)."""
+    import json
+
+    from lowvram_grpo.memory import load_arch
+    from lowvram_grpo.model import load_tokenizer
+
+    for arch in ("qwen2.5-0.5b", "llama-3.2-3b"):
+        folder = tmp_path / arch
+        values = load_arch(arch)
+        bench.bench_tokenizer(values["vocab_size"]).save_pretrained(folder)
+        (folder / "config.json").write_text(json.dumps(values))
+        tokenizer = load_tokenizer(str(folder))
+        prompt = bench.random_prompts(folder, num_rows=1, length=64, seed=0)[0]["prompt"]
+        assert len(tokenizer(prompt)["input_ids"]) == 64
+        assert len(tokenizer) == values["vocab_size"]
+        assert (tokenizer.pad_token_id, tokenizer.eos_token_id) == (0, 1)
+        assert tokenizer.decode([values["vocab_size"] - 1]) == f"<t{values['vocab_size'] - 1}>"
+
+
+def test_bench_reward_varies_within_a_group(bench):
+    assert bench.bench_reward(None, ["<t20><t48>", "<t10><t12>", "<t13><t15>", "no digits"]) == [1.0, 0.5, 0.0, 0.0]
+
+
+# --- the real thing, smallest size --------------------------------------------------------------
+
+
+def test_cpu_benchmark_runs_both_trainers_and_keeps_other_docs_sections(tiny_cache, tmp_path):
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text(FOREIGN + "\n<!-- bench:cpu-tiny -->\nstale figures\n<!-- /bench:cpu-tiny -->\n")
+    env = {**os.environ, "LOWVRAM_GRPO_CACHE": str(tiny_cache)}
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--steps", "2", "--warmup", "1", "--repeats", "1", "--docs", str(docs),
+         "--work-dir", str(tmp_path / "work")],
+        capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    out = result.stdout
+    number = r"\d+\.\d+"
+    cells = r" \| ".join([number] * 6)  # peak RSS, RSS after imports, step, CPU/step, tok/s, length
+    assert re.search(rf"\| lowvram-grpo \| {cells} \|", out), out
+    assert re.search(rf"\| TRL GRPOTrainer \| {cells} \|", out), out
+    ratios = r" \| ".join([number + "x"] * 5)
+    assert re.search(rf"\| ours / TRL \| {ratios} \|", out), out
+
+    text = docs.read_text()
+    assert text.startswith(FOREIGN.rstrip("\n"))
+    assert "stale figures" not in text
+    assert text.count("<!-- bench:cpu-tiny -->") == 1 and text.count("<!-- /bench:cpu-tiny -->") == 1
+    section = text.split("<!-- bench:cpu-tiny -->")[1].split("<!-- /bench:cpu-tiny -->")[0]
+    assert "| lowvram-grpo |" in section and "| TRL GRPOTrainer |" in section and "ours / TRL" in section
+    for must in ("Command: `python bench/bench_grpo.py --steps 2 --warmup 1 --repeats 1", "Versions: torch",
+                 "trl 1.16", "Device: CPU"):
+        assert must in section

@@ -1,0 +1,288 @@
+"""Tests for lowvram_grpo.memory: the planner's arithmetic, its choices, the shipped
+architecture configs and the `lowvram-grpo plan` command.
+
+Everything is computed from configs: no weights are loaded and no GPU is needed. The shipped
+configs are also instantiated on the meta device (shapes only, no memory) so the planner's
+parameter count is checked against the real transformers architecture, not only against itself.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lowvram_grpo import memory
+from lowvram_grpo.config import TrainConfig
+from lowvram_grpo.memory import (GIB, PlannerError, count_parameters, estimate_memory, format_plan,
+                                 load_arch, plan, resolve_model_config, shipped_architectures)
+
+# Published sizes (model cards / Hub "Model size") of the shipped architectures.
+PUBLISHED_PARAMS = {
+    "qwen2.5-0.5b": 0.49e9, "qwen2.5-1.5b": 1.54e9, "qwen2.5-3b": 3.09e9, "qwen2.5-7b": 7.62e9,
+    "llama-3.2-3b": 3.21e9, "llama-3.1-8b": 8.03e9,
+}
+
+
+def config(**overrides) -> TrainConfig:
+    """A GPU-sized run: 2 prompts x G=8, prompt 256 + completion 1024 tokens."""
+    values = dict(prompts_per_step=2, num_generations=8, max_prompt_length=256, max_completion_length=1024,
+                  generation_chunk_size=8, micro_batch_size=4, logprob_chunk_size=256)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+# --- shipped architectures ----------------------------------------------------------------------
+
+
+def test_every_expected_architecture_is_shipped():
+    assert set(shipped_architectures()) == set(PUBLISHED_PARAMS)
+
+
+@pytest.mark.parametrize("arch", sorted(PUBLISHED_PARAMS))
+def test_arch_json_is_a_transformers_config_with_the_published_size(arch):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    values = load_arch(arch)
+    hf_config = AutoConfig.for_model(**values)
+    assert hf_config.model_type == values["model_type"]
+    assert type(hf_config).__name__.lower().startswith(values["model_type"].replace("_", ""))
+
+    counted = count_parameters(values).total
+    assert counted == pytest.approx(PUBLISHED_PARAMS[arch], rel=0.02)
+
+    # The planner's formula against the real module tree (meta device: shapes, no memory).
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    assert counted == sum(p.numel() for p in model.parameters())  # tied weights count once
+
+
+def test_arch_files_carry_the_keys_the_planner_and_bench_need():
+    for arch in shipped_architectures():
+        raw = json.loads((memory.ARCH_DIR / f"{arch}.json").read_text())
+        for key in ("architectures", "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "num_key_value_heads", "vocab_size", "tie_word_embeddings",
+                    "max_position_embeddings", "rope_theta"):
+            assert key in raw, f"{arch}: {key}"
+
+
+# --- resolving names ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, arch", [
+    ("qwen2.5-7b", "qwen2.5-7b"),
+    ("Qwen2.5-7B", "qwen2.5-7b"),
+    ("Qwen/Qwen2.5-7B-Instruct", "qwen2.5-7b"),
+    ("Qwen/Qwen2.5-1.5B-Instruct", "qwen2.5-1.5b"),
+    ("unsloth/Qwen2.5-0.5B-Instruct-bnb-4bit", "qwen2.5-0.5b"),
+    ("meta-llama/Llama-3.1-8B-Instruct", "llama-3.1-8b"),
+    ("meta-llama/Meta-Llama-3.1-8B", "llama-3.1-8b"),
+    ("meta-llama/Llama-3.2-3B-Instruct", "llama-3.2-3b"),
+])
+def test_names_and_hub_ids_resolve_to_shipped_configs(name, arch):
+    assert resolve_model_config(name) == load_arch(arch)
+
+
+def test_local_directory_and_builtin_tiny_resolve(tmp_path, tiny_path):
+    (tmp_path / "config.json").write_text(json.dumps(load_arch("qwen2.5-0.5b")))
+    assert resolve_model_config(str(tmp_path))["hidden_size"] == 896
+    assert resolve_model_config("builtin:tiny") == json.loads((tiny_path / "config.json").read_text())
+
+
+def test_a_directory_without_config_is_a_clear_error(tmp_path):
+    with pytest.raises(PlannerError, match="config.json"):
+        resolve_model_config(str(tmp_path))
+
+
+def test_estimate_accepts_a_transformers_config():
+    from transformers import AutoConfig
+
+    values = load_arch("qwen2.5-1.5b")
+    from_dict = estimate_memory(values, config())
+    from_object = estimate_memory(AutoConfig.for_model(**values), config())
+    assert from_dict.total_bytes == from_object.total_bytes
+
+
+# --- the estimate -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", sorted(PUBLISHED_PARAMS))
+@pytest.mark.parametrize("overrides", [{}, {"gradient_checkpointing": False}, {"optimizer": "paged_adamw_8bit"},
+                                       {"quantization": "none"}, {"beta": 0.0}, {"lora_dropout": 0.1}])
+def test_parts_sum_to_total(arch, overrides):
+    estimate = estimate_memory(load_arch(arch), config(**overrides))
+    assert sum(estimate.parts.values()) == estimate.total_bytes
+    assert estimate.total_gb == pytest.approx(estimate.total_bytes / GIB)
+    assert estimate.total_bytes == estimate.static_bytes + estimate.phase_bytes(estimate.peak_phase)
+    assert estimate.peak_phase == max(estimate.phases, key=estimate.phase_bytes)
+    assert all(value >= 0 for value in estimate.parts.values())
+
+
+def test_qwen25_7b_weights_match_the_known_4bit_size():
+    """Expectation, by hand: Qwen2.5-7B has 7.62B parameters; 1.09B of them are the embedding
+    and the (untied) LM head (2 x 152064 x 3584), kept in bf16: 2.18e9 bytes. The other 6.53B
+    are the decoder layers' linear weights in NF4 with double quantisation: 4 bits + ~0.127 bit
+    of scales each, 3.37e9 bytes. Together ~5.55e9 bytes = 5.17 GiB, which is the size of the
+    published 4-bit checkpoints (e.g. unsloth/Qwen2.5-7B-Instruct-bnb-4bit, ~5.5 GB) and inside
+    the commonly quoted 4.5-5.5 GB for a 4-bit 7B model."""
+    estimate = estimate_memory(load_arch("qwen2.5-7b"), config())
+    counts = estimate.params
+    assert counts.embedding + counts.lm_head == pytest.approx(1.09e9, rel=0.01)
+    assert counts.linear == pytest.approx(6.53e9, rel=0.01)
+    assert estimate.weights_bytes == pytest.approx(5.55e9, rel=0.02)
+    gib = estimate.weights_bytes / GIB
+    assert 4.5 * 0.9 <= gib <= 5.5 * 1.1
+    four_bit = counts.linear * memory.NF4_BYTES_PER_PARAM
+    assert four_bit == pytest.approx(3.37e9, rel=0.01)
+
+
+def test_nf4_bytes_per_param_spelled_out():
+    # 4 bits + 8-bit absmax per 64 weights + fp32 absmax per 256 blocks.
+    assert memory.NF4_BYTES_PER_PARAM == pytest.approx((4 + 8 / 64 + 32 / 16384) / 8)
+
+
+def test_lora_parameters_for_all_linear_and_a_subset():
+    values = load_arch("qwen2.5-7b")
+    lora_all, _ = memory.lora_parameters(values, config(lora_r=16))
+    # per layer: r * (in + out) summed over q, k, v, o, gate, up, down; 28 layers
+    H, I, kv = 3584, 18944, 512
+    per_layer = 16 * ((H + H) + 2 * (H + kv) + (H + H) + 2 * (H + I) + (I + H))
+    assert lora_all == 28 * per_layer
+    lora_qv, notes = memory.lora_parameters(values, config(lora_r=16, lora_target_modules=["q_proj", "v_proj"]))
+    assert lora_qv == 28 * 16 * ((H + H) + (H + kv)) and not notes
+
+
+def test_tied_embeddings_are_counted_once():
+    tied = count_parameters(load_arch("qwen2.5-1.5b"))
+    assert tied.lm_head == 0 and tied.embedding == 151936 * 1536
+
+
+# Each knob only feeds one phase, and the total is the largest phase: the other knobs are set
+# small so that the knob's phase is the peak and the total must grow with it.
+@pytest.mark.parametrize("key, phase, values, others", [
+    ("generation_chunk_size", "generation", [1, 2, 4, 8, 16], dict(micro_batch_size=1, logprob_chunk_size=16)),
+    ("micro_batch_size", "update: layers", [1, 2, 4, 8, 16], dict(logprob_chunk_size=16)),
+    ("logprob_chunk_size", "update: LM head", [16, 64, 256, 1024], dict(micro_batch_size=1)),
+    ("max_completion_length", None, [128, 256, 512, 1024, 2048], {}),
+])
+def test_estimate_grows_monotonically(key, phase, values, others):
+    arch = load_arch("qwen2.5-7b")
+    estimates = [estimate_memory(arch, config(**others, **{key: v})) for v in values]
+    totals = [e.total_bytes for e in estimates]
+    assert totals == sorted(totals)  # never shrinks
+    if phase is None:
+        assert all(a < b for a, b in zip(totals, totals[1:]))
+    else:  # the phase the knob belongs to grows strictly
+        sizes = [e.phase_bytes(phase) for e in estimates]
+        assert all(a < b for a, b in zip(sizes, sizes[1:])), sizes
+    assert totals[-1] > totals[0]
+
+
+def test_gradient_checkpointing_and_8bit_optimizer_save_memory():
+    arch = load_arch("llama-3.1-8b")
+    base = estimate_memory(arch, config())
+    assert estimate_memory(arch, config(gradient_checkpointing=False)).total_bytes > base.total_bytes
+    assert estimate_memory(arch, config(optimizer="paged_adamw_8bit")).optimizer_bytes < base.optimizer_bytes / 3
+    assert estimate_memory(arch, config(quantization="none")).weights_bytes > 2.5 * base.weights_bytes
+
+
+# --- the plan -----------------------------------------------------------------------------------
+
+
+def test_plan_picks_smaller_chunks_for_a_smaller_budget():
+    arch = load_arch("qwen2.5-1.5b")
+    big, small = plan(config(), 24, model_config=arch), plan(config(), 8, model_config=arch)
+    assert big.fits and small.fits
+    assert small.generation_chunk_size <= big.generation_chunk_size
+    assert small.micro_batch_size <= big.micro_batch_size
+    assert (small.generation_chunk_size, small.micro_batch_size, small.logprob_chunk_size) < \
+        (big.generation_chunk_size, big.micro_batch_size, big.logprob_chunk_size) or \
+        small.estimate.total_bytes < big.estimate.total_bytes
+    for p in (big, small):
+        assert p.estimate.total_bytes <= p.vram_gb * GIB * (1 - memory.SAFETY_MARGIN)
+        assert 16 % p.generation_chunk_size == 0 and 16 % p.micro_batch_size == 0  # divisors of P * G
+
+
+def test_plan_chooses_the_largest_settings_that_fit():
+    arch = load_arch("qwen2.5-7b")
+    chosen = plan(config(), 16, model_config=arch)
+    budget = 16 * GIB * (1 - memory.SAFETY_MARGIN)
+    # One step up in either knob would not fit (or there is no step up).
+    if chosen.generation_chunk_size < 16:
+        bigger = [d for d in range(chosen.generation_chunk_size + 1, 17) if 16 % d == 0][0]
+        assert estimate_memory(arch, config(), generation_chunk_size=bigger, micro_batch_size=1,
+                               logprob_chunk_size=16).total_bytes > budget
+    if chosen.micro_batch_size < 16:
+        bigger = [d for d in range(chosen.micro_batch_size + 1, 17) if 16 % d == 0][0]
+        assert estimate_memory(arch, config(), generation_chunk_size=1, micro_batch_size=bigger,
+                               logprob_chunk_size=64).total_bytes > budget
+
+
+def test_plan_reports_does_not_fit_for_an_absurd_budget():
+    result = plan(config(), 1, model_config=load_arch("llama-3.1-8b"))
+    assert not result.fits
+    assert result.advice and "smaller model" in result.advice[0]
+    text = format_plan(result)
+    assert "does NOT fit" in text and "of 1 GB" in text
+
+
+def test_plan_advises_a_shorter_completion_when_only_the_length_is_too_much():
+    result = plan(config(max_completion_length=32768), 8, model_config=load_arch("qwen2.5-7b"))
+    assert not result.fits
+    assert any("max_completion_length" in line for line in result.advice)
+
+
+def test_plan_overrides_are_valid_config_values():
+    result = plan(config(), 12, model_config=load_arch("qwen2.5-3b"))
+    TrainConfig(**{**config().to_dict(), **result.overrides})  # validates
+
+
+def test_format_plan_shows_every_part_and_the_verdict():
+    result = plan(config(), 16, model_config=load_arch("qwen2.5-7b"))
+    text = format_plan(result)
+    for label in result.estimate.parts:
+        assert label in text
+    assert "needs ~" in text and "of 16 GB" in text and "fits" in text
+    assert f"generation_chunk_size={result.generation_chunk_size}" in text
+
+
+# --- the CLI ------------------------------------------------------------------------------------
+
+
+def test_cli_plan_tiny_preset_fits(tiny_cache, capsys):
+    from lowvram_grpo.cli import main
+
+    assert main(["plan", "--preset", "tiny-cpu", "--vram-gb", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "4-bit NF4 linear weights" in out and "LoRA weights" in out and "total" in out
+    assert "needs ~" in out and "fits" in out and "chosen:" in out
+    assert "lowvram-grpo train --preset tiny-cpu" in out
+
+
+def test_cli_plan_8b_in_1gb_exits_1_with_a_message(tiny_cache, capsys):
+    from lowvram_grpo.cli import main
+
+    code = main(["plan", "--vram-gb", "1", "model=meta-llama/Llama-3.1-8B-Instruct"])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "does NOT fit" in captured.out
+    assert "does not fit in 1 GB" in captured.err and "smaller model" in captured.err
+
+
+def test_cli_plan_bad_vram_is_a_usage_error(capsys):
+    from lowvram_grpo.cli import EXIT_USAGE, main
+
+    assert main(["plan", "--vram-gb", "0", "model=qwen2.5-0.5b"]) == EXIT_USAGE
+    assert "--vram-gb" in capsys.readouterr().err
+
+
+def test_cli_plan_as_a_subprocess(tiny_cache):
+    """The installed entry point path: `python -m lowvram_grpo.cli plan ...` exits 0."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "lowvram_grpo.cli", "plan", "--preset", "tiny-cpu",
+                             "--vram-gb", "16"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "total" in result.stdout and "needs ~" in result.stdout
