@@ -9,6 +9,7 @@ saving over keeping a separate reference copy.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Iterator
 
 import torch
@@ -99,7 +100,11 @@ def load_policy(config: TrainConfig, device: torch.device | None = None):
             target_modules=config.lora_target_modules,
             modules_to_save=config.lora_modules_to_save or None, task_type="CAUSAL_LM")
         try:
-            policy = get_peft_model(base, lora)
+            with warnings.catch_warnings():
+                # peft 0.21 reads transformers' deprecated `is_gradient_checkpointing` alias;
+                # the warning is about peft's code, not the user's, so keep it off their screen.
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                policy = get_peft_model(base, lora)
         except ValueError as err:
             raise ModelLoadError(f"lora_target_modules: {err}") from err
     # peft keeps the adapter weights in fp32 (autocast_adapter_dtype) on a bf16/4-bit base:
