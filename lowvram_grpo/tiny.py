@@ -26,8 +26,13 @@ import torch
 from lowvram_grpo import toy
 
 # Bump when the recipe below changes, so stale cached models are rebuilt.
-TINY_VERSION = 1
+TINY_VERSION = 2
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<unk>"]
+# A minimal chat format, so conversational datasets can be tried offline too.
+CHAT_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 WARMUP_STEPS = 150
 WARMUP_LR = 3e-3
 WARMUP_COPIES = 4  # per problem: one clean answer, the rest followed by a stray digit
@@ -50,14 +55,18 @@ def build_tokenizer():
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + list(toy.ALPHABET))}
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + list(toy.ALPHABET) + CHAT_TOKENS)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    # One token per character; decoding glues them back together without spaces.
+    # One token per character; decoding glues them back together without spaces. The chat
+    # markers are special tokens, matched whole before the split.
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
+    tok.add_special_tokens(CHAT_TOKENS)
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
-        padding_side="left")
+        padding_side="left", additional_special_tokens=CHAT_TOKENS)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
 
 
 def build_tiny_model(path: str | Path, seed: int = 0) -> Path:

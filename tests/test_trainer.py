@@ -270,3 +270,18 @@ def test_a_new_run_never_overwrites_an_existing_one(demo_run):
         train(config, progress=False)
     assert (final.parent / "metrics.jsonl").read_text() == before
     assert metrics.read_status(final.parent)["state"] == "finished"
+
+
+def test_conversational_prompts_go_through_the_chat_template(tiny_cache, tmp_path):
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{a}+{a}="}], "answer": str(2 * a)})
+                            + "\n" for a in range(10)))
+    config = _config(tmp_path, dataset=str(data), prompt_column="messages", system_prompt="+",
+                     max_steps=2, save_every=100)
+    records = []
+    train(config, progress=False, on_step=records.append)
+    samples = metrics.read_jsonl(tmp_path / "run" / "completions.jsonl")
+    # The system prompt was prepended, and rewards saw TRL's conversational completion form.
+    assert samples[0]["prompt"][0] == {"role": "system", "content": "+"}
+    assert samples[0]["prompt"][1]["role"] == "user"
+    assert len(records) == 2 and all(0.0 <= r["reward"] <= 1.0 for r in records)
