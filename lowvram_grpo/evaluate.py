@@ -31,9 +31,9 @@ from typing import Callable
 import torch
 
 from lowvram_grpo.config import TrainConfig
-from lowvram_grpo.data import load_prompt_data, prompt_text
+from lowvram_grpo.data import load_prompt_data
 from lowvram_grpo.model import default_device, load_policy, reference_model, resolve_model_path
-from lowvram_grpo.rewards import BUILTIN_REWARDS, RewardFunction, load_reward_functions, score_completions
+from lowvram_grpo.rewards import BUILTIN_REWARDS, RewardFunction, load_reward_functions, score_rows
 from lowvram_grpo.rollout import generate_rollouts
 
 # Built-in rewards that mean "the answer is right" (1.0) or "wrong" (0.0).
@@ -67,24 +67,13 @@ def evaluate(policy, tokenizer, rows: list[dict], reward_functions: list[RewardF
         with reference_model(policy):
             return evaluate(policy, tokenizer, rows, reward_functions, config, adapter=True)
 
-    prompts = [row["prompt"] for row in rows]
-    conversational = isinstance(prompts[0], list)
-    was_training = policy.training
-    try:
-        # Greedy: one completion per prompt is enough, and the result is deterministic.
-        rollout = generate_rollouts(
-            policy, tokenizer, [prompt_text(tokenizer, p) for p in prompts], num_generations=1,
-            chunk_size=config.generation_chunk_size, max_prompt_length=config.max_prompt_length,
-            max_completion_length=config.max_completion_length, do_sample=False,
-            add_special_tokens=not conversational)
-    finally:
-        policy.train(was_training)
-
-    completions = ([[{"role": "assistant", "content": c}] for c in rollout.completions]
-                   if conversational else rollout.completions)
-    columns = {key: [row.get(key) for row in rows] for key in rows[0] if key != "prompt"}
-    scores = score_completions(reward_functions, prompts, completions,
-                               rollout.completion_token_lists(), columns)
+    # Greedy: one completion per prompt is enough, and the result is deterministic.
+    # (generate_rollouts leaves the policy in the train/eval mode it found it in.)
+    rollout = generate_rollouts(
+        policy, tokenizer, [row["prompt"] for row in rows], num_generations=1,
+        chunk_size=config.generation_chunk_size, max_prompt_length=config.max_prompt_length,
+        max_completion_length=config.max_completion_length, do_sample=False)
+    scores = score_rows(reward_functions, rows, rollout.completions, rollout.completion_token_lists())
 
     lengths = rollout.completion_mask.sum(1).float()
     result = {"eval/reward": _nanmean(scores.total)}

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from lowvram_grpo.checkpoint import checkpoint_dirs
 from lowvram_grpo.config import TrainConfig, save_config
-from lowvram_grpo.metrics import read_status
+from lowvram_grpo.metrics import read_status, write_json_atomic
 
 LOG_NAME = "train.log"
 REGISTRY_NAME = "job.json"
@@ -100,9 +100,7 @@ class JobManager:
             return None
 
     def _save(self, job: Job) -> None:
-        tmp = self.registry.with_name(f".{self.registry.name}.tmp")
-        tmp.write_text(json.dumps(asdict(job), indent=1), encoding="utf-8")
-        os.replace(tmp, self.registry)
+        write_json_atomic(self.registry, asdict(job))
 
     def is_alive(self, job: Job) -> bool:
         child = self._children.get(job.pid)

@@ -466,6 +466,19 @@ class RewardScores:
         return out
 
 
+def score_rows(reward_functions: list[RewardFunction], rows: list[dict], completions: list[str],
+               completion_ids: list[list[int]] | None, num_generations: int = 1) -> RewardScores:
+    """Score `num_generations` completions per dataset row (a row's completions contiguous):
+    each completion is paired with its row's prompt and other columns, and conversational
+    prompts get TRL's conversational completion form."""
+    prompts = [row["prompt"] for row in rows for _ in range(num_generations)]
+    if isinstance(prompts[0], list):
+        completions = [[{"role": "assistant", "content": c}] for c in completions]
+    columns = {key: [row.get(key) for row in rows for _ in range(num_generations)]
+               for key in rows[0] if key != "prompt"}
+    return score_completions(reward_functions, prompts, completions, completion_ids, columns)
+
+
 def score_completions(
     reward_functions: list[RewardFunction],
     prompts: list,

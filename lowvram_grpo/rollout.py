@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lowvram_grpo.data import prompt_text
+
 
 @dataclass
 class Rollout:
@@ -73,13 +75,18 @@ def eos_token_ids(model, tokenizer) -> list[int]:
 
 
 @torch.no_grad()
-def generate_rollouts(model, tokenizer, prompt_texts: list[str], *, num_generations: int,
+def generate_rollouts(model, tokenizer, prompts: list, *, num_generations: int,
                       chunk_size: int, max_prompt_length: int, max_completion_length: int,
                       temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                      do_sample: bool = True, add_special_tokens: bool = True) -> Rollout:
-    """Sample `num_generations` completions for each prompt, `chunk_size` sequences at a time."""
-    prompt_ids, num_truncated = tokenize_prompts(tokenizer, prompt_texts, max_prompt_length,
-                                                 add_special_tokens)
+                      do_sample: bool = True) -> Rollout:
+    """Sample `num_generations` completions for each prompt, `chunk_size` sequences at a time.
+
+    A prompt is a plain string, or a conversation that goes through the chat template (which
+    already contains the model's special tokens, so none are added on top)."""
+    conversational = isinstance(prompts[0], list)
+    prompt_ids, num_truncated = tokenize_prompts(
+        tokenizer, [prompt_text(tokenizer, p) for p in prompts], max_prompt_length,
+        add_special_tokens=not conversational)
     # Repeat each prompt G times, keeping a group's rows together.
     sequences = [ids for ids in prompt_ids for _ in range(num_generations)]
     eos_ids = eos_token_ids(model, tokenizer)

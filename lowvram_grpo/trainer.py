@@ -38,11 +38,11 @@ from lowvram_grpo.backoff import MemoryBudgetError, retry_on_oom
 from lowvram_grpo.checkpoint import (checkpoint_dirs, latest_checkpoint, load_checkpoint, read_trainer_state, restore_rng_state,
                                      rng_state, save_adapter, save_checkpoint)
 from lowvram_grpo.config import AUTO, CHUNK_KEYS, ConfigError, TrainConfig, save_config
-from lowvram_grpo.data import load_prompt_data, prompt_text
+from lowvram_grpo.data import load_prompt_data
 from lowvram_grpo.evaluate import evaluate
 from lowvram_grpo.model import load_policy, reference_model, resolve_model_path
 from lowvram_grpo.reporting import make_reporters
-from lowvram_grpo.rewards import RewardScores, load_reward_functions, score_completions
+from lowvram_grpo.rewards import RewardScores, load_reward_functions, score_rows
 from lowvram_grpo.rollout import Rollout, generate_rollouts
 
 
@@ -394,25 +394,19 @@ def grpo_step(config: TrainConfig, policy, tokenizer, rows: list[dict], sampler:
     # 1. Prompts. Every process draws the same list and takes its own share of whole prompts.
     batch = [rows[i] for i in distributed.local_share(sampler.next_indices(config.prompts_per_step))]
     prompts = [row["prompt"] for row in batch]
-    conversational = isinstance(prompts[0], list)
 
-    # 2. Rollouts, adapter on. Chat templates already contain their special tokens.
+    # 2. Rollouts, adapter on.
     #    Each memory-heavy phase below runs under retry_on_oom: on an out-of-memory error it
     #    halves the chunk size that bounds the phase (in `config`) and runs the phase again.
     oom_events: list[str] = []
     rollout = retry_on_oom("generation", config, lambda: generate_rollouts(
-        policy, tokenizer, [prompt_text(tokenizer, p) for p in prompts], num_generations=G,
-        chunk_size=config.generation_chunk_size, max_prompt_length=config.max_prompt_length,
-        max_completion_length=config.max_completion_length, temperature=config.temperature,
-        top_p=config.top_p, top_k=config.top_k, add_special_tokens=not conversational), oom_events)
+        policy, tokenizer, prompts, num_generations=G, chunk_size=config.generation_chunk_size,
+        max_prompt_length=config.max_prompt_length, max_completion_length=config.max_completion_length,
+        temperature=config.temperature, top_p=config.top_p, top_k=config.top_k), oom_events)
     generation_time = time.perf_counter() - started
 
     # 3. Rewards: TRL's calling convention, one entry per completion.
-    completions = ([[{"role": "assistant", "content": c}] for c in rollout.completions]
-                   if conversational else rollout.completions)
-    columns = {key: [row[key] for row in batch for _ in range(G)] for key in batch[0] if key != "prompt"}
-    scores = score_completions(reward_functions, [p for p in prompts for _ in range(G)], completions,
-                               rollout.completion_token_lists(), columns)
+    scores = score_rows(reward_functions, batch, rollout.completions, rollout.completion_token_lists(), G)
 
     # 4. Advantages within each prompt's group. A process holds whole groups, but
     #    scale_rewards="batch" needs the std of the whole step: so gather the rewards of every

@@ -43,7 +43,7 @@ import pandas as pd
 from lowvram_grpo.checkpoint import checkpoint_dirs
 from lowvram_grpo.config import (LOSS_TYPES, ConfigError, TrainConfig, build_config, list_presets, preset_path,
                                  read_yaml)
-from lowvram_grpo.data import SUPPORTED, DatasetError, _looks_like_path, load_prompt_data, preview, prompt_text
+from lowvram_grpo.data import SUPPORTED, DatasetError, _looks_like_path, load_prompt_data, preview
 from lowvram_grpo.jobs import LOG_NAME, JobError, JobManager, run_state, tail
 from lowvram_grpo.metrics import read_jsonl
 from lowvram_grpo.rewards import BUILTIN_REWARDS
@@ -430,9 +430,9 @@ class AdapterPlayground:
 
             def run() -> str:
                 rollout = generate_rollouts(
-                    policy, tokenizer, [prompt_text(tokenizer, messages)], num_generations=1, chunk_size=1,
+                    policy, tokenizer, [messages], num_generations=1, chunk_size=1,
                     max_prompt_length=max(config.max_prompt_length, 1), max_completion_length=max_new_tokens,
-                    do_sample=False, add_special_tokens=isinstance(messages, str))
+                    do_sample=False)
                 return rollout.completions[0]
 
             with reference_model(policy):

@@ -68,7 +68,7 @@ def _config(tmp_path):
 def _fixed_step(config, path):
     """One step's rollouts, advantages and log-probs, made once and saved: every process loads
     the same, so sampling randomness plays no part in the comparison."""
-    from lowvram_grpo.data import load_prompt_data, prompt_text
+    from lowvram_grpo.data import load_prompt_data
     from lowvram_grpo.model import load_policy, reference_model
     from lowvram_grpo.rollout import generate_rollouts
     from lowvram_grpo.trainer import frozen_logprobs, seed_everything
@@ -80,7 +80,7 @@ def _fixed_step(config, path):
             if "lora_B" in name:
                 p.normal_(0, 0.05)
     rows = load_prompt_data(config, tokenizer).train[:NUM_PROMPTS]
-    rollout = generate_rollouts(policy, tokenizer, [prompt_text(tokenizer, r["prompt"]) for r in rows],
+    rollout = generate_rollouts(policy, tokenizer, [r["prompt"] for r in rows],
                                 num_generations=G, chunk_size=16, max_prompt_length=config.max_prompt_length,
                                 max_completion_length=config.max_completion_length)
     rewards = torch.randn(rollout.num_sequences, generator=torch.Generator().manual_seed(1))
