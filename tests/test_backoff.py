@@ -100,3 +100,51 @@ def test_auto_chunk_sizes_come_from_the_planner(tiny_cache, tmp_path, capsys):
                for k in ("generation_chunk_size", "micro_batch_size", "logprob_chunk_size"))
     # The saved config keeps what the user asked for.
     assert "generation_chunk_size: auto" in (tmp_path / "auto" / "config.yaml").read_text()
+
+
+# --- bench/oom_backoff.py: the GPU demonstration's own checks, on a CPU run ---------------------
+
+
+@pytest.fixture(scope="module")
+def oom_demo():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench_dir = Path(__file__).resolve().parent.parent / "bench"
+    sys.path.insert(0, str(bench_dir))
+    spec = importlib.util.spec_from_file_location("oom_backoff", bench_dir / "oom_backoff.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_demo_cap_lies_between_the_smallest_and_the_configured_estimate(oom_demo):
+    assert oom_demo.choose_cap_gb(2.0, 6.0) == 3.0
+    with pytest.raises(ValueError, match="nothing to back off from"):
+        oom_demo.choose_cap_gb(2.0, 2.0)
+
+
+def test_demo_checks_pass_on_a_backed_off_run_and_fail_without_an_oom(oom_demo, tiny_cache, tmp_path, monkeypatch):
+    from lowvram_grpo.metrics import read_jsonl
+
+    plain = _config(tmp_path, "plain", save_every=3)
+    train(plain, progress=False)
+    run = tmp_path / "plain"
+    assert oom_demo.optimizer_step_count(run) == 3
+    problems = oom_demo.check_run(read_jsonl(run / "metrics.jsonl"), 3, 3, cap_gb=1e6)
+    assert problems == ["no out-of-memory error happened: lower --budget-gb"]
+
+    real = trainer.generate_rollouts
+
+    def oom_above_16(*args, chunk_size, **kwargs):
+        if chunk_size > 16:
+            raise torch.OutOfMemoryError("injected")
+        return real(*args, chunk_size=chunk_size, **kwargs)
+
+    monkeypatch.setattr(trainer, "generate_rollouts", oom_above_16)
+    train(_config(tmp_path, "oom", save_every=3, generation_chunk_size=64), progress=False)
+    records = read_jsonl(tmp_path / "oom" / "metrics.jsonl")
+    assert oom_demo.check_run(records, oom_demo.optimizer_step_count(tmp_path / "oom"), 3, cap_gb=1e6) == []
+    assert "optimizer stepped 2 times" in " ".join(oom_demo.check_run(records, 2, 3, cap_gb=1e6))
+    assert "peaked above" in " ".join(oom_demo.check_run(records, 3, 3, cap_gb=-1.0))
