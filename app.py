@@ -2,8 +2,9 @@
 
     python app.py                              # http://127.0.0.1:7860, this machine only
     python app.py --port 8000 --work-dir runs/app
-    python app.py --host 0.0.0.0 --auth alice:s3cret   # reachable from the network, with a login
-    python app.py --share --auth alice:s3cret          # plus a temporary public gradio.live link
+    python app.py --host 0.0.0.0 --auth-file logins.txt  # reachable from the network, with a login
+                                                         # (logins.txt: one user:password per line)
+    python app.py --share --auth-file logins.txt         # plus a temporary public gradio.live link
     python app.py --allow-custom-code                  # allow uploading Python reward files
 """
 

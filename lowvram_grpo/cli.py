@@ -10,7 +10,8 @@
     lowvram-grpo plan --preset X --vram-gb 16 [key=value ...]
     lowvram-grpo eval --preset X --adapter runs/x/final [--max-prompts N]
     lowvram-grpo export --adapter runs/x/final --merge out/model [--dtype float16]
-    lowvram-grpo ui [--host H] [--port P] [--share] [--auth user:pass] [--allow-custom-code] [--work-dir DIR]
+    lowvram-grpo ui [--host H] [--port P] [--share] [--auth user:pass | --auth-file F] [--allow-custom-code]
+                    [--work-dir DIR]
 
 Bad input (an unknown key, a missing file, a broken reward function) ends with one line that
 names the problem and the fix, and exit status 2; a traceback means a bug in lowvram-grpo.
@@ -19,6 +20,7 @@ names the problem and the fix, and exit status 2; a traceback means a bug in low
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -243,7 +245,10 @@ def add_ui_parser(commands) -> argparse.ArgumentParser:
                     help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
     ui.add_argument("--port", type=int, help="port (default: 7860, or the next free one)")
     ui.add_argument("--share", action="store_true", help="also publish a temporary public gradio.live link")
-    ui.add_argument("--auth", metavar="USER:PASS", help="require this login (recommended with --host or --share)")
+    ui.add_argument("--auth", metavar="USER:PASS",
+                    help="require this login (recommended with --host or --share); other users of this machine "
+                         "can read command lines, so on a shared machine prefer --auth-file or $LOWVRAM_GRPO_AUTH")
+    ui.add_argument("--auth-file", metavar="FILE", help="require a login from FILE: one USER:PASS per line")
     ui.add_argument("--allow-custom-code", action="store_true",
                     help="allow uploading Python reward files (they run with your permissions)")
     ui.add_argument("--work-dir", default="runs/app", metavar="DIR",
@@ -251,13 +256,37 @@ def add_ui_parser(commands) -> argparse.ArgumentParser:
     return ui
 
 
-def cmd_ui(args: argparse.Namespace) -> int:
-    auth = None
-    if args.auth is not None:
-        user, sep, password = args.auth.partition(":")
+def ui_logins(args: argparse.Namespace) -> list[tuple[str, str]] | None:
+    """The logins the app requires: --auth, the lines of --auth-file, or $LOWVRAM_GRPO_AUTH
+    (the first that is given); None = no login."""
+    if args.auth is not None and args.auth_file:
+        raise ConfigError("--auth and --auth-file are both given; use one")
+    if args.auth_file:
+        try:
+            text = Path(args.auth_file).expanduser().read_text(encoding="utf-8")
+        except OSError as err:
+            raise ConfigError(f"--auth-file: cannot read {args.auth_file} ({err.strerror})") from None
+        entries = [(f"--auth-file {args.auth_file} line {n}", line.strip())
+                   for n, line in enumerate(text.splitlines(), 1) if line.strip() and not line.startswith("#")]
+        if not entries:
+            raise ConfigError(f"--auth-file: {args.auth_file} holds no USER:PASS line")
+    elif args.auth is not None:
+        entries = [("--auth", args.auth)]
+    elif os.environ.get("LOWVRAM_GRPO_AUTH"):
+        entries = [("LOWVRAM_GRPO_AUTH", os.environ["LOWVRAM_GRPO_AUTH"])]
+    else:
+        return None
+    logins = []
+    for where, entry in entries:
+        user, sep, password = entry.partition(":")
         if not sep or not user or not password:
-            raise ConfigError("--auth: expected USER:PASS, for example --auth alice:s3cret")
-        auth = (user, password)
+            raise ConfigError(f"{where}: expected USER:PASS, for example alice:s3cret")
+        logins.append((user, password))
+    return logins
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    auth = ui_logins(args)
     try:
         from lowvram_grpo.ui import launch
     except ImportError as err:

@@ -78,9 +78,12 @@ class TrainConfig:
     system_prompt: str | None = None
     # e.g. "{question}\nThink step by step." (placeholders are dataset columns).
     prompt_template: str | None = None
-    # Held-out prompts for evaluation: a fraction of `dataset`, or a separate file/id.
+    # Held-out prompts for evaluation: a fraction of `dataset`, or a separate file/id. A hub
+    # eval_dataset is read from eval_split (it may be `dataset` itself with another split,
+    # e.g. openai/gsm8k's test split; dataset_config then applies to it too).
     eval_fraction: float = 0.0
     eval_dataset: str | None = None
+    eval_split: str = "test"
 
     # --- rewards -----------------------------------------------------------------------------
     rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec("arith_answer")])

@@ -87,13 +87,15 @@ def load_prompt_data(config: TrainConfig, tokenizer=None) -> PromptData:
 
     eval_rows: list[dict] = []
     if config.eval_dataset:
-        if config.eval_dataset == config.dataset:
+        same_dataset = config.eval_dataset == config.dataset
+        if same_dataset and (_is_local(config.dataset) or config.eval_split == config.dataset_split):
             raise DatasetError(
                 f"eval_dataset is the same as dataset ({config.dataset}), so the eval prompts "
-                "would be training prompts; use eval_fraction to hold some out, or a separate "
-                "file.")
+                "would be training prompts; use eval_fraction to hold some out, a separate "
+                "file, or (for a hub dataset) another split with eval_split=<name>.")
         try:
-            eval_table = _read(config.eval_dataset, None, "train")
+            eval_table = _read(config.eval_dataset, config.dataset_config if same_dataset else None,
+                               config.eval_split, split_key="eval_split")
             eval_rows = _prepare(eval_table, config, "eval_dataset")
         except DatasetError as err:  # say which key's data is wrong: both use one mapping
             raise DatasetError(
@@ -240,7 +242,9 @@ class _Table:
         return f"{name} {unit} {number}"
 
 
-def _read(source: str, config_name: str | None, split: str) -> _Table:
+def _read(source: str, config_name: str | None, split: str, split_key: str = "dataset_split") -> _Table:
+    """Rows of a built-in, a local file or folder, or a hub dataset's `split` (`split_key` is
+    the config key that names the split, for the error message)."""
     source = str(source).strip()
     if not source:
         raise DatasetError("dataset is empty; set dataset=path/to/train.jsonl, a hub id or "
@@ -257,7 +261,13 @@ def _read(source: str, config_name: str | None, split: str) -> _Table:
         return _read_file(path)
     if _looks_like_path(source):
         raise DatasetError(_not_found_message(path))
-    return _read_hub(source, config_name, split)
+    return _read_hub(source, config_name, split, split_key)
+
+
+def _is_local(source: str) -> bool:
+    """A built-in or an existing file or folder (anything else is a hub id)."""
+    source = str(source).strip()
+    return source.startswith("builtin:") or Path(source).expanduser().exists()
 
 
 def _looks_like_path(source: str) -> bool:
@@ -478,25 +488,26 @@ def _read_parquet(path: Path) -> list[dict]:
 # --- the Hugging Face Hub -----------------------------------------------------------------------
 
 
-def _read_hub(name: str, config_name: str | None, split: str) -> _Table:
+def _read_hub(name: str, config_name: str | None, split: str, split_key: str) -> _Table:
     import datasets  # slow to import; only hub ids need it
 
     try:
         loaded = datasets.load_dataset(name, config_name, split=split)
     except Exception as err:  # network, auth, missing config/split: all reach the user the same way
-        raise DatasetError(_hub_failure_message(name, config_name, split, err)) from None
+        raise DatasetError(_hub_failure_message(name, config_name, split, split_key, err)) from None
     label = ", ".join(x for x in ("Hugging Face Hub", config_name, f"{split} split") if x)
     return _Table(loaded.to_list(), name, detail=label)
 
 
-def _hub_failure_message(name: str, config_name: str | None, split: str, err: Exception) -> str:
+def _hub_failure_message(name: str, config_name: str | None, split: str, split_key: str,
+                         err: Exception) -> str:
     reason = _one_line(err)
     failed = f"could not load '{name}' from the Hugging Face Hub ({type(err).__name__}: {reason})."
     # The hub answered but the dataset needs a different configuration or split.
     if "config" in reason.lower():
         return f"{failed} Set dataset_config=<name> to one of the dataset's configurations."
     if "split" in reason.lower():
-        return f"{failed} Set dataset_split=<name> to a split the dataset has (not '{split}')."
+        return f"{failed} Set {split_key}=<name> to a split the dataset has (not '{split}')."
     return (
         f"{failed} No local file or folder named '{name}' exists (relative to {Path.cwd()}), so "
         "it was taken as a hub dataset id: check the spelling and your internet connection, "
@@ -609,14 +620,27 @@ def _filter_by_length(rows: list[dict], tokenizer, max_length: int,
     return kept, len(rows) - len(kept)
 
 
-def prompt_lengths(tokenizer, prompts: list, batch_size: int = 1000) -> list[int]:
-    """Token counts of prompts as the model sees them (no extra special tokens, like TRL)."""
-    texts = [prompt_text(tokenizer, p) for p in prompts]
-    lengths: list[int] = []
-    for start in range(0, len(texts), batch_size):  # batches bound the tokenizer's memory
-        ids = tokenizer(texts[start:start + batch_size], add_special_tokens=False)["input_ids"]
-        lengths += [len(x) for x in ids]
-    return lengths
+def encode_prompts(tokenizer, prompts: list, batch_size: int = 1000) -> list[list[int]]:
+    """Token ids of prompts exactly as generation feeds them to the model.
+
+    A conversation goes through the chat template, which already holds the model's special
+    tokens, so none are added; a plain string gets the tokenizer's usual ones (a BOS token on
+    Llama-style tokenizers), as the model saw its training text. The length filter and the
+    rollouts both use this, so a prompt that passes the filter is never cut at generation.
+    """
+    if not prompts:
+        return []
+    add_special_tokens = not isinstance(prompts[0], list)
+    ids: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):  # batches bound the tokenizer's memory
+        texts = [prompt_text(tokenizer, p) for p in prompts[start:start + batch_size]]
+        ids += tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+    return ids
+
+
+def prompt_lengths(tokenizer, prompts: list) -> list[int]:
+    """Token counts of prompts as the model sees them (see encode_prompts)."""
+    return [len(ids) for ids in encode_prompts(tokenizer, prompts)]
 
 
 # --- small helpers ------------------------------------------------------------------------------

@@ -150,6 +150,13 @@ def local_share(items: Sequence[T] | torch.Tensor) -> Sequence[T] | torch.Tensor
     return items[w.rank * size:(w.rank + 1) * size]
 
 
+def strided_share(items: Sequence[T]) -> Sequence[T]:
+    """Every W-th item from this process's rank on: for lists of any length (shares differ by
+    at most one item; a process may get none)."""
+    w = world()
+    return items[w.rank::w.world_size] if w.distributed else items
+
+
 def broadcast_parameters(params: Sequence[torch.Tensor], src: int = 0) -> None:
     """Copy rank `src`'s values into every process's `params` (a common starting point)."""
     if not world().distributed:

@@ -30,6 +30,7 @@ from typing import Callable
 
 import torch
 
+from lowvram_grpo import distributed
 from lowvram_grpo.config import TrainConfig
 from lowvram_grpo.data import load_prompt_data
 from lowvram_grpo.model import default_device, load_policy, reference_model, resolve_model_path
@@ -67,6 +68,33 @@ def evaluate(policy, tokenizer, rows: list[dict], reward_functions: list[RewardF
         with reference_model(policy):
             return evaluate(policy, tokenizer, rows, reward_functions, config, adapter=True)
 
+    # With several processes (see distributed.py) each decodes every W-th prompt and the
+    # per-prompt results are gathered: the metrics are one process's, in 1/W of the time.
+    total, per_function, lengths, clipped = (distributed.all_gather_tensor(t) for t in _greedy_scores(
+        policy, tokenizer, distributed.strided_share(rows), reward_functions, config))
+
+    result = {"eval/reward": _nanmean(total)}
+    for i, reward in enumerate(reward_functions):
+        result[f"eval/rewards/{reward.name}/mean"] = _nanmean(per_function[:, i])
+    column = _answer_reward_column(reward_functions)
+    if column is not None:
+        values = per_function[:, column]
+        values = values[~torch.isnan(values)]
+        result["eval/accuracy"] = float((values == 1.0).float().mean()) if len(values) else float("nan")
+    result.update({
+        "eval/completions/mean_length": float(lengths.mean()),
+        "eval/completions/clipped_ratio": float(clipped.float().mean()),
+        "eval/num_prompts": float(len(rows)),
+    })
+    return result
+
+
+def _greedy_scores(policy, tokenizer, rows: list[dict], reward_functions: list[RewardFunction],
+                   config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per prompt: total reward, each function's reward, completion length, clipped or not."""
+    if not rows:  # a process with no share still takes part in the gathers
+        return (torch.empty(0), torch.empty(0, len(reward_functions)), torch.empty(0),
+                torch.empty(0, dtype=torch.bool))
     # Greedy: one completion per prompt is enough, and the result is deterministic.
     # (generate_rollouts leaves the policy in the train/eval mode it found it in.)
     rollout = generate_rollouts(
@@ -74,22 +102,7 @@ def evaluate(policy, tokenizer, rows: list[dict], reward_functions: list[RewardF
         chunk_size=config.generation_chunk_size, max_prompt_length=config.max_prompt_length,
         max_completion_length=config.max_completion_length, do_sample=False)
     scores = score_rows(reward_functions, rows, rollout.completions, rollout.completion_token_lists())
-
-    lengths = rollout.completion_mask.sum(1).float()
-    result = {"eval/reward": _nanmean(scores.total)}
-    for i, reward in enumerate(reward_functions):
-        result[f"eval/rewards/{reward.name}/mean"] = _nanmean(scores.per_function[:, i])
-    column = _answer_reward_column(reward_functions)
-    if column is not None:
-        values = scores.per_function[:, column]
-        values = values[~torch.isnan(values)]
-        result["eval/accuracy"] = float((values == 1.0).float().mean()) if len(values) else float("nan")
-    result.update({
-        "eval/completions/mean_length": float(lengths.mean()),
-        "eval/completions/clipped_ratio": float(rollout.is_clipped.float().mean()),
-        "eval/num_prompts": float(len(rows)),
-    })
-    return result
+    return scores.total, scores.per_function, rollout.completion_mask.sum(1).float(), rollout.is_clipped
 
 
 def compare(config: TrainConfig, adapter_path: str | Path, max_prompts: int | None = None,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowvram_grpo.data import prompt_text
+from lowvram_grpo.data import encode_prompts
 
 
 @dataclass
@@ -34,11 +34,11 @@ class Rollout:
         return [ids[mask.bool()].tolist() for ids, mask in zip(self.completion_ids, self.completion_mask)]
 
 
-def tokenize_prompts(tokenizer, prompt_texts: list[str], max_prompt_length: int,
-                     add_special_tokens: bool = True) -> tuple[list[list[int]], int]:
-    """Token ids per prompt, keeping the last `max_prompt_length` (the end of a prompt, where
-    the question and the generation prompt are, matters most). Returns (ids, how many were cut)."""
-    encoded = tokenizer(prompt_texts, add_special_tokens=add_special_tokens)["input_ids"]
+def tokenize_prompts(tokenizer, prompts: list, max_prompt_length: int) -> tuple[list[list[int]], int]:
+    """Token ids per prompt (see data.encode_prompts), keeping the last `max_prompt_length`
+    (the end of a prompt, where the question and the generation prompt are, matters most).
+    Returns (ids, how many were cut)."""
+    encoded = encode_prompts(tokenizer, prompts)
     truncated = sum(len(ids) > max_prompt_length for ids in encoded)
     return [ids[-max_prompt_length:] for ids in encoded], truncated
 
@@ -83,10 +83,7 @@ def generate_rollouts(model, tokenizer, prompts: list, *, num_generations: int,
 
     A prompt is a plain string, or a conversation that goes through the chat template (which
     already contains the model's special tokens, so none are added on top)."""
-    conversational = isinstance(prompts[0], list)
-    prompt_ids, num_truncated = tokenize_prompts(
-        tokenizer, [prompt_text(tokenizer, p) for p in prompts], max_prompt_length,
-        add_special_tokens=not conversational)
+    prompt_ids, num_truncated = tokenize_prompts(tokenizer, prompts, max_prompt_length)
     # Repeat each prompt G times, keeping a group's rows together.
     sequences = [ids for ids in prompt_ids for _ in range(num_generations)]
     eos_ids = eos_token_ids(model, tokenizer)

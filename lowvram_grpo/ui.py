@@ -13,8 +13,8 @@ Layout of the app's work directory (`--work-dir`, default `runs/app`):
     rewards/      uploaded reward files (only with --allow-custom-code)
     exports/      adapter zips offered for download
 
-Safety: the app listens on 127.0.0.1 unless --host or --share say otherwise; --auth user:pass
-adds a login. Reward functions are Python code, so uploading them (or naming any reward that is
+Safety: the app listens on 127.0.0.1 unless --host or --share say otherwise; --auth-file (or
+--auth, or $LOWVRAM_GRPO_AUTH) adds a login. Reward functions are Python code, so uploading them (or naming any reward that is
 not a built-in) is refused unless the app was started with --allow-custom-code. Datasets on the
 server's disk can be named by path only when the app is local (127.0.0.1, no --share); otherwise
 only uploads, built-ins and hub ids are accepted.
@@ -853,14 +853,14 @@ def build_app(work_dir: str | Path = DEFAULT_WORK_DIR, allow_custom_code: bool =
 
 
 def launch(host: str = "127.0.0.1", port: int | None = None, share: bool = False,
-           auth: tuple[str, str] | None = None, allow_custom_code: bool = False,
+           auth: list[tuple[str, str]] | None = None, allow_custom_code: bool = False,
            work_dir: str | Path = DEFAULT_WORK_DIR, prevent_thread_lock: bool = False, quiet: bool = False):
     """Build the app and serve it; returns the Blocks (serving in the background with
     prevent_thread_lock=True). Local by default: --host, --share and --auth are explicit opt-ins."""
     local = host in LOCAL_HOSTS and not share
     if not local and auth is None:
         print("warning: the app is reachable from other machines without a login; anyone who can open it can "
-              "start training and read its runs. Add --auth user:pass.", flush=True)
+              "start training and read its runs. Add --auth-file FILE (USER:PASS lines) or --auth user:pass.", flush=True)
     demo = build_app(work_dir, allow_custom_code=allow_custom_code, allow_local_paths=local)
     demo.queue(default_concurrency_limit=2)
     demo.launch(server_name=host, server_port=port, share=share, auth=auth,

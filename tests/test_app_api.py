@@ -223,3 +223,48 @@ def test_failed_and_killed_runs_say_so(tmp_path):
 
     (run_dir / "train.log").write_text("a\nLoading 0%\rLoading 100%\nlast line\n")
     assert tail(run_dir / "train.log", lines=2) == "Loading 100%\nlast line"
+
+
+# --- logins ------------------------------------------------------------------------------------
+
+
+def _ui_args(*argv):
+    from lowvram_grpo.cli import build_parser
+
+    return build_parser().parse_args(["ui", *argv])
+
+
+def test_logins_come_from_a_file_the_environment_or_the_flag(tmp_path, monkeypatch):
+    from lowvram_grpo.cli import ui_logins
+    from lowvram_grpo.config import ConfigError
+
+    monkeypatch.delenv("LOWVRAM_GRPO_AUTH", raising=False)
+    assert ui_logins(_ui_args()) is None
+    logins = tmp_path / "logins.txt"
+    logins.write_text("# who may train\nalice:s3cret\n\nbob:pa:ss\n")
+    assert ui_logins(_ui_args("--auth-file", str(logins))) == [("alice", "s3cret"), ("bob", "pa:ss")]
+    monkeypatch.setenv("LOWVRAM_GRPO_AUTH", "carol:x")
+    assert ui_logins(_ui_args()) == [("carol", "x")]
+    assert ui_logins(_ui_args("--auth", "dave:y")) == [("dave", "y")]  # the flag wins over the environment
+
+    logins.write_text("alice\n")
+    with pytest.raises(ConfigError, match=r"--auth-file .*logins.txt line 1: expected USER:PASS"):
+        ui_logins(_ui_args("--auth-file", str(logins)))
+    with pytest.raises(ConfigError, match="cannot read"):
+        ui_logins(_ui_args("--auth-file", str(tmp_path / "missing.txt")))
+    with pytest.raises(ConfigError, match="both given"):
+        ui_logins(_ui_args("--auth", "a:b", "--auth-file", str(logins)))
+
+
+def test_app_with_a_login_refuses_strangers(tmp_path):
+    demo = ui.launch(port=free_port(), work_dir=tmp_path, auth=[("alice", "s3cret")], prevent_thread_lock=True,
+                     quiet=True)
+    try:
+        with pytest.raises(gradio_client.exceptions.AuthenticationError, match="credentials were not provided"):
+            gradio_client.Client(demo.local_url, verbose=False)
+        with pytest.raises(ValueError, match="Could not login"):
+            gradio_client.Client(demo.local_url, auth=("alice", "wrong"), verbose=False)
+        client = gradio_client.Client(demo.local_url, auth=("alice", "s3cret"), verbose=False)
+        assert "/start" in client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    finally:
+        demo.close()

@@ -231,6 +231,35 @@ def test_length_filter_counts_the_chat_template(tmp_path, chat_tokenizer):
     assert f"max_prompt_length={seen}" in str(err.value)
 
 
+def bos_tokenizer():
+    """Like Llama's: a BOS token before every plain-text encoding, one in the chat template."""
+    from tokenizers import processors
+
+    tokenizer = char_tokenizer(with_template=True)
+    tokenizer.add_special_tokens({"bos_token": "<s>"})
+    tokenizer.chat_template = "<s>" + CHAT_TEMPLATE
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tokenizer.bos_token_id)])
+    return tokenizer
+
+
+def test_length_filter_counts_the_tokens_generation_adds(tmp_path):
+    """A plain prompt of exactly max_prompt_length characters becomes one token longer with
+    the BOS that generation adds, so the filter drops it rather than generation cutting it."""
+    from lowvram_grpo.rollout import tokenize_prompts
+
+    tokenizer = bos_tokenizer()
+    path = write_jsonl(tmp_path / "train.jsonl", [{"question": "x" * n, "answer": "1"} for n in (9, 10)])
+    data = load_prompt_data(config(path, max_prompt_length=10), tokenizer)
+    assert [len(r["prompt"]) for r in data.train] == [9] and data.num_dropped_too_long == 1
+    ids, cut = tokenize_prompts(tokenizer, [r["prompt"] for r in data.train], max_prompt_length=10)
+    assert ids[0][0] == tokenizer.bos_token_id and len(ids[0]) == 10 and cut == 0
+    # The chat template already holds the BOS: none is added on top.
+    conversation = load_prompt_data(config(path, system_prompt="S", max_prompt_length=100), tokenizer).train
+    ids, _ = tokenize_prompts(tokenizer, [conversation[0]["prompt"]], max_prompt_length=100)
+    assert ids[0].count(tokenizer.bos_token_id) == 1
+
+
 def test_eval_fraction_is_seeded_and_disjoint(tmp_path):
     rows = [{"question": f"q{i}", "answer": str(i)} for i in range(100)]
     path = write_jsonl(tmp_path / "train.jsonl", rows)
@@ -283,6 +312,42 @@ def test_hub_dataset_rows_are_read(monkeypatch):
                                         dataset_split="test", prompt_column="question"))
     assert calls == [("someone/prompts", "main", "test")]
     assert len(data.train) == 3 and "someone/prompts" in data.source
+
+
+def test_hub_eval_split_of_the_training_dataset(monkeypatch):
+    """openai/gsm8k's train split to train, its test split to evaluate: one hub id, two splits,
+    the same dataset_config."""
+    import datasets
+
+    calls = []
+
+    def fake_load(name, config_name=None, split="train"):
+        calls.append((name, config_name, split))
+        return datasets.Dataset.from_list(ROWS if split == "train" else ROWS[:1])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    data = load_prompt_data(TrainConfig(dataset="openai/gsm8k", dataset_config="main", prompt_column="question",
+                                        eval_dataset="openai/gsm8k"))
+    assert calls == [("openai/gsm8k", "main", "train"), ("openai/gsm8k", "main", "test")]
+    assert len(data.train) == 3 and len(data.eval) == 1 and "test split" in data.source
+    with pytest.raises(DatasetError, match="the same as dataset .* eval_split=<name>"):
+        load_prompt_data(TrainConfig(dataset="openai/gsm8k", prompt_column="question",
+                                     eval_dataset="openai/gsm8k", eval_split="train"))
+
+
+def test_hub_missing_eval_split_names_eval_split(monkeypatch):
+    import datasets
+
+    def no_test_split(name, config_name=None, split="train"):
+        if split != "train":
+            raise ValueError(f'Unknown split "{split}". Should be one of [\'train\'].')
+        return datasets.Dataset.from_list(ROWS)
+
+    monkeypatch.setattr(datasets, "load_dataset", no_test_split)
+    with pytest.raises(DatasetError) as err:
+        load_prompt_data(TrainConfig(dataset="someone/a", eval_dataset="someone/b", prompt_column="question"))
+    message = str(err.value)
+    assert message.startswith("eval_dataset: ") and "Set eval_split=<name>" in message and "'test'" in message
 
 
 def test_hub_missing_config_suggests_dataset_config(monkeypatch):

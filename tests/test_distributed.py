@@ -2,7 +2,8 @@
 
 Real process groups on the CPU (gloo), two processes:
 - the update, on fixed rollouts, equals the single-process update for every loss_type (beta > 0,
-  off-policy ratios so clipping and the KL both matter), and the helpers gather what they should;
+  off-policy ratios so clipping and the KL both matter), evaluation shared out over the processes
+  gives the single-process metrics, and the helpers gather what they should;
 - a 2-process tiny-cpu run through the CLI writes the usual run directory; another one stopped
   by SIGTERM stops both processes after the same step, refuses a resume with another number of
   processes, and resumed with 2 ends bit-identical to the uninterrupted run.
@@ -129,6 +130,26 @@ def _updates(data_path):
     return out
 
 
+EVAL_PROMPTS = 5  # odd: the processes get 3 and 2
+
+
+def _evaluation(data_path):
+    """eval/* metrics of the fixed step's policy on EVAL_PROMPTS prompts, each process
+    decoding its share (as the trainer's eval_every does)."""
+    from lowvram_grpo.data import load_prompt_data
+    from lowvram_grpo.evaluate import evaluate
+    from lowvram_grpo.model import load_policy
+
+    data = torch.load(data_path, weights_only=False)
+    policy, tokenizer = load_policy(data["config"], torch.device("cpu"))
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if p.requires_grad:
+                p.copy_(data["lora"][name])
+    rows = load_prompt_data(data["config"], tokenizer).train[:EVAL_PROMPTS]
+    return evaluate(policy, tokenizer, rows, None, data["config"])
+
+
 def _helper_checks(data_path):
     """The collectives the trainer relies on, with results only right if they really gathered."""
     from lowvram_grpo.rewards import RewardScores
@@ -147,6 +168,7 @@ def _helper_checks(data_path):
     assert distributed.all_reduce_max({"t": float(r)}) == {"t": 1.0}
     assert distributed.any_rank(r == 1) and not distributed.any_rank(False)
     assert distributed.local_share(list(range(8))) == list(range(4 * r, 4 * r + 4))
+    assert distributed.strided_share(list(range(5))) == [[0, 2, 4], [1, 3]][r]
 
     # Gradients: SUM over processes, a missing gradient counting as zeros.
     p = torch.nn.Parameter(torch.zeros(3))
@@ -175,7 +197,7 @@ def _worker(rank, world_size, port, data_path, out_dir):
     w = distributed.world()
     assert (w.rank, w.world_size) == (rank, world_size) and torch.distributed.get_backend() == "gloo"
     _helper_checks(data_path)
-    torch.save(_updates(data_path), os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.save({**_updates(data_path), "eval": _evaluation(data_path)}, os.path.join(out_dir, f"rank{rank}.pt"))
     distributed.finish()
 
 
@@ -202,6 +224,14 @@ def test_two_processes_make_the_single_process_update(tiny_cache, tmp_path):
         for key in ("loss", "grad_norm", "kl", "entropy", "clip_ratio/region_mean"):
             assert stats[key] == pytest.approx(expected["stats"][key], rel=1e-5, abs=1e-7), (loss_type, key)
     assert single["grpo"]["stats"]["kl"] > 0 and single["grpo"]["stats"]["clip_ratio/region_mean"] > 0
+
+    # Evaluation shared out (3 + 2 prompts) gives one process's metrics over all 5, on every process.
+    alone = _evaluation(data_path)
+    assert alone["eval/num_prompts"] == EVAL_PROMPTS and alone["eval/completions/mean_length"] > 0
+    for rank in ranks:
+        assert rank["eval"].keys() == alone.keys()
+        for key, value in alone.items():
+            assert rank["eval"][key] == pytest.approx(value, rel=1e-6), key
 
 
 # --- the CLI: a 2-process run, SIGTERM, resume ------------------------------------------------
