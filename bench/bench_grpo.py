@@ -127,7 +127,7 @@ def prepare_toy(args, work_dir: Path) -> Settings:
     preset = load_config(preset="tiny-cpu")
     model_dir = resolve_model_path(args.model)
     dataset = work_dir / "arith.jsonl"
-    _write_jsonl(dataset, toy.arith_rows(1000, seed=0))
+    write_jsonl(dataset, toy.arith_rows(1000, seed=0))
     sequences = preset.num_generations * (args.prompts_per_step or preset.prompts_per_step)
     return Settings(
         device=args.device, model_dir=str(model_dir), model_label=args.model, dataset_path=str(dataset), reward="arith",
@@ -155,7 +155,7 @@ def prepare_random_arch(args, work_dir: Path) -> Settings:
     prompt_length = args.prompt_length or 256
     model_dir = build_random_model(args.arch, Path(args.model_cache) / args.arch)
     dataset = work_dir / f"random-prompts-{prompt_length}.jsonl"
-    _write_jsonl(dataset, random_prompts(model_dir, num_rows=64, length=prompt_length, seed=0))
+    write_jsonl(dataset, random_prompts(num_rows=64, length=prompt_length, seed=0))
     sequences = num_generations * prompts_per_step
     return Settings(
         device=args.device, model_dir=str(model_dir), model_label=f"{args.arch} (random weights)",
@@ -229,7 +229,7 @@ def bench_tokenizer(vocab_size: int):
                                    padding_side="left")
 
 
-def random_prompts(model_dir: Path, num_rows: int, length: int, seed: int) -> list[dict]:
+def random_prompts(num_rows: int, length: int, seed: int) -> list[dict]:
     """`num_rows` prompts of exactly `length` tokens: random printable characters."""
     import random
 
@@ -237,7 +237,7 @@ def random_prompts(model_dir: Path, num_rows: int, length: int, seed: int) -> li
     return [{"prompt": "".join(rng.choice(PROMPT_CHARS) for _ in range(length))} for _ in range(num_rows)]
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
+def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 

@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="oom-backoff-"))
     model_dir = bench_grpo.build_random_model(args.arch, Path(args.model_cache) / args.arch)
     dataset = work / "prompts.jsonl"
-    bench_grpo._write_jsonl(dataset, bench_grpo.random_prompts(model_dir, num_rows=64, length=256, seed=0))
+    bench_grpo.write_jsonl(dataset, bench_grpo.random_prompts(num_rows=64, length=256, seed=0))
     config = load_config(overrides=demo_overrides(model_dir, dataset, work / "run", args.steps))
 
     # The planner's figures without the CUDA context, which the allocator cap does not cover.

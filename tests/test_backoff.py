@@ -74,7 +74,7 @@ def test_oom_in_backward_redoes_the_step_exactly_once(tiny_cache, tmp_path, monk
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
 
 
-def test_oom_in_generation_halves_the_generation_chunk(tiny_cache, tmp_path, monkeypatch):
+def _oom_when_generating_more_than_16(monkeypatch):
     real = trainer.generate_rollouts
 
     def oom_above_16(*args, chunk_size, **kwargs):
@@ -83,6 +83,10 @@ def test_oom_in_generation_halves_the_generation_chunk(tiny_cache, tmp_path, mon
         return real(*args, chunk_size=chunk_size, **kwargs)
 
     monkeypatch.setattr(trainer, "generate_rollouts", oom_above_16)
+
+
+def test_oom_in_generation_halves_the_generation_chunk(tiny_cache, tmp_path, monkeypatch):
+    _oom_when_generating_more_than_16(monkeypatch)
     records = []
     train(_config(tmp_path, "gen", generation_chunk_size=64), progress=False, on_step=records.append)
     assert [r["step"] for r in records] == [1, 2, 3]
@@ -135,14 +139,7 @@ def test_demo_checks_pass_on_a_backed_off_run_and_fail_without_an_oom(oom_demo, 
     problems = oom_demo.check_run(read_jsonl(run / "metrics.jsonl"), 3, 3, cap_gb=1e6)
     assert problems == ["no out-of-memory error happened: lower --budget-gb"]
 
-    real = trainer.generate_rollouts
-
-    def oom_above_16(*args, chunk_size, **kwargs):
-        if chunk_size > 16:
-            raise torch.OutOfMemoryError("injected")
-        return real(*args, chunk_size=chunk_size, **kwargs)
-
-    monkeypatch.setattr(trainer, "generate_rollouts", oom_above_16)
+    _oom_when_generating_more_than_16(monkeypatch)
     train(_config(tmp_path, "oom", save_every=3, generation_chunk_size=64), progress=False)
     records = read_jsonl(tmp_path / "oom" / "metrics.jsonl")
     assert oom_demo.check_run(records, oom_demo.optimizer_step_count(tmp_path / "oom"), 3, cap_gb=1e6) == []

@@ -96,7 +96,7 @@ def test_bench_tokenizer_round_trips_prompts_for_qwen_and_llama(bench, tmp_path)
         bench.bench_tokenizer(values["vocab_size"]).save_pretrained(folder)
         (folder / "config.json").write_text(json.dumps(values))
         tokenizer = load_tokenizer(str(folder))
-        prompt = bench.random_prompts(folder, num_rows=1, length=64, seed=0)[0]["prompt"]
+        prompt = bench.random_prompts(num_rows=1, length=64, seed=0)[0]["prompt"]
         assert len(tokenizer(prompt)["input_ids"]) == 64
         assert len(tokenizer) == values["vocab_size"]
         assert (tokenizer.pad_token_id, tokenizer.eos_token_id) == (0, 1)
