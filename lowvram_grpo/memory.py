@@ -61,6 +61,11 @@ NF4_BITS = 4.0
 NF4_ABSMAX_BITS_DOUBLE_QUANT = 8 / 64 + 32 / (64 * 256)
 NF4_BYTES_PER_PARAM = (NF4_BITS + NF4_ABSMAX_BITS_DOUBLE_QUANT) / 8
 
+# bitsandbytes dequantises a whole 4-bit weight to the compute dtype for each matmul that needs
+# gradients; without gradients, 0.50's gemm_4bit op avoids it on the CPU (bench/planner_check.py
+# measures this) and may on a GPU. Counted in every phase to stay on the safe side.
+DEQUANT_TERM = "dequantised weight of the largest linear"
+
 # bitsandbytes' 8-bit optimizers keep each state in 1 byte plus one fp32 absmax per block of
 # 256 values: 2 states -> 2 * (1 + 4/256) bytes per parameter.
 ADAM8BIT_BYTES_PER_PARAM = 2 * (1 + 4 / 256)
@@ -311,8 +316,7 @@ def estimate_memory(model_config: Any, train_config: TrainConfig, *,
         static["optimizer: AdamW states (2 x fp32 per LoRA param)"] = optimizer
     static["CUDA context + cuBLAS workspace (constant)"] = CUDA_OVERHEAD_BYTES
 
-    # bitsandbytes dequantises a 4-bit weight to the compute dtype for each matmul with more
-    # than one row of input: the largest linear layer exists once in 16-bit, transiently.
+    # DEQUANT_TERM: the largest linear layer exists once in the compute dtype, transiently.
     largest_linear = max(i * o for i, o in linear_shapes.values())
     dequant = largest_linear * db if c.quantization == "nf4" else 0
 
@@ -327,7 +331,7 @@ def estimate_memory(model_config: Any, train_config: TrainConfig, *,
         "sampling logits (fp32)": gen_chunk * V * 4 * SAMPLING_FP32_COPIES,
     }
     if dequant:
-        generation["dequantised weight of the largest linear"] = dequant
+        generation[DEQUANT_TERM] = dequant
 
     # ---- phase 2: reference / old-policy log-probs, no gradients ----
     tokens = micro * seq
@@ -338,7 +342,7 @@ def estimate_memory(model_config: Any, train_config: TrainConfig, *,
         f"LM-head chunk ({rows} positions x {V} vocab)": rows * V * 4 * LOGPROB_FP32_COPIES_NO_GRAD,
     }
     if dequant:
-        reference["dequantised weight of the largest linear"] = dequant
+        reference[DEQUANT_TERM] = dequant
 
     # ---- phases 3 and 4: the update of one micro-batch, with gradients ----
     # Autograd runs the LM head's chunks backward first, then the decoder layers, so the
@@ -368,7 +372,7 @@ def estimate_memory(model_config: Any, train_config: TrainConfig, *,
         notes.append("gradient_checkpointing is off: every layer's activations are kept; "
                      "turn it on to save most of them")
     if dequant:
-        update_layers["dequantised weight of the largest linear"] = dequant
+        update_layers[DEQUANT_TERM] = dequant
 
     phases = {"generation": generation, "reference": reference, "update: LM head": update_head,
               "update: layers": update_layers}

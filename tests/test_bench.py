@@ -137,3 +137,42 @@ def test_cpu_benchmark_runs_both_trainers_and_keeps_other_docs_sections(tiny_cac
     for must in ("Command: `python bench/bench_grpo.py --steps 2 --warmup 1 --repeats 1", "Versions: torch",
                  "trl 1.16", "Device: CPU"):
         assert must in section
+
+
+# --- bench/planner_check.py: its live-tensor counter ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def planner_check(bench):
+    spec = importlib.util.spec_from_file_location("planner_check", REPO / "bench" / "planner_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_live_tensor_bytes_counts_storages_once_and_forgets_freed_ones(planner_check):
+    import torch
+
+    with planner_check.LiveTensorBytes() as tracker:
+        a = torch.zeros(1024)  # 4 KiB
+        view = a[:10]  # same storage: not counted again
+        b = torch.ones(256, dtype=torch.float64)  # 2 KiB
+        assert tracker.current == 4096 + 2048
+        del a, view
+        assert tracker.current == 2048
+        c = b * 2  # a new 2 KiB result
+        del c
+    assert tracker.current == 2048 and tracker.peak == 4096 + 2048
+    del b
+
+
+def test_planner_check_table_shows_measured_estimated_and_error(planner_check):
+    mib = 2**20
+    part = {"measured": 100 * mib, "estimated": 110 * mib}
+    result = {"arch": "qwen2.5-0.5b", "layers": 2, "loaded": part, "static": part,
+              "phases": {p: part for p in ("generation", "reference", "update")},
+              "transient": {p: {"measured": 10 * mib, "estimated": 5 * mib} for p in ("generation", "reference",
+                                                                                    "update")}}
+    table = planner_check.format_results([result])
+    assert "| qwen2.5-0.5b (2) | 100 / 110 MiB (+10%) |" in table
+    assert "| qwen2.5-0.5b (2) | 10 / 5 MiB (-50%) |" in table

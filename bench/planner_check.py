@@ -1,0 +1,261 @@
+#!/usr/bin/env python
+"""Check the memory planner's formulas against the tensors a real training step keeps alive.
+
+    python bench/planner_check.py                    # CPU, ~5 minutes: 3 architectures, 2 layers each
+
+For each architecture (default Qwen2.5-0.5B, Llama-3.2-3B and Qwen2.5-7B), a random-weight model
+of the real config with its decoder cut to `--layers` layers (every term of the estimate is per
+layer or per vocabulary entry, so a few layers exercise all of them: the full vocabulary,
+hidden size, heads and MLP width), loaded the way training loads it (4-bit NF4 + LoRA), trains
+two GRPO steps with G=8, prompt 32 + completion 16 tokens (random weights never stop early, so
+every completion has the full length the planner assumes). A TorchDispatchMode counts the bytes
+of every tensor storage alive, and the peak of each phase of the second step (the optimizer's
+states exist from the first) is set against `lowvram_grpo.memory.estimate_memory` for the same
+settings, without the CUDA context (which no tensor holds) and, for the phases without gradients,
+without the dequantised 4-bit weight that bitsandbytes 0.50 does not materialise there on the CPU.
+
+This checks the formulas on the CPU, in float32 (bf16 matmuls on a CPU without bf16 units are
+too slow to be useful). On a GPU, CUDA's caching allocator rounds and fragments on top of this,
+and bitsandbytes' kernels keep their own buffers: `bench/bench_grpo.py --device cuda` prints the
+planner next to `torch.cuda.max_memory_allocated` for that. Results are written into
+docs/benchmarks.md between `<!-- bench:cpu-planner -->` markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import shlex
+import sys
+import tempfile
+import time
+import weakref
+from pathlib import Path
+
+import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_grpo  # noqa: E402  (random models, prompts, reward, docs writer)
+
+GIB = 2**30
+DOCS_KEY = "cpu-planner"
+DEFAULT_ARCHS = ("qwen2.5-0.5b", "llama-3.2-3b", "qwen2.5-7b")
+# Trainer functions that make up a step's memory phases, as the planner names them.
+PHASES = {"generate_rollouts": "generation", "frozen_logprobs": "reference", "_accumulate_gradients": "update"}
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Counts the bytes of the tensor storages created under it that are still alive, and the
+    peak of that count. Views share their base's storage, so nothing is counted twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes: dict[int, int] = {}
+        self.current = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for leaf in pytree.tree_leaves(out):
+            if isinstance(leaf, torch.Tensor):
+                self._track(leaf.untyped_storage())
+        self.peak = max(self.peak, self.current)
+        return out
+
+    def _track(self, storage) -> None:
+        key = id(storage)
+        if key in self.sizes or storage.nbytes() == 0:
+            return
+        self.sizes[key] = storage.nbytes()
+        self.current += storage.nbytes()
+        weakref.finalize(storage, self._release, key)
+
+    def _release(self, key: int) -> None:
+        self.current -= self.sizes.pop(key)
+
+
+def build_truncated_model(arch: str, layers: int, out_dir: Path) -> Path:
+    """A random bf16 checkpoint of `arch` with only `layers` decoder layers, and the bench tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lowvram_grpo.memory import load_arch
+
+    if (out_dir / "DONE").is_file():
+        return out_dir
+    values = {**load_arch(arch), "num_hidden_layers": layers}
+    config = AutoConfig.for_model(**values)
+    config.pad_token_id, config.eos_token_id, config.bos_token_id = 0, 1, None
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 1
+    model.generation_config.bos_token_id = None
+    model.save_pretrained(out_dir)
+    bench_grpo.bench_tokenizer(values["vocab_size"]).save_pretrained(out_dir)
+    (out_dir / "DONE").write_text("built\n")
+    return out_dir
+
+
+def check_architecture(arch: str, layers: int, work: Path) -> dict:
+    """Measured and estimated bytes for one architecture: static, and each phase's peak."""
+    from lowvram_grpo import trainer
+    from lowvram_grpo.config import load_config
+    from lowvram_grpo.data import load_prompt_data
+    from lowvram_grpo.memory import CUDA_OVERHEAD_BYTES, DEQUANT_TERM, estimate_memory, load_arch
+    from lowvram_grpo.model import load_policy
+    from lowvram_grpo.rewards import load_reward_functions
+
+    model_dir = build_truncated_model(arch, layers, work / f"{arch}-{layers}-layers")
+    dataset = work / "prompts.jsonl"
+    bench_grpo.write_jsonl(dataset, bench_grpo.random_prompts(num_rows=16, length=32, seed=0))
+    config = load_config(overrides={
+        "model_name_or_path": str(model_dir), "quantization": "nf4", "dtype": "float32", "dataset": str(dataset),
+        "answer_column": None, "rewards": [{"name": f"{bench_grpo.__file__}:bench_reward"}],
+        "num_generations": 8, "prompts_per_step": 1, "generation_chunk_size": 8, "micro_batch_size": 4,
+        "logprob_chunk_size": 64, "max_prompt_length": 32, "max_completion_length": 16, "beta": 0.04,
+        "lora_dropout": 0.0, "optimizer": "adamw", "max_steps": 2, "output_dir": str(work / "unused")})
+    estimate = estimate_memory({**load_arch(arch), "num_hidden_layers": layers}, config)
+    device = torch.device("cpu")
+
+    tracker = LiveTensorBytes()
+    phase_peaks: dict[str, int] = {}
+    originals = {name: getattr(trainer, name) for name in PHASES}
+
+    def measured(name):
+        def run(*args, **kwargs):
+            tracker.peak = tracker.current
+            result = originals[name](*args, **kwargs)
+            phase = PHASES[name]
+            phase_peaks[phase] = max(phase_peaks.get(phase, 0), tracker.peak)
+            return result
+        return run
+
+    with tracker:
+        policy, tokenizer = load_policy(config, device)
+        loaded = tracker.current
+        params = [p for p in policy.parameters() if p.requires_grad]
+        optimizer = trainer.build_optimizer(config, params, device)
+        scheduler = trainer.build_scheduler(config, optimizer)
+        rows = load_prompt_data(config, tokenizer).train
+        sampler = trainer.PromptSampler(len(rows), seed=0)
+        rewards = load_reward_functions(config.rewards)
+        trainer.grpo_step(config, policy, tokenizer, rows, sampler, rewards, optimizer, scheduler, device, step=1)
+        for name in PHASES:
+            setattr(trainer, name, measured(name))
+        before_step = tracker.current  # weights, LoRA, optimizer states, the data
+        try:
+            record, _ = trainer.grpo_step(config, policy, tokenizer, rows, sampler, rewards, optimizer, scheduler,
+                                          device, step=2)
+        finally:
+            for name, function in originals.items():
+                setattr(trainer, name, function)
+    if record["completions/mean_length"] < config.max_completion_length:
+        print(f"note: {arch}: mean completion length {record['completions/mean_length']:.1f} < "
+              f"{config.max_completion_length} (an EOS was sampled)", file=sys.stderr)
+
+    static = estimate.static_bytes - CUDA_OVERHEAD_BYTES
+
+    def measurable(phase: str) -> int:
+        # bitsandbytes 0.50 runs a matmul without gradients through its gemm_4bit op, which on the
+        # CPU never holds a whole dequantised weight; with gradients (the update) it dequantises
+        # the whole weight on every device. The planner counts a whole weight in every phase, as
+        # older bitsandbytes did on a GPU (a GPU measurement settles it); here the phases without
+        # gradients are compared without that term.
+        without_gradients = phase in ("generation", "reference")
+        return estimate.phase_bytes(phase) - (estimate.phases[phase].get(DEQUANT_TERM, 0) if without_gradients else 0)
+
+    phases = {"generation": measurable("generation"), "reference": measurable("reference"),
+              "update": max(measurable("update: LM head"), measurable("update: layers"))}
+    return {
+        "arch": arch, "layers": layers,
+        "loaded": {"measured": loaded, "estimated": static - estimate.optimizer_bytes},
+        "static": {"measured": before_step, "estimated": static},
+        "phases": {phase: {"measured": phase_peaks[phase], "estimated": static + phases[phase]} for phase in phases},
+        # What each phase adds on top of the static memory: the part the chunk sizes control.
+        "transient": {phase: {"measured": phase_peaks[phase] - before_step, "estimated": phases[phase]}
+                      for phase in phases},
+    }
+
+
+def error(measured: int, estimated: int) -> str:
+    return f"{100 * (estimated - measured) / measured:+.0f}%"
+
+
+def format_results(results: list[dict]) -> str:
+    """Two tables: totals (static + each phase's peak), then what each phase adds on its own."""
+    def cell(part: dict) -> str:
+        return (f"{part['measured'] / 2**20:.0f} / {part['estimated'] / 2**20:.0f} MiB "
+                f"({error(part['measured'], part['estimated'])})")
+
+    phases = ("generation", "reference", "update")
+    totals = ["architecture (layers)", "weights + LoRA, loaded", "+ optimizer states", "generation peak",
+              "reference log-probs peak", "update peak"]
+    added = ["architecture (layers)", "generation adds", "reference log-probs add", "update adds"]
+    lines = ["| " + " | ".join(totals) + " |", "|" + "|".join("---" for _ in totals) + "|"]
+    lines += ["| " + " | ".join([f"{r['arch']} ({r['layers']})", cell(r["loaded"]), cell(r["static"]),
+                                 *(cell(r["phases"][p]) for p in phases)]) + " |" for r in results]
+    lines += ["", "| " + " | ".join(added) + " |", "|" + "|".join("---" for _ in added) + "|"]
+    lines += ["| " + " | ".join([f"{r['arch']} ({r['layers']})", *(cell(r["transient"][p]) for p in phases)]) + " |"
+              for r in results]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", nargs="+", default=list(DEFAULT_ARCHS))
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "lowvram_grpo_planner_check"))
+    parser.add_argument("--docs", default=str(bench_grpo.DEFAULT_DOCS))
+    parser.add_argument("--no-docs", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    results = []
+    for arch in args.arch:
+        started = time.perf_counter()
+        results.append(check_architecture(arch, args.layers, work))
+        print(f"{arch}: {time.perf_counter() - started:.0f} s", flush=True)
+    table = format_results(results)
+    print(table)
+    if not args.no_docs:
+        command = shlex.join(["python", "bench/planner_check.py", *(argv if argv is not None else sys.argv[1:])])
+        versions = ", ".join(f"{k} {v}" for k, v in bench_grpo.versions().items() if k != "trl")
+        body = "\n".join([
+            "## Memory planner vs live tensors: CPU",
+            "",
+            f"- Command: `{command}`",
+            f"- Date: {datetime.date.today().isoformat()}",
+            f"- Device: {bench_grpo.device_description('cpu').split(' (')[0]}",
+            f"- Versions: {versions}",
+            "- Settings: each architecture's real config (full vocabulary, hidden size, heads, MLP) with "
+            f"{args.layers} decoder layers, random weights, 4-bit NF4 + LoRA r=16 all-linear, float32 compute, "
+            "G=8, 1 prompt/step, prompt 32 + completion 16 tokens (no completion stopped early), generation "
+            "chunk 8, micro-batch 4, log-prob chunk 64, beta=0.04, AdamW, gradient checkpointing on",
+            "",
+            "Each cell: measured / estimated (error of the estimate). Measured = the peak bytes of tensor "
+            "storages alive during that phase of the second step (a TorchDispatchMode counts every storage "
+            "created; the optimizer's states exist from the first step); estimated = "
+            "`lowvram_grpo.memory.estimate_memory` for the same settings without the CUDA context and, in "
+            "generation and reference log-probs, without the whole dequantised 4-bit weight (bitsandbytes 0.50 "
+            "runs matmuls without gradients through its gemm_4bit op, which on the CPU never holds one; with "
+            "gradients it dequantises the whole weight on every device; whether its CUDA kernel holds one is for "
+            "the GPU benchmark to show). The second "
+            "table is each phase's peak minus the memory held before the step: the part that the chunk sizes "
+            "control, and the part a wrong formula would show in.",
+            "",
+            table,
+            "",
+            "Positive errors are overestimates (the planner's side of safe). This checks the formulas, not "
+            "the GPU: CUDA's caching allocator and bitsandbytes' kernels add their own memory on top, which "
+            "`bench/bench_grpo.py --device cuda` measures.",
+        ])
+        bench_grpo.update_docs(Path(args.docs), DOCS_KEY, body)
+        print(f"\nwrote the {DOCS_KEY} section of {args.docs}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
