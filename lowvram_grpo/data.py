@@ -133,11 +133,8 @@ def preview(source: str, n: int = 5, config_name: str | None = None,
 
 
 def format_prompt(row: dict, config: TrainConfig) -> str | list[dict]:
-    """The prompt for one raw row: `prompt_template` or `prompt_column`, plus `system_prompt`.
-
-    With a system prompt the result is a conversation: `[system, user]` for a text prompt, or
-    the row's conversation with the system message prepended (unless it already has one).
-    """
+    """The prompt for one raw row: `prompt_template` or `prompt_column`, plus `system_prompt`
+    (see with_system_prompt)."""
     if config.prompt_template is not None:
         prompt: Any = fill_template(config.prompt_template, row)
     elif config.prompt_column in row:
@@ -145,9 +142,15 @@ def format_prompt(row: dict, config: TrainConfig) -> str | list[dict]:
     else:
         raise DatasetError(_missing_column_message(
             "prompt", config.prompt_column, list(row), _LIKELY_PROMPT_COLUMNS))
-    if not config.system_prompt:
+    return with_system_prompt(prompt, config.system_prompt)
+
+
+def with_system_prompt(prompt: str | list[dict], system_prompt: str | None) -> str | list[dict]:
+    """`[system, user]` for a text prompt, or the conversation with the system message
+    prepended (unless it already has one); the prompt unchanged without a system prompt."""
+    if not system_prompt:
         return list(prompt) if isinstance(prompt, list) else prompt
-    system = {"role": "system", "content": config.system_prompt}
+    system = {"role": "system", "content": system_prompt}
     if isinstance(prompt, list):
         starts_with_system = bool(prompt) and isinstance(prompt[0], dict) \
             and prompt[0].get("role") == "system"

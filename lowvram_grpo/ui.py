@@ -419,14 +419,13 @@ class AdapterPlayground:
         self._loaded: tuple | None = None  # (policy, tokenizer, config)
 
     def generate(self, run_dir: Path, prompt: str, max_new_tokens: int) -> tuple[str, str]:
+        from lowvram_grpo.data import with_system_prompt
         from lowvram_grpo.model import reference_model
         from lowvram_grpo.rollout import generate_rollouts
 
         with self._lock:
             policy, tokenizer, config = self._load(run_dir)
-            messages: Any = prompt
-            if config.system_prompt:  # as in training: plain prompts become [system, user]
-                messages = [{"role": "system", "content": config.system_prompt}, {"role": "user", "content": prompt}]
+            messages = with_system_prompt(prompt, config.system_prompt)  # as the run's training prompts
 
             def run() -> str:
                 rollout = generate_rollouts(
