@@ -266,8 +266,9 @@ def ui_logins(args: argparse.Namespace) -> list[tuple[str, str]] | None:
             text = Path(args.auth_file).expanduser().read_text(encoding="utf-8")
         except OSError as err:
             raise ConfigError(f"--auth-file: cannot read {args.auth_file} ({err.strerror})") from None
-        entries = [(f"--auth-file {args.auth_file} line {n}", line.strip())
-                   for n, line in enumerate(text.splitlines(), 1) if line.strip() and not line.startswith("#")]
+        lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1)]
+        entries = [(f"--auth-file {args.auth_file} line {n}", line) for n, line in lines
+                   if line and not line.startswith("#")]
         if not entries:
             raise ConfigError(f"--auth-file: {args.auth_file} holds no USER:PASS line")
     elif args.auth is not None:

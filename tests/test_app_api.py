@@ -241,7 +241,7 @@ def test_logins_come_from_a_file_the_environment_or_the_flag(tmp_path, monkeypat
     monkeypatch.delenv("LOWVRAM_GRPO_AUTH", raising=False)
     assert ui_logins(_ui_args()) is None
     logins = tmp_path / "logins.txt"
-    logins.write_text("# who may train\nalice:s3cret\n\nbob:pa:ss\n")
+    logins.write_text("# who may train\nalice:s3cret\n\n  # bob too\nbob:pa:ss\n")
     assert ui_logins(_ui_args("--auth-file", str(logins))) == [("alice", "s3cret"), ("bob", "pa:ss")]
     monkeypatch.setenv("LOWVRAM_GRPO_AUTH", "carol:x")
     assert ui_logins(_ui_args()) == [("carol", "x")]
