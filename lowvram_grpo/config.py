@@ -112,7 +112,7 @@ class TrainConfig:
     prompts_per_step: int = 4  # prompts per optimizer step; each brings G completions
     micro_batch_size: Union[int, Literal["auto"]] = 4  # sequences per forward/backward
     logprob_chunk_size: Union[int, Literal["auto"]] = 256  # positions per LM-head chunk
-    vram_gb: float | None = None  # memory budget for "auto" settings; None = the GPU's total
+    vram_gb: float | None = None  # memory budget for "auto" settings; None = what the GPU has free
     learning_rate: float = 1e-5
     lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"
     warmup_steps: int = 0

@@ -209,8 +209,14 @@ def resolve_chunking(config: TrainConfig, device: torch.device, announce: bool =
 
 
 def device_memory_gb(device: torch.device) -> float:
+    """What "auto" chunk sizes may plan with when vram_gb is not set. On a GPU: the memory free
+    now, because a desktop's display or another job holds the rest and will not give it back,
+    plus the CUDA context, which the planner counts itself. On the CPU: the machine's RAM."""
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory / 2**30
+        from lowvram_grpo.memory import CUDA_OVERHEAD_BYTES
+
+        free, total = torch.cuda.mem_get_info(device)
+        return min(total, free + CUDA_OVERHEAD_BYTES) / 2**30
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
 
 

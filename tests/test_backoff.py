@@ -145,3 +145,17 @@ def test_demo_checks_pass_on_a_backed_off_run_and_fail_without_an_oom(oom_demo, 
     assert oom_demo.check_run(records, oom_demo.optimizer_step_count(tmp_path / "oom"), 3, cap_gb=1e6) == []
     assert "optimizer stepped 2 times" in " ".join(oom_demo.check_run(records, 2, 3, cap_gb=1e6))
     assert "peaked above" in " ".join(oom_demo.check_run(records, 3, 3, cap_gb=-1.0))
+
+
+def test_auto_budget_on_a_gpu_is_what_is_free_now(monkeypatch):
+    """Without vram_gb, a 12 GiB card with 5.5 GiB held by a display or another job plans with
+    the 6.5 GiB free (plus the CUDA context the planner counts itself), never more than the card."""
+    from lowvram_grpo.memory import CUDA_OVERHEAD_BYTES
+    from lowvram_grpo.trainer import device_memory_gb
+
+    gib = 2**30
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(6.5 * gib), 12 * gib))
+    assert device_memory_gb(cuda) == pytest.approx(6.5 + CUDA_OVERHEAD_BYTES / gib)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(11.9 * gib), 12 * gib))
+    assert device_memory_gb(cuda) == 12.0
