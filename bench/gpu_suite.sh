@@ -37,7 +37,10 @@ for name in ("transformers", "peft", "bitsandbytes", "trl", "datasets", "acceler
 import bitsandbytes, datasets, trl  # fail here, not ten minutes in
 EOF
 
-left() { echo $((LIMIT - (SECONDS - started))); }
+left() {  # seconds left for this part (at least 1: `timeout 0` would mean no limit at all)
+    local s=$((LIMIT - (SECONDS - started)))
+    echo $((s > 0 ? s : 1))
+}
 bench() {  # bench ARCH [extra args]: ours vs TRL (or --only) with the work dir kept in .benchwork
     local arch=$1; shift
     timeout "$(left)" python3 bench/bench_grpo.py --device cuda --arch "$arch" \
