@@ -53,7 +53,8 @@ class TrainConfig:
     # Hub id or local directory; "builtin:tiny" is a small model the package builds offline.
     model_name_or_path: str = "builtin:tiny"
     quantization: Literal["nf4", "none"] = "nf4"
-    # Compute dtype: auto = bf16 on GPUs that support it, fp16 on older ones (T4), fp32 on CPU.
+    # Compute dtype: auto = bf16 on GPUs that support it, fp16 on older ones (T4; the loss is
+    # then scaled, see trainer.build_loss_scaler), fp32 on CPU.
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     trust_remote_code: bool = False
     gradient_checkpointing: bool = True

@@ -40,7 +40,7 @@ from lowvram_grpo.checkpoint import (checkpoint_dirs, latest_checkpoint, load_ch
 from lowvram_grpo.config import AUTO, CHUNK_KEYS, ConfigError, TrainConfig, save_config
 from lowvram_grpo.data import load_prompt_data
 from lowvram_grpo.evaluate import evaluate
-from lowvram_grpo.model import load_policy, reference_model, resolve_model_path
+from lowvram_grpo.model import compute_dtype, load_policy, reference_model, resolve_model_path
 from lowvram_grpo.reporting import make_reporters
 from lowvram_grpo.rewards import RewardScores, load_reward_functions, score_rows
 from lowvram_grpo.rollout import Rollout, generate_rollouts
@@ -95,6 +95,20 @@ def build_scheduler(config: TrainConfig, optimizer):
     total = config.max_steps * config.num_iterations  # optimizer steps
     return get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps,
                          num_training_steps=total)
+
+
+def build_loss_scaler(config: TrainConfig, device: torch.device) -> torch.amp.GradScaler | None:
+    """A loss scaler when the model computes in fp16 (GPUs without bf16, such as Colab's T4).
+
+    The GRPO loss is averaged over thousands of completion tokens, so the gradients flowing back
+    through fp16 activations are tiny, and fp16 rounds values under ~6e-8 to zero. As torch.amp
+    does, the loss is multiplied by a large scale before backward and the gradients divided by it
+    before clipping; a step whose scaled gradients overflow is skipped and the scale halved.
+    bf16 and fp32 have fp32's range and need none.
+    """
+    if compute_dtype(config, device) != torch.float16:
+        return None
+    return torch.amp.GradScaler(device.type)
 
 
 # --- log-probs in micro-batches --------------------------------------------------------------
@@ -315,6 +329,7 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool,
     distributed.broadcast_parameters(params)  # every process starts from rank 0's LoRA weights
     optimizer = build_optimizer(config, params, device)
     scheduler = build_scheduler(config, optimizer)
+    scaler = build_loss_scaler(config, device)
     sampler = PromptSampler(len(data.train), config.seed)
 
     start_step = 0
@@ -322,6 +337,8 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool,
         load_checkpoint(checkpoint, policy, state)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("loss_scaler"):
+            scaler.load_state_dict(state["loss_scaler"])
         sampler = PromptSampler(len(data.train), config.seed, **state["sampler"])
         restore_rng_state(state, world.rank)
         start_step = state["step"]
@@ -338,6 +355,7 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool,
         if main:
             save_checkpoint(run_dir, step, policy, {
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "loss_scaler": scaler.state_dict() if scaler is not None else None,
                 "sampler": sampler.state_dict(),
                 "chunking": {key: getattr(config, key) for key in CHUNK_KEYS}}, keep=config.keep_checkpoints,
                 rng_states=rng_states)
@@ -352,7 +370,7 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool,
     while step < config.max_steps:
         step += 1
         record, samples = grpo_step(config, policy, tokenizer, data.train, sampler, reward_functions,
-                                    optimizer, scheduler, device, step)
+                                    optimizer, scheduler, device, step, scaler)
         if config.eval_every and (step % config.eval_every == 0 or step == config.max_steps):
             record.update(evaluate(policy, tokenizer, data.eval, reward_functions, config))
         if main:
@@ -388,8 +406,8 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool,
 
 
 def grpo_step(config: TrainConfig, policy, tokenizer, rows: list[dict], sampler: PromptSampler,
-              reward_functions, optimizer, scheduler, device: torch.device,
-              step: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+              reward_functions, optimizer, scheduler, device: torch.device, step: int,
+              scaler: torch.amp.GradScaler | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """One GRPO step (steps 1-7 of the module docstring); returns its metrics record and,
     every `log_completions_every` steps, sampled completions to log."""
     started = time.perf_counter()
@@ -437,7 +455,7 @@ def grpo_step(config: TrainConfig, policy, tokenizer, rows: list[dict], sampler:
     totals: dict[str, float] = {}
     for _ in range(config.num_iterations):
         totals = _update(config, policy, optimizer, scheduler, rollout, advantages.to(device), ref_logps,
-                         old_logps, device, oom_events)
+                         old_logps, device, oom_events, scaler)
 
     # 7. Metrics (TRL's names) and samples, over the whole step (gathered from every process).
     lengths = distributed.all_gather_tensor(rollout.completion_mask.sum(1).float())
@@ -485,9 +503,11 @@ def _gather_scores(scores: RewardScores) -> RewardScores:
 
 def _update(config: TrainConfig, policy, optimizer, scheduler, rollout: Rollout, advantages: torch.Tensor,
             ref_logps: torch.Tensor | None, old_logps: torch.Tensor | None,
-            device: torch.device, oom_events: list[str] | None = None) -> dict[str, float]:
+            device: torch.device, oom_events: list[str] | None = None,
+            scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
     """Accumulate the step's gradient over micro-batches, then clip and apply it. A step whose
-    loss or gradient is not finite is skipped (reported), never applied.
+    loss or gradient is not finite is skipped (reported), never applied. With fp16, `scaler`
+    scales the loss (see build_loss_scaler).
 
     With several processes, `rollout` (and `advantages`, the log-probs) is this process's share
     of the step; the loss is normalised by the whole step, and the gradients are summed over
@@ -501,20 +521,24 @@ def _update(config: TrainConfig, policy, optimizer, scheduler, rollout: Rollout,
     num_sequences = rollout.num_sequences * world_size
     num_tokens = distributed.all_reduce_sum(float(rollout.completion_mask.sum()))
     sums = retry_on_oom("update", config, lambda: _accumulate_gradients(
-        config, policy, optimizer, rollout, advantages, ref_logps, old_logps, device, num_sequences, num_tokens),
-        oom_events if oom_events is not None else [])
+        config, policy, optimizer, rollout, advantages, ref_logps, old_logps, device, num_sequences, num_tokens,
+        scaler), oom_events if oom_events is not None else [])
 
     # All-reduce the LoRA gradients (SUM): every process now holds the whole step's gradient.
     params = [p for group in optimizer.param_groups for p in group["params"]]
     distributed.all_reduce_gradients(params)
     sums = distributed.all_reduce_sum(sums)
     loss_total = sums.pop("loss")
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # clip and report the true gradient
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
     skipped = not (math.isfinite(loss_total) and math.isfinite(grad_norm))
     if not skipped:
         optimizer.step()
+        scheduler.step()  # the schedule counts applied updates, as transformers' Trainer does
     optimizer.zero_grad(set_to_none=True)
-    scheduler.step()
+    if scaler is not None:
+        scaler.update()  # halves the scale after an overflow, doubles it after a calm stretch
 
     tokens = max(sums.get("token_count", 0.0), 1.0)
     result = {"loss": loss_total, "grad_norm": grad_norm, "step_skipped": int(skipped),
@@ -524,17 +548,25 @@ def _update(config: TrainConfig, policy, optimizer, scheduler, rollout: Rollout,
               "clip_ratio/region_mean": sums.get("clip_region_count", 0.0) / tokens}
     if ref_logps is not None:
         result["kl"] = sums.get("kl_sum", 0.0) / tokens
+    if scaler is not None:
+        result["loss_scale"] = scaler.get_scale()
     if skipped and distributed.is_main_process():
-        print(f"warning: non-finite loss ({loss_total}) or gradient norm ({grad_norm}); "
-              "this update was skipped, not applied", flush=True)
+        if scaler is not None and math.isfinite(loss_total):
+            print(f"note: fp16 gradients overflowed; this update was skipped and the loss scale lowered to "
+                  f"{scaler.get_scale():g} (normal now and then with fp16)", flush=True)
+        else:
+            print(f"warning: non-finite loss ({loss_total}) or gradient norm ({grad_norm}); "
+                  "this update was skipped, not applied", flush=True)
     return result
 
 
 def _accumulate_gradients(config: TrainConfig, policy, optimizer, rollout: Rollout, advantages: torch.Tensor,
                           ref_logps: torch.Tensor | None, old_logps: torch.Tensor | None, device: torch.device,
-                          num_sequences: int, num_tokens: float) -> dict[str, float]:
-    """Backward every micro-batch of `rollout`, leaving the summed gradient in `.grad`; returns
-    the summed loss ("loss") and the loss statistics (sums, for token-weighted means)."""
+                          num_sequences: int, num_tokens: float,
+                          scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
+    """Backward every micro-batch of `rollout`, leaving the summed gradient in `.grad` (times
+    the loss scale, with `scaler`); returns the summed loss ("loss") and the loss statistics
+    (sums, for token-weighted means)."""
     optimizer.zero_grad(set_to_none=True)  # a clean slate, also when redone after out-of-memory
     batches = micro_batches(rollout, config.micro_batch_size, device)
     # bnpo divides each micro-batch's token mean by the number of micro-batches. Counting every
@@ -554,7 +586,7 @@ def _accumulate_gradients(config: TrainConfig, policy, optimizer, rollout: Rollo
             epsilon_high=config.clip_high, max_completion_length=config.max_completion_length,
             num_sequences_in_step=num_sequences, num_tokens_in_step=num_tokens,
             num_micro_batches=num_micro_batches)
-        loss.backward()
+        (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_total += loss.item()
         stats["entropy_sum"] = (entropy * mb.completion_mask).sum()
         for key, value in stats.items():

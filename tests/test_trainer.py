@@ -1,7 +1,9 @@
 """The training loop end to end on the built-in tiny model: it learns, it writes the run
 directory the front ends rely on, it resumes exactly, and it refuses to apply a broken step."""
 
+import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -285,3 +287,100 @@ def test_conversational_prompts_go_through_the_chat_template(tiny_cache, tmp_pat
     assert samples[0]["prompt"][0] == {"role": "system", "content": "+"}
     assert samples[0]["prompt"][1]["role"] == "user"
     assert len(records) == 2 and all(0.0 <= r["reward"] <= 1.0 for r in records)
+
+
+# --- fp16 (GPUs without bf16, such as the T4): loss scaling -------------------------------------
+
+
+def _fp16_step(tmp_path):
+    """A tiny fp16 policy with non-zero LoRA B (so every LoRA weight gets a gradient) and one
+    step's rollouts, advantages and reference log-probs."""
+    from lowvram_grpo import grpo
+    from lowvram_grpo.data import load_prompt_data
+    from lowvram_grpo.model import load_policy, reference_model
+    from lowvram_grpo.rollout import generate_rollouts
+    from lowvram_grpo.trainer import frozen_logprobs, seed_everything
+
+    config = _config(tmp_path, dtype="float16", micro_batch_size=8)
+    seed_everything(0)
+    policy, tokenizer = load_policy(config, torch.device("cpu"))
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    rows = load_prompt_data(config, tokenizer).train[:4]
+    rollout = generate_rollouts(policy, tokenizer, [r["prompt"] for r in rows], num_generations=4, chunk_size=16,
+                                max_prompt_length=config.max_prompt_length,
+                                max_completion_length=config.max_completion_length)
+    advantages, _ = grpo.group_advantages(torch.randn(16, generator=torch.Generator().manual_seed(1)), 4, "group")
+    with reference_model(policy):
+        ref_logps = frozen_logprobs(policy, rollout, config, torch.device("cpu"))
+    return config, policy, rollout, advantages, ref_logps
+
+
+def test_fp16_loss_scaling_keeps_gradients_that_underflow_without_it(tiny_cache, tmp_path):
+    """A loss a million times smaller (as when it is averaged over a million tokens) has
+    gradients a million times smaller: fp16 activations flush most of them to zero unless the
+    loss is scaled up for backward and the gradients scaled back down."""
+    from lowvram_grpo.trainer import _accumulate_gradients, build_loss_scaler
+
+    config, policy, rollout, advantages, ref_logps = _fp16_step(tmp_path)
+    params = {n: p for n, p in policy.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.SGD(list(params.values()), lr=0.0)
+    cpu = torch.device("cpu")
+
+    def gradients(advantage_factor, scaler):
+        _accumulate_gradients(config, policy, optimizer, rollout, advantages * advantage_factor, None,
+                              None, cpu, rollout.num_sequences, float(rollout.completion_mask.sum()), scaler)
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+            scaler.update()
+        return torch.cat([p.grad.flatten() for p in params.values()]).double()
+
+    config.beta = 0.0  # the policy-gradient term alone, which scales with the advantages
+    expected = gradients(1.0, None) * 1e-6
+    unscaled = gradients(1e-6, None)
+    scaler = build_loss_scaler(config, cpu)
+    assert scaler is not None and scaler.get_scale() == 65536.0
+    scaled = gradients(1e-6, scaler)
+    relative = lambda g: float((g - expected).norm() / expected.norm())  # noqa: E731
+    assert relative(scaled) < 0.05, "with loss scaling the small gradients survive"
+    assert relative(unscaled) > 0.3, "without it fp16 loses them (else this test shows nothing)"
+    assert build_loss_scaler(dataclasses.replace(config, dtype="bfloat16"), cpu) is None
+
+
+def test_fp16_overflow_skips_the_update_and_lowers_the_scale(tiny_cache, tmp_path):
+    from lowvram_grpo.trainer import _update
+
+    config, policy, rollout, advantages, ref_logps = _fp16_step(tmp_path)
+    params = {n: p for n, p in policy.named_parameters() if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in params.items()}
+    optimizer = torch.optim.AdamW(list(params.values()), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)  # fp16 holds at most 65504
+    cpu = torch.device("cpu")
+    result = _update(config, policy, optimizer, scheduler, rollout, advantages, ref_logps, None, cpu, scaler=scaler)
+    assert result["step_skipped"] == 1 and result["loss_scale"] == 2.0**39
+    assert all(torch.equal(p, before[n]) for n, p in params.items()), "an overflowed step changes nothing"
+    for _ in range(40):  # the next steps halve the scale until the scaled gradients fit in fp16
+        result = _update(config, policy, optimizer, scheduler, rollout, advantages, ref_logps, None, cpu,
+                         scaler=scaler)
+        if not result["step_skipped"]:
+            break
+    assert result["step_skipped"] == 0 and math.isfinite(result["grad_norm"]) and result["loss_scale"] < 2.0**39
+    assert any(not torch.equal(p, before[n]) for n, p in params.items())
+
+
+def test_fp16_run_saves_and_resumes_its_loss_scale(tiny_cache, tmp_path):
+    records = []
+    config = _config(tmp_path, dtype="float16", max_steps=2, save_every=2, lr_scheduler="constant")
+    train(config, progress=False, on_step=records.append)
+    assert [r["step_skipped"] for r in records] == [0, 0] and records[-1]["loss_scale"] == 65536.0
+    state_path = tmp_path / "run" / "checkpoint-000002" / "trainer_state.pt"
+    state = torch.load(state_path, weights_only=False)
+    assert state["loss_scaler"]["scale"] == 65536.0
+    state["loss_scaler"]["scale"] = 1024.0  # as if overflows had lowered it
+    torch.save(state, state_path)
+    resumed = []
+    train(dataclasses.replace(config, max_steps=3), resume=True, progress=False, on_step=resumed.append)
+    assert [r["step"] for r in resumed] == [3] and resumed[0]["loss_scale"] == 1024.0
