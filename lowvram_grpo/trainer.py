@@ -108,6 +108,12 @@ def build_loss_scaler(config: TrainConfig, device: torch.device) -> torch.amp.Gr
     """
     if compute_dtype(config, device) != torch.float16:
         return None
+    if config.lora_modules_to_save:
+        # Their trainable copies would be fp16 too: AdamW on fp16 weights loses small updates,
+        # and gradient unscaling refuses fp16 gradients.
+        raise ConfigError("lora_modules_to_save: whole modules cannot be trained in fp16 (the compute dtype "
+                          "on GPUs without bf16, such as the T4); leave lora_modules_to_save empty to train "
+                          "LoRA alone, or set dtype=float32")
     return torch.amp.GradScaler(device.type)
 
 
@@ -310,6 +316,7 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool,
     if main:
         save_config(config, run_dir / "config.yaml")  # as the user gave it ("auto" stays "auto")
     config = resolve_chunking(config, device, announce=main)
+    scaler = build_loss_scaler(config, device)  # before the model loads: a refusal comes in seconds
     with distributed.main_process_first():  # a model to build or download: once, not per process
         resolve_model_path(config.model_name_or_path)
     policy, tokenizer = load_policy(config, device)
@@ -329,7 +336,6 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool,
     distributed.broadcast_parameters(params)  # every process starts from rank 0's LoRA weights
     optimizer = build_optimizer(config, params, device)
     scheduler = build_scheduler(config, optimizer)
-    scaler = build_loss_scaler(config, device)
     sampler = PromptSampler(len(data.train), config.seed)
 
     start_step = 0

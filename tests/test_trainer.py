@@ -384,3 +384,12 @@ def test_fp16_run_saves_and_resumes_its_loss_scale(tiny_cache, tmp_path):
     resumed = []
     train(dataclasses.replace(config, max_steps=3), resume=True, progress=False, on_step=resumed.append)
     assert [r["step"] for r in resumed] == [3] and resumed[0]["loss_scale"] == 1024.0
+
+
+def test_fp16_refuses_whole_modules_to_save_before_loading(tiny_cache, tmp_path, monkeypatch):
+    from lowvram_grpo import trainer
+    from lowvram_grpo.config import ConfigError
+
+    monkeypatch.setattr(trainer, "load_policy", lambda *a, **k: pytest.fail("the model should not load"))
+    with pytest.raises(ConfigError, match="lora_modules_to_save: whole modules cannot be trained in fp16"):
+        train(_config(tmp_path, dtype="float16", lora_modules_to_save=["lm_head"]), progress=False)
