@@ -166,9 +166,10 @@ def prepare_random_arch(args, work_dir: Path) -> Settings:
         learning_rate=1e-5, warmup_steps=args.warmup, steps=args.steps)
 
 
-def build_random_model(arch: str, out_dir: Path) -> Path:
-    """Save a random-init bf16 model of a shipped architecture and a tokenizer covering its
-    vocabulary (see bench_tokenizer) to `out_dir`, once; later runs reuse it.
+def build_random_model(arch: str, out_dir: Path, num_hidden_layers: int | None = None) -> Path:
+    """Save a random-init bf16 model of a shipped architecture (with only `num_hidden_layers`
+    decoder layers, if given) and a tokenizer covering its vocabulary (see bench_tokenizer) to
+    `out_dir`, once; later runs reuse it.
 
     The weights are initialised directly on the GPU in bf16 (an 8B model on the CPU in fp32
     would take minutes and 32 GB), then written as ordinary safetensors so both trainers load
@@ -183,6 +184,8 @@ def build_random_model(arch: str, out_dir: Path) -> Path:
         return out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     values = load_arch(arch)
+    if num_hidden_layers is not None:
+        values["num_hidden_layers"] = num_hidden_layers
     tokenizer = bench_tokenizer(values["vocab_size"])
     config = AutoConfig.for_model(**values)
     config.pad_token_id, config.eos_token_id, config.bos_token_id = 0, 1, None
@@ -554,7 +557,7 @@ def planner_note(settings: Settings, ours: dict | None, arch: str | None) -> str
         lora_r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
         beta=settings.beta, dtype="bfloat16")
     estimate = estimate_memory(load_arch(arch), config)
-    allocated = (estimate.total_bytes - CUDA_OVERHEAD_BYTES) / _GIB
+    allocated = estimate.allocated_bytes / _GIB
     return (f"Planner check (`lowvram-grpo plan`): estimated {allocated:.2f} GB allocated by torch "
             f"(+ {CUDA_OVERHEAD_BYTES / _GIB:.1f} GB CUDA context = {estimate.total_gb:.2f} GB on the card, "
             f"peak phase: {estimate.peak_phase}); measured {ours['peak_memory_gb']:.2f} GB allocated.")

@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: this demonstration needs a CUDA GPU (the CPU test is tests/test_backoff.py)", file=sys.stderr)
         return 2
     from lowvram_grpo.config import load_config
-    from lowvram_grpo.memory import CUDA_OVERHEAD_BYTES, estimate_memory, load_arch
+    from lowvram_grpo.memory import estimate_memory, load_arch
     from lowvram_grpo.metrics import read_jsonl
     from lowvram_grpo.trainer import train
 
@@ -148,9 +148,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # The planner's figures without the CUDA context, which the allocator cap does not cover.
     arch = load_arch(args.arch)
-    configured_gb = (estimate_memory(arch, config).total_bytes - CUDA_OVERHEAD_BYTES) / GIB
-    smallest_gb = (estimate_memory(arch, config, generation_chunk_size=1, micro_batch_size=1,
-                                   logprob_chunk_size=16).total_bytes - CUDA_OVERHEAD_BYTES) / GIB
+    configured_gb = estimate_memory(arch, config).allocated_bytes / GIB
+    smallest_gb = estimate_memory(arch, config, generation_chunk_size=1, micro_batch_size=1,
+                                  logprob_chunk_size=16).allocated_bytes / GIB
     cap_gb = args.budget_gb or choose_cap_gb(smallest_gb, configured_gb)
     total_gb = torch.cuda.get_device_properties(0).total_memory / GIB
     torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gb / total_gb))

@@ -78,26 +78,6 @@ class LiveTensorBytes(TorchDispatchMode):
         self.current -= self.sizes.pop(key)
 
 
-def build_truncated_model(arch: str, layers: int, out_dir: Path) -> Path:
-    """A random bf16 checkpoint of `arch` with only `layers` decoder layers, and the bench tokenizer."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from lowvram_grpo.memory import load_arch
-
-    if (out_dir / "DONE").is_file():
-        return out_dir
-    values = {**load_arch(arch), "num_hidden_layers": layers}
-    config = AutoConfig.for_model(**values)
-    config.pad_token_id, config.eos_token_id, config.bos_token_id = 0, 1, None
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 1
-    model.generation_config.bos_token_id = None
-    model.save_pretrained(out_dir)
-    bench_grpo.bench_tokenizer(values["vocab_size"]).save_pretrained(out_dir)
-    (out_dir / "DONE").write_text("built\n")
-    return out_dir
-
-
 def check_architecture(arch: str, layers: int, work: Path) -> dict:
     """Measured and estimated bytes for one architecture: static, and each phase's peak."""
     from lowvram_grpo import trainer
@@ -107,7 +87,7 @@ def check_architecture(arch: str, layers: int, work: Path) -> dict:
     from lowvram_grpo.model import load_policy
     from lowvram_grpo.rewards import load_reward_functions
 
-    model_dir = build_truncated_model(arch, layers, work / f"{arch}-{layers}-layers")
+    model_dir = bench_grpo.build_random_model(arch, work / f"{arch}-{layers}-layers", num_hidden_layers=layers)
     dataset = work / "prompts.jsonl"
     bench_grpo.write_jsonl(dataset, bench_grpo.random_prompts(num_rows=16, length=32, seed=0))
     config = load_config(overrides={

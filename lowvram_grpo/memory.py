@@ -252,6 +252,12 @@ class MemoryEstimate:
     def total_gb(self) -> float:
         return self.total_bytes / GIB
 
+    @property
+    def allocated_bytes(self) -> int:
+        """The total without the CUDA context: what torch's allocator holds at the peak, i.e. what
+        torch.cuda.max_memory_allocated measures and set_per_process_memory_fraction caps."""
+        return self.total_bytes - CUDA_OVERHEAD_BYTES
+
     def phase_bytes(self, phase: str) -> int:
         return sum(self.phases[phase].values())
 

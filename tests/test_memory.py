@@ -117,6 +117,8 @@ def test_parts_sum_to_total(arch, overrides):
     assert estimate.total_bytes == estimate.static_bytes + estimate.phase_bytes(estimate.peak_phase)
     assert estimate.peak_phase == max(estimate.phases, key=estimate.phase_bytes)
     assert all(value >= 0 for value in estimate.parts.values())
+    # What torch allocates: every part but the CUDA context.
+    assert estimate.allocated_bytes == sum(v for k, v in estimate.parts.items() if not k.startswith("CUDA context"))
 
 
 def test_qwen25_7b_weights_match_the_known_4bit_size():
