@@ -4,6 +4,7 @@
   between threads costs far more than the arithmetic (seen: 16 ms instead of 30 us per matmul).
 - One built-in tiny model for the whole session, in a temporary cache that subprocesses
   (CLI tests) find through LOWVRAM_GRPO_CACHE.
+- `fixed_step`: one GRPO step's inputs made once, for tests of the update on fixed rollouts.
 """
 
 import os
@@ -34,3 +35,31 @@ def tiny_path(tiny_cache):
     from lowvram_grpo.tiny import tiny_model_path
 
     return tiny_model_path()
+
+
+def fixed_step(config, num_prompts: int, num_generations: int):
+    """A policy whose LoRA differs from the reference (random LoRA B, so every LoRA weight gets a
+    gradient), one step's rollouts of `num_prompts` x `num_generations`, random rewards, their
+    group advantages and the reference log-probs. Seeded: the same every call."""
+    from lowvram_grpo import grpo
+    from lowvram_grpo.data import load_prompt_data
+    from lowvram_grpo.model import load_policy, reference_model
+    from lowvram_grpo.rollout import generate_rollouts
+    from lowvram_grpo.trainer import frozen_logprobs, seed_everything
+
+    cpu = torch.device("cpu")
+    seed_everything(0)
+    policy, tokenizer = load_policy(config, cpu)
+    with torch.no_grad():  # LoRA B starts at zero; make the policy differ from the reference
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    rows = load_prompt_data(config, tokenizer).train[:num_prompts]
+    rollout = generate_rollouts(policy, tokenizer, [r["prompt"] for r in rows], num_generations=num_generations,
+                                chunk_size=16, max_prompt_length=config.max_prompt_length,
+                                max_completion_length=config.max_completion_length)
+    rewards = torch.randn(rollout.num_sequences, generator=torch.Generator().manual_seed(1))
+    advantages, _ = grpo.group_advantages(rewards, num_generations, "group")
+    with reference_model(policy):
+        ref_logps = frozen_logprobs(policy, rollout, config, cpu)
+    return policy, rollout, rewards, advantages, ref_logps

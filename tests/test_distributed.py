@@ -24,6 +24,8 @@ from safetensors.torch import load_file
 from lowvram_grpo import distributed, grpo, metrics
 from lowvram_grpo.config import ConfigError, load_config
 
+from conftest import fixed_step
+
 WORLD_SIZE = 2
 NUM_PROMPTS, G = 4, 4  # 16 sequences: 8 per process, 2 micro-batches of 4 each
 
@@ -69,25 +71,9 @@ def _config(tmp_path):
 def _fixed_step(config, path):
     """One step's rollouts, advantages and log-probs, made once and saved: every process loads
     the same, so sampling randomness plays no part in the comparison."""
-    from lowvram_grpo.data import load_prompt_data
-    from lowvram_grpo.model import load_policy, reference_model
-    from lowvram_grpo.rollout import generate_rollouts
-    from lowvram_grpo.trainer import frozen_logprobs, seed_everything
+    from lowvram_grpo.trainer import frozen_logprobs
 
-    seed_everything(0)
-    policy, tokenizer = load_policy(config, torch.device("cpu"))
-    with torch.no_grad():  # LoRA B starts at zero; make the policy differ from the reference
-        for name, p in policy.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    rows = load_prompt_data(config, tokenizer).train[:NUM_PROMPTS]
-    rollout = generate_rollouts(policy, tokenizer, [r["prompt"] for r in rows],
-                                num_generations=G, chunk_size=16, max_prompt_length=config.max_prompt_length,
-                                max_completion_length=config.max_completion_length)
-    rewards = torch.randn(rollout.num_sequences, generator=torch.Generator().manual_seed(1))
-    advantages, _ = grpo.group_advantages(rewards, G, "group")
-    with reference_model(policy):
-        ref_logps = frozen_logprobs(policy, rollout, config, torch.device("cpu"))
+    policy, rollout, rewards, advantages, ref_logps = fixed_step(config, NUM_PROMPTS, G)
     # Old log-probs a little off: ratios != 1, so some tokens clip (a later iteration's case).
     noise = 0.3 * torch.randn(ref_logps.shape, generator=torch.Generator().manual_seed(2))
     old_logps = frozen_logprobs(policy, rollout, config, torch.device("cpu")) + noise

@@ -19,6 +19,8 @@ from lowvram_grpo.config import load_config
 from lowvram_grpo.rewards import RewardFunctionError
 from lowvram_grpo.trainer import PromptSampler, train
 
+from conftest import fixed_step
+
 
 def _config(tmp_path, name="run", **overrides):
     return load_config(preset="tiny-cpu", overrides={"output_dir": str(tmp_path / name), **overrides})
@@ -293,28 +295,10 @@ def test_conversational_prompts_go_through_the_chat_template(tiny_cache, tmp_pat
 
 
 def _fp16_step(tmp_path):
-    """A tiny fp16 policy with non-zero LoRA B (so every LoRA weight gets a gradient) and one
-    step's rollouts, advantages and reference log-probs."""
-    from lowvram_grpo import grpo
-    from lowvram_grpo.data import load_prompt_data
-    from lowvram_grpo.model import load_policy, reference_model
-    from lowvram_grpo.rollout import generate_rollouts
-    from lowvram_grpo.trainer import frozen_logprobs, seed_everything
-
+    """A tiny fp16 policy whose LoRA differs from the reference, and one step's rollouts,
+    advantages and reference log-probs (see conftest.fixed_step)."""
     config = _config(tmp_path, dtype="float16", micro_batch_size=8)
-    seed_everything(0)
-    policy, tokenizer = load_policy(config, torch.device("cpu"))
-    with torch.no_grad():
-        for name, p in policy.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    rows = load_prompt_data(config, tokenizer).train[:4]
-    rollout = generate_rollouts(policy, tokenizer, [r["prompt"] for r in rows], num_generations=4, chunk_size=16,
-                                max_prompt_length=config.max_prompt_length,
-                                max_completion_length=config.max_completion_length)
-    advantages, _ = grpo.group_advantages(torch.randn(16, generator=torch.Generator().manual_seed(1)), 4, "group")
-    with reference_model(policy):
-        ref_logps = frozen_logprobs(policy, rollout, config, torch.device("cpu"))
+    policy, rollout, _, advantages, ref_logps = fixed_step(config, num_prompts=4, num_generations=4)
     return config, policy, rollout, advantages, ref_logps
 
 
