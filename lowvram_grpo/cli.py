@@ -29,15 +29,19 @@ import yaml
 from lowvram_grpo.config import ConfigError, build_config, list_presets, load_config, parse_overrides, preset_path, read_yaml
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # as a shell reports a process ended by Ctrl-C
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input rather than a bug (imported lazily: torch is slow)."""
+    from lowvram_grpo.backoff import MemoryBudgetError
     from lowvram_grpo.data import DatasetError
+    from lowvram_grpo.memory import PlannerError
     from lowvram_grpo.model import ModelLoadError
     from lowvram_grpo.rewards import RewardFunctionError
 
-    return (ConfigError, DatasetError, ModelLoadError, RewardFunctionError, FileNotFoundError)
+    return (ConfigError, DatasetError, ModelLoadError, RewardFunctionError, MemoryBudgetError, PlannerError,
+            FileNotFoundError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,6 +124,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = resolve_train_config(args)
     if args.dry_run:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+        dry_run_checks(config)
         return 0
     from lowvram_grpo import distributed
 
@@ -130,10 +135,37 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     result = train(config, resume=bool(args.resume), progress=not args.no_progress)
     if distributed.is_main_process():
-        resume = f"lowvram-grpo train --resume {result}"
-        print(f"adapter saved to {result}" if result.name == "final" else
-              f"stopped; checkpoint saved in {result} (continue with: {resume})")
+        from lowvram_grpo.checkpoint import latest_checkpoint
+
+        if result.name == "final":
+            print(f"adapter saved to {result}")
+        elif latest_checkpoint(result) is None:
+            print("stopped before the first step finished; there is nothing to resume")
+        else:
+            print(f"stopped; checkpoint saved in {latest_checkpoint(result)} "
+                  f"(continue with: lowvram-grpo train --resume {result})")
     return 0
+
+
+def dry_run_checks(config) -> None:
+    """What --dry-run checks beyond the config, without downloading anything: every reward
+    function loads, a local dataset reads and validates, a model directory exists. Hub datasets
+    and models not in the local cache are noted; training checks them before the model loads."""
+    from lowvram_grpo.data import is_hub_id, read_prompt_rows
+    from lowvram_grpo.model import ModelNotDownloaded, check_model_available
+    from lowvram_grpo.rewards import load_reward_functions
+
+    load_reward_functions(config.rewards)
+    hub_data = [source for source in (config.dataset, config.eval_dataset) if source and is_hub_id(source)]
+    if hub_data:
+        print(f"note: {', '.join(hub_data)} is a hub dataset: not read by --dry-run, but checked when training "
+              "starts, before the model loads", file=sys.stderr)
+    else:
+        read_prompt_rows(config)
+    try:
+        check_model_available(config.model_name_or_path)
+    except ModelNotDownloaded as err:
+        print(f"note: {err}", file=sys.stderr)
 
 
 def _train_argv(args: argparse.Namespace) -> list[str]:
@@ -302,13 +334,29 @@ COMMANDS = {"train": cmd_train, "presets": cmd_presets, "rewards": cmd_rewards, 
             "export": cmd_export, "plan": cmd_plan, "ui": cmd_ui}
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """argparse, with `key=value` overrides accepted anywhere on the line: argparse alone takes
+    them only in one run, so `train --preset X lr=1e-3 --dry-run max_steps=2` would fail."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [item for item in extra if item.startswith("-") or "=" not in item or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except _user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # a second Ctrl-C during training: quit without a traceback
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

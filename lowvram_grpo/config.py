@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
 AUTO = "auto"
 CHUNK_KEYS = ("generation_chunk_size", "micro_batch_size", "logprob_chunk_size")
 SCALE_REWARDS = ("group", "batch", "none")
+DEFAULT_REWARD_TIMEOUT = 300.0
 
 
 class ConfigError(ValueError):
@@ -88,6 +90,10 @@ class TrainConfig:
 
     # --- rewards -----------------------------------------------------------------------------
     rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec("arith_answer")])
+    # Seconds one reward function may take for one step's completions; a call that takes longer
+    # (a loop that never ends, a server that never answers) stops the run with an error naming
+    # it. "none" = no limit.
+    reward_timeout: Union[float, Literal["none"], None] = DEFAULT_REWARD_TIMEOUT
 
     # --- generation (rollouts) ---------------------------------------------------------------
     num_generations: int = 8  # G: completions per prompt, normalised as one group
@@ -138,6 +144,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.rewards = [_as_reward_spec(r) for r in self.rewards]
+        if self.reward_timeout == "none":
+            self.reward_timeout = None
         self.validate()
 
     @property
@@ -174,6 +182,8 @@ class TrainConfig:
         need(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
         need(0 <= self.lora_dropout < 1, "lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
         need(self.max_grad_norm > 0, "max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
+        need(self.reward_timeout is None or self.reward_timeout > 0, "reward_timeout",
+             f"must be a number of seconds > 0, or none for no limit; got {self.reward_timeout}")
         need(bool(self.rewards), "rewards", "at least one reward function is needed")
         for spec in self.rewards:
             need(bool(spec.name), "rewards", "every reward needs a name")
@@ -194,8 +204,18 @@ def _as_reward_spec(value: Any) -> RewardSpec:
         if "name" not in value or unknown:
             raise ConfigError(
                 f"rewards: each entry is a name or {{name: ..., weight: ...}}, got {value!r}")
-        return RewardSpec(str(value["name"]), float(value.get("weight", 1.0)))
+        return RewardSpec(str(value["name"]), _reward_weight(value["name"], value.get("weight", 1.0)))
     raise ConfigError(f"rewards: each entry is a name or {{name: ..., weight: ...}}, got {value!r}")
+
+
+def _reward_weight(name: Any, weight: Any) -> float:
+    try:
+        number = float(weight)  # YAML reads "1e-1" (no dot) as a string: float() takes it
+    except (TypeError, ValueError):
+        number = float("nan")
+    if isinstance(weight, bool) or not math.isfinite(number):
+        raise ConfigError(f"rewards: the weight of '{name}' must be a number such as 1.0 or 0.5, got {weight!r}")
+    return number
 
 
 # --- loading ---------------------------------------------------------------------------------

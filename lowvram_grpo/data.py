@@ -76,6 +76,21 @@ def load_prompt_data(config: TrainConfig, tokenizer=None) -> PromptData:
     them, chat template included) are dropped and counted; without one (the UI preview) the
     length check is skipped.
     """
+    return finish_prompt_data(read_prompt_rows(config), config, tokenizer)
+
+
+@dataclass
+class PromptRows:
+    """Validated prompt rows before tokenisation: what can be checked before the model loads."""
+
+    train: list[dict]
+    eval: list[dict]
+    source: str
+
+
+def read_prompt_rows(config: TrainConfig) -> PromptRows:
+    """Read and validate `config.dataset` (and the eval set); no tokenizer needed, so a bad
+    dataset is reported before minutes of model loading."""
     if config.eval_fraction > 0 and config.eval_dataset:
         raise DatasetError(
             f"eval_fraction={config.eval_fraction} and eval_dataset={config.eval_dataset} are "
@@ -103,7 +118,13 @@ def load_prompt_data(config: TrainConfig, tokenizer=None) -> PromptData:
                 "prompt_column, answer_column and prompt_template as dataset, so its columns "
                 "must match.)") from None
         source += f"; eval: {eval_table.summary()}"
+    return PromptRows(train=train, eval=eval_rows, source=source)
 
+
+def finish_prompt_data(rows: PromptRows, config: TrainConfig, tokenizer=None) -> PromptData:
+    """Drop prompts too long for `max_prompt_length` (with a tokenizer) and hold out
+    `eval_fraction` of the rest (see load_prompt_data)."""
+    train, eval_rows, source = rows.train, rows.eval, rows.source
     dropped = 0
     if tokenizer is not None:
         train, dropped = _filter_by_length(train, tokenizer, config.max_prompt_length, "dataset")
@@ -271,6 +292,11 @@ def _is_local(source: str) -> bool:
     """A built-in or an existing file or folder (anything else is a hub id)."""
     source = str(source).strip()
     return source.startswith("builtin:") or Path(source).expanduser().exists()
+
+
+def is_hub_id(source: str) -> bool:
+    """Whether `source` names a hub dataset (to be downloaded), not a local file or a built-in."""
+    return not _is_local(source) and not _looks_like_path(str(source).strip())
 
 
 def _looks_like_path(source: str) -> bool:
@@ -546,7 +572,23 @@ def _prepare(table: _Table, config: TrainConfig, key: str) -> list[dict]:
         more = f" ({len(problems) - 1} more rows have problems.)" if len(problems) > 1 else ""
         fix = "these rows" if len(problems) > 1 else "the row"
         raise DatasetError(f"{problems[0].rstrip('.')}.{more} Fix or remove {fix}.")
+    _check_one_prompt_kind(out, table)
     return out
+
+
+def _check_one_prompt_kind(rows: list[dict], table: _Table) -> None:
+    """Plain-text and conversational prompts go through different paths (special tokens, the
+    chat template, the completion form rewards receive), chosen once per batch; a file that
+    mixes them is refused rather than treated by its first row."""
+    kinds = [isinstance(row["prompt"], list) for row in rows]
+    if any(kinds) and not all(kinds):
+        first_other = next(i for i, kind in enumerate(kinds) if kind != kinds[0])
+        what = "a conversation" if kinds[0] else "plain text"
+        other = "plain text" if kinds[0] else "a conversation"
+        raise DatasetError(
+            f"{table.description} mixes plain-text and conversational prompts: {table.where(0)} is "
+            f"{what}, {table.where(first_other)} is {other}. Use one kind for every row (wrap "
+            'plain prompts as [{"role": "user", "content": ...}], or set prompt_template).')
 
 
 def _check_columns(columns: list[str], config: TrainConfig, where: str) -> None:
@@ -577,7 +619,9 @@ def _prompt_problem(prompt: Any, config: TrainConfig) -> str | None:
     source = "prompt_template" if config.prompt_template is not None else \
         f"prompt column '{config.prompt_column}'"
     if isinstance(prompt, str):
-        return None if prompt.strip() else f"the prompt is empty ({source} gives an empty string)"
+        if not prompt.strip():
+            return f"the prompt is empty ({source} gives an empty string)"
+        return _text_problem(prompt, "the prompt")
     if isinstance(prompt, list):
         return _conversation_problem(prompt)
     got = "is null (missing or empty)" if prompt is None else \
@@ -603,6 +647,21 @@ def _conversation_problem(messages: list) -> str | None:
         if not isinstance(message["content"], str):
             return (f"message {n} content is a {_type_name(message['content'])}, expected text "
                     "(only text conversations are supported)")
+        problem = _text_problem(message["content"], f"message {n}")
+        if problem:
+            return problem
+    return None
+
+
+def _text_problem(text: str, what: str) -> str | None:
+    """Text that cannot be written as UTF-8 (a lone surrogate such as "\\ud800", left by a broken
+    JSON escape or a bad conversion) would fail at tokenisation or when logged."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        bad = text[err.start]
+        return (f"{what} holds an invalid character U+{ord(bad):04X} at position {err.start} (a lone "
+                "surrogate, usually a broken \\u escape); remove it or re-export the file as UTF-8")
     return None
 
 

@@ -122,6 +122,15 @@ def finish() -> None:
         _owns_process_group = False
 
 
+def abort() -> None:
+    """End of a failed run: leave the process group at once, without the barrier of finish()
+    (the other processes may never reach it), so no process is left holding it."""
+    global _owns_process_group
+    if _owns_process_group and dist.is_initialized():
+        dist.destroy_process_group()
+        _owns_process_group = False
+
+
 # --- collectives (no-ops for one process) -----------------------------------------------------
 
 

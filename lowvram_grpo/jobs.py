@@ -8,7 +8,10 @@ take the page down). It runs
 
 with stdout and stderr going to RUN_DIR/train.log, and from then on only reads the run
 directory (status.json, metrics.jsonl, completions.jsonl, checkpoints). Stop sends SIGTERM: the
-trainer finishes its step, saves a checkpoint and exits with state "stopped".
+trainer saves a checkpoint of its last finished step and exits with state "stopped" (within
+seconds, even in the middle of generation or of a reward call). Should it not, Stop pressed
+again after FORCE_STOP_AFTER seconds kills it, and the run is marked stopped at its last
+checkpoint.
 
 One job at a time per work directory. `WORK_DIR/job.json` records the current job (pid, run
 directory, command), so a reloaded page, or the app started again, finds a training that is
@@ -35,6 +38,9 @@ LOG_NAME = "train.log"
 REGISTRY_NAME = "job.json"
 # status.json states in which the trainer process is still at work.
 ACTIVE_STATES = ("running", "stopping")
+# Seconds after a Stop before a second Stop may kill the trainer: a checkpoint being written
+# must not be cut short by an impatient second click.
+FORCE_STOP_AFTER = 20.0
 
 
 class JobError(RuntimeError):
@@ -139,12 +145,19 @@ class JobManager:
             return self._launch(["train", "--resume", str(run_dir), "--no-progress"], run_dir)
 
     def stop(self) -> str:
-        """Ask the running trainer to stop (SIGTERM): it saves a checkpoint, then exits."""
+        """Ask the running trainer to stop (SIGTERM): it saves a checkpoint, then exits. Asked
+        again, FORCE_STOP_AFTER seconds or more later, kill it (see `kill`)."""
         job = self.running()
         if job is None:
             raise JobError("no training is running")
-        if job.stop_requested:  # a second SIGTERM would interrupt the checkpoint being saved
-            return "Stop already requested: the trainer is finishing its step and saving a checkpoint."
+        if job.stop_requested:
+            waited = time.time() - job.stop_requested
+            if waited < FORCE_STOP_AFTER:  # a second SIGTERM could cut the checkpoint being saved short
+                return (f"Stop already requested: the trainer is saving a checkpoint. Press Stop again after "
+                        f"{FORCE_STOP_AFTER - waited:.0f} s to end it at once.")
+            self.kill(job, f"killed by a second Stop, {waited:.0f} s after the first went unanswered")
+            return (f"The trainer did not stop within {waited:.0f} s: ended it. Resume continues from its last "
+                    "checkpoint.")
         os.kill(job.pid, signal.SIGTERM)
         job.stop_requested = time.time()
         self._save(job)
@@ -163,12 +176,31 @@ class JobManager:
         while self.is_alive(job) and time.time() < deadline:
             time.sleep(0.2)
         if self.is_alive(job):
-            # The job leads its own session (start_new_session): kill the whole group, so that
-            # processes it launched (data-parallel workers) do not outlive it.
+            self.kill(job, f"killed: it did not stop within {timeout:g} s")
+
+    def kill(self, job: Job, why: str) -> None:
+        """SIGKILL the job's whole process group (it leads its own session, so data-parallel
+        workers it launched go too), and say so in status.json: a killed trainer cannot, and
+        the file would say "running" for ever."""
+        try:
             os.killpg(job.pid, signal.SIGKILL)
-            child = self._children.get(job.pid)
-            if child is not None:
-                child.wait(10)
+        except ProcessLookupError:
+            pass
+        child = self._children.get(job.pid)
+        if child is not None:
+            child.wait(10)
+        run_dir = Path(job.run_dir)
+        status = read_status(run_dir) or {}
+        if status.get("state") in ACTIVE_STATES or not status:
+            latest = checkpoint_dirs(run_dir)
+            note = f"{why}; resume continues from {latest[-1].name}" if latest else f"{why}; no checkpoint yet"
+            write_json_atomic(run_dir / "status.json", {
+                **status, "state": "stopped", "step": status.get("step", 0), "error": None, "note": note,
+                "updated": time.time()})
+
+    @staticmethod
+    def trainer_command(args: list[str]) -> list[str]:
+        return [sys.executable, "-m", "lowvram_grpo", *args]
 
     def _refuse_if_running(self) -> None:
         job = self.running()
@@ -177,7 +209,7 @@ class JobManager:
                            "stop it first")
 
     def _launch(self, args: list[str], run_dir: Path) -> Job:
-        command = [sys.executable, "-m", "lowvram_grpo", *args]
+        command = self.trainer_command(args)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "LOWVRAM_GRPO_NO_PROGRESS": "1"}
         with (run_dir / LOG_NAME).open("ab") as log:
             log.write(f"\n$ {' '.join(command)}\n".encode())

@@ -613,21 +613,25 @@ def plan(train_config: TrainConfig, vram_gb: float, model_config: Any = None,
 def _advice(smallest: MemoryEstimate, c: TrainConfig, model_config: Any, budget: float) -> list[str]:
     """What to reduce when even one sequence at a time does not fit."""
     gb = lambda b: f"{b / GIB:.1f} GB"  # noqa: E731
+    # Every estimate below is at the smallest chunking, as `smallest` is (and so never meets
+    # an "auto" chunk size of the user's config).
+    smallest_chunks = {"generation_chunk_size": 1, "micro_batch_size": 1,
+                       "logprob_chunk_size": LOGPROB_CHUNK_CANDIDATES[-1]}
     advice = []
     if smallest.static_bytes > budget:
         advice.append(f"the model's weights, LoRA and optimizer alone need ~{gb(smallest.static_bytes)} of the "
                       f"{gb(budget)} usable: choose a smaller model")
         # Only suggest the switches that would actually close the gap.
         if c.quantization != "nf4":
-            nf4 = estimate_memory(model_config, dataclasses.replace(c, quantization="nf4"))
+            nf4 = estimate_memory(model_config, dataclasses.replace(c, quantization="nf4"), **smallest_chunks)
             if nf4.static_bytes < budget:
                 advice.append(f"or load the base in 4 bits: quantization=nf4 (static ~{gb(nf4.static_bytes)})")
         if c.optimizer != "paged_adamw_8bit":
-            adam8 = estimate_memory(model_config, dataclasses.replace(c, optimizer="paged_adamw_8bit"))
+            adam8 = estimate_memory(model_config, dataclasses.replace(c, optimizer="paged_adamw_8bit"), **smallest_chunks)
             if adam8.static_bytes < budget:
                 advice.append(f"or use optimizer=paged_adamw_8bit (static ~{gb(adam8.static_bytes)})")
         if c.lora_r > 8:
-            low_rank = estimate_memory(model_config, dataclasses.replace(c, lora_r=8))
+            low_rank = estimate_memory(model_config, dataclasses.replace(c, lora_r=8), **smallest_chunks)
             if low_rank.static_bytes < budget:
                 advice.append(f"or a smaller adapter: lora_r=8 (static ~{gb(low_rank.static_bytes)})")
         return advice
@@ -640,8 +644,7 @@ def _advice(smallest: MemoryEstimate, c: TrainConfig, model_config: Any, budget:
     while low < high:
         mid = (low + high + 1) // 2
         trial = dataclasses.replace(c, max_completion_length=max(mid, 1))
-        if estimate_memory(model_config, trial, generation_chunk_size=1, micro_batch_size=1,
-                           logprob_chunk_size=LOGPROB_CHUNK_CANDIDATES[-1]).total_bytes <= budget:
+        if estimate_memory(model_config, trial, **smallest_chunks).total_bytes <= budget:
             low = mid
         else:
             high = mid - 1

@@ -44,24 +44,36 @@ def read_status(run_dir: str | Path) -> dict[str, Any] | None:
         return None
 
 
+def jsonl_line(record: dict[str, Any]) -> str:
+    """One record as one line of JSON. Non-finite floats, at any depth, become null (JSON has
+    no NaN); text stays readable (ensure_ascii=False): json.dumps escapes every control
+    character, so the only newline in the line is the one that ends it."""
+    return json.dumps(_finite(record), ensure_ascii=False) + "\n"
+
+
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(_finite(record), ensure_ascii=False) + "\n")
+        f.write(jsonl_line(record))
         f.flush()
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """All complete records; a torn last line (the writer was killed mid-write) is skipped."""
+    """All complete records; a torn last line (the writer was killed mid-write) is skipped.
+
+    Lines are split on "\n" only: str.splitlines() also splits on U+2028, U+2029, U+0085 and
+    other separators that a completion may hold raw, and would lose that record."""
     records = []
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
         return records
-    for line in lines:
+    for line in text.split("\n"):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if isinstance(record, dict):
+            records.append(record)
     return records
 
 
@@ -71,7 +83,7 @@ def truncate_jsonl_after_step(path: Path, step: int) -> None:
     if path.exists():
         kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
+        tmp.write_text("".join(jsonl_line(r) for r in kept), encoding="utf-8")
         os.replace(tmp, path)
 
 
@@ -83,6 +95,13 @@ def peak_memory_gb(device: torch.device) -> float:
     return kilobytes / (2**30 if sys.platform == "darwin" else 2**20)
 
 
-def _finite(record: dict[str, Any]) -> dict[str, Any]:
-    # JSON has no NaN/Infinity; null keeps the file readable by every JSON parser.
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+def _finite(value: Any) -> Any:
+    """`value` with every non-finite float, however deeply nested, replaced by None: JSON has
+    no NaN/Infinity, and null keeps the file readable by every JSON parser."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

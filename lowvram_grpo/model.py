@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -17,21 +18,82 @@ import torch
 from lowvram_grpo.config import TrainConfig
 
 BUILTIN_PREFIX = "builtin:"
+BUILTIN_TINY = "builtin:tiny"
 
 
 class ModelLoadError(RuntimeError):
     """The model or adapter could not be loaded; the message says why and what to do."""
 
 
+class ModelNotDownloaded(ModelLoadError):
+    """A hub model that is not in the local cache while the Hub cannot be reached."""
+
+
 def resolve_model_path(name: str) -> str:
     """`builtin:tiny` -> the locally built tiny model's directory; anything else unchanged."""
-    if name == "builtin:tiny":
+    if name == BUILTIN_TINY:
         from lowvram_grpo.tiny import tiny_model_path
 
         return str(tiny_model_path())
     if name.startswith(BUILTIN_PREFIX):
-        raise ModelLoadError(f"model_name_or_path: unknown built-in model '{name}'; the only one is builtin:tiny")
+        check_model_available(name)  # an unknown built-in: refused with the same message
     return name
+
+
+def check_model_available(name: str) -> None:
+    """Fail in seconds, before the tokenizer, the data or the weights load, when the model
+    cannot be loaded at all: a local directory that is not there, or a hub model that is not in
+    the local cache while the Hub cannot be reached. Asking the Hub for config.json is the
+    first thing loading would do anyway (and it lands in the cache)."""
+    if name.startswith(BUILTIN_PREFIX):
+        if name != BUILTIN_TINY:
+            raise ModelLoadError(f"model_name_or_path: unknown built-in model '{name}'; the only one is {BUILTIN_TINY}")
+        return
+    path = Path(name).expanduser()
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"model_name_or_path: {path} is not a model directory (no config.json there); give a directory "
+                "saved with save_pretrained, or a hub id such as Qwen/Qwen2.5-0.5B-Instruct")
+        return
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return
+    download = f"hf download {name}"
+    try:
+        _reach_hub()
+        hf_hub_download(name, "config.json")
+    except GatedRepoError:
+        raise ModelLoadError(
+            f"model_name_or_path: {name} is gated on the Hugging Face Hub; accept its licence on its hub page, "
+            f"log in with `hf auth login`, then run `{download}`") from None
+    except RepositoryNotFoundError:
+        raise ModelLoadError(
+            f"model_name_or_path: there is no model '{name}' on the Hugging Face Hub (or it is private); check "
+            "the id, or give a local directory") from None
+    except Exception as err:  # offline: no connection, HF_HUB_OFFLINE, a proxy...
+        raise ModelNotDownloaded(
+            f"model_name_or_path: {name} is not downloaded and the Hugging Face Hub cannot be reached "
+            f"({type(err).__name__}). Download it while online with `{download}` (into the Hub cache, "
+            "~/.cache/huggingface), or set model_name_or_path to a local directory; builtin:tiny "
+            "works offline.") from None
+
+
+def _reach_hub(timeout: float = 5.0) -> None:
+    """Raise OSError at once when the Hub is unreachable: huggingface_hub itself retries with
+    back-off for about half a minute before it gives up."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise OSError("HF_HUB_OFFLINE is set")
+    endpoint = urlparse(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
 
 
 def default_device() -> torch.device:

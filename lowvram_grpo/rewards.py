@@ -34,6 +34,7 @@ from typing import Any, Callable
 import torch
 
 from lowvram_grpo.config import RewardSpec
+from lowvram_grpo.stopping import CallTimedOut, StepInterrupted, call_with_deadline
 from lowvram_grpo.toy import arith_answer
 
 # Defaults for the built-ins; rows can override the length ones with dataset columns.
@@ -80,6 +81,7 @@ class RewardFunction:
     name: str
     fn: Callable
     weight: float
+    timeout: float | None = None  # seconds a call may take (reward_timeout); None = no limit
 
 
 # --------------------------------------------------------------------------------------------
@@ -430,15 +432,16 @@ def _function_name(fn: Callable) -> str:
     return getattr(fn, "__name__", None) or type(fn).__name__
 
 
-def load_reward_functions(specs: list[RewardSpec]) -> list[RewardFunction]:
-    """Resolve every spec; metric names are the built-in name or the function's name, made unique."""
+def load_reward_functions(specs: list[RewardSpec], timeout: float | None = None) -> list[RewardFunction]:
+    """Resolve every spec; metric names are the built-in name or the function's name, made unique.
+    Each call may take at most `timeout` seconds (None: no limit)."""
     loaded, seen = [], {}
     for spec in specs:
         fn = resolve_reward(spec.name)
         base = spec.name if isinstance(spec.name, str) and spec.name in BUILTIN_REWARDS else _function_name(fn)
         seen[base] = seen.get(base, 0) + 1
         name = base if seen[base] == 1 else f"{base}_{seen[base]}"
-        loaded.append(RewardFunction(name=name, fn=fn, weight=float(spec.weight)))
+        loaded.append(RewardFunction(name=name, fn=fn, weight=float(spec.weight), timeout=timeout))
     return loaded
 
 
@@ -467,16 +470,17 @@ class RewardScores:
 
 
 def score_rows(reward_functions: list[RewardFunction], rows: list[dict], completions: list[str],
-               completion_ids: list[list[int]] | None, num_generations: int = 1) -> RewardScores:
+               completion_ids: list[list[int]] | None, num_generations: int = 1,
+               should_stop: Callable[[], bool] | None = None) -> RewardScores:
     """Score `num_generations` completions per dataset row (a row's completions contiguous):
     each completion is paired with its row's prompt and other columns, and conversational
-    prompts get TRL's conversational completion form."""
+    prompts get TRL's conversational completion form. See score_completions for `should_stop`."""
     prompts = [row["prompt"] for row in rows for _ in range(num_generations)]
     if isinstance(prompts[0], list):
         completions = [[{"role": "assistant", "content": c}] for c in completions]
     columns = {key: [row.get(key) for row in rows for _ in range(num_generations)]
                for key in rows[0] if key != "prompt"}
-    return score_completions(reward_functions, prompts, completions, completion_ids, columns)
+    return score_completions(reward_functions, prompts, completions, completion_ids, columns, should_stop)
 
 
 def score_completions(
@@ -485,18 +489,22 @@ def score_completions(
     completions: list,
     completion_ids: list[list[int]] | None,
     columns: dict[str, list],
+    should_stop: Callable[[], bool] | None = None,
 ) -> RewardScores:
     """Call every reward function on the batch (as TRL does) and combine the results.
 
     Each function gets `prompts`, `completions`, `completion_ids` and the dataset `columns`
     (one value per completion) as keyword arguments, or only those its signature accepts.
+    A call that outlives its function's timeout raises RewardFunctionError naming it; once
+    `should_stop()` is true the call is abandoned (StepInterrupted), so that a stop request
+    never waits on a reward function that may never return.
     """
     n = len(completions)
     _check_batch(prompts, completions, completion_ids, columns)
     kwargs = {"prompts": prompts, "completions": completions, "completion_ids": completion_ids, **columns}
     per_function = torch.full((n, len(reward_functions)), float("nan"), dtype=torch.float32)
     for i, reward in enumerate(reward_functions):
-        per_function[:, i] = torch.tensor(_call_reward(reward, kwargs, n), dtype=torch.float32)
+        per_function[:, i] = torch.tensor(_call_reward(reward, kwargs, n, should_stop), dtype=torch.float32)
     weights = torch.tensor([r.weight for r in reward_functions], dtype=torch.float32)
     total = (per_function * weights).nansum(dim=1)
     # nansum would turn "no function applies" into 0, a real-looking reward; keep it NaN as TRL does.
@@ -517,12 +525,19 @@ def _check_batch(prompts, completions, completion_ids, columns) -> None:
         raise ValueError(f"every batch input needs one value per completion ({n}); got lengths {wrong}")
 
 
-def _call_reward(reward: RewardFunction, kwargs: dict, n: int) -> list[float]:
+def _call_reward(reward: RewardFunction, kwargs: dict, n: int,
+                 should_stop: Callable[[], bool] | None = None) -> list[float]:
     """Run one function and return its n rewards as floats (NaN for None), or raise naming it."""
+    accepted = _accepted_kwargs(reward, kwargs)
     try:
-        result = reward.fn(**_accepted_kwargs(reward, kwargs))
-    except RewardFunctionError:
+        result = call_with_deadline(lambda: reward.fn(**accepted), reward.timeout, should_stop)
+    except (RewardFunctionError, StepInterrupted):
         raise
+    except CallTimedOut:
+        raise RewardFunctionError(
+            f"reward function '{reward.name}' did not return within reward_timeout={reward.timeout:g} s "
+            "(stuck in a loop, or waiting on something?); make it faster, or raise reward_timeout "
+            "(reward_timeout=none: no limit)") from None
     except Exception as e:
         raise RewardFunctionError(f"reward function '{reward.name}' raised {_one_line(e)}") from e
     return _validate_output(reward.name, result, n)

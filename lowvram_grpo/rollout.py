@@ -9,10 +9,12 @@ which is the layout group normalisation expects.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from lowvram_grpo.data import encode_prompts
+from lowvram_grpo.stopping import StepInterrupted, generation_stopper
 
 
 @dataclass
@@ -78,11 +80,13 @@ def eos_token_ids(model, tokenizer) -> list[int]:
 def generate_rollouts(model, tokenizer, prompts: list, *, num_generations: int,
                       chunk_size: int, max_prompt_length: int, max_completion_length: int,
                       temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                      do_sample: bool = True) -> Rollout:
+                      do_sample: bool = True, should_stop: Callable[[], bool] | None = None) -> Rollout:
     """Sample `num_generations` completions for each prompt, `chunk_size` sequences at a time.
 
     A prompt is a plain string, or a conversation that goes through the chat template (which
-    already contains the model's special tokens, so none are added on top)."""
+    already contains the model's special tokens, so none are added on top). Once
+    `should_stop()` is true, generation ends at the next token and StepInterrupted is raised:
+    a long generation must not delay a requested stop by minutes."""
     prompt_ids, num_truncated = tokenize_prompts(tokenizer, prompts, max_prompt_length)
     # Repeat each prompt G times, keeping a group's rows together.
     sequences = [ids for ids in prompt_ids for _ in range(num_generations)]
@@ -95,16 +99,22 @@ def generate_rollouts(model, tokenizer, prompts: list, *, num_generations: int,
     was_training = model.training
     model.eval()
     chunks = []
+    stopping_criteria = [generation_stopper(should_stop)] if should_stop is not None else None
     try:
         for start in range(0, len(sequences), chunk_size):
+            if should_stop is not None and should_stop():
+                raise StepInterrupted()
             ids, mask = left_pad(sequences[start:start + chunk_size], tokenizer.pad_token_id)
             output = model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device),
                 max_new_tokens=max_completion_length, do_sample=do_sample,
                 temperature=temperature if do_sample else None,
                 top_p=top_p if do_sample else None, top_k=top_k if do_sample else None,
-                use_cache=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids)
+                use_cache=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids,
+                stopping_criteria=stopping_criteria)
             chunks.append(output[:, ids.size(1):].cpu())
+        if should_stop is not None and should_stop():
+            raise StepInterrupted()  # the last chunk may have been cut short
     finally:
         model.train(was_training)
 

@@ -23,7 +23,6 @@ import dataclasses
 import math
 import os
 import random
-import signal
 import time
 import traceback
 from dataclasses import dataclass
@@ -36,14 +35,15 @@ import torch
 from lowvram_grpo import distributed, grpo, metrics
 from lowvram_grpo.backoff import MemoryBudgetError, retry_on_oom
 from lowvram_grpo.checkpoint import (checkpoint_dirs, latest_checkpoint, load_checkpoint, read_trainer_state, restore_rng_state,
-                                     rng_state, save_adapter, save_checkpoint)
+                                     rng_state, save_adapter, save_checkpoint, set_rng_state)
 from lowvram_grpo.config import AUTO, CHUNK_KEYS, ConfigError, TrainConfig, save_config
-from lowvram_grpo.data import load_prompt_data
+from lowvram_grpo.data import PromptRows, finish_prompt_data, read_prompt_rows
 from lowvram_grpo.evaluate import evaluate
-from lowvram_grpo.model import compute_dtype, load_policy, reference_model, resolve_model_path
+from lowvram_grpo.model import check_model_available, compute_dtype, load_policy, reference_model, resolve_model_path
 from lowvram_grpo.reporting import make_reporters
-from lowvram_grpo.rewards import RewardScores, load_reward_functions, score_rows
+from lowvram_grpo.rewards import RewardFunction, RewardFunctionError, RewardScores, load_reward_functions, score_rows
 from lowvram_grpo.rollout import Rollout, generate_rollouts
+from lowvram_grpo.stopping import StepInterrupted, StopRequested
 
 
 # --- data order ------------------------------------------------------------------------------
@@ -177,38 +177,6 @@ def frozen_logprobs(policy, rollout: Rollout, config: TrainConfig, device: torch
 # --- the loop --------------------------------------------------------------------------------
 
 
-class StopRequested:
-    """SIGINT/SIGTERM set a flag; the loop finishes its step, saves a checkpoint and exits.
-
-    `same_request_within`: signals this close to the first one are the same request (with
-    several processes, Ctrl-C reaches a process both from the terminal and from the launcher).
-    """
-
-    def __init__(self, same_request_within: float = 0.0):
-        self.requested = False
-        self.same_request_within = same_request_within
-        self._first = 0.0
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. called from a notebook thread)
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested and time.monotonic() - self._first >= self.same_request_within:
-            raise KeyboardInterrupt  # a second Ctrl-C: the user really wants out
-        if not self.requested:
-            self.requested, self._first = True, time.monotonic()
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 def resolve_chunking(config: TrainConfig, device: torch.device, announce: bool = True) -> TrainConfig:
     """The run's working copy of the config, with "auto" chunk sizes chosen by the memory
     planner. It is a copy because out-of-memory back-off shrinks its chunk sizes in place."""
@@ -261,6 +229,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
         # Never mix two runs' curves in one metrics.jsonl, nor overwrite their checkpoints.
         raise ConfigError(f"output_dir: {run_dir} already holds a training run; continue it with "
                           f"`lowvram-grpo train --resume {run_dir}` or choose another output_dir")
+    # The user's inputs before anything is created or loaded: a typo in a reward name should
+    # cost seconds, not a model load, and leave no half-made run directory behind.
+    inputs = check_inputs(config)
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         metrics.write_status(run_dir, "running", 0, config.max_steps)
@@ -268,14 +239,36 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
         distributed.check_world_size(config, world.world_size)
         # Reporters first: a missing tensorboard/wandb package should fail in seconds, not
         # after the model has loaded.
-        with StopRequested(same_request_within=1.0 if world.distributed else 0.0) as stop, \
+        with StopRequested(same_request_within=1.0 if world.distributed else 0.0, announce=world.is_main) as stop, \
                 make_reporters(config.report_to if world.is_main else [], run_dir, config.to_dict()) as reporters:
-            result = _train(config, run_dir, resume, progress, on_step, stop, reporters, world)
+            result = _train(config, inputs, run_dir, resume, progress, on_step, stop, reporters, world)
         distributed.finish()
         return result
     except BaseException as err:
         _write_failure(run_dir, config, err, world)
+        distributed.abort()  # without this a failed multi-process run leaves its process group behind
         raise
+
+
+@dataclass
+class RunInputs:
+    """The user's reward functions and prompts, checked before the model loads."""
+
+    reward_functions: list[RewardFunction]
+    prompts: PromptRows
+
+
+def check_inputs(config: TrainConfig, check_model: bool = True) -> RunInputs:
+    """Everything about a run that can be wrong without loading the model: the model can be
+    found (a local directory, or a hub id cached or reachable), every reward function loads,
+    the dataset reads and validates. Raises the one-line error of the first problem."""
+    if check_model:
+        check_model_available(config.model_name_or_path)
+    reward_functions = load_reward_functions(config.rewards, timeout=config.reward_timeout)
+    prompts = read_prompt_rows(config)
+    if config.eval_every and not prompts.eval and not config.eval_fraction:
+        raise ConfigError("eval_every: there is no eval split; set eval_fraction (e.g. 0.05) or eval_dataset")
+    return RunInputs(reward_functions=reward_functions, prompts=prompts)
 
 
 def _holds_a_run(run_dir: Path) -> bool:
@@ -300,7 +293,7 @@ def _write_failure(run_dir: Path, config: TrainConfig, err: BaseException, world
             raise
 
 
-def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool,
+def _train(config: TrainConfig, inputs: RunInputs, run_dir: Path, resume: bool, progress: bool,
            on_step: Callable | None, stop: StopRequested, reporters, world: distributed.World) -> Path:
     main = world.is_main  # rank 0 (the only process, usually) writes the run directory
     seed_everything(config.seed)
@@ -324,14 +317,12 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool,
         # Same seed as rank 0 until here (same LoRA initialisation); from here on each process
         # samples its own completions.
         seed_everything(config.seed + world.rank)
-    data = load_prompt_data(config, tokenizer)
+    data = finish_prompt_data(inputs.prompts, config, tokenizer)
     dropped = f"; dropped {data.num_dropped_too_long} prompts longer than max_prompt_length" \
         if data.num_dropped_too_long else ""
     if main:
         print(f"dataset: {data.source}{dropped}", flush=True)
-    if config.eval_every and not data.eval:
-        raise ConfigError("eval_every: there is no eval split; set eval_fraction (e.g. 0.05) or eval_dataset")
-    reward_functions = load_reward_functions(config.rewards)
+    reward_functions = inputs.reward_functions
     params = [p for p in policy.parameters() if p.requires_grad]
     distributed.broadcast_parameters(params)  # every process starts from rank 0's LoRA weights
     optimizer = build_optimizer(config, params, device)
@@ -373,10 +364,36 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool,
     bar = _progress_bar(progress and main, start_step, config.max_steps)
     policy.train()
     step = start_step
+    warned_no_reward = False
     while step < config.max_steps:
         step += 1
-        record, samples = grpo_step(config, policy, tokenizer, data.train, sampler, reward_functions,
-                                    optimizer, scheduler, device, step, scaler)
+        # Generation and rewards change neither the weights nor the optimizer, so a step that
+        # ends in one of them leaves the previous step's state but for the random state and the
+        # data position: keep those, to checkpoint the previous step exactly.
+        before_step = rng_state(), sampler.state_dict()
+        try:
+            # Several processes stop only between steps, together (a collective half-entered
+            # by some processes would hang the others).
+            record, samples = grpo_step(config, policy, tokenizer, data.train, sampler, reward_functions,
+                                        optimizer, scheduler, device, step, scaler,
+                                        should_stop=None if world.distributed else stop)
+        except (StepInterrupted, RewardFunctionError) as err:
+            if bar:
+                bar.close()
+            if not world.distributed:
+                set_rng_state(before_step[0])
+                sampler = PromptSampler(len(data.train), config.seed, **before_step[1])
+                if step - 1 > start_step:
+                    checkpoint_now(step - 1)
+            if isinstance(err, RewardFunctionError):
+                raise  # status "failed", naming the function
+            write_status("stopped", step - 1)
+            return run_dir
+        if main and not warned_no_reward and math.isnan(record["reward"]):
+            warned_no_reward = True
+            print(f"warning: step {step}: no reward function ({', '.join(r.name for r in reward_functions)}) "
+                  "returned a reward for any completion (all None), so this step taught nothing; check that "
+                  "the reward functions fit this dataset (e.g. its answer column). Shown once.", flush=True)
         if config.eval_every and (step % config.eval_every == 0 or step == config.max_steps):
             record.update(evaluate(policy, tokenizer, data.eval, reward_functions, config))
         if main:
@@ -413,9 +430,11 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool,
 
 def grpo_step(config: TrainConfig, policy, tokenizer, rows: list[dict], sampler: PromptSampler,
               reward_functions, optimizer, scheduler, device: torch.device, step: int,
-              scaler: torch.amp.GradScaler | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+              scaler: torch.amp.GradScaler | None = None,
+              should_stop: Callable[[], bool] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """One GRPO step (steps 1-7 of the module docstring); returns its metrics record and,
-    every `log_completions_every` steps, sampled completions to log."""
+    every `log_completions_every` steps, sampled completions to log. Once `should_stop()` is
+    true, generation and reward calls give up and StepInterrupted is raised, before the update."""
     started = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -432,11 +451,13 @@ def grpo_step(config: TrainConfig, policy, tokenizer, rows: list[dict], sampler:
     rollout = retry_on_oom("generation", config, lambda: generate_rollouts(
         policy, tokenizer, prompts, num_generations=G, chunk_size=config.generation_chunk_size,
         max_prompt_length=config.max_prompt_length, max_completion_length=config.max_completion_length,
-        temperature=config.temperature, top_p=config.top_p, top_k=config.top_k), oom_events)
+        temperature=config.temperature, top_p=config.top_p, top_k=config.top_k, should_stop=should_stop),
+        oom_events)
     generation_time = time.perf_counter() - started
 
     # 3. Rewards: TRL's calling convention, one entry per completion.
-    scores = score_rows(reward_functions, batch, rollout.completions, rollout.completion_token_lists(), G)
+    scores = score_rows(reward_functions, batch, rollout.completions, rollout.completion_token_lists(), G,
+                        should_stop=should_stop)
 
     # 4. Advantages within each prompt's group. A process holds whole groups, but
     #    scale_rewards="batch" needs the std of the whole step: so gather the rewards of every
@@ -458,10 +479,10 @@ def grpo_step(config: TrainConfig, policy, tokenizer, rows: list[dict], sampler:
 
     # 6. Update(s). With num_iterations > 1 the same rollouts are reused for several
     #    optimizer steps; the clipped ratio against old_logps keeps each one close.
-    totals: dict[str, float] = {}
-    for _ in range(config.num_iterations):
-        totals = _update(config, policy, optimizer, scheduler, rollout, advantages.to(device), ref_logps,
-                         old_logps, device, oom_events, scaler)
+    totals = _over_iterations([
+        _update(config, policy, optimizer, scheduler, rollout, advantages.to(device), ref_logps, old_logps,
+                device, oom_events, scaler)
+        for _ in range(config.num_iterations)])
 
     # 7. Metrics (TRL's names) and samples, over the whole step (gathered from every process).
     lengths = distributed.all_gather_tensor(rollout.completion_mask.sum(1).float())
@@ -499,6 +520,16 @@ def grpo_step(config: TrainConfig, policy, tokenizer, rows: list[dict], sampler:
         local = _sample_records(step, prompts, rollout, scores, advantages, config)
         samples = [s for part in distributed.gather_objects(local) for s in part][:config.num_completions_to_log]
     return record, samples
+
+
+def _over_iterations(updates: list[dict[str, float]]) -> dict[str, float]:
+    """One step's update metrics over its num_iterations updates: the mean of each, the count
+    of skipped updates, and the loss scale as the last update left it."""
+    result = {key: sum(u[key] for u in updates) / len(updates) for key in updates[0]}
+    result["step_skipped"] = sum(u["step_skipped"] for u in updates)
+    if "loss_scale" in updates[-1]:
+        result["loss_scale"] = updates[-1]["loss_scale"]
+    return result
 
 
 def _gather_scores(scores: RewardScores) -> RewardScores:

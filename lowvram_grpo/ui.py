@@ -46,6 +46,7 @@ from lowvram_grpo.config import (LOSS_TYPES, ConfigError, TrainConfig, build_con
 from lowvram_grpo.data import SUPPORTED, DatasetError, _looks_like_path, load_prompt_data, preview
 from lowvram_grpo.jobs import LOG_NAME, JobError, JobManager, run_state, tail
 from lowvram_grpo.metrics import read_jsonl
+from lowvram_grpo.model import ModelLoadError, check_model_available
 from lowvram_grpo.rewards import BUILTIN_REWARDS
 
 DEFAULT_WORK_DIR = "runs/app"
@@ -212,6 +213,11 @@ def form_to_config(form: dict[str, Any], ctx: AppContext,
             load_prompt_data(config)
         except DatasetError as err:
             errors[_dataset_error_field(str(err))] = str(err)
+    if config is not None and check_data and not errors:
+        try:  # a hub model that is not downloaded while offline would fail only after Start
+            check_model_available(config.model_name_or_path)
+        except ModelLoadError as err:
+            errors[_field_of(str(err))] = str(err)
     return (None, errors) if errors else (config, {})
 
 

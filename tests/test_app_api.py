@@ -141,10 +141,10 @@ def test_memory_plan_and_its_failure_are_text(app, tmp_path):
     assert "valid" in message and "needs ~" in headline and "of 8 GB" in headline
     assert "Memory plan" in plan["value"]
 
-    # A model directory without config.json: the planner fails, the page says why.
-    *_, message, headline, plan = client.predict(**form(model_name_or_path=str(tmp_path)), vram_gb=8,
-                                                 api_name="/check")
-    assert "No memory plan" in headline and "config.json" in headline
+    # A model directory without config.json: refused at the model field, before any plan.
+    result = client.predict(**form(model_name_or_path=str(tmp_path)), vram_gb=8, api_name="/check")
+    assert "no config.json there" in field_errors(result)["model_name_or_path"]
+    assert result[-2] == ""  # no memory headline for settings that cannot run
 
 
 def test_start_watch_refuse_second_stop_resume(app):

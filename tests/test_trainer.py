@@ -183,10 +183,12 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_cache, tmp_path):
 
 
 def test_cli_dry_run_and_errors(tiny_cache, tmp_path):
-    dry = subprocess.run(_cli("--preset", "tiny-cpu", "--dry-run", "lr=3e-4", "--dataset", "data.jsonl"),
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "1+1=", "answer": "2"}\n')
+    dry = subprocess.run(_cli("--preset", "tiny-cpu", "--dry-run", "lr=3e-4", "--dataset", str(data)),
                          capture_output=True, text=True)
-    assert dry.returncode == 0
-    assert "learning_rate: 0.0003" in dry.stdout and "dataset: data.jsonl" in dry.stdout
+    assert dry.returncode == 0, dry.stderr
+    assert "learning_rate: 0.0003" in dry.stdout and f"dataset: {data}" in dry.stdout
 
     bad = subprocess.run(_cli("--preset", "tiny-cpu", "num_generationz=4"), capture_output=True, text=True)
     assert bad.returncode == 2
