@@ -284,7 +284,7 @@ def child_main(trainer: str, settings_path: Path, result_path: Path) -> None:
 
 def run_ours(s: Settings, out_dir: Path) -> dict:
     from lowvram_grpo.config import load_config
-    from lowvram_grpo.metrics import read_jsonl
+    from lowvram_grpo.rundir import read_jsonl
     from lowvram_grpo.trainer import train
 
     reward = "arith_answer" if s.reward == "arith" else f"{Path(__file__).resolve()}:bench_reward"
@@ -306,7 +306,7 @@ def run_ours(s: Settings, out_dir: Path) -> dict:
     # CPU time per step, from one step's end to the next (the trainer's own step_time is wall
     # time): on a machine busy with other work it is the steadier figure.
     cpu_marks = [time.process_time()]
-    final = train(config, progress=False, on_step=lambda record: cpu_marks.append(time.process_time()))
+    final = train(config, progress=False, on_step=lambda record: cpu_marks.append(time.process_time())).adapter
     records = read_jsonl(out_dir / "metrics.jsonl")
     from safetensors import safe_open
 
@@ -425,7 +425,7 @@ def run_child(trainer: str, settings: Settings, work_dir: Path, timeout: float |
     result_path = work_dir / f"{trainer}.json"
     result_path.unlink(missing_ok=True)
     log_path = work_dir / f"{trainer}.log"
-    env = {**os.environ, "LOWVRAM_GRPO_NO_PROGRESS": "1", "TOKENIZERS_PARALLELISM": "false",
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     print(f"running {LABELS[trainer]} ({settings.total_steps} steps) ...", flush=True)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None

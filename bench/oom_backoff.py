@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from lowvram_grpo.config import load_config
     from lowvram_grpo.memory import estimate_memory, load_arch
-    from lowvram_grpo.metrics import read_jsonl
+    from lowvram_grpo.rundir import read_jsonl
     from lowvram_grpo.trainer import train
 
     work = Path(tempfile.mkdtemp(prefix="oom-backoff-"))

@@ -24,6 +24,7 @@ docs/benchmarks.md between `<!-- bench:cpu-planner -->` markers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import shlex
 import sys
@@ -45,8 +46,6 @@ import bench_grpo  # noqa: E402  (random models, prompts, reward, docs writer)
 GIB = 2**30
 DOCS_KEY = "cpu-planner"
 DEFAULT_ARCHS = ("qwen2.5-0.5b", "llama-3.2-3b", "qwen2.5-7b")
-# Trainer functions that make up a step's memory phases, as the planner names them.
-PHASES = {"generate_rollouts": "generation", "frozen_logprobs": "reference", "_accumulate_gradients": "update"}
 
 
 class LiveTensorBytes(TorchDispatchMode):
@@ -81,10 +80,12 @@ class LiveTensorBytes(TorchDispatchMode):
 def check_architecture(arch: str, layers: int, work: Path) -> dict:
     """Measured and estimated bytes for one architecture: static, and each phase's peak."""
     from lowvram_grpo import trainer
+    from lowvram_grpo.chunking import GENERATION, LOGPROBS, PHASES, UPDATE
     from lowvram_grpo.config import load_config
     from lowvram_grpo.data import load_prompt_data
     from lowvram_grpo.memory import CUDA_OVERHEAD_BYTES, DEQUANT_TERM, estimate_memory, load_arch
     from lowvram_grpo.model import load_policy
+    from lowvram_grpo.planner import resolve_chunking
     from lowvram_grpo.rewards import load_reward_functions
 
     model_dir = bench_grpo.build_random_model(arch, work / f"{arch}-{layers}-layers", num_hidden_layers=layers)
@@ -101,36 +102,30 @@ def check_architecture(arch: str, layers: int, work: Path) -> dict:
 
     tracker = LiveTensorBytes()
     phase_peaks: dict[str, int] = {}
-    originals = {name: getattr(trainer, name) for name in PHASES}
+    measuring = False
 
-    def measured(name):
-        def run(*args, **kwargs):
-            tracker.peak = tracker.current
-            result = originals[name](*args, **kwargs)
-            phase = PHASES[name]
+    @contextlib.contextmanager
+    def measure(phase: str):
+        """The trainer's phase hook: the peak of live tensors within each phase of step 2."""
+        tracker.peak = tracker.current
+        yield
+        if measuring:
             phase_peaks[phase] = max(phase_peaks.get(phase, 0), tracker.peak)
-            return result
-        return run
 
     with tracker:
         policy, tokenizer = load_policy(config, device)
         loaded = tracker.current
         params = [p for p in policy.parameters() if p.requires_grad]
         optimizer = trainer.build_optimizer(config, params, device)
-        scheduler = trainer.build_scheduler(config, optimizer)
+        learner = trainer.Learner(config, resolve_chunking(config, device), policy, tokenizer, optimizer,
+                                  trainer.build_scheduler(config, optimizer), None, device,
+                                  load_reward_functions(config.rewards), on_phase=measure)
         rows = load_prompt_data(config, tokenizer).train
         sampler = trainer.PromptSampler(len(rows), seed=0)
-        rewards = load_reward_functions(config.rewards)
-        trainer.grpo_step(config, policy, tokenizer, rows, sampler, rewards, optimizer, scheduler, device, step=1)
-        for name in PHASES:
-            setattr(trainer, name, measured(name))
+        trainer.grpo_step(learner, rows, sampler, step=1)  # the optimizer's states exist from here on
         before_step = tracker.current  # weights, LoRA, optimizer states, the data
-        try:
-            record, _ = trainer.grpo_step(config, policy, tokenizer, rows, sampler, rewards, optimizer, scheduler,
-                                          device, step=2)
-        finally:
-            for name, function in originals.items():
-                setattr(trainer, name, function)
+        measuring = True
+        record, _ = trainer.grpo_step(learner, rows, sampler, step=2)
     if record["completions/mean_length"] < config.max_completion_length:
         print(f"note: {arch}: mean completion length {record['completions/mean_length']:.1f} < "
               f"{config.max_completion_length} (an EOS was sampled)", file=sys.stderr)
@@ -143,11 +138,12 @@ def check_architecture(arch: str, layers: int, work: Path) -> dict:
         # the whole weight on every device. The planner counts a whole weight in every phase, as
         # older bitsandbytes did on a GPU (a GPU measurement settles it); here the phases without
         # gradients are compared without that term.
-        without_gradients = phase in ("generation", "reference")
+        without_gradients = phase in (GENERATION, LOGPROBS)
         return estimate.phase_bytes(phase) - (estimate.phases[phase].get(DEQUANT_TERM, 0) if without_gradients else 0)
 
-    phases = {"generation": measurable("generation"), "reference": measurable("reference"),
-              "update": max(measurable("update: LM head"), measurable("update: layers"))}
+    phases = {GENERATION: measurable(GENERATION), LOGPROBS: measurable(LOGPROBS),
+              UPDATE: max(measurable(f"{UPDATE}: LM head"), measurable(f"{UPDATE}: layers"))}
+    assert tuple(phases) == PHASES
     return {
         "arch": arch, "layers": layers,
         "loaded": {"measured": loaded, "estimated": static - estimate.optimizer_bytes},
@@ -169,7 +165,7 @@ def format_results(results: list[dict]) -> str:
         return (f"{part['measured'] / 2**20:.0f} / {part['estimated'] / 2**20:.0f} MiB "
                 f"({error(part['measured'], part['estimated'])})")
 
-    phases = ("generation", "reference", "update")
+    from lowvram_grpo.chunking import PHASES as phases
     totals = ["architecture (layers)", "weights + LoRA, loaded", "+ optimizer states", "generation peak",
               "reference log-probs peak", "update peak"]
     added = ["architecture (layers)", "generation adds", "reference log-probs add", "update adds"]

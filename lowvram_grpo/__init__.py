@@ -4,7 +4,8 @@ The public API, shared by the CLI, the Gradio app and the notebook:
 
     import lowvram_grpo as lg
     config = lg.load_config(preset="tiny-cpu", overrides={"max_steps": 20})
-    adapter_dir = lg.train(config, on_step=lambda record: print(record["reward"]))
+    result = lg.train(config, on_step=lambda record: print(record["reward"]))
+    print(result.state, result.adapter)   # "finished", runs/.../final
 
 Names are imported on first use, so `import lowvram_grpo` (and the CLI's start-up) stays fast
 and does not pull in torch until something needs it.
@@ -20,11 +21,12 @@ _EXPORTS = {
     "load_prompt_data": "data", "preview": "data", "DatasetError": "data",
     "BUILTIN_REWARDS": "rewards", "register_reward": "rewards", "RewardFunctionError": "rewards",
     "load_policy": "model", "reference_model": "model",
-    "train": "trainer",
+    "train": "trainer", "TrainResult": "rundir", "RunDir": "rundir",
+    "generate_greedy": "rollout",
     "evaluate": "evaluate", "compare": "evaluate", "format_comparison": "evaluate",
     "merge_adapter": "export",
-    "estimate_memory": "memory", "plan": "memory", "format_plan": "memory",
-    "read_jsonl": "metrics", "read_status": "metrics",
+    "estimate_memory": "memory", "plan": "planner", "format_plan": "planner",
+    "read_jsonl": "rundir", "read_status": "rundir",
 }
 
 __all__ = sorted(_EXPORTS)

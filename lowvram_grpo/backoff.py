@@ -15,15 +15,9 @@ from typing import Callable, TypeVar
 
 import torch
 
-T = TypeVar("T")
+from lowvram_grpo.chunking import Chunking
 
-# Which settings bound each phase's memory, in the order to shrink them.
-SHRINKABLE = {
-    "generation": ("generation_chunk_size",),
-    "log-probs": ("micro_batch_size", "logprob_chunk_size"),
-    "update": ("micro_batch_size", "logprob_chunk_size"),
-}
-SMALLEST = {"generation_chunk_size": 1, "micro_batch_size": 1, "logprob_chunk_size": 16}
+T = TypeVar("T")
 
 
 class MemoryBudgetError(RuntimeError):
@@ -36,28 +30,19 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def shrink(config, phase: str) -> str:
-    """Halve the first setting of `phase` that can still shrink; describe the change."""
-    for key in SHRINKABLE[phase]:
-        value = getattr(config, key)
-        if value > SMALLEST[key]:
-            setattr(config, key, max(SMALLEST[key], value // 2))
-            return f"{key} {value} -> {getattr(config, key)}"
-    raise MemoryBudgetError(
-        f"out of memory during {phase} even with "
-        + ", ".join(f"{key}={getattr(config, key)}" for key in SHRINKABLE[phase])
-        + ": reduce max_completion_length, max_prompt_length or num_generations, or use a smaller "
-          "model (`lowvram-grpo plan` estimates what fits)")
-
-
-def retry_on_oom(phase: str, config, attempt: Callable[[], T], events: list[str]) -> T:
-    """Run `attempt()`; on out-of-memory shrink `phase`'s chunking in `config` and run it again."""
+def retry_on_oom(phase: str, chunking: Chunking, attempt: Callable[[], T], events: list[str]) -> T:
+    """Run `attempt()`; on out-of-memory halve what bounds `phase` in `chunking` and run it again."""
     while True:
         try:
             return attempt()
         except torch.OutOfMemoryError:
             pass  # leave the except block first: its traceback keeps the failed tensors alive
         free_memory()
-        change = shrink(config, phase)
+        change = chunking.shrink(phase)
+        if change is None:
+            raise MemoryBudgetError(
+                f"out of memory during {phase} even with {chunking.describe(phase)}: reduce "
+                "max_completion_length, max_prompt_length or num_generations, or use a smaller model "
+                "(`lowvram-grpo plan` estimates what fits)")
         events.append(f"out of memory during {phase}: {change}")
         print(f"warning: out of memory during {phase}; {change}; redoing it", flush=True)

@@ -61,7 +61,7 @@ def save_adapter(policy, directory: Path) -> None:
     tmp = directory.with_name(f".{directory.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     policy.save_pretrained(tmp)
-    _replace_dir(tmp, directory)
+    replace_dir(tmp, directory)
 
 
 def save_checkpoint(run_dir: Path, step: int, policy, trainer_state: dict[str, Any],
@@ -78,7 +78,7 @@ def save_checkpoint(run_dir: Path, step: int, policy, trainer_state: dict[str, A
     if rng_states is not None and len(rng_states) > 1:
         state.update(rng=rng_states[0], rng_per_rank=rng_states, world_size=len(rng_states))
     torch.save(state, tmp / STATE_FILE)
-    _replace_dir(tmp, final)
+    replace_dir(tmp, final)
     if keep:
         for old in checkpoint_dirs(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -120,7 +120,7 @@ def load_checkpoint(path: Path, policy, state: dict[str, Any] | None = None) -> 
     return state if state is not None else torch.load(path / STATE_FILE, weights_only=False)
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
+def replace_dir(tmp: Path, final: Path) -> None:
     """Move `tmp` to `final`, replacing an existing `final` with at most a moment where the old
     one is parked under a backup name (never a moment where neither exists in full)."""
     if final.exists():

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import yaml
 
-from lowvram_grpo.config import ConfigError, build_config, list_presets, load_config, parse_overrides, preset_path, read_yaml
+from lowvram_grpo.config import ConfigError, list_presets, load_config, parse_overrides, preset_path, read_yaml
+from lowvram_grpo.rundir import RunDir
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # as a shell reports a process ended by Ctrl-C
@@ -108,13 +109,7 @@ def resolve_train_config(args: argparse.Namespace):
     if args.dataset:
         overrides["dataset"] = args.dataset
     if args.resume:
-        saved = Path(args.resume) / "config.yaml"
-        if not saved.is_file():
-            raise ConfigError(f"--resume: {args.resume} has no config.yaml; is it a lowvram-grpo run directory?")
-        values = read_yaml(saved)
-        values.update(overrides)
-        values["output_dir"] = str(args.resume)
-        return build_config(values)
+        return RunDir(args.resume).read_config({**overrides, "output_dir": str(args.resume)})
     if not args.preset and not args.config:
         raise ConfigError("train: give --preset NAME (try tiny-cpu), --config FILE or --resume RUN_DIR")
     return load_config(preset=args.preset, config_path=args.config, overrides=overrides)
@@ -135,15 +130,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     result = train(config, resume=bool(args.resume), progress=not args.no_progress)
     if distributed.is_main_process():
-        from lowvram_grpo.checkpoint import latest_checkpoint
-
-        if result.name == "final":
-            print(f"adapter saved to {result}")
-        elif latest_checkpoint(result) is None:
+        if result.finished:
+            print(f"adapter saved to {result.adapter}")
+        elif result.adapter is None:
             print("stopped before the first step finished; there is nothing to resume")
         else:
-            print(f"stopped; checkpoint saved in {latest_checkpoint(result)} "
-                  f"(continue with: lowvram-grpo train --resume {result})")
+            print(f"stopped; checkpoint saved in {result.adapter} "
+                  f"(continue with: lowvram-grpo train --resume {result.run_dir.path})")
     return 0
 
 
@@ -222,13 +215,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         config = load_config(preset=args.preset, config_path=args.config, overrides=overrides)
     else:
         # An adapter inside a run directory (final/, checkpoint-N/) has the run's config next to it.
-        saved = Path(args.adapter).resolve().parent / "config.yaml"
-        if not saved.is_file():
+        run = RunDir(Path(args.adapter).resolve().parent)
+        if not run.config_file.is_file():
             raise ConfigError("eval: give --preset NAME or --config FILE (the one the adapter was "
-                              f"trained with); {saved} does not exist")
-        values = read_yaml(saved)
-        values.update(overrides)
-        config = build_config(values)
+                              f"trained with); {run.config_file} does not exist")
+        config = run.read_config(overrides)
     before, after = compare(config, args.adapter, max_prompts=args.max_prompts)
     print(format_comparison(before, after))
     return 0
@@ -247,7 +238,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     """Print the memory breakdown; exit 0 if the run fits in --vram-gb, 1 (saying what to
     reduce) if even one sequence at a time does not."""
-    from lowvram_grpo.memory import PlannerError, format_plan, plan
+    from lowvram_grpo.memory import PlannerError
+    from lowvram_grpo.planner import format_plan, plan
 
     if args.vram_gb <= 0:
         raise ConfigError(f"--vram-gb: must be more than 0, got {args.vram_gb:g}")

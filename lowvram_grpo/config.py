@@ -21,15 +21,17 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from lowvram_grpo.chunking import Chunking
+
 PRESETS_DIR = Path(__file__).parent / "presets"
 
 # Short names users type on the command line (`lr=2e-5`) for the full field names.
 ALIASES = {"lr": "learning_rate", "model": "model_name_or_path", "G": "num_generations"}
 
+# The values of loss_type and scale_rewards (grpo.py implements them).
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
-AUTO = "auto"
-CHUNK_KEYS = ("generation_chunk_size", "micro_batch_size", "logprob_chunk_size")
 SCALE_REWARDS = ("group", "batch", "none")
+AUTO = "auto"
 DEFAULT_REWARD_TIMEOUT = 300.0
 
 
@@ -107,11 +109,11 @@ class TrainConfig:
     top_k: int = 0  # 0 = off
 
     # --- GRPO objective ----------------------------------------------------------------------
-    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = "dapo"
+    loss_type: Literal[LOSS_TYPES] = "dapo"
     beta: float = 0.04  # KL weight; the reference is free here (adapter off), so on by default
     epsilon: float = 0.2  # lower clip: ratio >= 1 - epsilon
     epsilon_high: float | None = None  # upper clip; None = epsilon (DAPO suggests 0.28)
-    scale_rewards: Literal["group", "batch", "none"] = "group"  # "none" = Dr. GRPO
+    scale_rewards: Literal[SCALE_REWARDS] = "group"  # "none" = Dr. GRPO
     num_iterations: int = 1  # policy updates per batch of rollouts (>1 needs old log-probs)
 
     # --- optimisation ------------------------------------------------------------------------
@@ -165,7 +167,7 @@ class TrainConfig:
                     "prompts_per_step", "num_iterations", "lora_r", "lora_alpha", "save_every",
                     "log_completions_every"):
             need(getattr(self, key) >= 1, key, f"must be at least 1, got {getattr(self, key)}")
-        for key in CHUNK_KEYS:
+        for key in Chunking.keys():
             value = getattr(self, key)
             need(value == AUTO or value >= 1, key, f"must be at least 1 or auto, got {value}")
         need(self.vram_gb is None or self.vram_gb > 0, "vram_gb", f"must be > 0, got {self.vram_gb}")

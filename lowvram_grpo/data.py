@@ -1,5 +1,7 @@
 """Prompt data: load a table, map its columns, validate it, split off an eval set.
 
+(How a prompt becomes text and tokens, chat template included, is prompts.py.)
+
 A dataset is a local file (JSONL, JSON, CSV/TSV, Parquet; text formats may be `.gz`), a folder
 of such files, a Hugging Face Hub id, or `builtin:arith` (the offline toy task). Every row
 becomes `{"prompt": ..., "answer": ..., <other columns>}`: the prompt is a string or a
@@ -20,13 +22,14 @@ import gzip
 import io
 import json
 import random
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from lowvram_grpo import toy
 from lowvram_grpo.config import TrainConfig
+from lowvram_grpo.errors import DatasetError, clip, names, one_line, type_name
+from lowvram_grpo.prompts import fill_template, prompt_lengths, with_system_prompt
 
 # Extensions read from local files. Text formats may also be gzip-compressed (`.jsonl.gz`).
 TEXT_FORMATS = (".jsonl", ".json", ".csv", ".tsv")
@@ -49,10 +52,6 @@ _LIKELY_PROMPT_COLUMNS = ("question", "problem", "instruction", "input", "query"
                           "messages", "conversations", "prompt")
 _LIKELY_ANSWER_COLUMNS = ("answer", "solution", "output", "target", "label", "completion",
                           "response", "final_answer", "ground_truth")
-
-
-class DatasetError(ValueError):
-    """A dataset problem; the message names the file, row and fix in one paragraph."""
 
 
 @dataclass
@@ -164,66 +163,6 @@ def format_prompt(row: dict, config: TrainConfig) -> str | list[dict]:
         raise DatasetError(_missing_column_message(
             "prompt", config.prompt_column, list(row), _LIKELY_PROMPT_COLUMNS))
     return with_system_prompt(prompt, config.system_prompt)
-
-
-def with_system_prompt(prompt: str | list[dict], system_prompt: str | None) -> str | list[dict]:
-    """`[system, user]` for a text prompt, or the conversation with the system message
-    prepended (unless it already has one); the prompt unchanged without a system prompt."""
-    if not system_prompt:
-        return list(prompt) if isinstance(prompt, list) else prompt
-    system = {"role": "system", "content": system_prompt}
-    if isinstance(prompt, list):
-        starts_with_system = bool(prompt) and isinstance(prompt[0], dict) \
-            and prompt[0].get("role") == "system"
-        return list(prompt) if starts_with_system else [system, *prompt]
-    return [system, {"role": "user", "content": prompt}]
-
-
-def fill_template(template: str, row: dict) -> str:
-    """Replace `{column}` with the row's value; `{{` and `}}` are literal braces.
-
-    Unlike `str.format`, an empty `{}` stays literal, so math prompts such as
-    "put the answer in \\boxed{}" work without escaping.
-    """
-    def substitute(match: re.Match) -> str:
-        if match.group(0) in ("{{", "}}"):
-            return match.group(0)[0]
-        name = match.group(1)
-        if name not in row:
-            hint = difflib.get_close_matches(name, [str(c) for c in row], n=1)
-            did_you_mean = f" Did you mean {{{hint[0]}}}?" if hint else ""
-            raise DatasetError(
-                f"prompt_template uses {{{name}}}, but the dataset has no column '{name}'. "
-                f"Columns: {_names(row)}.{did_you_mean} Write {{{{ and }}}} for literal braces.")
-        value = row[name]
-        if value is None:
-            raise DatasetError(f"column '{name}' used in prompt_template is empty (null)")
-        if not isinstance(value, (str, int, float)):
-            raise DatasetError(
-                f"column '{name}' used in prompt_template holds a {_type_name(value)}, not "
-                "text; prompt_template only fills in text or number columns")
-        return str(value)
-
-    return re.sub(r"\{\{|\}\}|\{([^{}]+)\}", substitute, template)
-
-
-def prompt_text(tokenizer, prompt: str | list[dict]) -> str:
-    """The text the model actually sees: strings as-is, conversations via the chat template."""
-    if isinstance(prompt, str):
-        return prompt
-    if not getattr(tokenizer, "chat_template", None):
-        raise DatasetError(
-            "the prompts are conversations (lists of {role, content} messages, or system_prompt "
-            "is set), but this model's tokenizer has no chat template to turn them into text. "
-            "Use plain-string prompts (set system_prompt=null and give a text prompt_column or "
-            "prompt_template), or use a chat/instruct model that has a chat template.")
-    try:
-        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    except Exception as err:  # Jinja templates raise anything; users need the reason only.
-        raise DatasetError(
-            f"the model's chat template failed on a prompt ({_one_line(err)}). Some templates "
-            "reject a system message (set system_prompt=null) or need alternating user/assistant "
-            f"turns. The prompt was: {_clip(repr(prompt))}") from None
 
 
 def split_eval(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -375,12 +314,12 @@ def _read_bytes(path: Path) -> bytes:
     try:
         data = path.read_bytes()
     except OSError as err:  # permissions, a vanished network drive, ...
-        raise DatasetError(f"could not read {path}: {err.strerror or _one_line(err)}") from None
+        raise DatasetError(f"could not read {path}: {err.strerror or one_line(err)}") from None
     if path.name.lower().endswith(".gz"):
         try:
             return gzip.decompress(data)
         except (OSError, EOFError) as err:
-            raise DatasetError(f"{path} is not a valid gzip file ({_one_line(err)}); "
+            raise DatasetError(f"{path} is not a valid gzip file ({one_line(err)}); "
                                "re-compress it or use the uncompressed file") from None
     return data
 
@@ -423,7 +362,7 @@ def _parse_jsonl(text: str, path: Path) -> _Parsed:
                 '{"prompt": "...", "answer": "..."}.') from None
         if not isinstance(value, dict):
             raise DatasetError(
-                f"{path} line {number} is a JSON {_type_name(value)}, not an object; each line "
+                f"{path} line {number} is a JSON {type_name(value)}, not an object; each line "
                 'must be one object such as {"prompt": "...", "answer": "..."}.')
         rows.append(value)
         lines.append(number)
@@ -449,15 +388,15 @@ def _parse_json(text: str, path: Path) -> _Parsed:
         hint = (f" The rows seem to be under the key '{nested[0]}': save just that list, or "
                 "convert the file to JSONL (one object per line)." if nested else "")
         raise DatasetError(
-            f"{path} holds a JSON object (keys: {_names(value)}), but a .json dataset must be a "
+            f"{path} holds a JSON object (keys: {names(value)}), but a .json dataset must be a "
             f'list of row objects like [{{"prompt": "...", "answer": "..."}}, ...].{hint}')
     if not isinstance(value, list):
-        raise DatasetError(f"{path} holds a JSON {_type_name(value)}; a .json dataset must be "
+        raise DatasetError(f"{path} holds a JSON {type_name(value)}; a .json dataset must be "
                            'a list of row objects like [{"prompt": "...", "answer": "..."}].')
     for i, item in enumerate(value):
         if not isinstance(item, dict):
             raise DatasetError(
-                f"{path}: item {i + 1} of the list is a JSON {_type_name(item)}, not an object; "
+                f"{path}: item {i + 1} of the list is a JSON {type_name(item)}, not an object; "
                 'every item must be a row object like {"prompt": "...", "answer": "..."}.')
     # Items of a pretty-printed list span many lines; "item N" is the useful position.
     return value, "item", None
@@ -483,14 +422,14 @@ def _parse_csv(text: str, path: Path, delimiter: str = ",") -> _Parsed:
             if len(record) != len(header):
                 raise DatasetError(
                     f"{path} line {reader.line_num} has {len(record)} fields but the header has "
-                    f"{len(header)} ({_names(header)}). Quote fields that contain "
+                    f"{len(header)} ({names(header)}). Quote fields that contain "
                     f"'{delimiter}' or line breaks (\"like, this\"), or fix the row.")
             rows.append(dict(zip(header, record)))
             lines.append(reader.line_num)
     except csv.Error as err:
         raise DatasetError(f"{path} line {reader.line_num} is not valid CSV: {err}") from None
     if not rows:
-        raise DatasetError(f"{path} has a header ({_names(header)}) but no data rows; add "
+        raise DatasetError(f"{path} has a header ({names(header)}) but no data rows; add "
                            "prompts below the header")
     return rows, "line", lines
 
@@ -509,7 +448,7 @@ def _read_parquet(path: Path) -> list[dict]:
         return pq.read_table(path).to_pylist()
     except Exception as err:  # pyarrow raises several types for corrupt files
         raise DatasetError(
-            f"{path} could not be read as Parquet ({_one_line(err)}). Check that it is a "
+            f"{path} could not be read as Parquet ({one_line(err)}). Check that it is a "
             "complete Parquet file (re-export it, e.g. with pandas `df.to_parquet(...)`), or "
             "use JSONL or CSV.") from None
 
@@ -530,7 +469,7 @@ def _read_hub(name: str, config_name: str | None, split: str, split_key: str) ->
 
 def _hub_failure_message(name: str, config_name: str | None, split: str, split_key: str,
                          err: Exception) -> str:
-    reason = _one_line(err)
+    reason = one_line(err)
     failed = f"could not load '{name}' from the Hugging Face Hub ({type(err).__name__}: {reason})."
     # The hub answered but the dataset needs a different configuration or split.
     if "config" in reason.lower():
@@ -610,7 +549,7 @@ def _missing_column_message(kind: str, name: str, columns: list, likely: tuple) 
     guess = difflib.get_close_matches(name, [str(c) for c in columns], n=1) or \
         [c for c in likely if c in columns][:1] or [str(c) for c in columns][:1]
     example = guess[0] if guess else "<column>"
-    return (f"no {kind} column '{name}'. The columns are: {_names(columns)}. Set "
+    return (f"no {kind} column '{name}'. The columns are: {names(columns)}. Set "
             f"{kind}_column={example} (or the column that holds the {kind}).")
 
 
@@ -625,7 +564,7 @@ def _prompt_problem(prompt: Any, config: TrainConfig) -> str | None:
     if isinstance(prompt, list):
         return _conversation_problem(prompt)
     got = "is null (missing or empty)" if prompt is None else \
-        f"holds a {_type_name(prompt)} ({_clip(repr(prompt), 40)})"
+        f"holds a {type_name(prompt)} ({clip(repr(prompt), 40)})"
     return (f"{source} {got}, expected text or a conversation "
             '(a list of {"role": ..., "content": ...} messages)')
 
@@ -635,17 +574,17 @@ def _conversation_problem(messages: list) -> str | None:
         return "the prompt is an empty conversation (no messages)"
     for n, message in enumerate(messages, start=1):
         if not isinstance(message, dict):
-            return (f"message {n} of the conversation is a {_type_name(message)}; messages "
+            return (f"message {n} of the conversation is a {type_name(message)}; messages "
                     'must be {"role": ..., "content": ...} objects')
         for needed in ("role", "content"):
             if needed not in message:
                 return (f"message {n} of the conversation has no '{needed}' "
-                        f"(keys: {_names(message)})")
+                        f"(keys: {names(message)})")
         if message["role"] not in KNOWN_ROLES:
             return (f"message {n} has role {message['role']!r}; known roles: "
                     f"{', '.join(KNOWN_ROLES)}")
         if not isinstance(message["content"], str):
-            return (f"message {n} content is a {_type_name(message['content'])}, expected text "
+            return (f"message {n} content is a {type_name(message['content'])}, expected text "
                     "(only text conversations are supported)")
         problem = _text_problem(message["content"], f"message {n}")
         if problem:
@@ -682,29 +621,6 @@ def _filter_by_length(rows: list[dict], tokenizer, max_length: int,
     return kept, len(rows) - len(kept)
 
 
-def encode_prompts(tokenizer, prompts: list, batch_size: int = 1000) -> list[list[int]]:
-    """Token ids of prompts exactly as generation feeds them to the model.
-
-    A conversation goes through the chat template, which already holds the model's special
-    tokens, so none are added; a plain string gets the tokenizer's usual ones (a BOS token on
-    Llama-style tokenizers), as the model saw its training text. The length filter and the
-    rollouts both use this, so a prompt that passes the filter is never cut at generation.
-    """
-    if not prompts:
-        return []
-    add_special_tokens = not isinstance(prompts[0], list)
-    ids: list[list[int]] = []
-    for start in range(0, len(prompts), batch_size):  # batches bound the tokenizer's memory
-        texts = [prompt_text(tokenizer, p) for p in prompts[start:start + batch_size]]
-        ids += tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
-    return ids
-
-
-def prompt_lengths(tokenizer, prompts: list) -> list[int]:
-    """Token counts of prompts as the model sees them (see encode_prompts)."""
-    return [len(ids) for ids in encode_prompts(tokenizer, prompts)]
-
-
 # --- small helpers ------------------------------------------------------------------------------
 
 
@@ -714,22 +630,3 @@ def _columns(rows: list[dict]) -> list[str]:
     for row in rows:
         seen.update(dict.fromkeys(row))
     return list(seen)
-
-
-def _names(items) -> str:
-    names = [str(x) for x in items]
-    shown = ", ".join(names[:20])
-    return shown + (f", ... ({len(names)} in all)" if len(names) > 20 else "") if names else "none"
-
-
-def _type_name(value: Any) -> str:
-    return {type(None): "null", bool: "boolean", int: "number", float: "number", str: "string",
-            list: "list", dict: "object"}.get(type(value), type(value).__name__)
-
-
-def _one_line(err: BaseException) -> str:
-    return _clip(" ".join(str(err).split()) or type(err).__name__)
-
-
-def _clip(text: str, limit: int = 300) -> str:
-    return text if len(text) <= limit else text[:limit - 3] + "..."

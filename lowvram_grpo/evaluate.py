@@ -31,14 +31,18 @@ from typing import Callable
 import torch
 
 from lowvram_grpo import distributed
-from lowvram_grpo.config import TrainConfig
+from lowvram_grpo.config import AUTO, TrainConfig
 from lowvram_grpo.data import load_prompt_data
 from lowvram_grpo.model import default_device, load_policy, reference_model, resolve_model_path
 from lowvram_grpo.rewards import BUILTIN_REWARDS, RewardFunction, load_reward_functions, score_rows
-from lowvram_grpo.rollout import generate_rollouts
+from lowvram_grpo.rollout import generate_greedy
 
 # Built-in rewards that mean "the answer is right" (1.0) or "wrong" (0.0).
 ANSWER_REWARDS = ("arith_answer", "exact_answer", "numeric_answer")
+
+# Prompts decoded at once when generation_chunk_size is "auto": one answer each, so far less
+# than a training step's generation chunk.
+AUTO_EVAL_CHUNK_SIZE = 8
 
 # Prompts evaluated when there is no eval split and --max-prompts is not given.
 DEFAULT_FALLBACK_PROMPTS = 100
@@ -96,11 +100,11 @@ def _greedy_scores(policy, tokenizer, rows: list[dict], reward_functions: list[R
         return (torch.empty(0), torch.empty(0, len(reward_functions)), torch.empty(0),
                 torch.empty(0, dtype=torch.bool))
     # Greedy: one completion per prompt is enough, and the result is deterministic.
-    # (generate_rollouts leaves the policy in the train/eval mode it found it in.)
-    rollout = generate_rollouts(
-        policy, tokenizer, [row["prompt"] for row in rows], num_generations=1,
-        chunk_size=config.generation_chunk_size, max_prompt_length=config.max_prompt_length,
-        max_completion_length=config.max_completion_length, do_sample=False)
+    # (Generation leaves the policy in the train/eval mode it found it in.)
+    chunk = config.generation_chunk_size if config.generation_chunk_size != AUTO else AUTO_EVAL_CHUNK_SIZE
+    rollout = generate_greedy(policy, tokenizer, [row["prompt"] for row in rows], chunk_size=chunk,
+                              max_prompt_length=config.max_prompt_length,
+                              max_new_tokens=config.max_completion_length)
     scores = score_rows(reward_functions, rows, rollout.completions, rollout.completion_token_lists())
     return scores.total, scores.per_function, rollout.completion_mask.sum(1).float(), rollout.is_clipped
 

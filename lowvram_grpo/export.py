@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from lowvram_grpo.checkpoint import replace_dir
 from lowvram_grpo.config import ConfigError
 from lowvram_grpo.model import ModelLoadError, resolve_model_path
 
@@ -128,7 +129,7 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base_model: str 
     try:
         merged.save_pretrained(tmp)  # transformers 5 always writes safetensors
         tokenizer.save_pretrained(tmp)
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
@@ -143,13 +144,3 @@ def _check_out_dir(out_dir: Path, adapter_dir: Path, overwrite: bool) -> None:
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise ExportError(f"--merge: {out_dir} already exists and is not empty; choose another "
                           "directory or pass --overwrite to replace it")
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move `new` to `target`; an existing `target` is moved aside first and deleted after, so a
-    crash in between leaves the old model or the new one, never a mix."""
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    if target.exists():
-        target.rename(old)
-    new.rename(target)
-    shutil.rmtree(old, ignore_errors=True)

@@ -30,8 +30,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-SCALE_REWARDS = ("group", "batch", "none")
+from lowvram_grpo.config import LOSS_TYPES, SCALE_REWARDS  # the values, named once, with the config
 
 # Added to the std before dividing, so a group whose rewards are all equal (std 0) gets
 # advantage 0 instead of 0/0. Same value as TRL.

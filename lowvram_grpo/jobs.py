@@ -30,9 +30,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from lowvram_grpo.checkpoint import checkpoint_dirs
-from lowvram_grpo.config import TrainConfig, save_config
-from lowvram_grpo.metrics import read_status, write_json_atomic
+from lowvram_grpo.config import TrainConfig
+from lowvram_grpo.rundir import RunDir, read_status, write_json_atomic
 
 LOG_NAME = "train.log"
 REGISTRY_NAME = "job.json"
@@ -123,26 +122,25 @@ class JobManager:
 
     def start(self, config: TrainConfig) -> Job:
         """Write the resolved config into its run directory and train it in a subprocess."""
-        run_dir = Path(config.output_dir)
+        run = RunDir(config.output_dir)
         with self._lock:
             self._refuse_if_running()
-            if (run_dir / "status.json").exists() or (run_dir / "metrics.jsonl").exists():
-                raise JobError(f"run '{run_dir.name}' already exists: resume it, or choose another run name")
-            run_dir.mkdir(parents=True, exist_ok=True)
-            config_path = run_dir / "config.yaml"
-            save_config(config, config_path)
-            return self._launch(["train", "--config", str(config_path), "--no-progress"], run_dir)
+            if run.holds_a_run():
+                raise JobError(f"run '{run.name}' already exists: resume it, or choose another run name")
+            run.path.mkdir(parents=True, exist_ok=True)
+            run.save_config(config)
+            return self._launch(["train", "--config", str(run.config_file), "--no-progress"], run.path)
 
     def resume(self, run_dir: str | Path) -> Job:
         """Continue a stopped (or crashed) run from its newest checkpoint."""
-        run_dir = Path(run_dir)
+        run = RunDir(run_dir)
         with self._lock:
             self._refuse_if_running()
-            if not (run_dir / "config.yaml").is_file():
-                raise JobError(f"{run_dir.name} is not a run directory (no config.yaml)")
-            if not checkpoint_dirs(run_dir):
-                raise JobError(f"run '{run_dir.name}' has no checkpoint to resume from; start it again instead")
-            return self._launch(["train", "--resume", str(run_dir), "--no-progress"], run_dir)
+            if not run.config_file.is_file():
+                raise JobError(f"{run.name} is not a run directory (no config.yaml)")
+            if run.latest_checkpoint() is None:
+                raise JobError(f"run '{run.name}' has no checkpoint to resume from; start it again instead")
+            return self._launch(["train", "--resume", str(run.path), "--no-progress"], run.path)
 
     def stop(self) -> str:
         """Ask the running trainer to stop (SIGTERM): it saves a checkpoint, then exits. Asked
@@ -189,14 +187,13 @@ class JobManager:
         child = self._children.get(job.pid)
         if child is not None:
             child.wait(10)
-        run_dir = Path(job.run_dir)
-        status = read_status(run_dir) or {}
+        run = RunDir(job.run_dir)
+        status = run.status() or {}
         if status.get("state") in ACTIVE_STATES or not status:
-            latest = checkpoint_dirs(run_dir)
-            note = f"{why}; resume continues from {latest[-1].name}" if latest else f"{why}; no checkpoint yet"
-            write_json_atomic(run_dir / "status.json", {
-                **status, "state": "stopped", "step": status.get("step", 0), "error": None, "note": note,
-                "updated": time.time()})
+            latest = run.latest_checkpoint()
+            note = f"{why}; resume continues from {latest.name}" if latest else f"{why}; no checkpoint yet"
+            run.write_status("stopped", status.get("step", 0), status.get("total_steps", 0), note=note,
+                             pid=status.get("pid", job.pid))
 
     @staticmethod
     def trainer_command(args: list[str]) -> list[str]:
@@ -210,7 +207,7 @@ class JobManager:
 
     def _launch(self, args: list[str], run_dir: Path) -> Job:
         command = self.trainer_command(args)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "LOWVRAM_GRPO_NO_PROGRESS": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with (run_dir / LOG_NAME).open("ab") as log:
             log.write(f"\n$ {' '.join(command)}\n".encode())
             log.flush()

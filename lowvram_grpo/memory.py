@@ -1,13 +1,9 @@
-"""Memory planner: how much GPU memory a GRPO run needs, from the model's config alone.
+"""Memory estimate: how much GPU memory a GRPO run needs, from the model's config alone.
 
 No weights are loaded: everything is computed from the architecture (`config.json`: hidden
-size, layers, heads, vocabulary...) and the run's settings (`TrainConfig`). Three entry points:
-
-- `estimate_memory(model_config, train_config)` -> `MemoryEstimate`, a breakdown in bytes.
-- `plan(train_config, vram_gb)` -> `Plan`: the largest `generation_chunk_size`,
-  `micro_batch_size` and `logprob_chunk_size` that fit the budget with a 10% safety margin,
-  or, if even the smallest settings do not fit, what to reduce.
-- `format_plan(plan)` -> the breakdown table the CLI (`lowvram-grpo plan`) and the app print.
+size, layers, heads, vocabulary...) and the run's settings (`TrainConfig`), for given chunk
+sizes: `estimate_memory(model_config, train_config)` -> `MemoryEstimate`, a breakdown in bytes.
+Choosing chunk sizes that fit a card, and printing the result, is planner.py's job.
 
 `resolve_model_config(name_or_path)` turns a shipped architecture name (`qwen2.5-7b`), a hub id
 that maps to one (`Qwen/Qwen2.5-7B-Instruct`), a local directory with `config.json`, or
@@ -21,7 +17,7 @@ A GRPO step has phases that do not overlap in time, so the peak is
 
 - generation: the KV cache of one chunk of `generation_chunk_size` sequences, the prefill's
   activations (one layer at a time, no gradients) and the sampling logits.
-- reference (and old-policy) log-probs: a no-grad forward of one micro-batch.
+- log-probs (reference and old-policy): a no-grad forward of one micro-batch.
 - update, in two phases because backward runs the LM head first and the layers after it:
   "LM head": the checkpointed input of every decoder layer, the final hidden states and one
   LM-head chunk in fp32 (`logprob_chunk_size` x vocab); "layers": the checkpointed inputs and
@@ -31,7 +27,7 @@ A GRPO step has phases that do not overlap in time, so the peak is
 The numbers are estimates (aim: within ~15% of `torch.cuda.max_memory_allocated` plus the CUDA
 context), assuming transformers' default SDPA attention (no T x T score matrix is stored) and
 the trainer in this package (adapter-off reference, chunked LM head, fp32 LoRA weights).
-Allocator fragmentation is what the planner's 10% safety margin is for.
+Allocator fragmentation is what the planner's safety margin is for.
 
 Units: "GB" here means GiB (2**30 bytes), as in the trainer's `peak_memory_gb` and as GPU
 makers' "16 GB" cards actually hold 16 GiB.
@@ -39,13 +35,13 @@ makers' "16 GB" cards actually hold 16 GiB.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lowvram_grpo.config import AUTO, CHUNK_KEYS, TrainConfig
+from lowvram_grpo.chunking import GENERATION, LOGPROBS, UPDATE
+from lowvram_grpo.config import TrainConfig
 
 GIB = 2**30
 ARCH_DIR = Path(__file__).parent / "arch"
@@ -75,9 +71,6 @@ ADAM8BIT_BYTES_PER_PARAM = 2 * (1 + 4 / 256)
 # card. 0.5 GiB is a round, slightly conservative figure.
 CUDA_OVERHEAD_BYTES = GIB // 2
 
-# plan() keeps this fraction of the card free: allocator fragmentation and estimate error.
-SAFETY_MARGIN = 0.10
-
 # The LM-head chunk (rows x vocab) exists as the logits in the compute dtype plus fp32 tensors
 # of the same shape: with gradients ~4 at the peak (fp32 upcast, log_softmax, the entropy
 # metric's exp, then the gradients of log_softmax and of the temperature division); without
@@ -88,10 +81,6 @@ LOGPROB_FP32_COPIES_NO_GRAD = 3
 
 # Sampling in generate(): the last position's logits in fp32, processed, and the softmax.
 SAMPLING_FP32_COPIES = 3
-
-# Candidates plan() tries for the LM-head chunk (rows of B*K positions per chunk).
-LOGPROB_CHUNK_CANDIDATES = (1024, 512, 256, 128, 64, 32, 16)
-MIN_GOOD_LOGPROB_CHUNK = 64  # below this the Python loop over chunks starts to cost time
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
@@ -219,7 +208,8 @@ def _lora_targets(spec: str | list[str], shapes: dict[str, tuple[int, int]]) -> 
         spec = [spec]
     if "all-linear" in spec:
         return list(shapes), []  # peft's all-linear: every linear layer except the LM head
-    targets = [name for name in shapes if any(name == s or s.endswith("." + name) or name in s for s in spec)]
+    # peft's rule for a list of names: a module matches a name it equals or ends with ".<name>".
+    targets = [name for name in shapes if any(s == name or s.endswith("." + name) for s in spec)]
     if not targets:
         return list(shapes), [f"lora_target_modules {spec} match no known layer name; counted as all-linear"]
     return targets, []
@@ -296,13 +286,13 @@ def estimate_memory(model_config: Any, train_config: TrainConfig, *,
     if c.quantization == "nf4":
         # transformers' bitsandbytes integration quantises the decoder layers' nn.Linear only:
         # embeddings, the LM head (tied or not), norms and biases stay in the compute dtype.
-        static[f"4-bit NF4 linear weights ({_billions(counts.linear)} params, ~4.13 bit each)"] = \
+        static[f"4-bit NF4 linear weights ({billions(counts.linear)} params, ~4.13 bit each)"] = \
             round(counts.linear * NF4_BYTES_PER_PARAM)
     else:
-        static[f"{db * 8}-bit linear weights ({_billions(counts.linear)} params)"] = counts.linear * db
+        static[f"{db * 8}-bit linear weights ({billions(counts.linear)} params)"] = counts.linear * db
     head = "tied lm_head" if shape.tied_embeddings else "lm_head"
     kept = counts.embedding + counts.lm_head + counts.other
-    static[f"{db * 8}-bit embeddings + {head} + norms ({_billions(kept)})"] = kept * db
+    static[f"{db * 8}-bit embeddings + {head} + norms ({billions(kept)})"] = kept * db
 
     weights_bytes = sum(static.values())
 
@@ -380,10 +370,10 @@ def estimate_memory(model_config: Any, train_config: TrainConfig, *,
     if dequant:
         update_layers[DEQUANT_TERM] = dequant
 
-    phases = {"generation": generation, "reference": reference, "update: LM head": update_head,
-              "update: layers": update_layers}
+    phases = {GENERATION: generation, LOGPROBS: reference, f"{UPDATE}: LM head": update_head,
+              f"{UPDATE}: layers": update_layers}
     if c.beta == 0 and c.num_iterations == 1:
-        del phases["reference"]  # no frozen log-probs are computed at all
+        del phases[LOGPROBS]  # no frozen log-probs are computed at all
     peak_phase = max(phases, key=lambda p: sum(phases[p].values()))
     parts = {**static, **{f"[{peak_phase}] {k}": v for k, v in phases[peak_phase].items()}}
     static_bytes = sum(static.values())
@@ -442,7 +432,7 @@ def _modules_to_save_params(shape: ModelShape, modules: list[str], notes: list[s
     return total
 
 
-def _billions(n: int) -> str:
+def billions(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.1f}M"
 
 
@@ -513,185 +503,3 @@ def resolve_model_config(name_or_path: str) -> dict[str, Any]:
             f"model_name_or_path: cannot find a config for '{name_or_path}' ({type(err).__name__}). Give a "
             f"local directory with config.json, or one of the shipped architectures: "
             f"{', '.join(shipped_architectures())}") from None
-
-
-# --- the plan ----------------------------------------------------------------------------------
-
-
-@dataclass
-class Plan:
-    """The chunk sizes to use on a card of `vram_gb`, and the estimate behind them."""
-
-    fits: bool
-    vram_gb: float
-    usable_gb: float  # vram_gb minus the safety margin
-    generation_chunk_size: int
-    micro_batch_size: int
-    logprob_chunk_size: int
-    estimate: MemoryEstimate  # at the chosen (or, if nothing fits, the smallest) settings
-    configured: MemoryEstimate  # at the train config's own settings
-    model_name: str
-    advice: list[str] = field(default_factory=list)
-
-    @property
-    def overrides(self) -> dict[str, int]:
-        """The chosen settings as config keys, ready for `load_config(overrides=...)`."""
-        return {"generation_chunk_size": self.generation_chunk_size, "micro_batch_size": self.micro_batch_size,
-                "logprob_chunk_size": self.logprob_chunk_size}
-
-
-def _divisors_desc(n: int) -> list[int]:
-    return [d for d in range(n, 0, -1) if n % d == 0]
-
-
-def plan(train_config: TrainConfig, vram_gb: float, model_config: Any = None,
-         margin: float = SAFETY_MARGIN, model_name: str | None = None) -> Plan:
-    """Choose the largest chunk sizes that fit in `vram_gb` with `margin` kept free.
-
-    Larger generation chunks make generation (most of a GRPO step's time) faster, so the
-    generation chunk is maximised first; it only affects the generation phase, so it can be
-    chosen independently. Then the micro-batch, then the LM-head chunk (kept >= 64 rows when
-    possible). Chunk sizes are divisors of prompts_per_step * num_generations so every chunk is
-    full. If even one sequence at a time does not fit, `fits` is False and `advice` says what
-    to reduce.
-
-    `model_config` defaults to `resolve_model_config(train_config.model_name_or_path)`;
-    `model_name` is only the label printed by format_plan.
-    """
-    if vram_gb <= 0:
-        raise ValueError(f"vram_gb must be > 0, got {vram_gb}")
-    if model_config is None:
-        model_config = resolve_model_config(train_config.model_name_or_path)
-        model_name = model_name or _model_label(train_config.model_name_or_path)
-    else:
-        model_name = model_name or f"a {ModelShape.from_config(model_config).model_type or 'custom'} model"
-    budget = vram_gb * GIB * (1 - margin)
-    sequences = train_config.sequences_per_step
-
-    def estimate(g: int, m: int, lp: int) -> MemoryEstimate:
-        return estimate_memory(model_config, train_config, generation_chunk_size=g, micro_batch_size=m,
-                               logprob_chunk_size=lp)
-
-    def configured_estimate(g: int, m: int, lp: int) -> MemoryEstimate:
-        """The user's own settings; an "auto" one takes the value this plan chose for it."""
-        own = [value if (value := getattr(train_config, key)) != AUTO else chosen
-               for key, chosen in zip(CHUNK_KEYS, (g, m, lp))]
-        return estimate(*own)
-
-    smallest = estimate(1, 1, LOGPROB_CHUNK_CANDIDATES[-1])
-    if smallest.total_bytes > budget:
-        configured = configured_estimate(1, 1, LOGPROB_CHUNK_CANDIDATES[-1])
-        return Plan(fits=False, vram_gb=vram_gb, usable_gb=budget / GIB, generation_chunk_size=1,
-                    micro_batch_size=1, logprob_chunk_size=LOGPROB_CHUNK_CANDIDATES[-1], estimate=smallest,
-                    configured=configured, model_name=model_name,
-                    advice=_advice(smallest, train_config, model_config, budget))
-
-    def fits(g: int, m: int, lp: int) -> bool:
-        return estimate(g, m, lp).total_bytes <= budget
-
-    generation = next(g for g in _divisors_desc(sequences) if fits(g, 1, LOGPROB_CHUNK_CANDIDATES[-1]))
-    good = [lp for lp in LOGPROB_CHUNK_CANDIDATES if lp >= MIN_GOOD_LOGPROB_CHUNK]
-    small = [lp for lp in LOGPROB_CHUNK_CANDIDATES if lp < MIN_GOOD_LOGPROB_CHUNK]
-    micro, logprob = 1, LOGPROB_CHUNK_CANDIDATES[-1]
-    for candidates in (good, small):
-        found = next(((m, lp) for m in _divisors_desc(sequences) for lp in candidates if fits(1, m, lp)), None)
-        if found:
-            micro, logprob = found
-            break
-    # Rows beyond micro_batch_size * max_completion_length are never used: do not report more.
-    logprob = min(logprob, max(micro * train_config.max_completion_length, LOGPROB_CHUNK_CANDIDATES[-1]))
-    chosen = estimate(generation, micro, logprob)
-    configured = configured_estimate(generation, micro, logprob)
-    advice = []
-    if configured.total_bytes > budget:
-        advice.append(f"your settings need ~{configured.total_gb:.1f} GB: use the chosen chunk sizes")
-    return Plan(fits=True, vram_gb=vram_gb, usable_gb=budget / GIB, generation_chunk_size=generation,
-                micro_batch_size=micro, logprob_chunk_size=logprob, estimate=chosen, configured=configured,
-                model_name=model_name, advice=advice)
-
-
-def _advice(smallest: MemoryEstimate, c: TrainConfig, model_config: Any, budget: float) -> list[str]:
-    """What to reduce when even one sequence at a time does not fit."""
-    gb = lambda b: f"{b / GIB:.1f} GB"  # noqa: E731
-    # Every estimate below is at the smallest chunking, as `smallest` is (and so never meets
-    # an "auto" chunk size of the user's config).
-    smallest_chunks = {"generation_chunk_size": 1, "micro_batch_size": 1,
-                       "logprob_chunk_size": LOGPROB_CHUNK_CANDIDATES[-1]}
-    advice = []
-    if smallest.static_bytes > budget:
-        advice.append(f"the model's weights, LoRA and optimizer alone need ~{gb(smallest.static_bytes)} of the "
-                      f"{gb(budget)} usable: choose a smaller model")
-        # Only suggest the switches that would actually close the gap.
-        if c.quantization != "nf4":
-            nf4 = estimate_memory(model_config, dataclasses.replace(c, quantization="nf4"), **smallest_chunks)
-            if nf4.static_bytes < budget:
-                advice.append(f"or load the base in 4 bits: quantization=nf4 (static ~{gb(nf4.static_bytes)})")
-        if c.optimizer != "paged_adamw_8bit":
-            adam8 = estimate_memory(model_config, dataclasses.replace(c, optimizer="paged_adamw_8bit"), **smallest_chunks)
-            if adam8.static_bytes < budget:
-                advice.append(f"or use optimizer=paged_adamw_8bit (static ~{gb(adam8.static_bytes)})")
-        if c.lora_r > 8:
-            low_rank = estimate_memory(model_config, dataclasses.replace(c, lora_r=8), **smallest_chunks)
-            if low_rank.static_bytes < budget:
-                advice.append(f"or a smaller adapter: lora_r=8 (static ~{gb(low_rank.static_bytes)})")
-        return advice
-    peak = smallest.peak_phase
-    advice.append(f"one sequence of {c.max_prompt_length}+{c.max_completion_length} tokens needs "
-                  f"~{gb(smallest.phase_bytes(peak))} in the {peak} phase on top of "
-                  f"~{gb(smallest.static_bytes)} static")
-    # The longest completion that would fit with everything else unchanged.
-    low, high = 0, c.max_completion_length
-    while low < high:
-        mid = (low + high + 1) // 2
-        trial = dataclasses.replace(c, max_completion_length=max(mid, 1))
-        if estimate_memory(model_config, trial, **smallest_chunks).total_bytes <= budget:
-            low = mid
-        else:
-            high = mid - 1
-    if low >= 1:
-        advice.append(f"reduce max_completion_length to {low} or less (or shorten max_prompt_length)")
-    else:
-        advice.append("reduce max_prompt_length, or choose a smaller model")
-    if not c.gradient_checkpointing:
-        advice.append("turn gradient_checkpointing on")
-    return advice
-
-
-def _model_label(name: str) -> str:
-    arch = arch_for_model_name(name) if not name.startswith("builtin:") else None
-    return name if not arch or arch == name.lower() else f"{name} ({arch})"
-
-
-def format_plan(p: Plan) -> str:
-    """The plan as a plain-text table: the breakdown, the total against the card, the choice."""
-    est, c = p.estimate, p.estimate.settings
-    # Small models (the CPU demo) would read 0.00 GB everywhere: show them in MB.
-    unit, scale = ("GB", GIB) if est.total_bytes >= GIB else ("MB", 2**20)
-    lines = [f"Memory plan for {p.model_name} ({_billions(est.params.total)} params) on a {p.vram_gb:g} GB GPU",
-             f"  sequences of up to {c['seq_len']} tokens (prompt + completion), "
-             f"{c['dtype_bytes'] * 8}-bit compute", ""]
-    width = max(len(k) for k in est.parts) + 2
-    lines.append(f"  {'part'.ljust(width)}{unit:>8}")
-    for label, value in est.parts.items():
-        lines.append(f"  {label.ljust(width)}{value / scale:8.2f}")
-    lines.append(f"  {'total'.ljust(width)}{est.total_bytes / scale:8.2f}")
-    others = [f"{phase} {est.phase_bytes(phase) / scale:.2f} {unit}" for phase in est.phases
-              if phase != est.peak_phase]
-    lines.append(f"  (phases do not overlap; the peak is {est.peak_phase}"
-                 + (f"; others: {', '.join(others)})" if others else ")"))
-    lines.append("")
-    verdict = "fits" if p.fits else "does NOT fit"
-    needs = f"{est.total_gb:.{1 if est.total_gb >= 1 else 2}f}"
-    lines.append(f"needs ~{needs} GB of {p.vram_gb:g} GB ({p.usable_gb:.1f} GB usable with a "
-                 f"{1 - p.usable_gb / p.vram_gb:.0%} safety margin): {verdict}")
-    settings = " ".join(f"{k}={v}" for k, v in p.overrides.items())
-    lines.append(f"{'chosen' if p.fits else 'smallest settings'}: {settings}")
-    cfg = p.configured.settings
-    lines.append(f"your settings (generation_chunk_size={cfg['generation_chunk_size']} "
-                 f"micro_batch_size={cfg['micro_batch_size']} logprob_chunk_size={cfg['logprob_chunk_size']}): "
-                 f"~{p.configured.total_gb:.1f} GB")
-    for note in est.notes:
-        lines.append(f"note: {note}")
-    for item in p.advice:
-        lines.append(f"{'to fit' if not p.fits else 'hint'}: {item}")
-    return "\n".join(lines)

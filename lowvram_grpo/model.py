@@ -179,7 +179,3 @@ def reference_model(policy) -> Iterator[None]:
     """Inside this block `policy` computes the reference model: the same weights, adapter off."""
     with policy.disable_adapter():
         yield
-
-
-def trainable_parameters(policy) -> dict[str, torch.Tensor]:
-    return {name: p for name, p in policy.named_parameters() if p.requires_grad}

@@ -34,6 +34,7 @@ from typing import Any, Callable
 import torch
 
 from lowvram_grpo.config import RewardSpec
+from lowvram_grpo.errors import one_line
 from lowvram_grpo.stopping import CallTimedOut, StepInterrupted, call_with_deadline
 from lowvram_grpo.toy import arith_answer
 
@@ -379,7 +380,7 @@ def _import_file(spec: str, source: str):
         module_spec.loader.exec_module(module)
     except BaseException as e:
         del sys.modules[module_name]
-        raise RewardFunctionError(f"reward '{spec}': importing {path} failed: {_one_line(e)}") from e
+        raise RewardFunctionError(f"reward '{spec}': importing {path} failed: {one_line(e)}") from e
     finally:
         sys.path.remove(str(path.parent))
     return module
@@ -390,10 +391,10 @@ def _import_module(spec: str, module_name: str):
         return importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         raise RewardFunctionError(
-            f"reward '{spec}': cannot import module '{module_name}' ({_one_line(e)}); install it, "
+            f"reward '{spec}': cannot import module '{module_name}' ({one_line(e)}); install it, "
             f"add its folder to PYTHONPATH, or use the file form 'path/to/file.py:function'") from e
     except Exception as e:
-        raise RewardFunctionError(f"reward '{spec}': importing module '{module_name}' failed: {_one_line(e)}") from e
+        raise RewardFunctionError(f"reward '{spec}': importing module '{module_name}' failed: {one_line(e)}") from e
 
 
 def _get_function(module, attr: str, spec: str, where: str) -> Callable:
@@ -419,10 +420,6 @@ def _public_callables(module) -> list[str]:
 
 def _callables_text(module) -> str:
     return ", ".join(_public_callables(module)) or "no functions"
-
-
-def _one_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {' '.join(str(e).split())}"
 
 
 def _function_name(fn: Callable) -> str:
@@ -539,7 +536,7 @@ def _call_reward(reward: RewardFunction, kwargs: dict, n: int,
             "(stuck in a loop, or waiting on something?); make it faster, or raise reward_timeout "
             "(reward_timeout=none: no limit)") from None
     except Exception as e:
-        raise RewardFunctionError(f"reward function '{reward.name}' raised {_one_line(e)}") from e
+        raise RewardFunctionError(f"reward function '{reward.name}' raised {one_line(e)}") from e
     return _validate_output(reward.name, result, n)
 
 

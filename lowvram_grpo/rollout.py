@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from lowvram_grpo.data import encode_prompts
+from lowvram_grpo.prompts import encode_prompts
 from lowvram_grpo.stopping import StepInterrupted, generation_stopper
 
 
@@ -37,7 +37,7 @@ class Rollout:
 
 
 def tokenize_prompts(tokenizer, prompts: list, max_prompt_length: int) -> tuple[list[list[int]], int]:
-    """Token ids per prompt (see data.encode_prompts), keeping the last `max_prompt_length`
+    """Token ids per prompt (see prompts.encode_prompts), keeping the last `max_prompt_length`
     (the end of a prompt, where the question and the generation prompt are, matters most).
     Returns (ids, how many were cut)."""
     encoded = encode_prompts(tokenizer, prompts)
@@ -131,3 +131,14 @@ def generate_rollouts(model, tokenizer, prompts: list, *, num_generations: int,
         prompt_ids=all_prompt_ids, prompt_mask=all_prompt_mask, completion_ids=completion_ids,
         completion_mask=completion_mask, completions=completions, is_clipped=~has_eos,
         num_prompts_truncated=num_truncated)
+
+
+def generate_greedy(model, tokenizer, prompts: list, *, max_new_tokens: int, max_prompt_length: int,
+                    chunk_size: int = 8) -> Rollout:
+    """One greedy completion per prompt (the most likely answer, deterministic), through the
+    same path as training's rollouts: the chat template for conversations, the tokenizer's
+    special tokens for plain text, every EOS id of the generation config. Evaluation, the app's
+    try-it and the notebook use it; `.completions` holds the texts."""
+    return generate_rollouts(model, tokenizer, prompts, num_generations=1, chunk_size=chunk_size,
+                             max_prompt_length=max_prompt_length, max_completion_length=max_new_tokens,
+                             do_sample=False)

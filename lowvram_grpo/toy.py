@@ -30,11 +30,6 @@ def all_arith_rows() -> list[dict[str, str]]:
 
 def arith_answer(prompts, completions, answer, **kwargs) -> list[float]:
     """1.0 when the completion (stripped of spaces) is exactly the sum, else 0.0."""
-    return [1.0 if _text(c).strip() == str(a).strip() else 0.0 for c, a in zip(completions, answer)]
+    from lowvram_grpo.rewards import completion_text  # here: rewards.py imports this module
 
-
-def _text(completion) -> str:
-    # Conversational completions arrive as [{"role": "assistant", "content": ...}] (TRL's form).
-    if isinstance(completion, list):
-        return completion[-1]["content"] if completion else ""
-    return completion
+    return [1.0 if completion_text(c).strip() == str(a).strip() else 0.0 for c, a in zip(completions, answer)]

@@ -19,30 +19,32 @@ only rank 0 writes the run directory. One process runs exactly the loop above.
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import math
 import os
 import random
 import time
 import traceback
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import numpy as np
 import torch
 
 from lowvram_grpo import distributed, grpo, metrics
-from lowvram_grpo.backoff import MemoryBudgetError, retry_on_oom
-from lowvram_grpo.checkpoint import (checkpoint_dirs, latest_checkpoint, load_checkpoint, read_trainer_state, restore_rng_state,
-                                     rng_state, save_adapter, save_checkpoint, set_rng_state)
-from lowvram_grpo.config import AUTO, CHUNK_KEYS, ConfigError, TrainConfig, save_config
+from lowvram_grpo.backoff import retry_on_oom
+from lowvram_grpo.checkpoint import (load_checkpoint, read_trainer_state, restore_rng_state, rng_state, save_adapter,
+                                     save_checkpoint, set_rng_state)
+from lowvram_grpo.chunking import GENERATION, LOGPROBS, UPDATE, Chunking
+from lowvram_grpo.config import ConfigError, TrainConfig
 from lowvram_grpo.data import PromptRows, finish_prompt_data, read_prompt_rows
 from lowvram_grpo.evaluate import evaluate
 from lowvram_grpo.model import check_model_available, compute_dtype, load_policy, reference_model, resolve_model_path
+from lowvram_grpo.planner import resolve_chunking
 from lowvram_grpo.reporting import make_reporters
 from lowvram_grpo.rewards import RewardFunction, RewardFunctionError, RewardScores, load_reward_functions, score_rows
 from lowvram_grpo.rollout import Rollout, generate_rollouts
+from lowvram_grpo.rundir import RunDir, TrainResult
 from lowvram_grpo.stopping import StepInterrupted, StopRequested
 
 
@@ -158,54 +160,24 @@ def _rows_of(logps: torch.Tensor | None, mb: MicroBatch) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def frozen_logprobs(policy, rollout: Rollout, config: TrainConfig, device: torch.device) -> torch.Tensor:
+def frozen_logprobs(policy, rollout: Rollout, chunking: Chunking, temperature: float,
+                    device: torch.device) -> torch.Tensor:
     """Per-token log-probs without gradients (reference or old policy), as one (N, C) tensor
     over the whole rollout, so that the update may split it into different micro-batches."""
     was_training = policy.training
     policy.eval()  # no dropout: these are the fixed targets of the update
     out = torch.zeros(rollout.completion_ids.shape, dtype=torch.float32, device=device)
     try:
-        for mb in micro_batches(rollout, config.micro_batch_size, device):
+        for mb in micro_batches(rollout, chunking.micro_batch_size, device):
             out[mb.rows, :mb.logits_to_keep] = grpo.sequence_logprobs(
                 policy, mb.input_ids, mb.attention_mask, mb.logits_to_keep,
-                temperature=config.temperature, chunk_size=config.logprob_chunk_size)[0]
+                temperature=temperature, chunk_size=chunking.logprob_chunk_size)[0]
     finally:
         policy.train(was_training)
     return out
 
 
 # --- the loop --------------------------------------------------------------------------------
-
-
-def resolve_chunking(config: TrainConfig, device: torch.device, announce: bool = True) -> TrainConfig:
-    """The run's working copy of the config, with "auto" chunk sizes chosen by the memory
-    planner. It is a copy because out-of-memory back-off shrinks its chunk sizes in place."""
-    auto = [key for key in CHUNK_KEYS if getattr(config, key) == AUTO]
-    if not auto:
-        return dataclasses.replace(config)
-    from lowvram_grpo.memory import plan
-
-    budget = config.vram_gb or device_memory_gb(device)
-    chosen = plan(config, budget)
-    if not chosen.fits:
-        raise MemoryBudgetError(f"vram_gb: this run does not fit in {budget:.1f} GB: " + "; ".join(chosen.advice))
-    values = {key: chosen.overrides[key] for key in auto}
-    if announce:
-        print(f"auto settings for {budget:.1f} GB: " + ", ".join(f"{k}={v}" for k, v in values.items())
-              + f" (estimated peak {chosen.estimate.total_gb:.1f} GB)", flush=True)
-    return dataclasses.replace(config, **values)
-
-
-def device_memory_gb(device: torch.device) -> float:
-    """What "auto" chunk sizes may plan with when vram_gb is not set. On a GPU: the memory free
-    now, because a desktop's display or another job holds the rest and will not give it back,
-    plus the CUDA context, which the planner counts itself. On the CPU: the machine's RAM."""
-    if device.type == "cuda":
-        from lowvram_grpo.memory import CUDA_OVERHEAD_BYTES
-
-        free, total = torch.cuda.mem_get_info(device)
-        return min(total, free + CUDA_OVERHEAD_BYTES) / 2**30
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
 
 
 def seed_everything(seed: int) -> None:
@@ -215,37 +187,38 @@ def seed_everything(seed: int) -> None:
 
 
 def train(config: TrainConfig, resume: bool = False, progress: bool = True,
-          on_step: Callable[[dict[str, Any]], None] | None = None) -> Path:
-    """Run GRPO as configured; returns the directory of the final adapter.
+          on_step: Callable[[dict[str, Any]], None] | None = None,
+          on_phase: Callable[[str], ContextManager] | None = None) -> TrainResult:
+    """Run GRPO as configured; returns how the run ended and where its adapter is.
 
     With `resume=True` the run continues from the newest checkpoint in `config.output_dir`.
-    `on_step` receives each step's metrics (the notebook uses it for a live plot).
+    `on_step` receives each step's metrics (the notebook uses it for a live plot); `on_phase`
+    is entered around each memory phase of a step (see Learner.on_phase).
     Started by a launcher (see distributed.py), every process calls this; rank 0 writes the run
     directory, reports and shows the progress bar, and gets `on_step` calls.
     """
     world = distributed.world()
-    run_dir = Path(config.output_dir)
-    if not resume and _holds_a_run(run_dir):
-        # Never mix two runs' curves in one metrics.jsonl, nor overwrite their checkpoints.
-        raise ConfigError(f"output_dir: {run_dir} already holds a training run; continue it with "
-                          f"`lowvram-grpo train --resume {run_dir}` or choose another output_dir")
+    run = RunDir(config.output_dir)
+    if not resume and run.holds_a_run():
+        raise ConfigError(f"output_dir: {run.path} already holds a training run; continue it with "
+                          f"`lowvram-grpo train --resume {run.path}` or choose another output_dir")
     # The user's inputs before anything is created or loaded: a typo in a reward name should
     # cost seconds, not a model load, and leave no half-made run directory behind.
     inputs = check_inputs(config)
     if world.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        metrics.write_status(run_dir, "running", 0, config.max_steps)
+        run.path.mkdir(parents=True, exist_ok=True)
+        run.write_status("running", 0, config.max_steps)
     try:
         distributed.check_world_size(config, world.world_size)
         # Reporters first: a missing tensorboard/wandb package should fail in seconds, not
         # after the model has loaded.
         with StopRequested(same_request_within=1.0 if world.distributed else 0.0, announce=world.is_main) as stop, \
-                make_reporters(config.report_to if world.is_main else [], run_dir, config.to_dict()) as reporters:
-            result = _train(config, inputs, run_dir, resume, progress, on_step, stop, reporters, world)
+                make_reporters(config.report_to if world.is_main else [], run.path, config.to_dict()) as reporters:
+            result = _train(config, inputs, run, resume, progress, on_step, on_phase, stop, reporters, world)
         distributed.finish()
         return result
     except BaseException as err:
-        _write_failure(run_dir, config, err, world)
+        _write_failure(run, config, err, world)
         distributed.abort()  # without this a failed multi-process run leaves its process group behind
         raise
 
@@ -271,30 +244,59 @@ def check_inputs(config: TrainConfig, check_model: bool = True) -> RunInputs:
     return RunInputs(reward_functions=reward_functions, prompts=prompts)
 
 
-def _holds_a_run(run_dir: Path) -> bool:
-    return (run_dir / "metrics.jsonl").exists() or (run_dir / "final").exists() or bool(checkpoint_dirs(run_dir))
-
-
-def _write_failure(run_dir: Path, config: TrainConfig, err: BaseException, world) -> None:
+def _write_failure(run: RunDir, config: TrainConfig, err: BaseException, world) -> None:
     """status.json says "failed", with the error. With several processes, the first failure
     is the one to keep: rank 0 does not overwrite another process's error with its own
     (usually a lost connection to that process)."""
-    status = metrics.read_status(run_dir) or {}
+    status = run.status() or {}
     if world.distributed and status.get("state") == "failed" and status.get("pid") != os.getpid():
         return
     message = f"{type(err).__name__}: {err}" if not isinstance(err, KeyboardInterrupt) else "interrupted"
     if world.distributed and not world.is_main:
         message = f"process {world.rank}: {message}"
     try:
-        metrics.write_status(run_dir, "failed", status.get("step", 0), config.max_steps, error=message,
-                             traceback=traceback.format_exc())
+        run.write_status("failed", status.get("step", 0), config.max_steps, error=message,
+                         traceback=traceback.format_exc())
     except OSError:  # e.g. another machine, where the run directory does not exist
         if world.is_main:
             raise
 
 
-def _train(config: TrainConfig, inputs: RunInputs, run_dir: Path, resume: bool, progress: bool,
-           on_step: Callable | None, stop: StopRequested, reporters, world: distributed.World) -> Path:
+@dataclass
+class Learner:
+    """The policy and everything that updates it: what one step works with."""
+
+    config: TrainConfig
+    chunking: Chunking  # the chunk sizes in force (planned, shrunk by out-of-memory back-off)
+    policy: Any
+    tokenizer: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler | None
+    device: torch.device
+    reward_functions: list[RewardFunction]
+    # Entered around each memory phase of a step (chunking.PHASES), e.g. to measure its peak.
+    on_phase: Callable[[str], ContextManager] = lambda phase: contextlib.nullcontext()
+
+    def trainer_state(self, sampler: PromptSampler) -> dict[str, Any]:
+        """What a checkpoint needs besides the adapter weights and the random state."""
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "loss_scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "sampler": sampler.state_dict(), "chunking": self.chunking.as_dict()}
+
+    def load_trainer_state(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("loss_scaler"):
+            self.scaler.load_state_dict(state["loss_scaler"])
+        # Chunk sizes shrunk by out-of-memory back-off stay shrunk.
+        for key, value in state.get("chunking", {}).items():
+            setattr(self.chunking, key, value)
+
+
+def _train(config: TrainConfig, inputs: RunInputs, run: RunDir, resume: bool, progress: bool,
+           on_step: Callable | None, on_phase: Callable | None, stop: StopRequested, reporters,
+           world: distributed.World) -> TrainResult:
     main = world.is_main  # rank 0 (the only process, usually) writes the run directory
     seed_everything(config.seed)
     device = world.device
@@ -302,13 +304,13 @@ def _train(config: TrainConfig, inputs: RunInputs, run_dir: Path, resume: bool, 
         torch.set_num_threads(config.cpu_threads)
     # Read the checkpoint before the model loads: resuming with the wrong number of processes
     # should fail in seconds.
-    checkpoint = latest_checkpoint(run_dir) if resume else None
+    checkpoint = run.latest_checkpoint() if resume else None
     if resume and checkpoint is None:
-        raise FileNotFoundError(f"--resume: no checkpoint in {run_dir}; start it without --resume")
+        raise FileNotFoundError(f"--resume: no checkpoint in {run.path}; start it without --resume")
     state = read_trainer_state(checkpoint, world.world_size) if checkpoint is not None else None
     if main:
-        save_config(config, run_dir / "config.yaml")  # as the user gave it ("auto" stays "auto")
-    config = resolve_chunking(config, device, announce=main)
+        run.save_config(config)  # as the user gave it ("auto" stays "auto")
+    chunking = resolve_chunking(config, device, announce=main)
     scaler = build_loss_scaler(config, device)  # before the model loads: a refusal comes in seconds
     with distributed.main_process_first():  # a model to build or download: once, not per process
         resolve_model_path(config.model_name_or_path)
@@ -322,44 +324,36 @@ def _train(config: TrainConfig, inputs: RunInputs, run_dir: Path, resume: bool, 
         if data.num_dropped_too_long else ""
     if main:
         print(f"dataset: {data.source}{dropped}", flush=True)
-    reward_functions = inputs.reward_functions
     params = [p for p in policy.parameters() if p.requires_grad]
     distributed.broadcast_parameters(params)  # every process starts from rank 0's LoRA weights
     optimizer = build_optimizer(config, params, device)
-    scheduler = build_scheduler(config, optimizer)
+    learner = Learner(config, chunking, policy, tokenizer, optimizer, build_scheduler(config, optimizer), scaler,
+                      device, inputs.reward_functions, **({"on_phase": on_phase} if on_phase else {}))
     sampler = PromptSampler(len(data.train), config.seed)
 
     start_step = 0
     if checkpoint is not None:
         load_checkpoint(checkpoint, policy, state)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("loss_scaler"):
-            scaler.load_state_dict(state["loss_scaler"])
+        learner.load_trainer_state(state)
         sampler = PromptSampler(len(data.train), config.seed, **state["sampler"])
         restore_rng_state(state, world.rank)
         start_step = state["step"]
-        # Chunk sizes shrunk by out-of-memory back-off stay shrunk.
-        for key, value in state.get("chunking", {}).items():
-            setattr(config, key, value)
-        # Steps after the checkpoint are redone, so their records would appear twice.
-        if main:
-            metrics.truncate_jsonl_after_step(run_dir / "metrics.jsonl", start_step)
-            metrics.truncate_jsonl_after_step(run_dir / "completions.jsonl", start_step)
+        if main:  # steps after the checkpoint are redone, so their records would appear twice
+            run.truncate_after(start_step)
 
     def checkpoint_now(step: int) -> None:
         rng_states = distributed.gather_objects(rng_state())  # every process's, to resume each
         if main:
-            save_checkpoint(run_dir, step, policy, {
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "loss_scaler": scaler.state_dict() if scaler is not None else None,
-                "sampler": sampler.state_dict(),
-                "chunking": {key: getattr(config, key) for key in CHUNK_KEYS}}, keep=config.keep_checkpoints,
-                rng_states=rng_states)
+            save_checkpoint(run.path, step, policy, learner.trainer_state(sampler), keep=config.keep_checkpoints,
+                            rng_states=rng_states)
 
-    def write_status(state: str, step: int) -> None:
+    def end(state: str, step: int) -> TrainResult:
+        if bar:
+            bar.close()
         if main:
-            metrics.write_status(run_dir, state, step, config.max_steps)
+            run.write_status(state, step, config.max_steps)
+        adapter = run.final_adapter if state == "finished" else run.latest_checkpoint()
+        return TrainResult(run_dir=run, state=state, step=step, adapter=adapter)
 
     bar = _progress_bar(progress and main, start_step, config.max_steps)
     policy.train()
@@ -374,32 +368,28 @@ def _train(config: TrainConfig, inputs: RunInputs, run_dir: Path, resume: bool, 
         try:
             # Several processes stop only between steps, together (a collective half-entered
             # by some processes would hang the others).
-            record, samples = grpo_step(config, policy, tokenizer, data.train, sampler, reward_functions,
-                                        optimizer, scheduler, device, step, scaler,
+            record, samples = grpo_step(learner, data.train, sampler, step,
                                         should_stop=None if world.distributed else stop)
         except (StepInterrupted, RewardFunctionError) as err:
-            if bar:
-                bar.close()
             if not world.distributed:
                 set_rng_state(before_step[0])
                 sampler = PromptSampler(len(data.train), config.seed, **before_step[1])
                 if step - 1 > start_step:
                     checkpoint_now(step - 1)
             if isinstance(err, RewardFunctionError):
+                if bar:
+                    bar.close()
                 raise  # status "failed", naming the function
-            write_status("stopped", step - 1)
-            return run_dir
+            return end("stopped", step - 1)
         if main and not warned_no_reward and math.isnan(record["reward"]):
             warned_no_reward = True
-            print(f"warning: step {step}: no reward function ({', '.join(r.name for r in reward_functions)}) "
+            print(f"warning: step {step}: no reward function ({', '.join(r.name for r in learner.reward_functions)}) "
                   "returned a reward for any completion (all None), so this step taught nothing; check that "
                   "the reward functions fit this dataset (e.g. its answer column). Shown once.", flush=True)
         if config.eval_every and (step % config.eval_every == 0 or step == config.max_steps):
-            record.update(evaluate(policy, tokenizer, data.eval, reward_functions, config))
+            record.update(evaluate(policy, tokenizer, data.eval, learner.reward_functions, config))
         if main:
-            metrics.append_jsonl(run_dir / "metrics.jsonl", record)
-            for sample in samples:
-                metrics.append_jsonl(run_dir / "completions.jsonl", sample)
+            run.append_step(record, samples)
             reporters.log(record, step)
             if samples:
                 reporters.log_completions(samples, step)
@@ -410,31 +400,25 @@ def _train(config: TrainConfig, inputs: RunInputs, run_dir: Path, resume: bool, 
             bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record.get('kl', 0.0):.4f}")
         # All processes stop together, after the same step, when any of them was asked to.
         if distributed.any_rank(stop.requested):
-            write_status("stopping", step)
+            if main:
+                run.write_status("stopping", step, config.max_steps)
             checkpoint_now(step)
-            write_status("stopped", step)
-            if bar:
-                bar.close()
-            return run_dir
+            return end("stopped", step)
         if step % config.save_every == 0 or step == config.max_steps:
             checkpoint_now(step)
-        write_status("running", step)
-    if bar:
-        bar.close()
-    final = run_dir / "final"
+        if main:
+            run.write_status("running", step, config.max_steps)
     if main:
-        save_adapter(policy, final)
-    write_status("finished", step)
-    return final
+        save_adapter(policy, run.final_adapter)
+    return end("finished", step)
 
 
-def grpo_step(config: TrainConfig, policy, tokenizer, rows: list[dict], sampler: PromptSampler,
-              reward_functions, optimizer, scheduler, device: torch.device, step: int,
-              scaler: torch.amp.GradScaler | None = None,
+def grpo_step(learner: Learner, rows: list[dict], sampler: PromptSampler, step: int,
               should_stop: Callable[[], bool] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """One GRPO step (steps 1-7 of the module docstring); returns its metrics record and,
     every `log_completions_every` steps, sampled completions to log. Once `should_stop()` is
     true, generation and reward calls give up and StepInterrupted is raised, before the update."""
+    config, chunking, policy, device = learner.config, learner.chunking, learner.policy, learner.device
     started = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -446,17 +430,18 @@ def grpo_step(config: TrainConfig, policy, tokenizer, rows: list[dict], sampler:
 
     # 2. Rollouts, adapter on.
     #    Each memory-heavy phase below runs under retry_on_oom: on an out-of-memory error it
-    #    halves the chunk size that bounds the phase (in `config`) and runs the phase again.
+    #    halves the chunk size that bounds the phase (in `chunking`) and runs the phase again.
     oom_events: list[str] = []
-    rollout = retry_on_oom("generation", config, lambda: generate_rollouts(
-        policy, tokenizer, prompts, num_generations=G, chunk_size=config.generation_chunk_size,
-        max_prompt_length=config.max_prompt_length, max_completion_length=config.max_completion_length,
-        temperature=config.temperature, top_p=config.top_p, top_k=config.top_k, should_stop=should_stop),
-        oom_events)
+    with learner.on_phase(GENERATION):
+        rollout = retry_on_oom(GENERATION, chunking, lambda: generate_rollouts(
+            policy, learner.tokenizer, prompts, num_generations=G, chunk_size=chunking.generation_chunk_size,
+            max_prompt_length=config.max_prompt_length, max_completion_length=config.max_completion_length,
+            temperature=config.temperature, top_p=config.top_p, top_k=config.top_k, should_stop=should_stop),
+            oom_events)
     generation_time = time.perf_counter() - started
 
     # 3. Rewards: TRL's calling convention, one entry per completion.
-    scores = score_rows(reward_functions, batch, rollout.completions, rollout.completion_token_lists(), G,
+    scores = score_rows(learner.reward_functions, batch, rollout.completions, rollout.completion_token_lists(), G,
                         should_stop=should_stop)
 
     # 4. Advantages within each prompt's group. A process holds whole groups, but
@@ -467,21 +452,22 @@ def grpo_step(config: TrainConfig, policy, tokenizer, rows: list[dict], sampler:
     advantages = distributed.local_share(all_advantages)
 
     # 5. Frozen log-probs: reference (adapter off) for the KL, old policy for the ratio.
+    def logprobs_now() -> torch.Tensor:
+        return retry_on_oom(LOGPROBS, chunking, lambda: frozen_logprobs(
+            policy, rollout, chunking, config.temperature, device), oom_events)
+
     ref_logps = old_logps = None
-    if config.beta > 0:
-        def reference_logprobs():
+    with learner.on_phase(LOGPROBS):
+        if config.beta > 0:
             with reference_model(policy):
-                return frozen_logprobs(policy, rollout, config, device)
-        ref_logps = retry_on_oom("log-probs", config, reference_logprobs, oom_events)
-    if config.num_iterations > 1:
-        old_logps = retry_on_oom("log-probs", config, lambda: frozen_logprobs(policy, rollout, config, device),
-                                 oom_events)
+                ref_logps = logprobs_now()
+        if config.num_iterations > 1:
+            old_logps = logprobs_now()
 
     # 6. Update(s). With num_iterations > 1 the same rollouts are reused for several
     #    optimizer steps; the clipped ratio against old_logps keeps each one close.
-    totals = _over_iterations([
-        _update(config, policy, optimizer, scheduler, rollout, advantages.to(device), ref_logps, old_logps,
-                device, oom_events, scaler)
+    totals = metrics.mean_over_updates([
+        _update(learner, rollout, advantages.to(device), ref_logps, old_logps, oom_events)
         for _ in range(config.num_iterations)])
 
     # 7. Metrics (TRL's names) and samples, over the whole step (gathered from every process).
@@ -500,11 +486,9 @@ def grpo_step(config: TrainConfig, policy, tokenizer, rows: list[dict], sampler:
         "completions/max_length": float(lengths.max()),
         "completions/clipped_ratio": float(clipped.float().mean()),
         **totals,
-        "learning_rate": scheduler.get_last_lr()[0],
+        "learning_rate": learner.scheduler.get_last_lr()[0],
         "num_prompts_truncated": counts["num_prompts_truncated"],
-        "generation_chunk_size": config.generation_chunk_size,
-        "micro_batch_size": config.micro_batch_size,
-        "logprob_chunk_size": config.logprob_chunk_size,
+        **chunking.as_dict(),
         "oom_retries": counts["oom_retries"],
     }
     # The slowest process sets the pace; peak memory is the largest of any process's.
@@ -517,19 +501,9 @@ def grpo_step(config: TrainConfig, policy, tokenizer, rows: list[dict], sampler:
     samples = []
     if step % config.log_completions_every == 0 or step == 1:
         # The step's first completions, wherever they were generated.
-        local = _sample_records(step, prompts, rollout, scores, advantages, config)
+        local = metrics.sample_records(step, prompts, rollout.completions, scores, advantages, config)
         samples = [s for part in distributed.gather_objects(local) for s in part][:config.num_completions_to_log]
     return record, samples
-
-
-def _over_iterations(updates: list[dict[str, float]]) -> dict[str, float]:
-    """One step's update metrics over its num_iterations updates: the mean of each, the count
-    of skipped updates, and the loss scale as the last update left it."""
-    result = {key: sum(u[key] for u in updates) / len(updates) for key in updates[0]}
-    result["step_skipped"] = sum(u["step_skipped"] for u in updates)
-    if "loss_scale" in updates[-1]:
-        result["loss_scale"] = updates[-1]["loss_scale"]
-    return result
 
 
 def _gather_scores(scores: RewardScores) -> RewardScores:
@@ -538,28 +512,28 @@ def _gather_scores(scores: RewardScores) -> RewardScores:
                         total=distributed.all_gather_tensor(scores.total))
 
 
-def _update(config: TrainConfig, policy, optimizer, scheduler, rollout: Rollout, advantages: torch.Tensor,
-            ref_logps: torch.Tensor | None, old_logps: torch.Tensor | None,
-            device: torch.device, oom_events: list[str] | None = None,
-            scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
+def _update(learner: Learner, rollout: Rollout, advantages: torch.Tensor, ref_logps: torch.Tensor | None,
+            old_logps: torch.Tensor | None, oom_events: list[str] | None = None) -> dict[str, float]:
     """Accumulate the step's gradient over micro-batches, then clip and apply it. A step whose
-    loss or gradient is not finite is skipped (reported), never applied. With fp16, `scaler`
-    scales the loss (see build_loss_scaler).
+    loss or gradient is not finite is skipped (reported), never applied. With fp16, the
+    learner's scaler scales the loss (see build_loss_scaler).
 
     With several processes, `rollout` (and `advantages`, the log-probs) is this process's share
     of the step; the loss is normalised by the whole step, and the gradients are summed over
     processes before clipping, so the update is the one a single process would make with the
     whole step's sequences, and it is identical on every process.
     """
+    config, optimizer, scaler = learner.config, learner.optimizer, learner.scaler
     world_size = distributed.world().world_size
     # The whole step's counts (dapo divides by all its completion tokens; shares are equal in
     # sequences, not in tokens). Counted here, outside the out-of-memory retry, so that a
     # retry on one process never meets a collective the others are not in.
     num_sequences = rollout.num_sequences * world_size
     num_tokens = distributed.all_reduce_sum(float(rollout.completion_mask.sum()))
-    sums = retry_on_oom("update", config, lambda: _accumulate_gradients(
-        config, policy, optimizer, rollout, advantages, ref_logps, old_logps, device, num_sequences, num_tokens,
-        scaler), oom_events if oom_events is not None else [])
+    with learner.on_phase(UPDATE):
+        sums = retry_on_oom(UPDATE, learner.chunking, lambda: _accumulate_gradients(
+            learner, rollout, advantages, ref_logps, old_logps, num_sequences, num_tokens),
+            oom_events if oom_events is not None else [])
 
     # All-reduce the LoRA gradients (SUM): every process now holds the whole step's gradient.
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -572,7 +546,7 @@ def _update(config: TrainConfig, policy, optimizer, scheduler, rollout: Rollout,
     skipped = not (math.isfinite(loss_total) and math.isfinite(grad_norm))
     if not skipped:
         optimizer.step()
-        scheduler.step()  # the schedule counts applied updates, as transformers' Trainer does
+        learner.scheduler.step()  # the schedule counts applied updates, as transformers' Trainer does
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.update()  # halves the scale after an overflow, doubles it after a calm stretch
@@ -597,15 +571,15 @@ def _update(config: TrainConfig, policy, optimizer, scheduler, rollout: Rollout,
     return result
 
 
-def _accumulate_gradients(config: TrainConfig, policy, optimizer, rollout: Rollout, advantages: torch.Tensor,
-                          ref_logps: torch.Tensor | None, old_logps: torch.Tensor | None, device: torch.device,
-                          num_sequences: int, num_tokens: float,
-                          scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
+def _accumulate_gradients(learner: Learner, rollout: Rollout, advantages: torch.Tensor,
+                          ref_logps: torch.Tensor | None, old_logps: torch.Tensor | None,
+                          num_sequences: int, num_tokens: float) -> dict[str, float]:
     """Backward every micro-batch of `rollout`, leaving the summed gradient in `.grad` (times
-    the loss scale, with `scaler`); returns the summed loss ("loss") and the loss statistics
+    the loss scale, with a scaler); returns the summed loss ("loss") and the loss statistics
     (sums, for token-weighted means)."""
-    optimizer.zero_grad(set_to_none=True)  # a clean slate, also when redone after out-of-memory
-    batches = micro_batches(rollout, config.micro_batch_size, device)
+    config, scaler = learner.config, learner.scaler
+    learner.optimizer.zero_grad(set_to_none=True)  # a clean slate, also when redone after out-of-memory
+    batches = micro_batches(rollout, learner.chunking.micro_batch_size, learner.device)
     # bnpo divides each micro-batch's token mean by the number of micro-batches. Counting every
     # process's micro-batches (this one's times the number of processes) makes the summed
     # gradient the average of the processes' per-micro-batch means: what DDP's gradient
@@ -615,8 +589,8 @@ def _accumulate_gradients(config: TrainConfig, policy, optimizer, rollout: Rollo
     loss_total = 0.0
     for mb in batches:
         logps, entropy = grpo.sequence_logprobs(
-            policy, mb.input_ids, mb.attention_mask, mb.logits_to_keep,
-            temperature=config.temperature, chunk_size=config.logprob_chunk_size, compute_entropy=True)
+            learner.policy, mb.input_ids, mb.attention_mask, mb.logits_to_keep,
+            temperature=config.temperature, chunk_size=learner.chunking.logprob_chunk_size, compute_entropy=True)
         loss, stats = grpo.grpo_loss(
             logps, _rows_of(old_logps, mb), _rows_of(ref_logps, mb), advantages[mb.rows], mb.completion_mask,
             loss_type=config.loss_type, beta=config.beta, epsilon_low=config.epsilon,
@@ -632,20 +606,9 @@ def _accumulate_gradients(config: TrainConfig, policy, optimizer, rollout: Rollo
     return sums
 
 
-def _sample_records(step: int, prompts: list, rollout: Rollout, scores, advantages: torch.Tensor,
-                    config: TrainConfig) -> list[dict[str, Any]]:
-    """The first completions of the step (one group, usually), for completions.jsonl."""
-    G = config.num_generations
-    return [{"step": step, "prompt": prompts[i // G], "completion": rollout.completions[i],
-             "reward": float(scores.total[i]), "advantage": float(advantages[i]),
-             "rewards": {name: float(scores.per_function[i, j]) for j, name in enumerate(scores.names)}}
-            for i in range(min(config.num_completions_to_log, rollout.num_sequences))]
-
-
 def _progress_bar(enabled: bool, start: int, total: int):
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=start, desc="GRPO", unit="step", dynamic_ncols=True,
-                disable=os.environ.get("LOWVRAM_GRPO_NO_PROGRESS") == "1")
+    return tqdm(total=total, initial=start, desc="GRPO", unit="step", dynamic_ncols=True)

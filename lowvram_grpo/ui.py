@@ -40,14 +40,13 @@ import gradio as gr
 import gradio.utils
 import pandas as pd
 
-from lowvram_grpo.checkpoint import checkpoint_dirs
 from lowvram_grpo.config import (LOSS_TYPES, ConfigError, TrainConfig, build_config, list_presets, preset_path,
                                  read_yaml)
 from lowvram_grpo.data import SUPPORTED, DatasetError, _looks_like_path, load_prompt_data, preview
 from lowvram_grpo.jobs import LOG_NAME, JobError, JobManager, run_state, tail
-from lowvram_grpo.metrics import read_jsonl
 from lowvram_grpo.model import ModelLoadError, check_model_available
-from lowvram_grpo.rewards import BUILTIN_REWARDS
+from lowvram_grpo.rewards import BUILTIN_REWARDS, completion_text
+from lowvram_grpo.rundir import RunDir
 
 DEFAULT_WORK_DIR = "runs/app"
 MAX_UPLOAD_MB = 200
@@ -253,7 +252,7 @@ def memory_plan_text(config: TrainConfig, vram_gb: float | None) -> str:
         return "Give the GPU memory (GB) to plan for."
 
     def compute() -> str:
-        from lowvram_grpo.memory import format_plan, plan
+        from lowvram_grpo.planner import format_plan, plan
 
         return format_plan(plan(config, float(vram_gb)))
 
@@ -370,9 +369,7 @@ def _escape(text: str) -> str:
 def completion_rows(records: list[dict], limit: int = 12) -> pd.DataFrame:
     """The newest sampled completions, newest step first."""
     def shown(prompt: Any) -> str:
-        if isinstance(prompt, list):  # a conversation: show its last message
-            return str(prompt[-1].get("content", "")) if prompt else ""
-        return str(prompt)
+        return completion_text(prompt) if isinstance(prompt, (str, list)) else str(prompt or "")
 
     rows = [[r.get("step"), shown(r.get("prompt")), str(r.get("completion")),
              round(float(r.get("reward") or 0.0), 4), round(float(r.get("advantage") or 0.0), 4)]
@@ -382,16 +379,11 @@ def completion_rows(records: list[dict], limit: int = 12) -> pd.DataFrame:
 
 def adapter_dir(run_dir: Path) -> Path | None:
     """The run's final adapter, else its newest checkpoint."""
-    if (run_dir / "final" / "adapter_config.json").is_file():
-        return run_dir / "final"
-    checkpoints = checkpoint_dirs(run_dir)
-    return checkpoints[-1] if checkpoints else None
+    return RunDir(run_dir).newest_adapter()
 
 
 def checkpoints_markdown(run_dir: Path) -> str:
-    names = [p.name for p in checkpoint_dirs(run_dir)]
-    if (run_dir / "final" / "adapter_config.json").is_file():
-        names.append("final (the finished adapter)")
+    names = [p.name if p.name != "final" else "final (the finished adapter)" for p in RunDir(run_dir).adapters()]
     return "**Checkpoints:** " + (", ".join(f"`{n}`" for n in names) if names else "none yet")
 
 
@@ -406,8 +398,8 @@ def zip_adapter(run_dir: Path, exports: Path) -> Path:
         for path in sorted(source.iterdir()):
             if path.is_file() and path.name != "trainer_state.pt":
                 archive.write(path, f"{run_dir.name}-adapter/{path.name}")
-        if (run_dir / "config.yaml").is_file():
-            archive.write(run_dir / "config.yaml", f"{run_dir.name}-adapter/training_config.yaml")
+        if RunDir(run_dir).config_file.is_file():
+            archive.write(RunDir(run_dir).config_file, f"{run_dir.name}-adapter/training_config.yaml")
     os.replace(tmp, out)
     return out
 
@@ -425,20 +417,17 @@ class AdapterPlayground:
         self._loaded: tuple | None = None  # (policy, tokenizer, config)
 
     def generate(self, run_dir: Path, prompt: str, max_new_tokens: int) -> tuple[str, str]:
-        from lowvram_grpo.data import with_system_prompt
+        from lowvram_grpo.prompts import with_system_prompt
         from lowvram_grpo.model import reference_model
-        from lowvram_grpo.rollout import generate_rollouts
+        from lowvram_grpo.rollout import generate_greedy
 
         with self._lock:
             policy, tokenizer, config = self._load(run_dir)
             messages = with_system_prompt(prompt, config.system_prompt)  # as the run's training prompts
 
             def run() -> str:
-                rollout = generate_rollouts(
-                    policy, tokenizer, [messages], num_generations=1, chunk_size=1,
-                    max_prompt_length=max(config.max_prompt_length, 1), max_completion_length=max_new_tokens,
-                    do_sample=False)
-                return rollout.completions[0]
+                return generate_greedy(policy, tokenizer, [messages], chunk_size=1, max_new_tokens=max_new_tokens,
+                                       max_prompt_length=config.max_prompt_length).completions[0]
 
             with reference_model(policy):
                 base = run()
@@ -456,8 +445,7 @@ class AdapterPlayground:
         key = (str(source), weights.stat().st_mtime if weights.exists() else 0)
         if key != self._key:
             self._loaded = self._key = None  # free the previous model before loading the next
-            config = build_config(read_yaml(run_dir / "config.yaml"))
-            config = dataclasses.replace(config, adapter_path=str(source), gradient_checkpointing=False)
+            config = RunDir(run_dir).read_config({"adapter_path": str(source), "gradient_checkpointing": False})
             if config.cpu_threads and not torch.cuda.is_available():
                 torch.set_num_threads(config.cpu_threads)
             policy, tokenizer = load_policy(config)
@@ -492,7 +480,7 @@ def list_runs(ctx: AppContext) -> list[str]:
     """Run directories in the work dir, newest first."""
     if not ctx.runs_dir.is_dir():
         return []
-    runs = [p for p in ctx.runs_dir.iterdir() if p.is_dir() and (p / "config.yaml").is_file()]
+    runs = [p for p in ctx.runs_dir.iterdir() if p.is_dir() and RunDir(p).config_file.is_file()]
     return [p.name for p in sorted(runs, key=lambda p: p.stat().st_mtime, reverse=True)]
 
 
@@ -763,7 +751,7 @@ def build_app(work_dir: str | Path = DEFAULT_WORK_DIR, allow_custom_code: bool =
                 job = jobs.resume(run_dir)
             except JobError as err:
                 return f"⚠ {err}"
-            return f"Resumed run `{name}` (pid {job.pid}) from {checkpoint_dirs(run_dir)[-1].name}."
+            return f"Resumed run `{name}` (pid {job.pid}) from {RunDir(run_dir).latest_checkpoint().name}."
 
         def refresh(name, last_seen):
             run_dir = _run_dir(ctx, name)
@@ -774,13 +762,13 @@ def build_app(work_dir: str | Path = DEFAULT_WORK_DIR, allow_custom_code: bool =
                 return ["No run selected: start one on the Set up tab.", *empty.values(), pd.DataFrame(),
                         "", "", "none"]
             status = run_state(run_dir, jobs)
-            records = read_jsonl(run_dir / "metrics.jsonl")
+            records = RunDir(run_dir).metrics()
             key = f"{name}:{len(records)}:{status.get('state')}"
             if key == last_seen:  # nothing new: leave the plots alone (no redraw, no flicker)
                 return [status_html(name, status, records), *[gr.skip()] * 4, gr.skip(),
                         tail(run_dir / LOG_NAME), checkpoints_markdown(run_dir), key]
             frames = plot_frames(records)
-            samples = read_jsonl(run_dir / "completions.jsonl")
+            samples = RunDir(run_dir).completions()
             return [status_html(name, status, records), *frames.values(), completion_rows(samples),
                     tail(run_dir / LOG_NAME), checkpoints_markdown(run_dir), key]
 

@@ -97,6 +97,7 @@ import gc
 import torch
 
 import lowvram_grpo as lg
+from lowvram_grpo.rewards import completion_text  # a completion's (or a conversation's last) text
 
 print(f"lowvram-grpo {lg.__version__}, torch {torch.__version__}")
 if torch.cuda.is_available():
@@ -246,7 +247,7 @@ def stops_after_answer(prompts, completions, **kwargs):
     \"\"\"1.0 if nothing but whitespace follows </answer>, 0.0 if text does, None without one.\"\"\"
     rewards = []
     for completion in completions:
-        text = completion if isinstance(completion, str) else completion[-1]["content"]
+        text = completion_text(completion)
         if "</answer>" not in text:
             rewards.append(None)
         else:
@@ -343,10 +344,9 @@ def on_step(record):
     plot.update(fig)
 
 
-adapter_dir = lg.train(config, on_step=on_step)
-if adapter_dir.name != "final":  # stopped early: use the checkpoint it just saved
-    adapter_dir = sorted(adapter_dir.glob("checkpoint-*"))[-1]
-print(f"adapter: {adapter_dir}")"""
+result = lg.train(config, on_step=on_step)
+adapter_dir = result.adapter  # final/, or the newest checkpoint if the run was stopped
+print(f"{result.state} at step {result.step}; adapter: {adapter_dir}")"""
 
 COMPARE_MD = """\
 ## 7. Before and after
@@ -371,21 +371,14 @@ NUM_EXAMPLES = 3  # @param {type:"integer"}
 policy, tokenizer = lg.load_policy(dataclasses.replace(config, adapter_path=str(adapter_dir)))
 data = lg.load_prompt_data(config, tokenizer)
 examples = (data.eval or data.train)[:NUM_EXAMPLES]
-conversational = isinstance(examples[0]["prompt"], list)
 
 
 def greedy(rows):
-    \"\"\"One greedy completion per row, with whatever adapter state `policy` is in.\"\"\"
-    texts = [tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
-             if conversational else r["prompt"] for r in rows]
-    batch = tokenizer(texts, return_tensors="pt", padding=True,
-                      add_special_tokens=not conversational).to(policy.device)
-    policy.eval()
-    with torch.no_grad():
-        output = policy.generate(**batch, do_sample=False, temperature=None, top_p=None, top_k=None,
-                                 max_new_tokens=config.max_completion_length,
-                                 pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    \"\"\"One greedy completion per row (training's own generation path), with whatever
+    adapter state `policy` is in.\"\"\"
+    return lg.generate_greedy(policy, tokenizer, [r["prompt"] for r in rows],
+                              max_new_tokens=config.max_completion_length,
+                              max_prompt_length=config.max_prompt_length).completions
 
 
 with lg.reference_model(policy):  # adapter off: the base model
@@ -393,7 +386,7 @@ with lg.reference_model(policy):  # adapter off: the base model
 tuned_answers = greedy(examples)
 
 for row, base, tuned in zip(examples, base_answers, tuned_answers):
-    question = row["prompt"][-1]["content"] if conversational else row["prompt"]
+    question = completion_text(row["prompt"])  # a conversation: its last message
     print("=" * 100)
     print(f"PROMPT:    {question}")
     if row.get("answer") is not None:

@@ -44,6 +44,7 @@ def fixed_step(config, num_prompts: int, num_generations: int):
     from lowvram_grpo import grpo
     from lowvram_grpo.data import load_prompt_data
     from lowvram_grpo.model import load_policy, reference_model
+    from lowvram_grpo.planner import resolve_chunking
     from lowvram_grpo.rollout import generate_rollouts
     from lowvram_grpo.trainer import frozen_logprobs, seed_everything
 
@@ -61,5 +62,5 @@ def fixed_step(config, num_prompts: int, num_generations: int):
     rewards = torch.randn(rollout.num_sequences, generator=torch.Generator().manual_seed(1))
     advantages, _ = grpo.group_advantages(rewards, num_generations, "group")
     with reference_model(policy):
-        ref_logps = frozen_logprobs(policy, rollout, config, cpu)
+        ref_logps = frozen_logprobs(policy, rollout, resolve_chunking(config, cpu), config.temperature, cpu)
     return policy, rollout, rewards, advantages, ref_logps

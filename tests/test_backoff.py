@@ -9,32 +9,33 @@ from safetensors.torch import load_file
 
 from lowvram_grpo import grpo, trainer
 from lowvram_grpo.backoff import MemoryBudgetError, retry_on_oom
+from lowvram_grpo.chunking import Chunking
 from lowvram_grpo.config import load_config
 from lowvram_grpo.trainer import train
 
 
 def test_retry_halves_the_phase_setting_until_it_fits():
-    config = load_config(overrides={"generation_chunk_size": 8})
+    chunking = Chunking(generation_chunk_size=8, micro_batch_size=4, logprob_chunk_size=256)
     sizes, events = [], []
 
     def generate():
-        sizes.append(config.generation_chunk_size)
-        if config.generation_chunk_size > 2:
+        sizes.append(chunking.generation_chunk_size)
+        if chunking.generation_chunk_size > 2:
             raise torch.OutOfMemoryError("injected")
         return "done"
 
-    assert retry_on_oom("generation", config, generate, events) == "done"
+    assert retry_on_oom("generation", chunking, generate, events) == "done"
     assert sizes == [8, 4, 2] and len(events) == 2
 
 
 def test_update_shrinks_micro_batch_then_logprob_chunk_then_gives_up():
-    config = load_config(overrides={"micro_batch_size": 2, "logprob_chunk_size": 32})
+    chunking = Chunking(generation_chunk_size=8, micro_batch_size=2, logprob_chunk_size=32)
 
     def always_oom():
         raise torch.OutOfMemoryError("injected")
 
     with pytest.raises(MemoryBudgetError, match="micro_batch_size=1, logprob_chunk_size=16: reduce max_completion_length"):
-        retry_on_oom("update", config, always_oom, events := [])
+        retry_on_oom("update", chunking, always_oom, events := [])
     assert events == ["out of memory during update: micro_batch_size 2 -> 1",
                       "out of memory during update: logprob_chunk_size 32 -> 16"]
 
@@ -47,7 +48,7 @@ def _config(tmp_path, name, **overrides):
 def test_oom_in_backward_redoes_the_step_exactly_once(tiny_cache, tmp_path, monkeypatch):
     """Out of memory on the second micro-batch, after the first one's backward: the redo must
     start from clean gradients, so the run equals one that used the smaller size throughout."""
-    clean = train(_config(tmp_path, "clean", micro_batch_size=16), progress=False)
+    clean = train(_config(tmp_path, "clean", micro_batch_size=16), progress=False).adapter
 
     real = grpo.sequence_logprobs
     grad_calls = {"n": 0}
@@ -63,7 +64,7 @@ def test_oom_in_backward_redoes_the_step_exactly_once(tiny_cache, tmp_path, monk
     updates, real_step = [], torch.optim.AdamW.step
     monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: updates.append(1) or real_step(self, *a, **k))
     records = []
-    backed_off = train(_config(tmp_path, "oom", micro_batch_size=32), progress=False, on_step=records.append)
+    backed_off = train(_config(tmp_path, "oom", micro_batch_size=32), progress=False, on_step=records.append).adapter
 
     assert len(updates) == 3, "one optimizer step per training step: none lost, none doubled"
     assert [r["oom_retries"] for r in records] == [1, 0, 0]
@@ -130,7 +131,7 @@ def test_demo_cap_lies_between_the_smallest_and_the_configured_estimate(oom_demo
 
 
 def test_demo_checks_pass_on_a_backed_off_run_and_fail_without_an_oom(oom_demo, tiny_cache, tmp_path, monkeypatch):
-    from lowvram_grpo.metrics import read_jsonl
+    from lowvram_grpo.rundir import read_jsonl
 
     plain = _config(tmp_path, "plain", save_every=3)
     train(plain, progress=False)
@@ -151,7 +152,7 @@ def test_auto_budget_on_a_gpu_is_what_is_free_now(monkeypatch):
     """Without vram_gb, a 12 GiB card with 5.5 GiB held by a display or another job plans with
     the 6.5 GiB free (plus the CUDA context the planner counts itself), never more than the card."""
     from lowvram_grpo.memory import CUDA_OVERHEAD_BYTES
-    from lowvram_grpo.trainer import device_memory_gb
+    from lowvram_grpo.planner import device_memory_gb
 
     gib = 2**30
     cuda = torch.device("cuda", 0)

@@ -170,8 +170,8 @@ def test_planner_check_table_shows_measured_estimated_and_error(planner_check):
     mib = 2**20
     part = {"measured": 100 * mib, "estimated": 110 * mib}
     result = {"arch": "qwen2.5-0.5b", "layers": 2, "loaded": part, "static": part,
-              "phases": {p: part for p in ("generation", "reference", "update")},
-              "transient": {p: {"measured": 10 * mib, "estimated": 5 * mib} for p in ("generation", "reference",
+              "phases": {p: part for p in ("generation", "log-probs", "update")},
+              "transient": {p: {"measured": 10 * mib, "estimated": 5 * mib} for p in ("generation", "log-probs",
                                                                                     "update")}}
     table = planner_check.format_results([result])
     assert "| qwen2.5-0.5b (2) | 100 / 110 MiB (+10%) |" in table

@@ -13,8 +13,8 @@ import string
 import pytest
 
 from lowvram_grpo.config import TrainConfig
-from lowvram_grpo.data import (DatasetError, format_prompt, load_prompt_data, preview,
-                               prompt_text, read_table)
+from lowvram_grpo.data import DatasetError, format_prompt, load_prompt_data, preview, read_table
+from lowvram_grpo.prompts import prompt_text
 
 ROWS = [{"question": "1+1?", "answer": "2", "level": "easy"},
         {"question": "2+3?", "answer": "5", "level": "easy"},

@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lowvram_grpo import distributed, grpo, metrics
+from lowvram_grpo import distributed, grpo, rundir
 from lowvram_grpo.config import ConfigError, load_config
 
 from conftest import fixed_step
@@ -71,12 +71,14 @@ def _config(tmp_path):
 def _fixed_step(config, path):
     """One step's rollouts, advantages and log-probs, made once and saved: every process loads
     the same, so sampling randomness plays no part in the comparison."""
+    from lowvram_grpo.planner import resolve_chunking
     from lowvram_grpo.trainer import frozen_logprobs
 
+    cpu = torch.device("cpu")
     policy, rollout, rewards, advantages, ref_logps = fixed_step(config, NUM_PROMPTS, G)
     # Old log-probs a little off: ratios != 1, so some tokens clip (a later iteration's case).
     noise = 0.3 * torch.randn(ref_logps.shape, generator=torch.Generator().manual_seed(2))
-    old_logps = frozen_logprobs(policy, rollout, config, torch.device("cpu")) + noise
+    old_logps = frozen_logprobs(policy, rollout, resolve_chunking(config, cpu), config.temperature, cpu) + noise
     lora = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
     torch.save({"config": config, "rollout": rollout, "advantages": advantages, "ref_logps": ref_logps,
                 "old_logps": old_logps, "lora": lora, "rewards": rewards}, path)
@@ -94,6 +96,7 @@ def _updates(data_path):
     share of the fixed step, with plain SGD so the weight change is the gradient itself."""
     from lowvram_grpo import trainer
     from lowvram_grpo.model import load_policy
+    from lowvram_grpo.planner import resolve_chunking
 
     data = torch.load(data_path, weights_only=False)
     w = distributed.world()
@@ -110,8 +113,11 @@ def _updates(data_path):
                 p.copy_(data["lora"][name])
         optimizer = torch.optim.SGD(list(params.values()), lr=1.0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-        stats = trainer._update(config, policy, optimizer, scheduler, rollout, data["advantages"][rows],
-                                data["ref_logps"][rows], data["old_logps"][rows], torch.device("cpu"))
+        cpu = torch.device("cpu")
+        learner = trainer.Learner(config, resolve_chunking(config, cpu), policy, None, optimizer, scheduler, None, cpu,
+                                  [])
+        stats = trainer._update(learner, rollout, data["advantages"][rows], data["ref_logps"][rows],
+                                data["old_logps"][rows])
         out[loss_type] = {"weights": {k: p.detach().clone() for k, p in params.items()}, "stats": stats}
     return out
 
@@ -245,9 +251,9 @@ def test_two_process_run_writes_one_run_directory(two_process_run):
     names = {p.name for p in run.iterdir()}
     assert names == {"config.yaml", "status.json", "metrics.jsonl", "completions.jsonl", "final",
                      "checkpoint-000002", "checkpoint-000004"}
-    status = metrics.read_status(run)
+    status = rundir.read_status(run)
     assert status["state"] == "finished" and status["step"] == 4
-    records = metrics.read_jsonl(run / "metrics.jsonl")
+    records = rundir.read_jsonl(run / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     for key in ("reward", "reward_std", "rewards/arith_answer/mean", "rewards/arith_answer/std", "kl", "loss",
                 "grad_norm", "learning_rate", "completions/mean_length", "completions/clipped_ratio",
@@ -255,7 +261,7 @@ def test_two_process_run_writes_one_run_directory(two_process_run):
                 "peak_memory_gb", "generation_chunk_size"):
         assert all(key in r for r in records), key
     # Step 1's first num_completions_to_log completions, once (not once per process).
-    samples = metrics.read_jsonl(run / "completions.jsonl")
+    samples = rundir.read_jsonl(run / "completions.jsonl")
     assert [s["step"] for s in samples] == [1] * min(load_config(preset="tiny-cpu").num_completions_to_log, 64)
     state = torch.load(run / "checkpoint-000004" / "trainer_state.pt", weights_only=False)
     assert state["world_size"] == 2 and len(state["rng_per_rank"]) == 2
@@ -277,12 +283,12 @@ def test_sigterm_stops_both_processes_and_resume_matches_the_straight_run(two_pr
     process = subprocess.Popen(_cli(*RUN_ARGS, f"output_dir={run}"),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 180
-    while (metrics.read_status(run) or {}).get("step", 0) < 1 and time.time() < deadline:
+    while (rundir.read_status(run) or {}).get("step", 0) < 1 and time.time() < deadline:
         time.sleep(0.02)
     process.send_signal(signal.SIGTERM)  # to the `lowvram-grpo` process, as the app does
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 0, output[-3000:]
-    status = metrics.read_status(run)
+    status = rundir.read_status(run)
     assert status["state"] == "stopped" and status["step"] < 4, status
     assert (run / f"checkpoint-{status['step']:06d}" / "trainer_state.pt").is_file()
     assert output.count("--resume") == 1, "only rank 0 reports"
@@ -298,7 +304,7 @@ def test_sigterm_stops_both_processes_and_resume_matches_the_straight_run(two_pr
     b = load_file(run / "final" / "adapter_model.safetensors")
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)
-    assert [r["step"] for r in metrics.read_jsonl(run / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert [r["step"] for r in rundir.read_jsonl(run / "metrics.jsonl")] == [1, 2, 3, 4]
 
 
 def test_num_processes_checks_before_starting_anything(tmp_path, capsys, monkeypatch):

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lowvram_grpo import metrics
+from lowvram_grpo import rundir
 from lowvram_grpo.config import ALIASES, ConfigError, TrainConfig, load_config
 from lowvram_grpo.data import DatasetError, read_prompt_rows
 
@@ -48,10 +48,10 @@ records = st.lists(st.fixed_dictionaries({"step": st.integers(0, 20)},
 def test_any_record_round_trips_through_append_read_and_truncate(tmp_path_factory, records, keep_up_to):
     path = tmp_path_factory.mktemp("jsonl") / "completions.jsonl"
     for record in records:
-        metrics.append_jsonl(path, record)
-    assert metrics.read_jsonl(path) == records
-    metrics.truncate_jsonl_after_step(path, keep_up_to)
-    assert metrics.read_jsonl(path) == [r for r in records if r["step"] <= keep_up_to]
+        rundir.append_jsonl(path, record)
+    assert rundir.read_jsonl(path) == records
+    rundir.truncate_jsonl_after_step(path, keep_up_to)
+    assert rundir.read_jsonl(path) == [r for r in records if r["step"] <= keep_up_to]
 
 
 # --- datasets ----------------------------------------------------------------------------------

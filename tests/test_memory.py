@@ -13,10 +13,11 @@ import json
 import pytest
 import torch
 
-from lowvram_grpo import memory
+from lowvram_grpo import memory, planner
 from lowvram_grpo.config import TrainConfig
-from lowvram_grpo.memory import (GIB, PlannerError, count_parameters, estimate_memory, format_plan,
-                                 load_arch, plan, resolve_model_config, shipped_architectures)
+from lowvram_grpo.memory import (GIB, PlannerError, count_parameters, estimate_memory, load_arch, resolve_model_config,
+                                 shipped_architectures)
+from lowvram_grpo.planner import format_plan, plan
 
 # Published sizes (model cards / Hub "Model size") of the shipped architectures.
 PUBLISHED_PARAMS = {
@@ -202,14 +203,14 @@ def test_plan_picks_smaller_chunks_for_a_smaller_budget():
         (big.generation_chunk_size, big.micro_batch_size, big.logprob_chunk_size) or \
         small.estimate.total_bytes < big.estimate.total_bytes
     for p in (big, small):
-        assert p.estimate.total_bytes <= p.vram_gb * GIB * (1 - memory.SAFETY_MARGIN)
+        assert p.estimate.total_bytes <= p.vram_gb * GIB * (1 - planner.SAFETY_MARGIN)
         assert 16 % p.generation_chunk_size == 0 and 16 % p.micro_batch_size == 0  # divisors of P * G
 
 
 def test_plan_chooses_the_largest_settings_that_fit():
     arch = load_arch("qwen2.5-7b")
     chosen = plan(config(), 16, model_config=arch)
-    budget = 16 * GIB * (1 - memory.SAFETY_MARGIN)
+    budget = 16 * GIB * (1 - planner.SAFETY_MARGIN)
     # One step up in either knob would not fit (or there is no step up).
     if chosen.generation_chunk_size < 16:
         bigger = [d for d in range(chosen.generation_chunk_size + 1, 17) if 16 % d == 0][0]

@@ -19,13 +19,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lowvram_grpo import metrics, toy
+from lowvram_grpo import rundir, toy
 from lowvram_grpo.config import ConfigError, load_config
 from lowvram_grpo.data import DatasetError, read_prompt_rows
-from lowvram_grpo.model import ModelLoadError
 from lowvram_grpo.rewards import RewardFunction, RewardFunctionError, score_completions
 from lowvram_grpo.stopping import StepInterrupted, call_with_deadline
-from lowvram_grpo.trainer import _over_iterations, train
+from lowvram_grpo.metrics import mean_over_updates
+from lowvram_grpo.trainer import train
 
 LINE_SEPARATORS = "\u2028\u2029\u0085\x1c\x1d\x1e\x0b\x0c\r"
 
@@ -52,23 +52,23 @@ def test_records_with_unicode_line_separators_survive_read_and_truncate(tmp_path
     records = [{"step": step, "prompt": f"{step}+1={sep}", "completion": f"x{sep}y"}
                for step, sep in enumerate(LINE_SEPARATORS, start=1)]
     for record in records:
-        metrics.append_jsonl(path, record)
-    assert metrics.read_jsonl(path) == records
-    metrics.truncate_jsonl_after_step(path, 4)
-    assert metrics.read_jsonl(path) == records[:4]
+        rundir.append_jsonl(path, record)
+    assert rundir.read_jsonl(path) == records
+    rundir.truncate_jsonl_after_step(path, 4)
+    assert rundir.read_jsonl(path) == records[:4]
 
 
 def test_a_torn_last_line_is_skipped_and_the_rest_kept(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    metrics.append_jsonl(path, {"step": 1, "text": "é\u2028"})
+    rundir.append_jsonl(path, {"step": 1, "text": "é\u2028"})
     with path.open("ab") as f:
         f.write('{"step": 2, "text": "é'.encode()[:-1])  # killed in the middle of a character
-    assert metrics.read_jsonl(path) == [{"step": 1, "text": "é\u2028"}]
+    assert rundir.read_jsonl(path) == [{"step": 1, "text": "é\u2028"}]
 
 
 def test_nan_anywhere_in_a_record_is_written_as_null(tmp_path):
     path = tmp_path / "completions.jsonl"
-    metrics.append_jsonl(path, {"step": 1, "reward": float("nan"),
+    rundir.append_jsonl(path, {"step": 1, "reward": float("nan"),
                                 "rewards": {"numeric_answer": float("nan"), "fmt": 1.0},
                                 "history": [float("inf"), {"deep": float("-inf")}]})
     text = path.read_text(encoding="utf-8")
@@ -88,11 +88,11 @@ def test_training_on_prompts_with_line_separators_keeps_completions_across_resum
                      num_completions_to_log=2)
     train(config, progress=False)
     completions = tmp_path / "run" / "completions.jsonl"
-    assert [r["step"] for r in metrics.read_jsonl(completions)] == [1, 1, 2, 2, 3, 3]
-    assert all(r["prompt"].endswith("\u2028") for r in metrics.read_jsonl(completions))
+    assert [r["step"] for r in rundir.read_jsonl(completions)] == [1, 1, 2, 2, 3, 3]
+    assert all(r["prompt"].endswith("\u2028") for r in rundir.read_jsonl(completions))
 
     train(dataclasses.replace(config, max_steps=4), resume=True, progress=False)
-    assert [r["step"] for r in metrics.read_jsonl(completions)] == [1, 1, 2, 2, 3, 3, 4, 4]
+    assert [r["step"] for r in rundir.read_jsonl(completions)] == [1, 1, 2, 2, 3, 3, 4, 4]
 
 
 # --- reward calls that never return -------------------------------------------------------------
@@ -139,7 +139,7 @@ def test_a_reward_call_over_reward_timeout_fails_the_run_naming_it(tiny_cache, t
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith(
         "error: reward function 'answer_then_hang' did not return within reward_timeout=3 s")
-    status = metrics.read_status(run)
+    status = rundir.read_status(run)
     assert status["state"] == "failed" and "answer_then_hang" in status["error"]
     # The last finished step is saved, though save_every=100 never asked for it.
     assert (run / "checkpoint-000002" / "adapter_model.safetensors").is_file()
@@ -157,7 +157,7 @@ def test_one_sigterm_during_a_hanging_reward_stops_the_run_and_resume_is_exact(t
     assert time.monotonic() - sent < 15
     assert process.returncode == 0, err
     assert "Traceback" not in err and "stop requested" in err
-    status = metrics.read_status(run)
+    status = rundir.read_status(run)
     assert status["state"] == "stopped" and status["step"] == 2
     assert "--resume" in out
 
@@ -342,12 +342,12 @@ def test_overrides_are_accepted_anywhere_on_the_line():
 def test_metrics_of_several_iterations_are_aggregated_and_skips_counted():
     updates = [{"loss": float("nan"), "grad_norm": float("inf"), "step_skipped": 1, "entropy": 1.0},
                {"loss": 0.5, "grad_norm": 2.0, "step_skipped": 0, "entropy": 3.0}]
-    result = _over_iterations(updates)
+    result = mean_over_updates(updates)
     assert result["step_skipped"] == 1  # the first update was skipped, and it says so
     assert result["entropy"] == 2.0
     assert math.isnan(result["loss"])  # a skipped update's loss is not averaged away
 
-    fine = _over_iterations([{"loss": 1.0, "step_skipped": 0, "loss_scale": 4.0},
+    fine = mean_over_updates([{"loss": 1.0, "step_skipped": 0, "loss_scale": 4.0},
                              {"loss": 3.0, "step_skipped": 0, "loss_scale": 8.0}])
     assert fine == {"loss": 2.0, "step_skipped": 0, "loss_scale": 8.0}
 
@@ -386,7 +386,7 @@ def test_a_second_stop_kills_a_trainer_that_does_not_stop_and_marks_the_run(tmp_
     monkeypatch.setattr(jobs_module, "FORCE_STOP_AFTER", 1.0)
     run = tmp_path / "runs" / "r"
     run.mkdir(parents=True)
-    metrics.write_status(run, "running", 3, 10)
+    rundir.write_status(run, "running", 3, 10)
     jobs = JobManager(tmp_path)
     job = jobs._launch(["train"], run)
     deadline = time.time() + 30
@@ -398,6 +398,6 @@ def test_a_second_stop_kills_a_trainer_that_does_not_stop_and_marks_the_run(tmp_
     time.sleep(1.2)
     assert "ended it" in jobs.stop()
     assert not jobs.is_alive(job)
-    status = metrics.read_status(run)
+    status = rundir.read_status(run)
     assert status["state"] == "stopped" and status["step"] == 3
     assert "killed by a second Stop" in status["note"] and "no checkpoint yet" in status["note"]

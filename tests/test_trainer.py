@@ -4,7 +4,6 @@ directory the front ends rely on, it resumes exactly, and it refuses to apply a 
 import dataclasses
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lowvram_grpo import grpo, metrics
+from lowvram_grpo import grpo, rundir
 from lowvram_grpo.config import load_config
 from lowvram_grpo.rewards import RewardFunctionError
 from lowvram_grpo.trainer import PromptSampler, train
@@ -30,13 +29,14 @@ def _config(tmp_path, name="run", **overrides):
 def demo_run(tiny_cache, tmp_path_factory):
     """The tiny-cpu preset exactly as users run it."""
     config = _config(tmp_path_factory.mktemp("demo"))
-    final = train(config, progress=False)
-    return config, final
+    result = train(config, progress=False)
+    assert result.finished and result.step == config.max_steps
+    return config, result.adapter
 
 
 def test_demo_reward_climbs(demo_run):
     config, _ = demo_run
-    rewards = [r["reward"] for r in metrics.read_jsonl(f"{config.output_dir}/metrics.jsonl")]
+    rewards = [r["reward"] for r in rundir.read_jsonl(f"{config.output_dir}/metrics.jsonl")]
     tenth = len(rewards) // 10
     first, last = sum(rewards[:tenth]) / tenth, sum(rewards[-tenth:]) / tenth
     assert last >= first + 0.3, f"reward went from {first:.2f} to {last:.2f}: {rewards}"
@@ -54,14 +54,14 @@ def test_run_directory_contract(demo_run):
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "finished" and status["step"] == status["total_steps"] == 60
 
-    records = metrics.read_jsonl(run / "metrics.jsonl")
+    records = rundir.read_jsonl(run / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, 61))
     for key in ("reward", "reward_std", "rewards/arith_answer/mean", "rewards/arith_answer/std", "kl",
                 "loss", "grad_norm", "learning_rate", "completions/mean_length", "completions/clipped_ratio",
                 "frac_reward_zero_std", "clip_ratio/region_mean", "entropy", "step_time",
                 "tokens_per_second", "peak_memory_gb", "generation_chunk_size"):
         assert all(key in r for r in records), key
-    samples = metrics.read_jsonl(run / "completions.jsonl")
+    samples = rundir.read_jsonl(run / "completions.jsonl")
     assert {s["step"] for s in samples} == {1, 10, 20, 30, 40, 50, 60}
     assert {"prompt", "completion", "reward", "advantage", "rewards"} <= set(samples[0])
     assert load_config(config_path=run / "config.yaml") == config
@@ -116,7 +116,7 @@ def test_failing_reward_function_stops_the_run_naming_it(tiny_cache, tmp_path):
     config = _config(tmp_path, rewards=[f"{reward_file}:picky"], max_steps=2)
     with pytest.raises(RewardFunctionError, match="picky.*no digits allowed"):
         train(config, progress=False)
-    status = metrics.read_status(config.output_dir)
+    status = rundir.read_status(config.output_dir)
     assert status["state"] == "failed" and "picky" in status["error"]
 
 
@@ -164,7 +164,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_cache, tmp_path):
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
-    steps = [r["step"] for r in metrics.read_jsonl(killed / "metrics.jsonl")]
+    steps = [r["step"] for r in rundir.read_jsonl(killed / "metrics.jsonl")]
     assert steps == list(range(1, 13)), "redone steps must not be logged twice"
 
 
@@ -172,11 +172,11 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_cache, tmp_path):
     run = tmp_path / "run"
     process = subprocess.Popen(_cli("--preset", "tiny-cpu", "max_steps=1000", f"output_dir={run}"),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert _wait_for(lambda: (metrics.read_status(run) or {}).get("step", 0) >= 2)
+    assert _wait_for(lambda: (rundir.read_status(run) or {}).get("step", 0) >= 2)
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 0, output
-    status = metrics.read_status(run)
+    status = rundir.read_status(run)
     assert status["state"] == "stopped"
     assert (run / f"checkpoint-{status['step']:06d}" / "adapter_model.safetensors").is_file()
     assert "--resume" in output
@@ -275,7 +275,7 @@ def test_a_new_run_never_overwrites_an_existing_one(demo_run):
     with pytest.raises(ConfigError, match="already holds a training run; continue it with .*--resume"):
         train(config, progress=False)
     assert (final.parent / "metrics.jsonl").read_text() == before
-    assert metrics.read_status(final.parent)["state"] == "finished"
+    assert rundir.read_status(final.parent)["state"] == "finished"
 
 
 def test_conversational_prompts_go_through_the_chat_template(tiny_cache, tmp_path):
@@ -286,7 +286,7 @@ def test_conversational_prompts_go_through_the_chat_template(tiny_cache, tmp_pat
                      max_steps=2, save_every=100)
     records = []
     train(config, progress=False, on_step=records.append)
-    samples = metrics.read_jsonl(tmp_path / "run" / "completions.jsonl")
+    samples = rundir.read_jsonl(tmp_path / "run" / "completions.jsonl")
     # The system prompt was prepended, and rewards saw TRL's conversational completion form.
     assert samples[0]["prompt"][0] == {"role": "system", "content": "+"}
     assert samples[0]["prompt"][1]["role"] == "user"
@@ -304,6 +304,14 @@ def _fp16_step(tmp_path):
     return config, policy, rollout, advantages, ref_logps
 
 
+def _learner(config, policy, optimizer, scheduler=None, scaler=None):
+    from lowvram_grpo.planner import resolve_chunking
+    from lowvram_grpo.trainer import Learner
+
+    cpu = torch.device("cpu")
+    return Learner(config, resolve_chunking(config, cpu), policy, None, optimizer, scheduler, scaler, cpu, [])
+
+
 def test_fp16_loss_scaling_keeps_gradients_that_underflow_without_it(tiny_cache, tmp_path):
     """A loss a million times smaller (as when it is averaged over a million tokens) has
     gradients a million times smaller: fp16 activations flush most of them to zero unless the
@@ -316,8 +324,9 @@ def test_fp16_loss_scaling_keeps_gradients_that_underflow_without_it(tiny_cache,
     cpu = torch.device("cpu")
 
     def gradients(advantage_factor, scaler):
-        _accumulate_gradients(config, policy, optimizer, rollout, advantages * advantage_factor, None,
-                              None, cpu, rollout.num_sequences, float(rollout.completion_mask.sum()), scaler)
+        _accumulate_gradients(_learner(config, policy, optimizer, scaler=scaler), rollout,
+                              advantages * advantage_factor, None, None, rollout.num_sequences,
+                              float(rollout.completion_mask.sum()))
         if scaler is not None:
             scaler.unscale_(optimizer)
             scaler.update()
@@ -344,13 +353,12 @@ def test_fp16_overflow_skips_the_update_and_lowers_the_scale(tiny_cache, tmp_pat
     optimizer = torch.optim.AdamW(list(params.values()), lr=1e-2)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)  # fp16 holds at most 65504
-    cpu = torch.device("cpu")
-    result = _update(config, policy, optimizer, scheduler, rollout, advantages, ref_logps, None, cpu, scaler=scaler)
+    learner = _learner(config, policy, optimizer, scheduler, scaler)
+    result = _update(learner, rollout, advantages, ref_logps, None)
     assert result["step_skipped"] == 1 and result["loss_scale"] == 2.0**39
     assert all(torch.equal(p, before[n]) for n, p in params.items()), "an overflowed step changes nothing"
     for _ in range(40):  # the next steps halve the scale until the scaled gradients fit in fp16
-        result = _update(config, policy, optimizer, scheduler, rollout, advantages, ref_logps, None, cpu,
-                         scaler=scaler)
+        result = _update(learner, rollout, advantages, ref_logps, None)
         if not result["step_skipped"]:
             break
     assert result["step_skipped"] == 0 and math.isfinite(result["grad_norm"]) and result["loss_scale"] < 2.0**39

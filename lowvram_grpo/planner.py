@@ -1,0 +1,247 @@
+"""Memory planner: the chunk sizes that fit a GPU, and what to reduce when nothing does.
+
+- `plan(train_config, vram_gb)` -> `Plan`: the largest `generation_chunk_size`,
+  `micro_batch_size` and `logprob_chunk_size` that fit the budget with a 10% safety margin
+  (by memory.estimate_memory), or, if even the smallest settings do not fit, what to reduce.
+- `format_plan(plan)` -> the breakdown table the CLI (`lowvram-grpo plan`) and the app print.
+- `resolve_chunking(config, device)` -> the `Chunking` a run starts with: the config's chunk
+  sizes, with "auto" ones planned for `vram_gb` (or the memory the device has).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from lowvram_grpo.chunking import MIN_LOGPROB_CHUNK, Chunking
+from lowvram_grpo.config import AUTO, TrainConfig
+from lowvram_grpo.memory import (CUDA_OVERHEAD_BYTES, GIB, MemoryEstimate, ModelShape, billions,
+                                 arch_for_model_name, estimate_memory, resolve_model_config)
+
+# plan() keeps this fraction of the card free: allocator fragmentation and estimate error.
+SAFETY_MARGIN = 0.10
+
+# Candidates plan() tries for the LM-head chunk (rows of B*K positions per chunk).
+LOGPROB_CHUNK_CANDIDATES = (1024, 512, 256, 128, 64, 32, MIN_LOGPROB_CHUNK)
+MIN_GOOD_LOGPROB_CHUNK = 64  # below this the Python loop over chunks starts to cost time
+
+
+# --- the plan ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """The chunk sizes to use on a card of `vram_gb`, and the estimate behind them."""
+
+    fits: bool
+    vram_gb: float
+    usable_gb: float  # vram_gb minus the safety margin
+    generation_chunk_size: int
+    micro_batch_size: int
+    logprob_chunk_size: int
+    estimate: MemoryEstimate  # at the chosen (or, if nothing fits, the smallest) settings
+    configured: MemoryEstimate  # at the train config's own settings
+    model_name: str
+    advice: list[str] = field(default_factory=list)
+
+    @property
+    def chunking(self) -> Chunking:
+        return Chunking(self.generation_chunk_size, self.micro_batch_size, self.logprob_chunk_size)
+
+    @property
+    def overrides(self) -> dict[str, int]:
+        """The chosen settings as config keys, ready for `load_config(overrides=...)`."""
+        return self.chunking.as_dict()
+
+
+def _divisors_desc(n: int) -> list[int]:
+    return [d for d in range(n, 0, -1) if n % d == 0]
+
+
+def plan(train_config: TrainConfig, vram_gb: float, model_config: Any = None,
+         margin: float = SAFETY_MARGIN, model_name: str | None = None) -> Plan:
+    """Choose the largest chunk sizes that fit in `vram_gb` with `margin` kept free.
+
+    Larger generation chunks make generation (most of a GRPO step's time) faster, so the
+    generation chunk is maximised first; it only affects the generation phase, so it can be
+    chosen independently. Then the micro-batch, then the LM-head chunk (kept >= 64 rows when
+    possible). Chunk sizes are divisors of prompts_per_step * num_generations so every chunk is
+    full. If even one sequence at a time does not fit, `fits` is False and `advice` says what
+    to reduce.
+
+    `model_config` defaults to `resolve_model_config(train_config.model_name_or_path)`;
+    `model_name` is only the label printed by format_plan.
+    """
+    if vram_gb <= 0:
+        raise ValueError(f"vram_gb must be > 0, got {vram_gb}")
+    if model_config is None:
+        model_config = resolve_model_config(train_config.model_name_or_path)
+        model_name = model_name or _model_label(train_config.model_name_or_path)
+    else:
+        model_name = model_name or f"a {ModelShape.from_config(model_config).model_type or 'custom'} model"
+    budget = vram_gb * GIB * (1 - margin)
+    sequences = train_config.sequences_per_step
+
+    def estimate(g: int, m: int, lp: int) -> MemoryEstimate:
+        return estimate_memory(model_config, train_config, generation_chunk_size=g, micro_batch_size=m,
+                               logprob_chunk_size=lp)
+
+    def configured_estimate(g: int, m: int, lp: int) -> MemoryEstimate:
+        """The user's own settings; an "auto" one takes the value this plan chose for it."""
+        own = [value if (value := getattr(train_config, key)) != AUTO else chosen
+               for key, chosen in zip(Chunking.keys(), (g, m, lp))]
+        return estimate(*own)
+
+    smallest = estimate(1, 1, LOGPROB_CHUNK_CANDIDATES[-1])
+    if smallest.total_bytes > budget:
+        configured = configured_estimate(1, 1, LOGPROB_CHUNK_CANDIDATES[-1])
+        return Plan(fits=False, vram_gb=vram_gb, usable_gb=budget / GIB, generation_chunk_size=1,
+                    micro_batch_size=1, logprob_chunk_size=LOGPROB_CHUNK_CANDIDATES[-1], estimate=smallest,
+                    configured=configured, model_name=model_name,
+                    advice=_advice(smallest, train_config, model_config, budget))
+
+    def fits(g: int, m: int, lp: int) -> bool:
+        return estimate(g, m, lp).total_bytes <= budget
+
+    generation = next(g for g in _divisors_desc(sequences) if fits(g, 1, LOGPROB_CHUNK_CANDIDATES[-1]))
+    good = [lp for lp in LOGPROB_CHUNK_CANDIDATES if lp >= MIN_GOOD_LOGPROB_CHUNK]
+    small = [lp for lp in LOGPROB_CHUNK_CANDIDATES if lp < MIN_GOOD_LOGPROB_CHUNK]
+    micro, logprob = 1, LOGPROB_CHUNK_CANDIDATES[-1]
+    for candidates in (good, small):
+        found = next(((m, lp) for m in _divisors_desc(sequences) for lp in candidates if fits(1, m, lp)), None)
+        if found:
+            micro, logprob = found
+            break
+    # Rows beyond micro_batch_size * max_completion_length are never used: do not report more.
+    logprob = min(logprob, max(micro * train_config.max_completion_length, LOGPROB_CHUNK_CANDIDATES[-1]))
+    chosen = estimate(generation, micro, logprob)
+    configured = configured_estimate(generation, micro, logprob)
+    advice = []
+    if configured.total_bytes > budget:
+        advice.append(f"your settings need ~{configured.total_gb:.1f} GB: use the chosen chunk sizes")
+    return Plan(fits=True, vram_gb=vram_gb, usable_gb=budget / GIB, generation_chunk_size=generation,
+                micro_batch_size=micro, logprob_chunk_size=logprob, estimate=chosen, configured=configured,
+                model_name=model_name, advice=advice)
+
+
+def _advice(smallest: MemoryEstimate, c: TrainConfig, model_config: Any, budget: float) -> list[str]:
+    """What to reduce when even one sequence at a time does not fit."""
+    gb = lambda b: f"{b / GIB:.1f} GB"  # noqa: E731
+    # Every estimate below is at the smallest chunking, as `smallest` is (and so never meets
+    # an "auto" chunk size of the user's config).
+    smallest_chunks = Chunking.smallest().as_dict()
+    advice = []
+    if smallest.static_bytes > budget:
+        advice.append(f"the model's weights, LoRA and optimizer alone need ~{gb(smallest.static_bytes)} of the "
+                      f"{gb(budget)} usable: choose a smaller model")
+        # Only suggest the switches that would actually close the gap.
+        if c.quantization != "nf4":
+            nf4 = estimate_memory(model_config, dataclasses.replace(c, quantization="nf4"), **smallest_chunks)
+            if nf4.static_bytes < budget:
+                advice.append(f"or load the base in 4 bits: quantization=nf4 (static ~{gb(nf4.static_bytes)})")
+        if c.optimizer != "paged_adamw_8bit":
+            adam8 = estimate_memory(model_config, dataclasses.replace(c, optimizer="paged_adamw_8bit"), **smallest_chunks)
+            if adam8.static_bytes < budget:
+                advice.append(f"or use optimizer=paged_adamw_8bit (static ~{gb(adam8.static_bytes)})")
+        if c.lora_r > 8:
+            low_rank = estimate_memory(model_config, dataclasses.replace(c, lora_r=8), **smallest_chunks)
+            if low_rank.static_bytes < budget:
+                advice.append(f"or a smaller adapter: lora_r=8 (static ~{gb(low_rank.static_bytes)})")
+        return advice
+    peak = smallest.peak_phase
+    advice.append(f"one sequence of {c.max_prompt_length}+{c.max_completion_length} tokens needs "
+                  f"~{gb(smallest.phase_bytes(peak))} in the {peak} phase on top of "
+                  f"~{gb(smallest.static_bytes)} static")
+    # The longest completion that would fit with everything else unchanged.
+    low, high = 0, c.max_completion_length
+    while low < high:
+        mid = (low + high + 1) // 2
+        trial = dataclasses.replace(c, max_completion_length=max(mid, 1))
+        if estimate_memory(model_config, trial, **smallest_chunks).total_bytes <= budget:
+            low = mid
+        else:
+            high = mid - 1
+    if low >= 1:
+        advice.append(f"reduce max_completion_length to {low} or less (or shorten max_prompt_length)")
+    else:
+        advice.append("reduce max_prompt_length, or choose a smaller model")
+    if not c.gradient_checkpointing:
+        advice.append("turn gradient_checkpointing on")
+    return advice
+
+
+def _model_label(name: str) -> str:
+    arch = arch_for_model_name(name) if not name.startswith("builtin:") else None
+    return name if not arch or arch == name.lower() else f"{name} ({arch})"
+
+
+def format_plan(p: Plan) -> str:
+    """The plan as a plain-text table: the breakdown, the total against the card, the choice."""
+    est, c = p.estimate, p.estimate.settings
+    # Small models (the CPU demo) would read 0.00 GB everywhere: show them in MB.
+    unit, scale = ("GB", GIB) if est.total_bytes >= GIB else ("MB", 2**20)
+    lines = [f"Memory plan for {p.model_name} ({billions(est.params.total)} params) on a {p.vram_gb:g} GB GPU",
+             f"  sequences of up to {c['seq_len']} tokens (prompt + completion), "
+             f"{c['dtype_bytes'] * 8}-bit compute", ""]
+    width = max(len(k) for k in est.parts) + 2
+    lines.append(f"  {'part'.ljust(width)}{unit:>8}")
+    for label, value in est.parts.items():
+        lines.append(f"  {label.ljust(width)}{value / scale:8.2f}")
+    lines.append(f"  {'total'.ljust(width)}{est.total_bytes / scale:8.2f}")
+    others = [f"{phase} {est.phase_bytes(phase) / scale:.2f} {unit}" for phase in est.phases
+              if phase != est.peak_phase]
+    lines.append(f"  (phases do not overlap; the peak is {est.peak_phase}"
+                 + (f"; others: {', '.join(others)})" if others else ")"))
+    lines.append("")
+    verdict = "fits" if p.fits else "does NOT fit"
+    needs = f"{est.total_gb:.{1 if est.total_gb >= 1 else 2}f}"
+    lines.append(f"needs ~{needs} GB of {p.vram_gb:g} GB ({p.usable_gb:.1f} GB usable with a "
+                 f"{1 - p.usable_gb / p.vram_gb:.0%} safety margin): {verdict}")
+    settings = " ".join(f"{k}={v}" for k, v in p.overrides.items())
+    lines.append(f"{'chosen' if p.fits else 'smallest settings'}: {settings}")
+    cfg = p.configured.settings
+    lines.append(f"your settings (generation_chunk_size={cfg['generation_chunk_size']} "
+                 f"micro_batch_size={cfg['micro_batch_size']} logprob_chunk_size={cfg['logprob_chunk_size']}): "
+                 f"~{p.configured.total_gb:.1f} GB")
+    for note in est.notes:
+        lines.append(f"note: {note}")
+    for item in p.advice:
+        lines.append(f"{'to fit' if not p.fits else 'hint'}: {item}")
+    return "\n".join(lines)
+
+
+# --- the chunking a run starts with ------------------------------------------------------------
+
+
+def resolve_chunking(config: TrainConfig, device, announce: bool = True) -> Chunking:
+    """The config's chunk sizes, with "auto" ones chosen by `plan` for `vram_gb`, or for the
+    memory the device has when vram_gb is not set."""
+    auto = [key for key in Chunking.keys() if getattr(config, key) == AUTO]
+    given = {key: getattr(config, key) for key in Chunking.keys() if key not in auto}
+    if not auto:
+        return Chunking(**given)
+    from lowvram_grpo.backoff import MemoryBudgetError
+
+    budget = config.vram_gb or device_memory_gb(device)
+    chosen = plan(config, budget)
+    if not chosen.fits:
+        raise MemoryBudgetError(f"vram_gb: this run does not fit in {budget:.1f} GB: " + "; ".join(chosen.advice))
+    planned = {key: chosen.overrides[key] for key in auto}
+    if announce:
+        print(f"auto settings for {budget:.1f} GB: " + ", ".join(f"{k}={v}" for k, v in planned.items())
+              + f" (estimated peak {chosen.estimate.total_gb:.1f} GB)", flush=True)
+    return Chunking(**given, **planned)
+
+
+def device_memory_gb(device) -> float:
+    """What "auto" chunk sizes may plan with when vram_gb is not set. On a GPU: the memory free
+    now, because a desktop's display or another job holds the rest and will not give it back,
+    plus the CUDA context, which the planner counts itself. On the CPU: the machine's RAM."""
+    if device.type == "cuda":
+        import torch
+
+        free, total = torch.cuda.mem_get_info(device)
+        return min(total, free + CUDA_OVERHEAD_BYTES) / GIB
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
