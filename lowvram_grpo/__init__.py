@@ -20,6 +20,7 @@ _EXPORTS = {
     "load_config": "config", "list_presets": "config",
     "load_prompt_data": "data", "preview": "data", "DatasetError": "data",
     "BUILTIN_REWARDS": "rewards", "register_reward": "rewards", "RewardFunctionError": "rewards",
+    "completion_text": "rewards",
     "load_policy": "model", "reference_model": "model",
     "train": "trainer", "TrainResult": "rundir", "RunDir": "rundir",
     "generate_greedy": "rollout",

@@ -97,7 +97,6 @@ import gc
 import torch
 
 import lowvram_grpo as lg
-from lowvram_grpo.rewards import completion_text  # a completion's (or a conversation's last) text
 
 print(f"lowvram-grpo {lg.__version__}, torch {torch.__version__}")
 if torch.cuda.is_available():
@@ -247,7 +246,7 @@ def stops_after_answer(prompts, completions, **kwargs):
     \"\"\"1.0 if nothing but whitespace follows </answer>, 0.0 if text does, None without one.\"\"\"
     rewards = []
     for completion in completions:
-        text = completion_text(completion)
+        text = lg.completion_text(completion)  # a conversation's last message, or the string
         if "</answer>" not in text:
             rewards.append(None)
         else:
@@ -386,7 +385,7 @@ with lg.reference_model(policy):  # adapter off: the base model
 tuned_answers = greedy(examples)
 
 for row, base, tuned in zip(examples, base_answers, tuned_answers):
-    question = completion_text(row["prompt"])  # a conversation: its last message
+    question = lg.completion_text(row["prompt"])  # a conversation: its last message
     print("=" * 100)
     print(f"PROMPT:    {question}")
     if row.get("answer") is not None:
