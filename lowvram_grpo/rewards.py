@@ -593,3 +593,8 @@ def _as_float(name: str, value: Any, index: int, expected: str) -> float:
 def _short(value: Any) -> str:
     text = repr(value)
     return f"{type(value).__name__} {text[:60] + '...' if len(text) > 60 else text}"
+
+
+# The kinds that live in their own modules register themselves; imported last because they
+# use the helpers above.
+from lowvram_grpo import code_reward  # noqa: E402,F401  (registers code_tests)
