@@ -43,8 +43,10 @@ class ConfigError(ValueError):
 class RewardSpec:
     """One reward function and its weight in the summed reward.
 
-    `name` is a built-in reward's name (`lowvram-grpo rewards` lists them), a file path and
-    function (`my_rewards.py:correctness`) or a dotted import path (`my_pkg.rewards.fmt`).
+    `name` is a built-in reward's name (`lowvram-grpo rewards` lists them), `code_tests`,
+    `model:<hub id or dir>` (a reward model), `judge:self` or `judge:<URL>` (an LLM judge), a
+    file path and function (`my_rewards.py:correctness`) or a dotted import path
+    (`my_pkg.rewards.fmt`).
     """
 
     name: str
@@ -96,6 +98,28 @@ class TrainConfig:
     # (a loop that never ends, a server that never answers) stops the run with an error naming
     # it. "none" = no limit.
     reward_timeout: Union[float, Literal["none"], None] = DEFAULT_REWARD_TIMEOUT
+    # code_tests: each sandboxed program's wall-time (CPU time is the same, rounded up) and
+    # memory limits, and how many run at once (0 = the CPU cores).
+    code_timeout_s: float = 10.0
+    code_memory_mb: int = 512
+    code_workers: int = 0
+    # model:<hub id or dir> rewards: loaded in 4 bits on a GPU (nf4) or in the compute dtype
+    # (none); sequences per forward pass (the planner counts that batch); their custom code
+    # runs only if this says so (separate from trust_remote_code, which is the policy's).
+    reward_model_quantization: Literal["nf4", "none"] = "nf4"
+    reward_model_batch_size: int = 8
+    reward_model_trust_remote_code: bool = False
+    # judge:self and judge:<url>: the judge's prompt ({prompt}, {completion} and the dataset's
+    # columns as placeholders; None = a 0-10 score for how well the completion answers the
+    # prompt), the most tokens of its answer, and for endpoints: the model name sent, the
+    # environment variable that holds the API key, requests at once, timeout and retries.
+    judge_template: str | None = None
+    judge_max_tokens: int = 16
+    judge_model: str = "default"
+    judge_api_key_env: str = "OPENAI_API_KEY"
+    judge_concurrency: int = 4
+    judge_timeout_s: float = 60.0
+    judge_retries: int = 2
 
     # --- generation (rollouts) ---------------------------------------------------------------
     num_generations: int = 8  # G: completions per prompt, normalised as one group
@@ -171,8 +195,14 @@ class TrainConfig:
             value = getattr(self, key)
             need(value == AUTO or value >= 1, key, f"must be at least 1 or auto, got {value}")
         need(self.vram_gb is None or self.vram_gb > 0, "vram_gb", f"must be > 0, got {self.vram_gb}")
+        for key in ("code_memory_mb", "reward_model_batch_size", "judge_max_tokens", "judge_concurrency"):
+            need(getattr(self, key) >= 1, key, f"must be at least 1, got {getattr(self, key)}")
+        for key in ("code_timeout_s", "judge_timeout_s"):
+            need(getattr(self, key) > 0, key, f"must be more than 0 seconds, got {getattr(self, key)}")
+        need(self.code_memory_mb >= 64, "code_memory_mb",
+             f"Python itself needs about 30 MB; give at least 64, got {self.code_memory_mb}")
         for key in ("warmup_steps", "keep_checkpoints", "top_k", "num_completions_to_log", "cpu_threads",
-                    "eval_every"):
+                    "eval_every", "code_workers", "judge_retries"):
             need(getattr(self, key) >= 0, key, f"must be 0 or more, got {getattr(self, key)}")
         need(self.num_generations >= 2, "num_generations",
              "GRPO compares completions within a group, so it needs at least 2 (8 is typical)")
@@ -189,6 +219,16 @@ class TrainConfig:
         need(bool(self.rewards), "rewards", "at least one reward function is needed")
         for spec in self.rewards:
             need(bool(spec.name), "rewards", "every reward needs a name")
+        for spec in self.rewards:
+            name = spec.name if isinstance(spec.name, str) else ""
+            if name.startswith("judge:"):
+                target = name.removeprefix("judge:")
+                need(target == "self" or target.startswith(("http://", "https://")), "rewards",
+                     f"'{name}': a judge is judge:self (the policy's own base weights) or judge:<URL of an "
+                     "OpenAI-compatible endpoint>, e.g. judge:http://127.0.0.1:8080/v1")
+            need(name != "model:", "rewards", "'model:' needs a reward model: model:<hub id or local directory>")
+        need(bool(self.judge_api_key_env.strip()), "judge_api_key_env",
+             "the name of an environment variable (the key itself never goes in the config)")
         need(0 <= self.eval_fraction < 1, "eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
         need(bool(self.output_dir), "output_dir", "must not be empty")
 

@@ -34,7 +34,7 @@ from lowvram_grpo import distributed
 from lowvram_grpo.config import AUTO, TrainConfig
 from lowvram_grpo.data import load_prompt_data
 from lowvram_grpo.model import default_device, load_policy, reference_model, resolve_model_path
-from lowvram_grpo.rewards import BUILTIN_REWARDS, RewardFunction, load_reward_functions, score_rows
+from lowvram_grpo.rewards import BUILTIN_REWARDS, RewardContext, RewardFunction, load_reward_functions, score_rows
 from lowvram_grpo.rollout import generate_greedy
 
 # Built-in rewards that mean "the answer is right" (1.0) or "wrong" (0.0).
@@ -67,7 +67,7 @@ def evaluate(policy, tokenizer, rows: list[dict], reward_functions: list[RewardF
     if not rows:
         raise ValueError("evaluate: no prompts to evaluate (the eval split is empty)")
     if reward_functions is None:
-        reward_functions = load_reward_functions(config.rewards)
+        reward_functions = load_reward_functions(config.rewards, RewardContext(config, policy, tokenizer))
     if not adapter:
         with reference_model(policy):
             return evaluate(policy, tokenizer, rows, reward_functions, config, adapter=True)
@@ -138,7 +138,7 @@ def compare(config: TrainConfig, adapter_path: str | Path, max_prompts: int | No
         rows = data.train[:max_prompts or DEFAULT_FALLBACK_PROMPTS]
         log(f"note: no eval split (set eval_fraction or eval_dataset), so evaluating the first "
             f"{len(rows)} training prompts, which the adapter may have trained on")
-    reward_functions = load_reward_functions(config.rewards)
+    reward_functions = load_reward_functions(config.rewards, RewardContext(config, policy, tokenizer))
     before = evaluate(policy, tokenizer, rows, reward_functions, config, adapter=False)
     after = evaluate(policy, tokenizer, rows, reward_functions, config, adapter=True)
     return before, after

@@ -372,6 +372,13 @@ def estimate_memory(model_config: Any, train_config: TrainConfig, *,
 
     phases = {GENERATION: generation, LOGPROBS: reference, f"{UPDATE}: LM head": update_head,
               f"{UPDATE}: layers": update_layers}
+    # model: rewards stay loaded for the whole run and run between generation and update.
+    from lowvram_grpo.reward_model import reward_model_memory
+
+    reward_static, reward_phase = reward_model_memory(c, db)
+    static.update(reward_static)
+    if reward_phase:
+        phases["reward model"] = reward_phase
     if c.beta == 0 and c.num_iterations == 1:
         del phases[LOGPROBS]  # no frozen log-probs are computed at all
     peak_phase = max(phases, key=lambda p: sum(phases[p].values()))

@@ -10,7 +10,10 @@ than the prompt arrive as keyword arguments with one value per completion (`answ
 `None` means "not applicable": that function is left out of the completion's weighted sum.
 
 Reward names in the config are resolved by `resolve_reward`: a built-in name
-(`BUILTIN_REWARDS`), `path/to/file.py:function`, or a dotted import path `pkg.module.function`.
+(`BUILTIN_REWARDS`, `code_tests` among them), `model:<hub id or dir>` (a reward model, see
+reward_model.py), `judge:self` or `judge:<URL>` (an LLM judge, see judges.py),
+`path/to/file.py:function`, or a dotted import path `pkg.module.function`. The kinds beyond
+rules take their settings (limits, batch sizes, the judge's prompt) from a `RewardContext`.
 Everything that can go wrong becomes a one-line `RewardFunctionError` that names the reward
 function and says how to fix it, because a bad reward is usually found mid-run.
 """
@@ -73,6 +76,17 @@ def register_reward(name: str) -> Callable:
 
 # The toy task's reward lives next to the task; register it rather than copy it.
 register_reward("arith_answer")(arith_answer)
+
+
+@dataclass
+class RewardContext:
+    """What rewards beyond rules need from the run: the config (code_*, reward_model_* and
+    judge_* settings), and for judge:self the policy (its base weights judge, the adapter off)
+    with its tokenizer. Without one, those rewards use the config's defaults."""
+
+    config: Any = None  # a TrainConfig
+    policy: Any = None
+    tokenizer: Any = None
 
 
 @dataclass
@@ -325,17 +339,30 @@ def _repeated_fraction(text: str, n: int = REPETITION_NGRAM) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def resolve_reward(name: str) -> Callable:
-    """The function for a reward name: a built-in, `file.py:function` or `pkg.module.function`.
+def resolve_reward(name: str, context: RewardContext | None = None) -> Callable:
+    """The function for a reward name: a built-in, `model:<id or dir>`, `judge:self`,
+    `judge:<URL>`, `file.py:function` or `pkg.module.function`.
 
+    `context` gives the kinds beyond rules their settings (and judge:self its model).
     Relative file paths are relative to the current directory. A callable is returned as is
     (handy in notebooks). Raises RewardFunctionError with a one-line fix when it cannot.
     """
     if callable(name):
         return name
     name = str(name).strip()
+    context = context or RewardContext()
+    if name == "code_tests" and context.config is not None:
+        return code_reward.code_tests_from_config(context.config)
     if name in BUILTIN_REWARDS:
         return BUILTIN_REWARDS[name]
+    if name.startswith("model:"):
+        from lowvram_grpo.reward_model import reward_model
+
+        return reward_model(name.removeprefix("model:"), context)
+    if name.startswith("judge:"):
+        from lowvram_grpo.judges import judge
+
+        return judge(name.removeprefix("judge:"), context)
     if ":" in name:
         source, attr = name.rsplit(":", 1)
         if source.endswith(".py") or "/" in source or "\\" in source:
@@ -429,12 +456,14 @@ def _function_name(fn: Callable) -> str:
     return getattr(fn, "__name__", None) or type(fn).__name__
 
 
-def load_reward_functions(specs: list[RewardSpec], timeout: float | None = None) -> list[RewardFunction]:
+def load_reward_functions(specs: list[RewardSpec], context: RewardContext | None = None,
+                          timeout: float | None = None) -> list[RewardFunction]:
     """Resolve every spec; metric names are the built-in name or the function's name, made unique.
+    `context` gives judges, reward models and code_tests the run's settings (see RewardContext).
     Each call may take at most `timeout` seconds (None: no limit)."""
     loaded, seen = [], {}
     for spec in specs:
-        fn = resolve_reward(spec.name)
+        fn = resolve_reward(spec.name, context)
         base = spec.name if isinstance(spec.name, str) and spec.name in BUILTIN_REWARDS else _function_name(fn)
         seen[base] = seen.get(base, 0) + 1
         name = base if seen[base] == 1 else f"{base}_{seen[base]}"
@@ -456,11 +485,16 @@ class RewardScores:
     total: torch.Tensor  # (N,) nansum of weight * value; NaN where every function returned None
 
     def metrics(self) -> dict[str, float]:
-        """`rewards/<name>/mean` and `/std` (NaN-aware, std unbiased like TRL's nanstd)."""
+        """`rewards/<name>/mean` and `/std` (NaN-aware, std unbiased like TRL's nanstd), and
+        `rewards/<name>/none_frac` for a function that returned None (e.g. a judge's answer
+        that held no score) for some completions."""
         out = {}
         for i, name in enumerate(self.names):
             values = self.per_function[:, i]
-            values = values[~torch.isnan(values)]
+            missing = torch.isnan(values)
+            if missing.any():
+                out[f"rewards/{name}/none_frac"] = missing.float().mean().item()
+            values = values[~missing]
             out[f"rewards/{name}/mean"] = values.mean().item() if len(values) else float("nan")
             out[f"rewards/{name}/std"] = values.std().item() if len(values) > 1 else float("nan")
         return out

@@ -42,7 +42,8 @@ from lowvram_grpo.evaluate import evaluate
 from lowvram_grpo.model import check_model_available, compute_dtype, load_policy, reference_model, resolve_model_path
 from lowvram_grpo.planner import resolve_chunking
 from lowvram_grpo.reporting import make_reporters
-from lowvram_grpo.rewards import RewardFunction, RewardFunctionError, RewardScores, load_reward_functions, score_rows
+from lowvram_grpo.rewards import (RewardContext, RewardFunction, RewardFunctionError, RewardScores,
+                                  load_reward_functions, score_rows)
 from lowvram_grpo.rollout import Rollout, generate_rollouts
 from lowvram_grpo.rundir import RunDir, TrainResult
 from lowvram_grpo.stopping import StepInterrupted, StopRequested
