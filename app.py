@@ -6,6 +6,7 @@
                                                          # (logins.txt: one user:password per line)
     python app.py --share --auth-file logins.txt         # plus a temporary public gradio.live link
     python app.py --allow-custom-code                  # allow uploading Python reward files
+    python app.py --allow-code-execution               # offer code_tests (runs the model's code, sandboxed)
 """
 
 import sys

@@ -11,7 +11,7 @@
     lowvram-grpo eval --preset X --adapter runs/x/final [--max-prompts N]
     lowvram-grpo export --adapter runs/x/final --merge out/model [--dtype float16]
     lowvram-grpo ui [--host H] [--port P] [--share] [--auth user:pass | --auth-file F] [--allow-custom-code]
-                    [--work-dir DIR]
+                    [--allow-code-execution] [--work-dir DIR]
 
 Bad input (an unknown key, a missing file, a broken reward function) ends with one line that
 names the problem and the fix, and exit status 2; a traceback means a bug in lowvram-grpo.
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. lr=2e-5")
 
     commands.add_parser("presets", help="list the presets")
-    commands.add_parser("rewards", help="list the built-in reward functions")
+    commands.add_parser("rewards", help="list the kinds of reward: built-ins, reward models, judges, your own")
 
     plan = commands.add_parser(
         "plan", help="estimate GPU memory from the model's config and choose chunk sizes that fit")
@@ -194,11 +194,14 @@ def _target_memory(name: str) -> str:
 
 
 def cmd_rewards(_: argparse.Namespace) -> int:
-    from lowvram_grpo.rewards import BUILTIN_REWARDS
+    """Every kind of reward, one line each: the built-ins, then the other kinds."""
+    from lowvram_grpo.rewards import BUILTIN_REWARDS, REWARD_KINDS
 
-    width = max(map(len, BUILTIN_REWARDS))
-    for name, fn in sorted(BUILTIN_REWARDS.items()):
-        summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+    lines = [(name, (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "")
+             for name, fn in sorted(BUILTIN_REWARDS.items())]
+    lines += list(REWARD_KINDS.items())
+    width = max(len(name) for name, _ in lines)
+    for name, summary in lines:
         print(f"{name.ljust(width)}  {summary}")
     return 0
 
@@ -275,6 +278,8 @@ def add_ui_parser(commands) -> argparse.ArgumentParser:
     ui.add_argument("--auth-file", metavar="FILE", help="require a login from FILE: one USER:PASS per line")
     ui.add_argument("--allow-custom-code", action="store_true",
                     help="allow uploading Python reward files (they run with your permissions)")
+    ui.add_argument("--allow-code-execution", action="store_true",
+                    help="offer the code_tests reward, which runs the model's code (sandboxed) on this machine")
     ui.add_argument("--work-dir", default="runs/app", metavar="DIR",
                     help="where the app keeps runs, uploads and exports (default: runs/app)")
     return ui
@@ -318,7 +323,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
         raise ConfigError(f"the web app needs gradio ({err}); "
                           "install it with: pip install 'lowvram-grpo[ui]'") from None
     launch(host=args.host, port=args.port, share=args.share, auth=auth, allow_custom_code=args.allow_custom_code,
-           work_dir=args.work_dir)
+           allow_code_execution=args.allow_code_execution, work_dir=args.work_dir)
     return 0
 
 

@@ -1,6 +1,6 @@
 """`code_tests`: run the completion's code against the row's tests, in the sandbox.
 
-The dataset's `tests` column holds, per row, either
+The dataset's `tests` column (or the one `code_tests_column` names) holds, per row, either
 - assert statements, `["assert add(1, 2) == 3", ...]` (MBPP, HumanEval-style): the code is
   run once, then each assert, in the same process; or
 - input/output pairs, `[{"input": "1 2\\n", "output": "3\\n"}, ...]` (stdin/stdout programs,
@@ -114,20 +114,22 @@ class CodeTests:
 
     limits: SandboxLimits = field(default_factory=SandboxLimits)
     workers: int | None = None  # programs at once; None = the cores
+    column: str = "tests"  # the dataset column holding each row's tests
     __name__ = "code_tests"
 
     def __call__(self, prompts, completions, **kwargs) -> list[float | None]:
-        if "tests" not in kwargs:
+        if self.column not in kwargs:
             raise RewardFunctionError(
-                "reward function 'code_tests' needs a `tests` column in the dataset: per row a list of assert "
-                f"statements or of {{input, output}} pairs (columns given: {sorted(kwargs) or 'none'})")
+                f"reward function 'code_tests' needs a `{self.column}` column in the dataset: per row a list of "
+                f"assert statements or of {{input, output}} pairs; set code_tests_column=<column> if it has "
+                f"another name (columns given: {sorted(kwargs) or 'none'})")
         try:
             isolation_report()  # a sandbox that cannot start is a setup problem: say so once, clearly
         except SandboxError as err:
             raise RewardFunctionError(f"reward function 'code_tests': {err}") from None
         jobs, owners = [], []  # owners[j] = (completion index, test index or None for "all asserts")
         tokens, all_tests = [], []
-        for i, (completion, raw) in enumerate(zip(completions, kwargs["tests"])):
+        for i, (completion, raw) in enumerate(zip(completions, kwargs[self.column])):
             tests = parse_tests(raw)
             all_tests.append(tests)
             tokens.append(secrets.token_hex(16))
@@ -156,16 +158,18 @@ class CodeTests:
                 passed[i] += 1
         return [None if not tests else passed[i] / len(tests) for i, tests in enumerate(all_tests)]
 
-    def describe(self) -> str:
-        return describe_isolation(isolation_report())
-
 
 def code_tests_from_config(config) -> CodeTests:
-    """`code_tests` with the config's code_* limits."""
+    """`code_tests` with the config's code_* limits. Says in the log what the sandbox confines
+    on this machine, and stops with one clear line if it cannot start at all."""
+    try:
+        print(describe_isolation(isolation_report()), flush=True)
+    except SandboxError as err:
+        raise RewardFunctionError(f"reward function 'code_tests': {err}") from None
     wall = float(config.code_timeout_s)
     return CodeTests(limits=SandboxLimits(wall_seconds=wall, cpu_seconds=max(1, math.ceil(wall)),
                                           memory_bytes=int(config.code_memory_mb) * 2**20),
-                     workers=config.code_workers or None)
+                     workers=config.code_workers or None, column=config.code_tests_column)
 
 
 register_reward("code_tests")(CodeTests())

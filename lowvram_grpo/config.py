@@ -98,8 +98,9 @@ class TrainConfig:
     # (a loop that never ends, a server that never answers) stops the run with an error naming
     # it. "none" = no limit.
     reward_timeout: Union[float, Literal["none"], None] = DEFAULT_REWARD_TIMEOUT
-    # code_tests: each sandboxed program's wall-time (CPU time is the same, rounded up) and
-    # memory limits, and how many run at once (0 = the CPU cores).
+    # code_tests: the column of tests, each sandboxed program's wall-time (CPU time is the
+    # same, rounded up) and memory limits, and how many run at once (0 = the CPU cores).
+    code_tests_column: str = "tests"  # the dataset column with each row's tests (MBPP: test_list)
     code_timeout_s: float = 10.0
     code_memory_mb: int = 512
     code_workers: int = 0

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from lowvram_grpo import toy
+from lowvram_grpo import toy, toy_code
 from lowvram_grpo.config import TrainConfig
 from lowvram_grpo.errors import DatasetError, clip, names, one_line, type_name
 from lowvram_grpo.prompts import fill_template, prompt_lengths, with_system_prompt
@@ -38,6 +38,7 @@ SUPPORTED_HINT = ".jsonl, .json, .csv, .tsv, .parquet, or a gzipped text format 
 
 BUILTINS: dict[str, Callable[[], list[dict]]] = {
     "builtin:arith": lambda: toy.arith_rows(1000, seed=0),
+    "builtin:code": lambda: toy_code.code_rows(),  # Python tasks with tests, for code_tests
 }
 
 # Roles a conversation may use; anything else is almost always a typo ("bot", "human").

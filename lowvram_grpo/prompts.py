@@ -31,7 +31,8 @@ def fill_template(template: str, row: dict) -> str:
     """Replace `{column}` with the row's value; `{{` and `}}` are literal braces.
 
     Unlike `str.format`, an empty `{}` stays literal, so math prompts such as
-    "put the answer in \\boxed{}" work without escaping.
+    "put the answer in \\boxed{}" work without escaping. A list of texts or numbers (MBPP's
+    `test_list`) is filled in one item per line.
     """
     def substitute(match: re.Match) -> str:
         if match.group(0) in ("{{", "}}"):
@@ -46,6 +47,8 @@ def fill_template(template: str, row: dict) -> str:
         value = row[name]
         if value is None:
             raise DatasetError(f"column '{name}' used in prompt_template is empty (null)")
+        if isinstance(value, list) and all(isinstance(v, (str, int, float)) for v in value):
+            return "\n".join(map(str, value))
         if not isinstance(value, (str, int, float)):
             raise DatasetError(
                 f"column '{name}' used in prompt_template holds a {type_name(value)}, not "

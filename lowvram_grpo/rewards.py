@@ -379,11 +379,22 @@ def resolve_reward(name: str, context: RewardContext | None = None) -> Callable:
     raise RewardFunctionError(_unknown_builtin_message(name))
 
 
+# The kinds of reward besides the built-ins (`lowvram-grpo rewards` lists both).
+REWARD_KINDS = {
+    "model:<hub id or dir>": "a reward model (sequence classifier, one label) scores prompt + completion",
+    "judge:self": "the policy's own base weights (adapter off) give a 0-10 score, divided by 10",
+    "judge:<URL>": "an OpenAI-compatible server (llama.cpp, Ollama, vLLM) gives a 0-10 score, divided by 10",
+    "path/to/file.py:function": "your own function with TRL's reward signature",
+    "package.module.function": "your own function, imported from an installed module",
+}
+
+
 def _unknown_builtin_message(name: str) -> str:
     close = difflib.get_close_matches(name, BUILTIN_REWARDS, n=1)
     hint = f"did you mean '{close[0]}'? " if close else ""
     return (f"unknown reward '{name}': {hint}built-ins are {', '.join(sorted(BUILTIN_REWARDS))}; "
-            f"or give your own as 'path/to/file.py:function' or 'package.module.function'")
+            f"or model:<id or dir>, judge:self, judge:<URL>, or your own as 'path/to/file.py:function' or "
+            f"'package.module.function' (`lowvram-grpo rewards` lists them all)")
 
 
 def _import_file(spec: str, source: str):

@@ -15,7 +15,9 @@ Layout of the app's work directory (`--work-dir`, default `runs/app`):
 
 Safety: the app listens on 127.0.0.1 unless --host or --share say otherwise; --auth-file (or
 --auth, or $LOWVRAM_GRPO_AUTH) adds a login. Reward functions are Python code, so uploading them (or naming any reward that is
-not a built-in) is refused unless the app was started with --allow-custom-code. Datasets on the
+not a built-in) is refused unless the app was started with --allow-custom-code. The code_tests
+reward runs the model's code (in the sandbox, see sandbox.py): only with --allow-code-execution.
+Reward models and judge:self run nobody's code; a judge URL only in a local app. Datasets on the
 server's disk can be named by path only when the app is local (127.0.0.1, no --share); otherwise
 only uploads, built-ins and hub ids are accepted.
 """
@@ -77,6 +79,7 @@ class AppContext:
     work_dir: Path
     allow_custom_code: bool = False
     allow_local_paths: bool = True  # name server-side dataset files by path (local app only)
+    allow_code_execution: bool = False  # offer code_tests, which runs the model's code (sandboxed)
 
     @property
     def runs_dir(self) -> Path:
@@ -221,8 +224,15 @@ def form_to_config(form: dict[str, Any], ctx: AppContext,
 
 
 def _reward_problem(name: str, ctx: AppContext) -> str | None:
-    """Reward names other than built-ins run the user's Python code: only with opt-in."""
-    if name in BUILTIN_REWARDS:
+    """Reward names other than built-ins run the user's Python code: only with opt-in. So does
+    code_tests (the model's code, sandboxed); reward models and judge:self run no code of
+    anyone's, and a judge URL is reached from this server, so only a local app may name one."""
+    if name == "code_tests" and not ctx.allow_code_execution:
+        return ("reward 'code_tests' runs the model's code on this machine (sandboxed); start the app with "
+                "--allow-code-execution to offer it")
+    if name in BUILTIN_REWARDS or name == "judge:self" or (name.startswith("model:") and len(name) > 6):
+        return None
+    if name.startswith("judge:") and (ctx.allow_local_paths or ctx.allow_custom_code):
         return None
     if not ctx.allow_custom_code:
         return (f"reward '{name}': only built-in rewards are allowed; start the app with "
@@ -490,14 +500,15 @@ def _run_dir(ctx: AppContext, name: str | None) -> Path | None:
 
 
 def build_app(work_dir: str | Path = DEFAULT_WORK_DIR, allow_custom_code: bool = False,
-              allow_local_paths: bool = True) -> gr.Blocks:
-    ctx = AppContext(Path(work_dir).resolve(), allow_custom_code, allow_local_paths)
+              allow_local_paths: bool = True, allow_code_execution: bool = False) -> gr.Blocks:
+    ctx = AppContext(Path(work_dir).resolve(), allow_custom_code, allow_local_paths, allow_code_execution)
     ctx.runs_dir.mkdir(parents=True, exist_ok=True)
     jobs = JobManager(ctx.work_dir)
     playground = AdapterPlayground()
     presets = list_presets()
     initial = preset_form_values("tiny-cpu" if "tiny-cpu" in presets else None)
-    reward_choices = [""] + sorted(BUILTIN_REWARDS)
+    reward_choices = [""] + sorted(n for n in BUILTIN_REWARDS if n != "code_tests" or allow_code_execution) \
+        + ["judge:self"]
 
     with gr.Blocks(title="lowvram-grpo", analytics_enabled=False) as demo:
         gr.Markdown("# lowvram-grpo\nGRPO fine-tuning on one GPU: set up a run, start it, watch the reward "
@@ -553,8 +564,14 @@ def build_app(work_dir: str | Path = DEFAULT_WORK_DIR, allow_custom_code: bool =
                     reward_message = gr.Markdown()
                 else:
                     reward_file = None
-                    gr.Markdown("Only built-in reward functions: start the app with `--allow-custom-code` to "
-                                "upload your own (Python files run with the server's permissions).")
+                    gr.Markdown("Only built-in reward functions and `judge:self`: start the app with "
+                                "`--allow-custom-code` to upload your own (Python files run with the server's "
+                                "permissions) or to type a reward model (`model:<hub id>`) or a judge server "
+                                "(`judge:<URL>`).")
+                gr.Markdown("Code execution (`code_tests`) is **on** (--allow-code-execution): the model's code "
+                            "runs in the sandbox on this machine." if allow_code_execution else
+                            "Code execution (`code_tests`) is off: start the app with `--allow-code-execution` "
+                            "to reward code by running it against the dataset's tests.")
                 for i in range(1, REWARD_SLOTS + 1):
                     with gr.Row():
                         with gr.Column(scale=3):
@@ -847,14 +864,16 @@ def build_app(work_dir: str | Path = DEFAULT_WORK_DIR, allow_custom_code: bool =
 
 def launch(host: str = "127.0.0.1", port: int | None = None, share: bool = False,
            auth: list[tuple[str, str]] | None = None, allow_custom_code: bool = False,
-           work_dir: str | Path = DEFAULT_WORK_DIR, prevent_thread_lock: bool = False, quiet: bool = False):
+           work_dir: str | Path = DEFAULT_WORK_DIR, prevent_thread_lock: bool = False, quiet: bool = False,
+           allow_code_execution: bool = False):
     """Build the app and serve it; returns the Blocks (serving in the background with
     prevent_thread_lock=True). Local by default: --host, --share and --auth are explicit opt-ins."""
     local = host in LOCAL_HOSTS and not share
     if not local and auth is None:
         print("warning: the app is reachable from other machines without a login; anyone who can open it can "
               "start training and read its runs. Add --auth-file FILE (USER:PASS lines) or --auth user:pass.", flush=True)
-    demo = build_app(work_dir, allow_custom_code=allow_custom_code, allow_local_paths=local)
+    demo = build_app(work_dir, allow_custom_code=allow_custom_code, allow_local_paths=local,
+                     allow_code_execution=allow_code_execution)
     demo.queue(default_concurrency_limit=2)
     demo.launch(server_name=host, server_port=port, share=share, auth=auth,
                        max_file_size=f"{MAX_UPLOAD_MB}mb", allowed_paths=[str(demo.app_context.subdir("exports"))],

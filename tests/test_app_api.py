@@ -109,6 +109,18 @@ def test_custom_code_and_server_paths_need_opt_ins(tmp_path):
     _, errors = ui.form_to_config(form(reward_1="my_rewards.py:fn"), custom)
     assert "file not found" in errors["reward_1"]
 
+    # code_tests runs the model's code: offered only with --allow-code-execution.
+    _, errors = ui.form_to_config(form(reward_1="code_tests"), custom)
+    assert "--allow-code-execution" in errors["reward_1"]
+    executing = ui.AppContext(tmp_path / "work", allow_code_execution=True)
+    _, errors = ui.form_to_config(form(reward_1="code_tests"), executing)
+    assert "reward_1" not in errors
+    # judge:self and reward models run nobody's code; a judge URL only from a local app.
+    _, errors = ui.form_to_config(form(reward_1="judge:self", reward_2="model:org/rm"), local)
+    assert "reward_1" not in errors and "reward_2" not in errors
+    _, errors = ui.form_to_config(form(reward_1="judge:http://10.0.0.2:8080/v1"), shared)
+    assert "--allow-custom-code" in errors["reward_1"]
+
     config, errors = ui.form_to_config(form(dataset=str(data)), local)
     assert errors == {} and config.dataset == str(data)
     _, errors = ui.form_to_config(form(dataset=str(data)), shared)
