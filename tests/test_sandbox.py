@@ -7,11 +7,16 @@ process left) and the time it took (within its limit).
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
+import subprocess
+import sys
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -247,3 +252,35 @@ def test_programs_run_in_parallel_bounded_by_the_workers():
     spans = [tuple(map(float, r.stdout.split())) for r in run_many(jobs, workers=2)]
     most_at_once = max(sum(1 for s, e in spans if s <= t < e) for t, _ in spans)
     assert most_at_once == 2
+
+
+# --- a trainer that is not root ------------------------------------------------------------------
+
+NON_ROOT_CHECK = """
+import json, os
+from lowvram_grpo.code_reward import CodeTests
+from lowvram_grpo.sandbox import SandboxLimits, isolation_report
+attacks = {
+    "network": "import socket\\ndef f():\\n    socket.create_connection(('127.0.0.1', 22), timeout=1)\\n    return 1",
+    "write": "def f():\\n    open(%r, 'w').write('x')\\n    return 1",
+    "fork bomb": "import os\\ndef f():\\n    while True:\\n        try: os.fork()\\n        except OSError: pass",
+}
+reward = CodeTests(limits=SandboxLimits(wall_seconds=3, cpu_seconds=2))
+scores = {name: reward(prompts=['p'], completions=[code], tests=[['assert f() == 1']])[0] for name, code in attacks.items()}
+print(json.dumps({"uid": os.getuid(), "report": isolation_report(), "scores": scores}))
+"""
+
+
+@pytest.mark.skipif(os.getuid() != 0 or not shutil.which("unshare"), reason="needs root to pose as another user")
+def test_a_non_root_trainer_gets_the_same_containment_through_a_user_namespace(tmp_path):
+    # `unshare --user --map-user=1000` runs the trainer as uid 1000 with no privileges on the
+    # machine, as on a desktop: the sandbox must then confine through a user namespace.
+    target = tmp_path / "pwned"
+    script = NON_ROOT_CHECK % str(target)
+    result = subprocess.run(["unshare", "--user", "--map-user=1000", "--map-group=1000", sys.executable, "-c", script],
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["uid"] == 1000 and out["report"]["user_namespace"] and out["report"]["network_namespace"]
+    assert out["scores"]["network"] == 0.0 and out["scores"]["write"] == 0.0 and out["scores"]["fork bomb"] == 0.0
+    assert not target.exists()
