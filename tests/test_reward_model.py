@@ -128,3 +128,19 @@ def test_the_planner_counts_the_reward_model(classifier):
     assert "reward model" in with_model.phases
     assert with_model.static_bytes > without.static_bytes
     assert "reward model tiny-rm" in format_plan(plan(with_rm, vram_gb=8))
+
+
+def test_training_with_a_reward_model_and_the_self_judge(tiny_cache, tmp_path, classifier):
+    """The trainer hands the new kinds their settings and its policy: one step logs both."""
+    from lowvram_grpo.trainer import train
+
+    config = load_config(preset="tiny-cpu", overrides={
+        "output_dir": str(tmp_path / "run"), "max_steps": 1, "save_every": 100,
+        "rewards": ["arith_answer", {"name": f"model:{classifier}", "weight": 0.1}, "judge:self"],
+        "judge_template": "{prompt}", "judge_max_tokens": 2})
+    records = []
+    train(config, progress=False, on_step=records.append)
+    (record,) = records
+    assert {"rewards/model_tiny-rm/mean", "rewards/arith_answer/mean"} <= set(record)
+    # The tiny model's answers to "a+b=" are numbers, not always within 0-10: judged or counted.
+    assert "rewards/judge_self/mean" in record or record["rewards/judge_self/none_frac"] == 1.0
