@@ -21,6 +21,7 @@ _EXPORTS = {
     "load_prompt_data": "data", "preview": "data", "DatasetError": "data",
     "BUILTIN_REWARDS": "rewards", "register_reward": "rewards", "RewardFunctionError": "rewards",
     "completion_text": "rewards",
+    "REWARD_KINDS": "rewards", "resolve_reward": "rewards", "RewardContext": "rewards",
     "load_policy": "model", "reference_model": "model",
     "train": "trainer", "TrainResult": "rundir", "RunDir": "rundir",
     "generate_greedy": "rollout",

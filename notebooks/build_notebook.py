@@ -30,6 +30,7 @@ PRESETS = [
     ("qwen2.5-0.5b-gsm8k", "8 GB", "fastest steps, lowest accuracy"),
     ("qwen2.5-1.5b-gsm8k", "12 GB", "a step up in accuracy"),
     ("qwen2.5-1.5b-reasoning-tags", "12 GB", "teaches the R1 <think>/<answer> format"),
+    ("qwen2.5-1.5b-mbpp", "12 GB", "Python functions rewarded by running MBPP's tests (sandboxed)"),
     ("qwen2.5-3b-gsm8k", "16 GB, T4", "the default: a good balance on a T4"),
     ("llama3.2-3b-gsm8k", "16 GB, T4", "gated: needs an HF token with Llama access"),
     ("qwen2.5-7b-gsm8k", "16 GB, T4", "stronger model, slower steps, 384-token answers"),
@@ -198,6 +199,8 @@ LIST_REWARDS = """\
 for name, fn in sorted(lg.BUILTIN_REWARDS.items()):
     summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
     print(f"{name:20} {summary}")
+for name, summary in lg.REWARD_KINDS.items():
+    print(f"{name:20} {summary}")
 print("\\nThis run uses:", ", ".join(f"{r.name} (weight {r.weight:g})" for r in config.rewards))"""
 
 NUMERIC_MD = """\
@@ -263,6 +266,30 @@ USE_CUSTOM_REWARD = False  # @param {type:"boolean"}
 if USE_CUSTOM_REWARD and all(r.name != "stops_after_answer" for r in config.rewards):
     config.rewards.append(lg.RewardSpec("stops_after_answer", weight=0.1))
 print("\\nThis run uses:", ", ".join(f"{r.name} (weight {r.weight:g})" for r in config.rewards))"""
+
+BEYOND_MD = """\
+Rewards beyond rules, by name in `config.rewards` like the built-ins:
+
+- `code_tests` runs the completion's code against the row's `tests` (asserts, or stdin/stdout
+  pairs) in a sandbox: no network, read-only files, limits on time, memory and processes. The
+  reward is the fraction of tests passed. Try it below.
+- `model:<hub id>`: a reward model (a one-label sequence classifier) scores each completion;
+  in 4 bits on the GPU, counted by the memory plan.
+- `judge:self`: the policy's own base weights (adapter off, no extra memory) rate each
+  completion 0-10 (`judge_template` sets the question); `judge:<URL>`: a llama.cpp, Ollama or
+  vLLM server does (API key from the environment variable `judge_api_key_env`)."""
+
+BEYOND = """\
+code_tests = lg.resolve_reward("code_tests")
+tests = ["assert add(2, 3) == 5", "assert add(-1, 1) == 0"]
+completions = [
+    "```python\\ndef add(a, b):\\n    return a + b\\n```",
+    "```python\\ndef add(a, b):\\n    return 5\\n```",
+    "```python\\nimport os\\ndef add(a, b):\\n    return os.system('curl example.com')\\n```",
+]
+for completion, score in zip(completions, code_tests(prompts=[""] * 3, completions=completions,
+                                                      tests=[tests] * 3)):
+    print(f"{score:.2f}  {completion.splitlines()[1:3]}")"""
 
 PLAN_MD = """\
 ## 5. Memory plan
@@ -480,6 +507,8 @@ CELLS = [
     ("format-soft", "code", FORMAT, []),
     ("custom-reward-md", "markdown", CUSTOM_MD, []),
     ("custom-reward", "code", CUSTOM, []),
+    ("beyond-rules-md", "markdown", BEYOND_MD, []),
+    ("beyond-rules", "code", BEYOND, []),
     ("plan-md", "markdown", PLAN_MD, []),
     ("plan", "code", PLAN, []),
     ("train-md", "markdown", TRAIN_MD, []),
