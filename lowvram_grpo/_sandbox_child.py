@@ -186,8 +186,7 @@ def main():
             "private_proc": False,
             "unprivileged_uid": False}
     was_root = os.getuid() == 0
-    if spec.get("isolate", True):
-        enter_namespaces(held)
+    enter_namespaces(held)
     if held["pid_namespace"]:
         # The new PID namespace starts with our next child: it becomes its init, and when it
         # ends the kernel kills everything else in the namespace.

@@ -104,7 +104,7 @@ _slots = _Slots()
 
 
 def run_program(files: dict[str, str], argv: list[str], stdin: str = "",
-                limits: SandboxLimits = SandboxLimits(), isolate: bool = True) -> SandboxResult:
+                limits: SandboxLimits = SandboxLimits()) -> SandboxResult:
     """Run `argv` (argv[0] a file name in `files`, run with this Python, or an absolute path)
     confined, with `files` in its working directory and `stdin` as its input."""
     if argv and argv[0] in files:
@@ -112,18 +112,17 @@ def run_program(files: dict[str, str], argv: list[str], stdin: str = "",
     slot = _slots.acquire()
     base = Path(tempfile.mkdtemp(prefix="lowvram-sandbox-"))
     try:
-        return _run(files, argv, stdin, limits, isolate, slot, base)
+        return _run(files, argv, stdin, limits, slot, base)
     finally:
         _slots.release(slot)
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _run(files, argv, stdin, limits, isolate, slot, base: Path, probe: bool = False) -> SandboxResult:
+def _run(files, argv, stdin, limits, slot, base: Path, probe: bool = False) -> SandboxResult:
     uid = gid = _sandbox_uid(slot)
     workdir = base / "work"  # used only where there is no private /tmp to put it in
     os.chmod(base, 0o711)  # the program may pass through to its working directory, not list it
-    spec = {"files": files, "argv": argv, "workdir": str(workdir), "uid": uid, "gid": gid, "isolate": isolate,
-            "probe": probe, "limits": asdict(limits), "hidden": _home_directories(),
+    spec = {"files": files, "argv": argv, "workdir": str(workdir), "uid": uid, "gid": gid, "probe": probe, "limits": asdict(limits), "hidden": _home_directories(),
             "exposed": _python_installation()}
     spec_path = base / "spec.json"
     spec_path.write_text(json.dumps(spec), encoding="utf-8")
@@ -244,7 +243,7 @@ def isolation_report() -> dict[str, bool]:
     slot = _slots.acquire()
     base = Path(tempfile.mkdtemp(prefix="lowvram-sandbox-"))
     try:
-        result = _run({}, [], "", SandboxLimits(), True, slot, base, probe=True)
+        result = _run({}, [], "", SandboxLimits(), slot, base, probe=True)
     finally:
         _slots.release(slot)
         shutil.rmtree(base, ignore_errors=True)
