@@ -163,6 +163,11 @@ def set_limits(limits, nproc_base):
     limit(resource.RLIMIT_NPROC, nproc_base + limits["processes"])
 
 
+def prctl(option, value):
+    zero = ctypes.c_ulong(0)
+    return libc.prctl(ctypes.c_int(option), ctypes.c_ulong(value), zero, zero, zero)
+
+
 def threads_of_uid(uid):
     """Processes and threads the kernel counts against `uid`'s RLIMIT_NPROC."""
     count = 0
@@ -186,6 +191,9 @@ def main():
             "private_proc": False,
             "unprivileged_uid": False}
     was_root = os.getuid() == 0
+    # As a normal user, RLIMIT_NPROC counts every process and thread of the user, the
+    # trainer's included: count them now, while /proc still shows them all.
+    nproc_base = 0 if was_root else threads_of_uid(os.getuid())
     enter_namespaces(held)
     if held["pid_namespace"]:
         # The new PID namespace starts with our next child: it becomes its init, and when it
@@ -204,16 +212,15 @@ def main():
             workdir = spec["workdir"]
         write_files(workdir, files, uid if was_root else os.getuid(), gid if was_root else os.getgid())
         os.chdir(workdir)
-        # Non-root: RLIMIT_NPROC counts every thread of the user, the trainer's included.
-        set_limits(limits, 0 if was_root else threads_of_uid(os.getuid()))
+        set_limits(limits, nproc_base)
         if was_root:
             os.setgroups([])
             os.setgid(gid)
             os.setuid(uid)
             held["unprivileged_uid"] = os.getuid() != 0
-        check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
+        check(prctl(PR_SET_NO_NEW_PRIVS, 1), "no_new_privs")
         # Dies with the launcher (the credential change above cleared any earlier setting).
-        check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "pdeathsig")
+        check(prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL)), "pdeathsig")
     except OSError as err:
         fail(f"setting up failed: {err}")
     if spec.get("probe"):

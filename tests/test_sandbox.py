@@ -86,6 +86,11 @@ def test_code_tests_is_a_builtin_with_trls_signature():
               tests=[ADD_TESTS]) == [1.0]
 
 
+def test_a_program_may_start_a_few_processes_of_its_own():
+    code = "import subprocess, sys\ndef add(a, b):\n    return int(subprocess.check_output([sys.executable, '-c', f'print({a} + {b})']))"
+    assert score(code, ADD_TESTS) == 1.0
+
+
 def test_faked_results_and_early_exit_score_zero():
     # The harness reports passes with a token the solution never sees: printing lookalike
     # lines or exiting before the asserts run earns nothing.
@@ -264,6 +269,7 @@ attacks = {
     "network": "import socket\\ndef f():\\n    socket.create_connection(('127.0.0.1', 22), timeout=1)\\n    return 1",
     "write": "def f():\\n    open(%r, 'w').write('x')\\n    return 1",
     "fork bomb": "import os\\ndef f():\\n    while True:\\n        try: os.fork()\\n        except OSError: pass",
+    "subprocess": "import subprocess, sys\\ndef f():\\n    return int(subprocess.check_output([sys.executable, '-c', 'print(1)']))",
 }
 reward = CodeTests(limits=SandboxLimits(wall_seconds=3, cpu_seconds=2))
 scores = {name: reward(prompts=['p'], completions=[code], tests=[['assert f() == 1']])[0] for name, code in attacks.items()}
@@ -283,4 +289,5 @@ def test_a_non_root_trainer_gets_the_same_containment_through_a_user_namespace(t
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["uid"] == 1000 and out["report"]["user_namespace"] and out["report"]["network_namespace"]
     assert out["scores"]["network"] == 0.0 and out["scores"]["write"] == 0.0 and out["scores"]["fork bomb"] == 0.0
+    assert out["scores"]["subprocess"] == 1.0  # a program may still start a few processes of its own
     assert not target.exists()
