@@ -122,8 +122,8 @@ def _run(files, argv, stdin, limits, slot, base: Path, probe: bool = False) -> S
     uid = gid = _sandbox_uid(slot)
     workdir = base / "work"  # used only where there is no private /tmp to put it in
     os.chmod(base, 0o711)  # the program may pass through to its working directory, not list it
-    spec = {"files": files, "argv": argv, "workdir": str(workdir), "uid": uid, "gid": gid, "probe": probe, "limits": asdict(limits), "hidden": _home_directories(),
-            "exposed": _python_installation()}
+    spec = {"files": files, "argv": argv, "workdir": str(workdir), "uid": uid, "gid": gid, "probe": probe,
+            "limits": asdict(limits), "hidden": _home_directories(), "exposed": _python_installation()}
     spec_path = base / "spec.json"
     spec_path.write_text(json.dumps(spec), encoding="utf-8")
     os.chmod(spec_path, 0o600)
@@ -155,7 +155,8 @@ def _run(files, argv, stdin, limits, slot, base: Path, probe: bool = False) -> S
         finally:
             _kill_group(child.pid)
             child.wait()
-            _reap(child.pid, uid if os.getuid() == 0 else None)
+            # Killing by uid only for a uid of our own: nobody's processes are not ours to kill.
+            _reap(child.pid, uid if os.getuid() == 0 and uid != FALLBACK_UID else None)
         return SandboxResult(returncode=child.returncode, stdout=_read(out, limits.output_bytes),
                              stderr=_read(err, limits.output_bytes), timed_out=timed_out,
                              wall_seconds=time.monotonic() - started)
