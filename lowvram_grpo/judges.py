@@ -84,22 +84,28 @@ class SelfJudge:
 
     __name__ = "judge_self"
 
-    def __init__(self, policy, tokenizer, config):
-        self.policy, self.tokenizer, self.config = policy, tokenizer, config
+    def __init__(self, context, config):
+        self.context, self.config = context, config  # the policy joins the context when it loads
 
     def __call__(self, prompts, completions, **columns) -> list[float | None]:
         from lowvram_grpo.model import reference_model
         from lowvram_grpo.rollout import generate_rollouts
 
+        policy, tokenizer = self.context.policy, self.context.tokenizer
+        if policy is None or tokenizer is None:
+            raise RewardFunctionError(
+                "reward 'judge:self' judges with the policy's own base weights, so it needs the policy: "
+                "it works in training and evaluation, or pass RewardContext(config, policy, tokenizer)")
+
         texts = _prompts(self.config.judge_template or DEFAULT_JUDGE_TEMPLATE, prompts, completions,
                          {k: v for k, v in columns.items() if k != "completion_ids"})
-        if self.tokenizer.chat_template:
+        if tokenizer.chat_template:
             texts = [[{"role": "user", "content": t}] for t in texts]
         chunk = self.config.generation_chunk_size
-        off = reference_model(self.policy) if hasattr(self.policy, "disable_adapter") else contextlib.nullcontext()
+        off = reference_model(policy) if hasattr(policy, "disable_adapter") else contextlib.nullcontext()
         with off:
             rollout = generate_rollouts(
-                self.policy, self.tokenizer, texts, num_generations=1, chunk_size=chunk if isinstance(chunk, int) else 8,
+                policy, tokenizer, texts, num_generations=1, chunk_size=chunk if isinstance(chunk, int) else 8,
                 max_prompt_length=self.config.max_prompt_length + self.config.max_completion_length + 256,
                 max_completion_length=self.config.judge_max_tokens, do_sample=False)
         return [_score(reply) for reply in rollout.completions]
@@ -167,11 +173,7 @@ def judge(target: str, context) -> SelfJudge | EndpointJudge:
 
     config = context.config or TrainConfig()
     if target == "self":
-        if context.policy is None or context.tokenizer is None:
-            raise RewardFunctionError(
-                "reward 'judge:self' judges with the policy's own base weights, so it needs the policy: "
-                "it works in training and evaluation, or pass RewardContext(config, policy, tokenizer)")
-        return SelfJudge(context.policy, context.tokenizer, config)
+        return SelfJudge(context, config)
     if target.startswith(("http://", "https://")):
         return EndpointJudge(target, config)
     raise RewardFunctionError(

@@ -29,10 +29,11 @@ from lowvram_grpo.rewards import RewardFunctionError, completion_text
 class RewardModel:
     """A `model:` reward: TRL's reward signature, the model loaded on first call."""
 
-    def __init__(self, name_or_path: str, config: TrainConfig, device: torch.device | None = None):
+    def __init__(self, name_or_path: str, config: TrainConfig, context=None):
         self.name_or_path = name_or_path
         self.config = config
-        self.device = device
+        self.context = context  # its policy (once loaded) says which device to use
+        self.device = None
         self.__name__ = "model_" + Path(name_or_path.rstrip("/")).name
         self.model = None
         self.tokenizer = None
@@ -94,7 +95,8 @@ class RewardModel:
         from lowvram_grpo.model import compute_dtype, default_device
 
         self._load_tokenizer()
-        device = self.device = self.device or default_device()
+        policy = getattr(self.context, "policy", None)
+        device = self.device = next(policy.parameters()).device if policy is not None else default_device()
         dtype = compute_dtype(self.config, device)
         quantization = None
         if device.type == "cuda" and self.config.reward_model_quantization == "nf4":
@@ -130,9 +132,7 @@ def reward_model(name_or_path: str, context) -> RewardModel:
     """The `model:<id or dir>` reward for a RewardContext (its config; the policy's device)."""
     if not name_or_path.strip():
         raise RewardFunctionError("reward 'model:' needs a reward model: model:<hub id or local directory>")
-    config = context.config or TrainConfig()
-    device = next(context.policy.parameters()).device if context.policy is not None else None
-    return RewardModel(name_or_path.strip(), config, device)
+    return RewardModel(name_or_path.strip(), context.config or TrainConfig(), context)
 
 
 def reward_model_names(config: TrainConfig) -> list[str]:

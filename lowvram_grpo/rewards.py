@@ -82,7 +82,9 @@ register_reward("arith_answer")(arith_answer)
 class RewardContext:
     """What rewards beyond rules need from the run: the config (code_*, reward_model_* and
     judge_* settings), and for judge:self the policy (its base weights judge, the adapter off)
-    with its tokenizer. Without one, those rewards use the config's defaults."""
+    with its tokenizer. Rewards keep the context and read the policy when they are called, so
+    they can be loaded (and checked) before the model, which joins the context later. Without
+    a context, those rewards use the config's defaults."""
 
     config: Any = None  # a TrainConfig
     policy: Any = None

@@ -230,6 +230,8 @@ class RunInputs:
 
     reward_functions: list[RewardFunction]
     prompts: PromptRows
+    # What judges and reward models use from the run; the policy joins it once it has loaded.
+    reward_context: RewardContext
 
 
 def check_inputs(config: TrainConfig, check_model: bool = True) -> RunInputs:
@@ -238,11 +240,12 @@ def check_inputs(config: TrainConfig, check_model: bool = True) -> RunInputs:
     the dataset reads and validates. Raises the one-line error of the first problem."""
     if check_model:
         check_model_available(config.model_name_or_path)
-    reward_functions = load_reward_functions(config.rewards, timeout=config.reward_timeout)
+    reward_context = RewardContext(config)
+    reward_functions = load_reward_functions(config.rewards, reward_context, timeout=config.reward_timeout)
     prompts = read_prompt_rows(config)
     if config.eval_every and not prompts.eval and not config.eval_fraction:
         raise ConfigError("eval_every: there is no eval split; set eval_fraction (e.g. 0.05) or eval_dataset")
-    return RunInputs(reward_functions=reward_functions, prompts=prompts)
+    return RunInputs(reward_functions=reward_functions, prompts=prompts, reward_context=reward_context)
 
 
 def _write_failure(run: RunDir, config: TrainConfig, err: BaseException, world) -> None:
@@ -325,6 +328,8 @@ def _train(config: TrainConfig, inputs: RunInputs, run: RunDir, resume: bool, pr
         if data.num_dropped_too_long else ""
     if main:
         print(f"dataset: {data.source}{dropped}", flush=True)
+    # judge:self judges with this policy's base weights; reward models load on its device.
+    inputs.reward_context.policy, inputs.reward_context.tokenizer = policy, tokenizer
     params = [p for p in policy.parameters() if p.requires_grad]
     distributed.broadcast_parameters(params)  # every process starts from rank 0's LoRA weights
     optimizer = build_optimizer(config, params, device)

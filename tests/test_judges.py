@@ -38,7 +38,7 @@ def test_a_judge_must_be_self_or_a_url():
     with pytest.raises(ConfigError, match="judge:self"):
         load_config(overrides={"rewards": ["judge:gpt"]})
     with pytest.raises(RewardFunctionError, match="needs the policy"):
-        resolve_reward("judge:self")
+        resolve_reward("judge:self")(prompts=["p"], completions=["c"])
 
 
 # --- judge:<URL> -----------------------------------------------------------------------------------
