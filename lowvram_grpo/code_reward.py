@@ -31,7 +31,8 @@ _FENCE_RE = re.compile(r"```([\w+-]*)[^\n]*\n(.*?)```", re.DOTALL)
 
 # Runs the solution as a module (so an `if __name__ == "__main__":` block does not run), then
 # each assert. The token arrives on stdin before the solution runs; results go to a duplicate
-# of stdout that the solution does not know about.
+# of stdout that the solution does not know about, while what the solution prints goes to
+# /dev/null (so however much it prints, the report is never cut off).
 ASSERT_HARNESS = """\
 import json, os, sys
 
@@ -40,6 +41,7 @@ def _harness():
     with open("tests.json", encoding="utf-8") as f:
         tests = json.load(f)
     report = os.fdopen(os.dup(1), "w")
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
     namespace = {"__name__": "solution"}
     try:
         with open("solution.py", encoding="utf-8") as f:

@@ -91,6 +91,11 @@ def test_a_program_may_start_a_few_processes_of_its_own():
     assert score(code, ADD_TESTS) == 1.0
 
 
+def test_printing_a_lot_does_not_hide_the_results():
+    code = "def add(a, b):\n    print('x' * 200_000)\n    return a + b"
+    assert score(code, ADD_TESTS) == 1.0
+
+
 def test_faked_results_and_early_exit_score_zero():
     # The harness reports passes with a token the solution never sees: printing lookalike
     # lines or exiting before the asserts run earns nothing.
