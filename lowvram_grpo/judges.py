@@ -58,7 +58,8 @@ def parse_score(reply: str) -> float | None:
 
 def judge_prompt(template: str, prompt, completion, columns: dict) -> str:
     """The judge's prompt for one completion: `template` with {prompt}, {completion} and columns."""
-    from lowvram_grpo.data import DatasetError, fill_template
+    from lowvram_grpo.errors import DatasetError
+    from lowvram_grpo.prompts import fill_template
 
     if isinstance(prompt, list):  # a conversation: the judge sees it as role-labelled turns
         prompt = "\n".join(f"{m['role']}: {completion_text(m)}" for m in prompt)
@@ -89,7 +90,7 @@ class SelfJudge:
 
     def __call__(self, prompts, completions, **columns) -> list[float | None]:
         from lowvram_grpo.model import reference_model
-        from lowvram_grpo.rollout import generate_rollouts
+        from lowvram_grpo.rollout import generate_greedy
 
         policy, tokenizer = self.context.policy, self.context.tokenizer
         if policy is None or tokenizer is None:
@@ -104,10 +105,10 @@ class SelfJudge:
         chunk = self.config.generation_chunk_size
         off = reference_model(policy) if hasattr(policy, "disable_adapter") else contextlib.nullcontext()
         with off:
-            rollout = generate_rollouts(
-                policy, tokenizer, texts, num_generations=1, chunk_size=chunk if isinstance(chunk, int) else 8,
+            rollout = generate_greedy(
+                policy, tokenizer, texts, max_new_tokens=self.config.judge_max_tokens,
                 max_prompt_length=self.config.max_prompt_length + self.config.max_completion_length + 256,
-                max_completion_length=self.config.judge_max_tokens, do_sample=False)
+                chunk_size=chunk if isinstance(chunk, int) else 8)
         return [_score(reply) for reply in rollout.completions]
 
 

@@ -175,7 +175,7 @@ def test_unparseable_answers_are_none_and_counted_in_the_metrics():
 
 def test_self_judge_uses_the_base_weights_with_the_adapter_off(tiny_path):
     from lowvram_grpo.model import load_policy, reference_model
-    from lowvram_grpo.rollout import generate_rollouts
+    from lowvram_grpo.rollout import generate_greedy
 
     config = load_config(preset="tiny-cpu", overrides={"judge_template": "{prompt}", "judge_max_tokens": 2})
     policy, tokenizer = load_policy(config, torch.device("cpu"))
@@ -189,9 +189,8 @@ def test_self_judge_uses_the_base_weights_with_the_adapter_off(tiny_path):
     # Oracle: the base model's own greedy answers (as a user turn: the tiny model has a chat
     # template), parsed and divided by 10.
     with reference_model(policy):
-        replies = generate_rollouts(policy, tokenizer, [[{"role": "user", "content": p}] for p in prompts],
-                                    num_generations=1, chunk_size=64,
-                                    max_prompt_length=64, max_completion_length=2, do_sample=False).completions
+        replies = generate_greedy(policy, tokenizer, [[{"role": "user", "content": p}] for p in prompts],
+                                  max_new_tokens=2, max_prompt_length=64).completions
     expected = [None if parse_score(r) is None else parse_score(r) / 10 for r in replies]
     assert scores == expected and any(s is not None for s in scores)
 
