@@ -226,7 +226,9 @@ def _leftovers(pgid: int, uid: int | None) -> list[int]:
                 fields = f.read().rsplit(b")", 1)[1].split()
             # fields[0] is the state, [2] the process group; a zombie (Z) is dead already, and
             # the parent that reaps it is not ours to wait for.
-            if fields[0] != b"Z" and (int(fields[2]) == pgid or (uid is not None and os.stat(f"/proc/{pid}").st_uid == uid)):
+            if fields[0] == b"Z":
+                continue
+            if int(fields[2]) == pgid or (uid is not None and os.stat(f"/proc/{pid}").st_uid == uid):
                 found.append(int(pid))
         except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
             continue

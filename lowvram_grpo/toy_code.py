@@ -55,7 +55,8 @@ _ASSERT_TASKS = [
 _IO_TASKS = [
     ("Write a program that reads two integers on one line and prints their sum.",
      "a, b = map(int, input().split())\nprint(a + b)\n",
-     [{"input": "1 2\n", "output": "3\n"}, {"input": "-5 5\n", "output": "0\n"}, {"input": "100 23\n", "output": "123\n"}]),
+     [{"input": "1 2\n", "output": "3\n"}, {"input": "-5 5\n", "output": "0\n"},
+      {"input": "100 23\n", "output": "123\n"}]),
     ("Write a program that reads a line of text and prints it in upper case.",
      "print(input().upper())\n",
      [{"input": "hello\n", "output": "HELLO\n"}, {"input": "MiXeD 1\n", "output": "MIXED 1\n"}]),

@@ -87,7 +87,11 @@ def test_code_tests_is_a_builtin_with_trls_signature():
 
 
 def test_a_program_may_start_a_few_processes_of_its_own():
-    code = "import subprocess, sys\ndef add(a, b):\n    return int(subprocess.check_output([sys.executable, '-c', f'print({a} + {b})']))"
+    code = """
+    import subprocess, sys
+    def add(a, b):
+        return int(subprocess.check_output([sys.executable, "-c", f"print({a} + {b})"]))
+    """
     assert score(code, ADD_TESTS) == 1.0
 
 
@@ -274,10 +278,12 @@ attacks = {
     "network": "import socket\\ndef f():\\n    socket.create_connection(('127.0.0.1', 22), timeout=1)\\n    return 1",
     "write": "def f():\\n    open(%r, 'w').write('x')\\n    return 1",
     "fork bomb": "import os\\ndef f():\\n    while True:\\n        try: os.fork()\\n        except OSError: pass",
-    "subprocess": "import subprocess, sys\\ndef f():\\n    return int(subprocess.check_output([sys.executable, '-c', 'print(1)']))",
+    "subprocess": "import subprocess, sys\\n"
+                  "def f():\\n    return int(subprocess.check_output([sys.executable, '-c', 'print(1)']))",
 }
 reward = CodeTests(limits=SandboxLimits(wall_seconds=3, cpu_seconds=2))
-scores = {name: reward(prompts=['p'], completions=[code], tests=[['assert f() == 1']])[0] for name, code in attacks.items()}
+scores = {name: reward(prompts=['p'], completions=[code], tests=[['assert f() == 1']])[0]
+          for name, code in attacks.items()}
 print(json.dumps({"uid": os.getuid(), "report": isolation_report(), "scores": scores}))
 """
 
@@ -288,8 +294,9 @@ def test_a_non_root_trainer_gets_the_same_containment_through_a_user_namespace(t
     # machine, as on a desktop: the sandbox must then confine through a user namespace.
     target = tmp_path / "pwned"
     script = NON_ROOT_CHECK % str(target)
+    repo = str(Path(__file__).resolve().parents[1])
     result = subprocess.run(["unshare", "--user", "--map-user=1000", "--map-group=1000", sys.executable, "-c", script],
-                            capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": repo})
     assert result.returncode == 0, result.stderr[-2000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["uid"] == 1000 and out["report"]["user_namespace"] and out["report"]["network_namespace"]
