@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Benchmark lowvram-grpo's trainer against TRL's GRPOTrainer: same model, same settings, same run.
 
-    python bench/bench_grpo.py                                   # CPU, builtin:tiny (CI, ~1-3 min)
-    python bench/bench_grpo.py --device cuda --arch qwen2.5-7b   # GPU, random weights, G=8, 256+1024
-    python bench/bench_grpo.py --arch qwen2.5-0.5b --prompt-length 16 --completion-length 8 \
+    python -m bench.bench_grpo                                   # CPU, builtin:tiny (CI, ~1-3 min)
+    python -m bench.bench_grpo --device cuda --arch qwen2.5-1.5b # GPU, random weights, G=8, 256+1024
+    python -m bench.bench_grpo --device cuda --arch qwen2.5-7b --only ours --target-gb 12
+    python -m bench.bench_grpo --arch qwen2.5-0.5b --tiny-shape --prompt-length 16 --completion-length 8 \
         --prompts-per-step 1 --num-generations 2 --micro-batch-size 2 --no-docs   # CPU dry run of the GPU path
 
 Both trainers get the same checkpoint directory (4-bit NF4 with double quantisation, the same
@@ -12,7 +13,8 @@ micro-batch, prompt and completion lengths, beta, loss_type, epsilon, temperatur
 (constant schedule), optimizer (torch AdamW), gradient checkpointing (non-reentrant), seed,
 prompts and reward function. Our trainer generates all of a step's sequences in one chunk, as
 TRL does, so both do the same work; `--ours-generation-chunk-size` shows the effect of ours'
-chunking separately.
+chunking separately. `--only ours` runs our trainer alone (with `--target-gb`, against a memory
+target).
 
 Each trainer runs in its own subprocess, so peak memory is its own:
 - CPU: the process's peak resident memory (VmHWM); the RSS right after imports (Python, torch,
@@ -24,95 +26,34 @@ second is the completion tokens of the measured steps over their total time. On 
 median CPU time per step (time.process_time, one torch thread) is reported too: unlike wall
 time, it hardly moves when other work shares the machine.
 
+Every child writes one line per finished step into the work directory as it goes, so when a
+child runs out of time (`--deadline`, `--timeout`) the steps it finished are still reported
+(marked as such); with only a warm-up step finished, that step is reported, flagged.
+
 Results are printed as a table and written into docs/benchmarks.md between the markers
 `<!-- bench:KEY -->` and `<!-- /bench:KEY -->` (KEY = cpu-tiny, cuda-<arch>, ...): other sections of
 the file are left as they are.
-
-On a GPU with little time (10 minutes a command), run the trainers in separate calls with
-`--only ours` then `--only trl`: results are kept in --work-dir, and the second call prints the
-comparison once both exist for the same settings.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
-import platform
 import re
-import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DOCS = REPO_ROOT / "docs" / "benchmarks.md"
+from bench import common
+from bench.common import GIB, Settings
+
 TRAINERS = ("ours", "trl")
 LABELS = {"ours": "lowvram-grpo", "trl": "TRL GRPOTrainer"}
-GIB = 2**30
-
-
-# --- the settings both trainers get ------------------------------------------------------------
-
-
-@dataclass
-class Settings:
-    device: str  # cpu | cuda
-    model_dir: str
-    model_label: str
-    dataset_path: str  # JSONL with prompt (and answer) columns
-    reward: str  # "arith" (toy.arith_answer) or "bench" (bench_reward below)
-    num_generations: int
-    prompts_per_step: int
-    micro_batch_size: int
-    max_prompt_length: int
-    max_completion_length: int
-    ours_generation_chunk_size: int
-    logprob_chunk_size: int = 256
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    beta: float = 0.04
-    loss_type: str = "dapo"
-    epsilon: float = 0.2
-    temperature: float = 1.0
-    learning_rate: float = 1e-5
-    gradient_checkpointing: bool = True
-    warmup_steps: int = 1  # not timed
-    steps: int = 5  # timed
-    seed: int = 42
-    cpu_threads: int = 1
-
-    @property
-    def sequences_per_step(self) -> int:
-        return self.num_generations * self.prompts_per_step
-
-    @property
-    def total_steps(self) -> int:
-        return self.warmup_steps + self.steps
-
-    @property
-    def dtype(self) -> str:
-        # Our trainer's "auto": fp32 on the CPU, bf16 on a (recent) GPU. TRL gets the same.
-        return "bfloat16" if self.device == "cuda" else "float32"
-
-
-def bench_reward(prompts, completions, **kwargs) -> list[float]:
-    """Reward for the random-weight GPU benchmark: the share of even digits among the digits
-    of the completion's text. Cheap, deterministic, and it varies within a group, so the
-    advantages are not all zero and the update does real work."""
-    rewards = []
-    for completion in completions:
-        text = completion if isinstance(completion, str) else completion[-1]["content"]
-        digits = [int(c) for c in text if c.isdigit()]
-        rewards.append(sum(d % 2 == 0 for d in digits) / max(len(digits), 1))
-    return rewards
+REPORT_RESERVE_S = 10  # kept back from --deadline to write the report
 
 
 # --- preparing the model and the prompts -------------------------------------------------------
@@ -127,7 +68,7 @@ def prepare_toy(args, work_dir: Path) -> Settings:
     preset = load_config(preset="tiny-cpu")
     model_dir = resolve_model_path(args.model)
     dataset = work_dir / "arith.jsonl"
-    write_jsonl(dataset, toy.arith_rows(1000, seed=0))
+    common.write_jsonl(dataset, toy.arith_rows(1000, seed=0))
     sequences = preset.num_generations * (args.prompts_per_step or preset.prompts_per_step)
     return Settings(
         device=args.device, model_dir=str(model_dir), model_label=args.model, dataset_path=str(dataset), reward="arith",
@@ -143,105 +84,16 @@ def prepare_toy(args, work_dir: Path) -> Settings:
 
 
 def prepare_random_arch(args, work_dir: Path) -> Settings:
-    """A random-weight model of a real architecture, and random 256-token prompts.
-
-    Meant for the GPU; on the CPU it is a dry run of the same code (pass small lengths).
-
-    Random weights almost never sample EOS (1 chance in ~150k per token), so every completion
-    runs to max_completion_length: the worst case for memory, identical for both trainers.
-    """
-    prompts_per_step = args.prompts_per_step or 2
-    num_generations = args.num_generations or 8
-    prompt_length = args.prompt_length or 256
-    model_dir = build_random_model(args.arch, Path(args.model_cache) / args.arch)
-    dataset = work_dir / f"random-prompts-{prompt_length}.jsonl"
-    write_jsonl(dataset, random_prompts(num_rows=64, length=prompt_length, seed=0))
-    sequences = num_generations * prompts_per_step
-    return Settings(
-        device=args.device, model_dir=str(model_dir), model_label=f"{args.arch} (random weights)",
-        dataset_path=str(dataset), reward="bench", num_generations=num_generations,
-        prompts_per_step=prompts_per_step, micro_batch_size=args.micro_batch_size or 4,
-        max_prompt_length=prompt_length, max_completion_length=args.completion_length or 1024,
-        ours_generation_chunk_size=args.ours_generation_chunk_size or sequences,
-        learning_rate=1e-5, warmup_steps=args.warmup, steps=args.steps)
-
-
-def build_random_model(arch: str, out_dir: Path, num_hidden_layers: int | None = None) -> Path:
-    """Save a random-init bf16 model of a shipped architecture (with only `num_hidden_layers`
-    decoder layers, if given) and a tokenizer covering its vocabulary (see bench_tokenizer) to
-    `out_dir`, once; later runs reuse it.
-
-    The weights are initialised directly on the GPU in bf16 (an 8B model on the CPU in fp32
-    would take minutes and 32 GB), then written as ordinary safetensors so both trainers load
-    and quantise them through the same `from_pretrained(quantization_config=...)` path.
-    """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from lowvram_grpo.memory import load_arch
-
-    if (out_dir / "DONE").is_file():
-        return out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    values = load_arch(arch)
-    if num_hidden_layers is not None:
-        values["num_hidden_layers"] = num_hidden_layers
-    tokenizer = bench_tokenizer(values["vocab_size"])
-    config = AutoConfig.for_model(**values)
-    config.pad_token_id, config.eos_token_id, config.bos_token_id = 0, 1, None
-    started = time.perf_counter()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 1
-    model.generation_config.bos_token_id = None
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    (out_dir / "DONE").write_text(f"built in {time.perf_counter() - started:.0f} s\n")
-    print(f"built random {arch} in {out_dir} ({time.perf_counter() - started:.0f} s)", flush=True)
-    return out_dir
-
-
-# Prompt characters: printable ASCII without the space. Each is one token (see bench_tokenizer).
-PROMPT_CHARS = [chr(c) for c in range(33, 127)]
-
-
-def bench_tokenizer(vocab_size: int):
-    """A character-level tokenizer covering every id of the model's vocabulary.
-
-    Ids 0-2 are <pad>, <eos>, <unk>; then one id per printable ASCII character (prompts are
-    written with these, one token per character); the rest are fillers "<t123>" so that any id
-    a random model samples decodes to text. Character-level on purpose: for model_type qwen2,
-    transformers' AutoTokenizer loads Qwen2Tokenizer whatever tokenizer_config.json says, and
-    its byte-level pre-tokenizer keeps single ASCII characters intact (as for builtin:tiny)
-    but would break up multi-character words.
-    """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<eos>", "<unk>"]
-    tokens = specials + PROMPT_CHARS
-    tokens += [f"<t{i}>" for i in range(len(tokens), vocab_size)]
-    tok = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
-                                   padding_side="left")
-
-
-def random_prompts(num_rows: int, length: int, seed: int) -> list[dict]:
-    """`num_rows` prompts of exactly `length` tokens: random printable characters."""
-    import random
-
-    rng = random.Random(seed)
-    return [{"prompt": "".join(rng.choice(PROMPT_CHARS) for _ in range(length))} for _ in range(num_rows)]
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    """A random-weight model of a real architecture: G=8, 2 prompts/step, 256 + 1024 tokens by
+    default (meant for the GPU; on the CPU pass --tiny-shape and small lengths)."""
+    optional = {key: value for key, value in {
+        "num_generations": args.num_generations, "prompts_per_step": args.prompts_per_step,
+        "prompt_length": args.prompt_length, "completion_length": args.completion_length,
+        "micro_batch_size": args.micro_batch_size}.items() if value}
+    return common.random_arch_settings(
+        args.device, args.arch, work_dir, Path(args.model_cache), tiny_shape=args.tiny_shape,
+        generation_chunk_size=args.ours_generation_chunk_size, warmup_steps=args.warmup, steps=args.steps,
+        **optional)
 
 
 # --- the child processes: one trainer each -----------------------------------------------------
@@ -258,8 +110,38 @@ def _rss_gb(field: str) -> float:
     return peak / (GIB if sys.platform == "darwin" else 2**20)
 
 
-def child_main(trainer: str, settings_path: Path, result_path: Path) -> None:
-    s = Settings(**json.loads(settings_path.read_text()))
+class StepLog:
+    """Appends one JSON line per finished step: what the parent reports if this child is
+    stopped before the end."""
+
+    def __init__(self, path: Path, settings: Settings):
+        self.path, self.settings = path, settings
+        self.cpu_mark = time.process_time()
+
+    def write(self, step_time: float, mean_completion_length: float, reward, cuda_peak_gb: float | None) -> None:
+        import torch
+
+        now = time.process_time()
+        cuda = self.settings.device == "cuda"
+        line = {
+            "step_time": step_time,
+            # CPU time from one step's end to the next (the first interval also holds model
+            # loading: it is a warm-up step, never measured).
+            "cpu_step_time": now - self.cpu_mark,
+            "completion_tokens": mean_completion_length * self.settings.sequences_per_step,
+            "mean_completion_length": mean_completion_length,
+            "reward": reward,
+            # CUDA: peak allocated during the step (reset at its start); CPU: VmHWM so far.
+            "peak_gb": cuda_peak_gb if cuda else _rss_gb("VmHWM"),
+            "reserved_gb": torch.cuda.max_memory_reserved() / GIB if cuda else None,
+        }
+        self.cpu_mark = now
+        with self.path.open("a") as f:
+            f.write(json.dumps(line) + "\n")
+
+
+def child_main(trainer: str, settings_path: Path, run_dir: Path, steps_path: Path, result_path: Path) -> None:
+    s = Settings.from_json(settings_path.read_text())
     import torch
 
     if s.device == "cpu":
@@ -271,57 +153,24 @@ def child_main(trainer: str, settings_path: Path, result_path: Path) -> None:
         import trl  # noqa: F401
     baseline = _rss_gb("VmRSS")
     run = run_ours if trainer == "ours" else run_trl
-    out = run(s, Path(tempfile.mkdtemp(prefix=f"bench-{trainer}-")))
+    out = run(s, run_dir, StepLog(steps_path, s))
     if s.device == "cpu":
-        out["peak_memory_gb"] = _rss_gb("VmHWM")
         out["rss_after_imports_gb"] = baseline
-    else:
-        measured = out["step_peaks_gb"][s.warmup_steps:]
-        out["peak_memory_gb"] = max(measured) if measured else max(out["step_peaks_gb"])
-    out["trainer"] = trainer
     result_path.write_text(json.dumps(out, indent=1))
 
 
-def run_ours(s: Settings, out_dir: Path) -> dict:
-    from lowvram_grpo.config import load_config
-    from lowvram_grpo.rundir import read_jsonl
-    from lowvram_grpo.trainer import train
-
-    reward = "arith_answer" if s.reward == "arith" else f"{Path(__file__).resolve()}:bench_reward"
-    config = load_config(overrides={
-        "model_name_or_path": s.model_dir, "quantization": "nf4", "dtype": s.dtype,
-        "dataset": s.dataset_path, "answer_column": "answer" if s.reward == "arith" else None,
-        "rewards": [{"name": reward, "weight": 1.0}],
-        "num_generations": s.num_generations, "prompts_per_step": s.prompts_per_step,
-        "generation_chunk_size": s.ours_generation_chunk_size, "micro_batch_size": s.micro_batch_size,
-        "logprob_chunk_size": s.logprob_chunk_size,
-        "max_prompt_length": s.max_prompt_length, "max_completion_length": s.max_completion_length,
-        "temperature": s.temperature, "top_p": 1.0, "top_k": 0,
-        "beta": s.beta, "loss_type": s.loss_type, "epsilon": s.epsilon, "scale_rewards": "group",
-        "lora_r": s.lora_r, "lora_alpha": s.lora_alpha, "lora_dropout": s.lora_dropout,
-        "lora_target_modules": "all-linear", "gradient_checkpointing": s.gradient_checkpointing,
-        "learning_rate": s.learning_rate, "lr_scheduler": "constant", "warmup_steps": 0, "optimizer": "adamw",
-        "max_steps": s.total_steps, "seed": s.seed, "cpu_threads": s.cpu_threads if s.device == "cpu" else 0,
-        "save_every": 10**6, "log_completions_every": 10**6, "output_dir": str(out_dir)})
-    # CPU time per step, from one step's end to the next (the trainer's own step_time is wall
-    # time): on a machine busy with other work it is the steadier figure.
-    cpu_marks = [time.process_time()]
-    final = train(config, progress=False, on_step=lambda record: cpu_marks.append(time.process_time())).adapter
-    records = read_jsonl(out_dir / "metrics.jsonl")
+def run_ours(s: Settings, out_dir: Path, log: StepLog) -> dict:
     from safetensors import safe_open
 
+    from lowvram_grpo.trainer import train
+
+    def on_step(record):
+        log.write(record["step_time"], record["completions/mean_length"], record["reward"], record["peak_memory_gb"])
+
+    final = train(s.train_config(out_dir), progress=False, on_step=on_step)
     with safe_open(str(final / "adapter_model.safetensors"), "pt") as f:
         trainable = sum(_numel(f.get_slice(name).get_shape()) for name in f.keys())
-    return {
-        "trainable_params": trainable,
-        "step_times": [r["step_time"] for r in records],
-        # The first interval also holds model loading; it is a warm-up step, never measured.
-        "cpu_step_times": [b - a for a, b in zip(cpu_marks, cpu_marks[1:])],
-        "completion_tokens": [r["completions/mean_length"] * s.sequences_per_step for r in records],
-        "mean_completion_length": [r["completions/mean_length"] for r in records],
-        "step_peaks_gb": [r["peak_memory_gb"] for r in records],
-        "reward": [r["reward"] for r in records],
-    }
+    return {"trainable_params": trainable}
 
 
 def _numel(shape) -> int:
@@ -331,7 +180,7 @@ def _numel(shape) -> int:
     return total
 
 
-def run_trl(s: Settings, out_dir: Path) -> dict:
+def run_trl(s: Settings, out_dir: Path, log: StepLog) -> dict:
     import warnings
 
     import torch
@@ -349,26 +198,30 @@ def run_trl(s: Settings, out_dir: Path) -> dict:
     class StepProbe(TrainerCallback):
         """Per optimizer step: wall time, and (CUDA) peak allocated memory since the step began.
         on_step_begin fires before the step's first micro-batch, whose _prepare_inputs generates
-        the rollouts, so generation is inside the timed interval as in our trainer."""
+        the rollouts, so generation is inside the timed interval as in our trainer. The step's
+        line is written when TRL logs the step's metrics (right after on_step_end)."""
 
         def __init__(self):
-            self.times, self.cpu_times, self.peaks, self._start, self._cpu_start = [], [], [], 0.0, 0.0
+            self.time, self.peak, self._start = 0.0, 0.0, 0.0
 
         def on_step_begin(self, args, state, control, **kwargs):
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
-            self._start, self._cpu_start = time.perf_counter(), time.process_time()
+            self._start = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
             if cuda:
                 torch.cuda.synchronize()
-                self.peaks.append(torch.cuda.max_memory_allocated() / GIB)
-            self.times.append(time.perf_counter() - self._start)
-            self.cpu_times.append(time.process_time() - self._cpu_start)
+                self.peak = torch.cuda.max_memory_allocated() / GIB
+            self.time = time.perf_counter() - self._start
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "completions/mean_length" in logs:
+                log.write(self.time, logs["completions/mean_length"], logs.get("reward"), self.peak)
 
     rows = [json.loads(line) for line in Path(s.dataset_path).read_text().splitlines() if line.strip()]
-    reward = toy.arith_answer if s.reward == "arith" else bench_reward
+    reward = toy.arith_answer if s.reward == "arith" else common.bench_reward
     args = GRPOConfig(
         output_dir=str(out_dir), report_to=[], logging_steps=1, save_strategy="no", disable_tqdm=True,
         max_steps=s.total_steps, seed=s.seed, use_cpu=not cuda, bf16=cuda and s.dtype == "bfloat16", fp16=False,
@@ -393,86 +246,101 @@ def run_trl(s: Settings, out_dir: Path) -> dict:
         bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
     lora = LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout,
                       target_modules="all-linear", task_type="CAUSAL_LM")
-    probe = StepProbe()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = GRPOTrainer(
             model=s.model_dir, reward_funcs=[reward], args=args, train_dataset=Dataset.from_list(rows),
             processing_class=load_tokenizer(s.model_dir), quantization_config=quantization, peft_config=lora,
-            callbacks=[probe])
+            callbacks=[StepProbe()])
         trainer.train()
-    logs = [entry for entry in trainer.state.log_history if "completions/mean_length" in entry]
     base = trainer.model.get_base_model()
     if not getattr(base, "is_loaded_in_4bit", False):
         raise RuntimeError("TRL's model is not 4-bit: the comparison would be unfair")
-    return {
-        "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
-        "step_times": probe.times,
-        "cpu_step_times": probe.cpu_times,
-        "completion_tokens": [entry["completions/mean_length"] * s.sequences_per_step for entry in logs],
-        "mean_completion_length": [entry["completions/mean_length"] for entry in logs],
-        "step_peaks_gb": probe.peaks,
-        "reward": [entry.get("reward") for entry in logs],
-    }
+    return {"trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)}
 
 
-# --- the parent: run both, summarise, report ---------------------------------------------------
+# --- the parent: run the children, summarise, report -------------------------------------------
 
 
-def run_child(trainer: str, settings: Settings, work_dir: Path, timeout: float | None) -> dict:
+def run_child(trainer: str, settings: Settings, work_dir: Path, run: int, timeout: float | None) -> dict:
+    """One run of one trainer in a child process; returns its status, the steps it finished
+    and (if it finished) its final figures."""
+    import shutil
+
+    name = f"{trainer}-{run}"
     settings_path = work_dir / "settings.json"
-    settings_path.write_text(json.dumps(dataclasses.asdict(settings), indent=1))
-    result_path = work_dir / f"{trainer}.json"
-    result_path.unlink(missing_ok=True)
-    log_path = work_dir / f"{trainer}.log"
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    settings_path.write_text(settings.to_json())
+    steps_path, result_path, run_dir = work_dir / f"{name}.steps.jsonl", work_dir / f"{name}.json", work_dir / name
+    for stale in (steps_path, result_path):
+        stale.unlink(missing_ok=True)
+    shutil.rmtree(run_dir, ignore_errors=True)
     print(f"running {LABELS[trainer]} ({settings.total_steps} steps) ...", flush=True)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    with log_path.open("w") as log:
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", trainer,
-                               "--settings", str(settings_path), "--result", str(result_path)],
-                              stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout)
-    if proc.returncode != 0 or not result_path.is_file():
-        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-40:])
-        raise RuntimeError(f"{LABELS[trainer]} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
-    result = json.loads(result_path.read_text())
-    # Other work on the machine skews timings; the load average says whether there was any.
-    result["load_average_before"] = load
-    return result
+    status = common.run_logged(
+        [sys.executable, "-m", "bench.bench_grpo", "--child", trainer, "--settings", str(settings_path),
+         "--run-dir", str(run_dir), "--steps-log", str(steps_path), "--result", str(result_path)],
+        work_dir / f"{name}.log", timeout)
+    if status == "ok" and not result_path.is_file():
+        status = "failed (no result)"
+    if status != "ok":
+        log = work_dir / f"{name}.log"
+        print(f"{LABELS[trainer]} {status}; log {log}:\n{common.log_tail(log)}", file=sys.stderr, flush=True)
+    return {"status": status, "steps": common.read_jsonl(steps_path),
+            "final": json.loads(result_path.read_text()) if result_path.is_file() else {},
+            # Other work on the machine skews timings; the load average says whether there was any.
+            "load_average_before": load}
 
 
-def pool_runs(runs: list[dict], warmup: int) -> dict:
+def pool_runs(runs: list[dict], warmup: int) -> dict | None:
     """One result from repeated runs of a trainer: each run's warm-up steps dropped, the
-    measured steps pooled, the highest peak memory kept."""
-    pooled = {key: [value for run in runs for value in run[key][warmup:]]
-              for key in ("step_times", "cpu_step_times", "completion_tokens", "mean_completion_length", "reward")}
+    measured steps pooled, the highest peak memory kept. If no run got past its warm-up (it
+    ran out of time), the warm-up steps are all there is: they are used, flagged. None if not
+    one step finished."""
+    measured = [step for run in runs for step in run["steps"][warmup:]]
+    warmup_only = not measured
+    steps = measured or [step for run in runs for step in run["steps"]]
+    if not steps:
+        return None
     loads = [run["load_average_before"] for run in runs if run.get("load_average_before") is not None]
-    pooled.update({
-        "peak_memory_gb": max(run["peak_memory_gb"] for run in runs),
-        "rss_after_imports_gb": max((run["rss_after_imports_gb"] for run in runs if "rss_after_imports_gb" in run),
+    finals = [run["final"] for run in runs if run["final"]]
+    return {
+        **{key: [step[key] for step in steps] for key in ("step_time", "cpu_step_time", "completion_tokens",
+                                                           "mean_completion_length", "reward")},
+        # CPU: VmHWM only grows, so the highest line over all steps is the process's peak.
+        "peak_memory_gb": max(step["peak_gb"] for step in steps),
+        "peak_reserved_gb": max((step["reserved_gb"] for step in steps if step.get("reserved_gb") is not None),
+                                default=None),
+        "rss_after_imports_gb": max((f["rss_after_imports_gb"] for f in finals if "rss_after_imports_gb" in f),
                                     default=None),
-        "trainable_params": runs[0]["trainable_params"],
+        "trainable_params": finals[0]["trainable_params"] if finals else None,
         "load_average_before": statistics.mean(loads) if loads else None,
         "repeats": len(runs),
-    })
-    return pooled
+        "warmup_only": warmup_only,
+        "status": "; ".join(sorted({run["status"] for run in runs})),
+    }
 
 
 def summarise(result: dict) -> dict:
     """Median step time, tokens per second and the rest, from a pooled result."""
-    times, tokens, lengths = result["step_times"], result["completion_tokens"], result["mean_completion_length"]
+    times, tokens = result["step_time"], result["completion_tokens"]
     return {
         "peak_memory_gb": result["peak_memory_gb"],
+        "peak_reserved_gb": result.get("peak_reserved_gb"),
         "rss_after_imports_gb": result.get("rss_after_imports_gb"),
         "step_time_s": statistics.median(times),
-        "cpu_step_time_s": statistics.median(result["cpu_step_times"]),
+        "cpu_step_time_s": statistics.median(result["cpu_step_time"]),
         "tokens_per_s": sum(tokens) / sum(times),
-        "mean_completion_length": statistics.mean(lengths),
+        "mean_completion_length": statistics.mean(result["mean_completion_length"]),
         "measured_steps": len(times),
         "load_average_before": result.get("load_average_before"),
         "repeats": result.get("repeats", 1),
+        "warmup_only": result.get("warmup_only", False),
+        "status": result.get("status", "ok"),
     }
+
+
+def _cell(value, fmt: str = ".3f") -> str:
+    return "n/a" if value is None else format(value, fmt)
 
 
 def format_table(summaries: dict[str, dict], device: str) -> str:
@@ -490,9 +358,10 @@ def format_table(summaries: dict[str, dict], device: str) -> str:
         if trainer not in summaries:
             continue
         m = summaries[trainer]
-        row = [LABELS[trainer], f"{m['peak_memory_gb']:.3f}"]
+        label = LABELS[trainer] + (" (warm-up step only)" if m.get("warmup_only") else "")
+        row = [label, f"{m['peak_memory_gb']:.3f}"]
         if device == "cpu":
-            row.append(f"{m['rss_after_imports_gb']:.3f}")
+            row.append(_cell(m.get("rss_after_imports_gb")))
         row.append(f"{m['step_time_s']:.3f}")
         if device == "cpu":
             row.append(f"{m['cpu_step_time_s']:.3f}")
@@ -502,7 +371,8 @@ def format_table(summaries: dict[str, dict], device: str) -> str:
         ours, trl = summaries["ours"], summaries["trl"]
         ratio = ["ours / TRL", f"{ours['peak_memory_gb'] / trl['peak_memory_gb']:.2f}x"]
         if device == "cpu":
-            ratio.append(f"{ours['rss_after_imports_gb'] / trl['rss_after_imports_gb']:.2f}x")
+            both = ours.get("rss_after_imports_gb") and trl.get("rss_after_imports_gb")
+            ratio.append(f"{ours['rss_after_imports_gb'] / trl['rss_after_imports_gb']:.2f}x" if both else "n/a")
         ratio.append(f"{ours['step_time_s'] / trl['step_time_s']:.2f}x")
         if device == "cpu":
             ratio.append(f"{ours['cpu_step_time_s'] / trl['cpu_step_time_s']:.2f}x")
@@ -513,118 +383,91 @@ def format_table(summaries: dict[str, dict], device: str) -> str:
     return "\n".join(lines)
 
 
-def versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    return {name: md.version(name) for name in ("torch", "transformers", "trl", "peft", "bitsandbytes")}
-
-
-def device_description(device: str) -> str:
-    if device == "cuda":
-        import torch
-
-        props = torch.cuda.get_device_properties(0)
-        return f"{props.name}, {props.total_memory / GIB:.0f} GiB"
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    memory = ""
-    try:
-        kib = int(Path("/proc/meminfo").read_text().split("MemTotal:")[1].split()[0])
-        memory = f", {kib * 1024 / GIB:.0f} GiB RAM"
-    except (OSError, IndexError, ValueError):
-        pass
-    return f"CPU: {model}, {os.cpu_count()} cores{memory} (1 torch thread per trainer)"
-
-
-def planner_note(settings: Settings, ours: dict | None, arch: str | None) -> str | None:
-    """On CUDA: our planner's estimate for these settings next to the measured peak."""
-    if settings.device != "cuda" or not ours or not arch:
+def planner_note(settings: Settings, ours: dict | None) -> str | None:
+    """Our planner's estimate for these settings next to our trainer's measured peak."""
+    if not ours or not settings.arch:
         return None
-    from lowvram_grpo.config import TrainConfig
-    from lowvram_grpo.memory import CUDA_OVERHEAD_BYTES, GIB as _GIB, estimate_memory, load_arch
+    from lowvram_grpo.memory import CUDA_OVERHEAD_BYTES, estimate_memory
 
-    config = TrainConfig(
-        model_name_or_path=settings.model_dir, num_generations=settings.num_generations,
-        prompts_per_step=settings.prompts_per_step, generation_chunk_size=settings.ours_generation_chunk_size,
-        micro_batch_size=settings.micro_batch_size, logprob_chunk_size=settings.logprob_chunk_size,
-        max_prompt_length=settings.max_prompt_length, max_completion_length=settings.max_completion_length,
-        lora_r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
-        beta=settings.beta, dtype="bfloat16")
-    estimate = estimate_memory(load_arch(arch), config)
-    allocated = estimate.allocated_bytes / _GIB
+    estimate = estimate_memory(settings.planner_values(), settings.train_config(Path(tempfile.gettempdir())))
+    allocated = estimate.allocated_bytes / GIB
+    measured = ("allocated" if settings.device == "cuda"
+                else "peak RSS (the whole process: Python and libraries included, not comparable)")
     return (f"Planner check (`lowvram-grpo plan`): estimated {allocated:.2f} GB allocated by torch "
-            f"(+ {CUDA_OVERHEAD_BYTES / _GIB:.1f} GB CUDA context = {estimate.total_gb:.2f} GB on the card, "
-            f"peak phase: {estimate.peak_phase}); measured {ours['peak_memory_gb']:.2f} GB allocated.")
+            f"(+ {CUDA_OVERHEAD_BYTES / GIB:.1f} GB CUDA context = {estimate.total_gb:.2f} GB on the card, "
+            f"peak phase: {estimate.peak_phase}); measured {ours['peak_memory_gb']:.2f} GB {measured}; "
+            f"estimate / measured = {allocated / ours['peak_memory_gb']:.2f}.")
 
 
-def docs_section(key: str, settings: Settings, summaries: dict, command: str, device: str, note: str | None) -> str:
+def target_note(settings: Settings, ours: dict | None, target_gb: float | None) -> str | None:
+    """Our trainer's peak against a memory target for the whole card. On a GPU the card holds
+    what torch's caching allocator reserved plus the CUDA context (outside torch; the
+    planner's 0.5 GB figure is used for it)."""
+    if not ours or target_gb is None:
+        return None
+    from lowvram_grpo.memory import CUDA_OVERHEAD_BYTES
+
+    if settings.device == "cuda" and ours.get("peak_reserved_gb") is not None:
+        on_card = ours["peak_reserved_gb"] + CUDA_OVERHEAD_BYTES / GIB
+        how = (f"peak reserved by torch {ours['peak_reserved_gb']:.2f} GB + {CUDA_OVERHEAD_BYTES / GIB:.1f} GB "
+               f"CUDA context = {on_card:.2f} GB (allocated: {ours['peak_memory_gb']:.2f} GB)")
+    else:
+        on_card = ours["peak_memory_gb"]
+        how = f"peak {'RSS' if settings.device == 'cpu' else 'allocated'} {on_card:.2f} GB"
+    verdict = "met" if on_card <= target_gb else "NOT met"
+    return f"Memory target <= {target_gb:g} GB: {verdict} ({how})."
+
+
+def docs_section(settings: Settings, summaries: dict, command: str, device: str, notes: list[str]) -> str:
     s = settings
-    title = (f"CPU, {s.model_label}" if s.device == "cpu" else f"CUDA, {s.model_label}")
+    alone = len(summaries) == 1 and "ours" in summaries
+    title = f"{'lowvram-grpo alone' if alone else 'lowvram-grpo vs TRL'}: {'CPU' if s.device == 'cpu' else 'CUDA'}, " \
+            f"{s.model_label}"
     loads = ", ".join(f"{LABELS[t]} {m['load_average_before']:.2f}" for t, m in summaries.items()
                       if m.get("load_average_before") is not None)
-    repeats = max(m.get("repeats", 1) for m in summaries.values())
+    repeats = max((m.get("repeats", 1) for m in summaries.values()), default=1)
+    both = "" if alone else "both trainers"
     lines = [
-        f"## lowvram-grpo vs TRL: {title}",
+        f"## {title}",
         "",
         f"- Command: `{command}`",
         f"- Date: {datetime.date.today().isoformat()}",
         f"- Device: {device}",
-        "- Versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()),
-        f"- Settings (both trainers): 4-bit NF4 (double quant), {s.dtype} compute, LoRA r={s.lora_r} "
+        "- Versions: " + ", ".join(f"{k} {v}" for k, v in common.versions().items()),
+        f"- Settings{f' ({both})' if both else ''}: 4-bit NF4 (double quant), {s.dtype} compute, LoRA r={s.lora_r} "
         f"alpha={s.lora_alpha} dropout={s.lora_dropout} all-linear, G={s.num_generations}, "
         f"{s.prompts_per_step} prompts/step, micro-batch {s.micro_batch_size}, prompt <= {s.max_prompt_length} + "
         f"completion <= {s.max_completion_length} tokens, beta={s.beta}, loss_type={s.loss_type}, "
         f"temperature={s.temperature}, lr={s.learning_rate} (constant), AdamW, gradient checkpointing "
         f"{'on' if s.gradient_checkpointing else 'off'}; our generation chunk: {s.ours_generation_chunk_size} "
-        f"sequences (TRL generates all {s.sequences_per_step} at once)",
+        f"sequences, log-prob chunk {s.logprob_chunk_size}" + ("" if alone else
+                                                                f" (TRL generates all {s.sequences_per_step} at once)"),
         f"- Steps: {s.warmup_steps} warm-up + {s.steps} measured per run, {repeats} run(s) per trainer "
         f"(alternating); step time is the median of all measured steps",
-        f"- Machine load average (1 min) when each trainer started (mean over runs): {loads or 'n/a'}",
-        "",
-        format_table(summaries, s.device),
     ]
     if s.device == "cpu":
+        lines.append(f"- Machine load average (1 min) when each trainer started (mean over runs): {loads or 'n/a'}")
+    lines += ["", format_table(summaries, s.device)]
+    unfinished = {t: m for t, m in summaries.items() if m["status"] != "ok"}
+    if unfinished:
+        lines += ["", "Incomplete: " + "; ".join(
+            f"{LABELS[t]} {m['status']} after {m['measured_steps']} {'warm-up' if m['warmup_only'] else 'measured'} "
+            f"step(s), reported above" for t, m in unfinished.items()) + "."]
+    if s.device == "cpu" and not s.tiny_shape:
         lines += ["", "Peak memory on the CPU is each trainer process's peak resident set (VmHWM), which includes "
                   "Python, torch and the libraries each trainer imports (the \"RSS after imports\" column), so for "
                   "a small model it says little about GPU memory. TRL casts the LoRA weights of a quantised "
                   "model to bf16; ours keeps them in fp32."]
     busiest = max((m["load_average_before"] for m in summaries.values() if m.get("load_average_before") is not None),
                   default=0.0)
-    if busiest > 0.5 * (os.cpu_count() or 1):
+    if s.device == "cpu" and busiest > 0.5 * (os.cpu_count() or 1):
         lines += ["", f"The machine was busy with other work during this run (load average up to {busiest:.1f} on "
                   f"{os.cpu_count()} cores), so the wall-clock step times and tokens/s carry noise; the alternating "
                   "runs spread it over both trainers, and the CPU-time column is the steadier comparison. Memory "
                   "figures are not affected."]
-    if note:
+    for note in notes:
         lines += ["", note]
     return "\n".join(lines)
-
-
-def update_docs(path: Path, key: str, body: str) -> None:
-    """Replace (or append) the section between `<!-- bench:KEY -->` and `<!-- /bench:KEY -->`,
-    leaving everything else in the file untouched."""
-    start, end = f"<!-- bench:{key} -->", f"<!-- /bench:{key} -->"
-    block = f"{start}\n{body.strip()}\n{end}"
-    if path.is_file():
-        text = path.read_text(encoding="utf-8")
-    else:
-        text = ("# Benchmarks\n\nlowvram-grpo against TRL's `GRPOTrainer` with identical settings, produced by "
-                "`bench/bench_grpo.py` (each section below is rewritten by the run it names).\n")
-    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -633,38 +476,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--model", default="builtin:tiny",
                         help="without --arch: the model for the toy task (default builtin:tiny)")
-    parser.add_argument("--arch", choices=sorted(p.stem for p in (REPO_ROOT / "lowvram_grpo" / "arch").glob("*.json")),
+    parser.add_argument("--arch", choices=common.shipped_architectures(),
                         help="a shipped architecture (lowvram_grpo/arch/), built with random weights "
                              "(required with --device cuda)")
+    parser.add_argument("--tiny-shape", action="store_true",
+                        help="with --arch: the architecture's tiny stand-in (CPU dry runs of the GPU path)")
     parser.add_argument("--steps", type=int, default=None, help="measured steps (default: 20 toy, 2 --arch)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 2 toy, 1 --arch)")
     parser.add_argument("--prompts-per-step", type=int)
     parser.add_argument("--num-generations", type=int)
     parser.add_argument("--micro-batch-size", type=int)
-    parser.add_argument("--prompt-length", type=int, help="max prompt length (CUDA: exact, random prompts)")
+    parser.add_argument("--prompt-length", type=int, help="max prompt length (--arch: exact, random prompts)")
     parser.add_argument("--completion-length", type=int, help="max completion length")
     parser.add_argument("--ours-generation-chunk-size", type=int,
                         help="our generation chunk (default: all sequences at once, like TRL)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="run each trainer this many times, alternating, and pool the steps "
                              "(default: 2 toy, 1 --arch)")
-    parser.add_argument("--only", choices=TRAINERS, help="run one trainer; compare with the other's saved result")
-    parser.add_argument("--docs", default=str(DEFAULT_DOCS),
+    parser.add_argument("--only", choices=TRAINERS, help="run one trainer")
+    parser.add_argument("--target-gb", type=float, help="a memory target for our trainer's peak, reported")
+    parser.add_argument("--docs", default=str(common.DEFAULT_DOCS),
                         help="Markdown file to update (default docs/benchmarks.md)")
     parser.add_argument("--no-docs", action="store_true", help="print only; do not touch the docs")
     parser.add_argument("--work-dir", help="where settings, logs and results go (default: a temp dir)")
     parser.add_argument("--model-cache", default=os.path.join(tempfile.gettempdir(), "lowvram_grpo_bench"),
-                        help="CUDA: where random models are saved and reused")
+                        help="--arch: where random models are saved and reused")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per trainer subprocess")
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="time.time() by which the report must be written (children share what is left)")
     # Internal: the child process.
     parser.add_argument("--child", choices=TRAINERS, help=argparse.SUPPRESS)
     parser.add_argument("--settings", help=argparse.SUPPRESS)
+    parser.add_argument("--run-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--steps-log", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         return args
     if args.device == "cuda" and not args.arch:
         parser.error("--device cuda needs --arch (e.g. --arch qwen2.5-7b)")
+    if args.tiny_shape and not args.arch:
+        parser.error("--tiny-shape needs --arch")
     if args.steps is None:
         args.steps = 2 if args.arch else 20
     if args.warmup is None:
@@ -676,24 +528,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def docs_key(args) -> str:
+    if args.arch:
+        return f"{args.device}-{args.arch}{'-tiny' if args.tiny_shape else ''}"
+    if args.model == "builtin:tiny":
+        return f"{args.device}-tiny"
+    return f"{args.device}-{re.sub(r'[^a-z0-9.]+', '-', args.model.lower())}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
-        child_main(args.child, Path(args.settings), Path(args.result))
+        child_main(args.child, Path(args.settings), Path(args.run_dir), Path(args.steps_log), Path(args.result))
         return 0
-    sys.path.insert(0, str(REPO_ROOT))
     if args.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
             print("error: --device cuda but torch sees no GPU", file=sys.stderr)
             return 2
-    if args.arch:
-        key = f"{args.device}-{args.arch}"
-    elif args.model == "builtin:tiny":
-        key = f"{args.device}-tiny"
-    else:
-        key = f"{args.device}-{re.sub(r'[^a-z0-9.]+', '-', args.model.lower())}"
+    key = docs_key(args)
     work_dir = Path(args.work_dir or os.path.join(tempfile.gettempdir(), "lowvram_grpo_bench", "work", key))
     work_dir.mkdir(parents=True, exist_ok=True)
     settings = prepare_random_arch(args, work_dir) if args.arch else prepare_toy(args, work_dir)
@@ -702,54 +556,45 @@ def main(argv: list[str] | None = None) -> int:
               "sequences of a step (TRL needs whole accumulation steps)", file=sys.stderr)
         return 2
 
-    results: dict[str, dict] = {}
-    runs: dict[str, list[dict]] = {t: [] for t in TRAINERS}
+    trainers = [t for t in TRAINERS if not args.only or t == args.only]
+    schedule = [t for _ in range(args.repeats) for t in trainers]
+    runs: dict[str, list[dict]] = {t: [] for t in trainers}
     # Repeats alternate the trainers (ours, TRL, ours, TRL...) so that a change in the machine's
-    # background load during the benchmark falls on both alike.
-    for _ in range(args.repeats):
-        for trainer in TRAINERS:
-            if not args.only or trainer == args.only:
-                runs[trainer].append(run_child(trainer, settings, work_dir, args.timeout))
-    for trainer in TRAINERS:
-        if runs[trainer]:
-            results[trainer] = pool_runs(runs[trainer], settings.warmup_steps)
-            _save_result(work_dir, trainer, settings, results[trainer])
-        elif saved := _saved_result(work_dir, trainer, settings):
-            results[trainer] = saved
+    # background load during the benchmark falls on both alike. With a deadline, each run gets
+    # an equal share of the time left, and what an early one leaves goes to the later ones.
+    for index, trainer in enumerate(schedule):
+        timeout = args.timeout
+        left = common.seconds_left(args.deadline)
+        if left is not None:
+            share = (left - REPORT_RESERVE_S) / (len(schedule) - index)
+            timeout = share if timeout is None else min(timeout, share)
+        runs[trainer].append(run_child(trainer, settings, work_dir, len(runs[trainer]), timeout))
+    results = {t: pooled for t in trainers if (pooled := pool_runs(runs[t], settings.warmup_steps))}
     summaries = {t: summarise(r) for t, r in results.items()}
-    if len(results) == 2 and results["ours"]["trainable_params"] != results["trl"]["trainable_params"]:
+    if len(results) == 2 and None not in (results["ours"]["trainable_params"], results["trl"]["trainable_params"]) \
+            and results["ours"]["trainable_params"] != results["trl"]["trainable_params"]:
         print(f"warning: trainable parameters differ: ours {results['ours']['trainable_params']:,}, "
               f"TRL {results['trl']['trainable_params']:,}", file=sys.stderr)
 
-    device = device_description(args.device)
-    command = shlex.join(["python", "bench/bench_grpo.py", *(argv if argv is not None else sys.argv[1:])])
-    table = format_table(summaries, settings.device)
-    note = planner_note(settings, results.get("ours"), args.arch)
+    device = common.device_description(args.device)
+    if args.device == "cpu":
+        device += " (1 torch thread per trainer)"
+    notes = [n for n in (planner_note(settings, summaries.get("ours")),
+                         target_note(settings, summaries.get("ours"), args.target_gb)) if n]
     print()
     print(f"{settings.model_label} on {device}")
-    print(table)
-    if note:
+    if not summaries:
+        print("no trainer finished a step: nothing to report", file=sys.stderr)
+        return 1
+    print(format_table(summaries, settings.device))
+    for note in notes:
         print(note)
-    if len(summaries) < len(TRAINERS):
-        missing = [t for t in TRAINERS if t not in summaries]
-        print(f"(no saved result for {', '.join(missing)} with these settings: run with --only {missing[0]})")
-    elif not args.no_docs:
-        update_docs(Path(args.docs), key, docs_section(key, settings, summaries, command, device, note))
+    if not args.no_docs:
+        command = common.command_line("bench.bench_grpo", argv)
+        common.update_docs(Path(args.docs), key, docs_section(settings, summaries, command, device, notes))
         print(f"\nwrote the {key} section of {args.docs}")
-    return 0
-
-
-def _save_result(work_dir: Path, trainer: str, settings: Settings, result: dict) -> None:
-    (work_dir / f"{trainer}.saved.json").write_text(json.dumps(
-        {"settings": dataclasses.asdict(settings), "result": result}, indent=1))
-
-
-def _saved_result(work_dir: Path, trainer: str, settings: Settings) -> dict | None:
-    path = work_dir / f"{trainer}.saved.json"
-    if not path.is_file():
-        return None
-    saved = json.loads(path.read_text())
-    return saved["result"] if saved["settings"] == dataclasses.asdict(settings) else None
+    complete = all(run["status"] == "ok" for trainer_runs in runs.values() for run in trainer_runs)
+    return 0 if complete else 1
 
 
 if __name__ == "__main__":

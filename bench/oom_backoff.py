@@ -1,24 +1,30 @@
 #!/usr/bin/env python
-"""Show the out-of-memory back-off on a real GPU: cap torch's memory below what the configured
-chunk sizes need, train, and check that the run recovered without losing or repeating a step.
+"""Show the out-of-memory back-off meeting a real limit: cap the memory below what the
+configured chunk sizes need, train, and check that the run recovered without losing or
+repeating a step.
 
-    python bench/oom_backoff.py --arch qwen2.5-1.5b            # GPU only; ~2 minutes on an H100
+    python -m bench.oom_backoff --device cuda --arch qwen2.5-1.5b     # GPU; ~2 minutes on an H100
+    python -m bench.oom_backoff --arch qwen2.5-1.5b --tiny-shape \
+        --prompt-length 16 --completion-length 32 --no-docs          # CPU dry run of the same code
 
-The model is bench_grpo.py's random-weight model of a shipped architecture (built once, reused
+The model is a random-weight model of a shipped architecture (bench.common, built once, reused
 from --model-cache), with G=8, 2 prompts per step, prompt 256 + completion 1024 tokens (random
 weights never stop early), and every phase in one chunk: generation of all 16 sequences at once,
-a micro-batch of 16 and log-prob chunks of 1024 tokens. `torch.cuda.set_per_process_memory_fraction`
-then caps this process a quarter of the way from the planner's estimate for the smallest chunking
-to its estimate for that one (or at --budget-gb), so the configured sizes cannot fit and the
-trainer has to back off for real.
+a micro-batch of 16 and log-prob chunks of 1024 tokens. The memory is then capped a quarter of
+the way from the planner's estimate for the smallest chunking to its estimate for that one (or at
+--budget-gb), so the configured sizes cannot fit and the trainer has to back off for real. On a
+GPU the cap is CUDA's own (`torch.cuda.set_per_process_memory_fraction`); on the CPU (dry run)
+a dispatcher mode that counts live tensor bytes raises torch.OutOfMemoryError past the cap.
 
 The run passes when every step ran exactly once (one metrics line per step, the optimizer's step
 count equal to the number of steps), at least one out-of-memory error was caught and a chunk
-size halved, and no step's peak allocated memory went over the cap. The result is printed and
-written into docs/benchmarks.md between `<!-- bench:cuda-oom-backoff -->` markers.
+size halved, and no step's peak memory went over the cap. The training runs in a child process
+with what is left of --deadline; if it runs out of time, the steps it finished are reported.
+The result is printed and written into docs/benchmarks.md between
+`<!-- bench:DEVICE-oom-backoff -->` markers.
 
 The mechanism itself is tested on the CPU with injected errors (tests/test_backoff.py); this
-script is the same code meeting CUDA's allocator.
+script is the same code meeting an allocator's limit.
 """
 
 from __future__ import annotations
@@ -26,31 +32,24 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import shlex
 import sys
 import tempfile
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import common
+from bench.common import GIB, Settings
 
-import bench_grpo  # noqa: E402  (the random models, prompts, reward and docs writer)
-
-GIB = 2**30
-DOCS_KEY = "cuda-oom-backoff"
+REPORT_RESERVE_S = 10  # kept back from --deadline to write the report
+# Everything in one chunk: what the cap makes impossible.
+CONFIGURED = {"generation_chunk_size": 16, "micro_batch_size": 16, "logprob_chunk_size": 1024}
 
 
-def demo_overrides(model_dir: Path, dataset: Path, output_dir: Path, steps: int) -> dict:
-    """Our trainer's settings for the demonstration: everything in one chunk."""
-    return {
-        "model_name_or_path": str(model_dir), "quantization": "nf4", "dtype": "bfloat16",
-        "dataset": str(dataset), "rewards": [{"name": f"{bench_grpo.__file__}:bench_reward", "weight": 1.0}],
-        "num_generations": 8, "prompts_per_step": 2, "max_prompt_length": 256, "max_completion_length": 1024,
-        "generation_chunk_size": 16, "micro_batch_size": 16, "logprob_chunk_size": 1024,
-        "beta": 0.04, "loss_type": "dapo", "learning_rate": 1e-5, "lr_scheduler": "constant", "warmup_steps": 0,
-        "max_steps": steps, "save_every": steps, "log_completions_every": 10**6, "output_dir": str(output_dir),
-    }
+def demo_settings(args, work: Path) -> Settings:
+    return common.random_arch_settings(
+        args.device, args.arch, work, Path(args.model_cache), tiny_shape=args.tiny_shape,
+        prompt_length=args.prompt_length, completion_length=args.completion_length,
+        generation_chunk_size=CONFIGURED["generation_chunk_size"], micro_batch_size=CONFIGURED["micro_batch_size"],
+        logprob_chunk_size=CONFIGURED["logprob_chunk_size"], warmup_steps=0, steps=args.steps)
 
 
 def choose_cap_gb(smallest_gb: float, configured_gb: float) -> float:
@@ -89,31 +88,87 @@ def optimizer_step_count(run_dir: Path) -> int:
     return counters.pop()
 
 
-def report(arch: str, cap_gb: float, smallest_gb: float, configured_gb: float, records: list[dict],
-           problems: list[str], command: str) -> str:
+def planner_estimates(settings: Settings) -> tuple[float, float]:
+    """(smallest, configured) chunking: the planner's GB allocated by torch, without the CUDA
+    context, which the allocator cap does not cover."""
+    from lowvram_grpo.backoff import SMALLEST
+    from lowvram_grpo.memory import estimate_memory
+
+    arch = settings.planner_values()
+    config = settings.train_config(Path(tempfile.gettempdir()))
+    configured = estimate_memory(arch, config).allocated_bytes / GIB
+    smallest = estimate_memory(arch, config, **SMALLEST).allocated_bytes / GIB
+    return smallest, configured
+
+
+# --- the child: capped training ------------------------------------------------------------------
+
+
+def child_main(settings_path: Path, cap_gb: float, run_dir: Path, steps_path: Path) -> None:
+    """Train under the cap, writing each step's metrics line (its peak under the cap included)
+    to `steps_path` as it finishes, so that the parent can report a run stopped half-way."""
+    import contextlib
+
     import torch
 
-    props = torch.cuda.get_device_properties(0)
+    from lowvram_grpo.metrics import append_jsonl
+    from lowvram_grpo.trainer import train
+
+    settings = Settings.from_json(settings_path.read_text())
+    cap_bytes = int(cap_gb * GIB)
+    if settings.device == "cuda":
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_bytes / total))
+        cap = contextlib.nullcontext()  # the trainer's peak_memory_gb is the allocator's own figure
+
+        def on_step(record):
+            append_jsonl(steps_path, record)
+    else:
+        from bench.live_bytes import CappedTensorBytes
+
+        torch.set_num_threads(1)
+        cap = CappedTensorBytes(cap_bytes)
+
+        def on_step(record):
+            # The trainer's CPU figure is the process's peak RSS; under the stand-in cap, the
+            # figure that matters is the peak of live tensor bytes during the step.
+            append_jsonl(steps_path, {**record, "peak_memory_gb": cap.peak / GIB})
+            cap.peak = cap.current
+
+    # save_every = steps: one checkpoint at the end, whose optimizer state counts the updates.
+    config = settings.train_config(run_dir, save_every=settings.total_steps)
+    with cap:
+        train(config, progress=False, on_step=on_step)
+
+
+# --- the parent: estimates, cap, child, report -----------------------------------------------------
+
+
+def report(settings: Settings, device: str, cap_gb: float, smallest_gb: float, configured_gb: float,
+           records: list[dict], problems: list[str], command: str) -> str:
+    how = ("`torch.cuda.set_per_process_memory_fraction`" if settings.device == "cuda"
+           else "a dispatcher mode counting live tensor bytes (CPU stand-in for CUDA's limit)")
     lines = [
-        f"## Out-of-memory back-off on CUDA: {arch} (random weights)",
+        f"## Out-of-memory back-off: {'CUDA' if settings.device == 'cuda' else 'CPU'}, {settings.model_label}",
         "",
         f"- Command: `{command}`",
         f"- Date: {datetime.date.today().isoformat()}",
-        f"- Device: {props.name}, {props.total_memory / GIB:.0f} GiB, capped at {cap_gb:.2f} GB with "
-        "`torch.cuda.set_per_process_memory_fraction`",
-        "- Versions: " + ", ".join(f"{k} {v}" for k, v in bench_grpo.versions().items()),
-        f"- Settings: G=8, 2 prompts/step, prompt 256 + completion 1024 tokens, 4-bit NF4, bf16, LoRA r=16 "
-        "all-linear, beta=0.04, dapo; configured chunking: generation 16 sequences, micro-batch 16, "
-        "log-prob chunk 1024 tokens",
-        f"- Planner (memory allocated by torch): smallest chunking {smallest_gb:.2f} GB, configured "
-        f"chunking {configured_gb:.2f} GB",
+        f"- Device: {device}, capped at {cap_gb:.3f} GB with {how}",
+        "- Versions: " + ", ".join(f"{k} {v}" for k, v in common.versions().items() if k != "trl"),
+        f"- Settings: G={settings.num_generations}, {settings.prompts_per_step} prompts/step, prompt "
+        f"{settings.max_prompt_length} + completion {settings.max_completion_length} tokens, 4-bit NF4, "
+        f"{settings.dtype}, LoRA r={settings.lora_r} all-linear, beta={settings.beta}, {settings.loss_type}; "
+        f"configured chunking: generation {CONFIGURED['generation_chunk_size']} sequences, micro-batch "
+        f"{CONFIGURED['micro_batch_size']}, log-prob chunk {CONFIGURED['logprob_chunk_size']} tokens",
+        f"- Planner (memory allocated by torch): smallest chunking {smallest_gb:.3f} GB, configured "
+        f"chunking {configured_gb:.3f} GB",
         "",
         "| step | out-of-memory errors caught | generation chunk | micro-batch | log-prob chunk | "
         "peak allocated (GB) | step time (s) |",
         "|---|---|---|---|---|---|---|",
     ]
     lines += [f"| {r['step']} | {r['oom_retries']} | {r['generation_chunk_size']} | {r['micro_batch_size']} | "
-              f"{r['logprob_chunk_size']} | {r['peak_memory_gb']:.2f} | {r['step_time']:.1f} |" for r in records]
+              f"{r['logprob_chunk_size']} | {r['peak_memory_gb']:.3f} | {r['step_time']:.1f} |" for r in records]
     lines += ["", "Result: " + ("every step ran once, the optimizer stepped once per step, and no step went "
                                "over the cap." if not problems else "FAILED: " + "; ".join(problems))]
     return "\n".join(lines)
@@ -121,52 +176,66 @@ def report(arch: str, cap_gb: float, smallest_gb: float, configured_gb: float, r
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", default="qwen2.5-1.5b", choices=sorted(
-        p.stem for p in (REPO_ROOT / "lowvram_grpo" / "arch").glob("*.json")))
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
+    parser.add_argument("--arch", default="qwen2.5-1.5b", choices=common.shipped_architectures())
+    parser.add_argument("--tiny-shape", action="store_true", help="the architecture's tiny stand-in (dry runs)")
+    parser.add_argument("--prompt-length", type=int, default=256)
+    parser.add_argument("--completion-length", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--budget-gb", type=float, help="the cap (default: chosen from the planner's estimates)")
+    parser.add_argument("--deadline", type=float, help="time.time() by which the report must be written")
+    parser.add_argument("--work-dir", help="raw results (default: a temporary directory)")
     parser.add_argument("--model-cache", default=str(Path(tempfile.gettempdir()) / "lowvram_grpo_bench"))
-    parser.add_argument("--docs", default=str(bench_grpo.DEFAULT_DOCS))
+    parser.add_argument("--docs", default=str(common.DEFAULT_DOCS))
     parser.add_argument("--no-docs", action="store_true")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--settings", help=argparse.SUPPRESS)
+    parser.add_argument("--cap-gb", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.child:
+        child_main(Path(args.settings), args.cap_gb, Path(args.work_dir) / "run", Path(args.work_dir) / "steps.jsonl")
+        return 0
+
+    import shutil
 
     import torch
 
-    if not torch.cuda.is_available():
-        print("error: this demonstration needs a CUDA GPU (the CPU test is tests/test_backoff.py)", file=sys.stderr)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda needs a CUDA GPU (the CPU dry run is --device cpu --tiny-shape; the "
+              "mechanism's test is tests/test_backoff.py)", file=sys.stderr)
         return 2
-    from lowvram_grpo.config import load_config
-    from lowvram_grpo.memory import estimate_memory, load_arch
-    from lowvram_grpo.rundir import read_jsonl
-    from lowvram_grpo.trainer import train
-
-    work = Path(tempfile.mkdtemp(prefix="oom-backoff-"))
-    model_dir = bench_grpo.build_random_model(args.arch, Path(args.model_cache) / args.arch)
-    dataset = work / "prompts.jsonl"
-    bench_grpo.write_jsonl(dataset, bench_grpo.random_prompts(num_rows=64, length=256, seed=0))
-    config = load_config(overrides=demo_overrides(model_dir, dataset, work / "run", args.steps))
-
-    # The planner's figures without the CUDA context, which the allocator cap does not cover.
-    arch = load_arch(args.arch)
-    configured_gb = estimate_memory(arch, config).allocated_bytes / GIB
-    smallest_gb = estimate_memory(arch, config, generation_chunk_size=1, micro_batch_size=1,
-                                  logprob_chunk_size=16).allocated_bytes / GIB
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="oom-backoff-"))
+    work.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(work / "run", ignore_errors=True)
+    (work / "steps.jsonl").unlink(missing_ok=True)
+    settings = demo_settings(args, work)
+    (work / "settings.json").write_text(settings.to_json())
+    smallest_gb, configured_gb = planner_estimates(settings)
     cap_gb = args.budget_gb or choose_cap_gb(smallest_gb, configured_gb)
-    total_gb = torch.cuda.get_device_properties(0).total_memory / GIB
-    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gb / total_gb))
-    print(f"capping torch at {cap_gb:.2f} GB of {total_gb:.0f} (planner: configured {configured_gb:.2f} GB, "
-          f"smallest {smallest_gb:.2f} GB)", flush=True)
+    print(f"capping at {cap_gb:.3f} GB (planner: configured {configured_gb:.3f} GB, smallest {smallest_gb:.3f} GB)",
+          flush=True)
 
-    train(config, progress=False)
-    records = read_jsonl(work / "run" / "metrics.jsonl")
-    problems = check_run(records, optimizer_step_count(work / "run"), args.steps, cap_gb)
-    command = shlex.join(["python", "bench/oom_backoff.py", *(argv if argv is not None else sys.argv[1:])])
-    text = report(args.arch, cap_gb, smallest_gb, configured_gb, records, problems, command)
+    left = common.seconds_left(args.deadline)
+    status = common.run_logged(
+        [sys.executable, "-m", "bench.oom_backoff", "--child", "--settings", str(work / "settings.json"),
+         "--cap-gb", repr(cap_gb), "--work-dir", str(work)], work / "train.log",
+        None if left is None else left - REPORT_RESERVE_S)
+    print(common.log_tail(work / "train.log", 15 if status == "ok" else 40))
+    records = common.read_jsonl(work / "steps.jsonl")
+    if status == "ok":
+        problems = check_run(records, optimizer_step_count(work / "run"), settings.total_steps, cap_gb)
+    else:
+        problems = [f"the run {status} after {len(records)} of {settings.total_steps} steps"]
+        problems += [p for p in check_run(records, len(records), len(records), cap_gb) if "steps logged" not in p]
+    text = report(settings, common.device_description(args.device), cap_gb, smallest_gb, configured_gb, records,
+                  problems, common.command_line("bench.oom_backoff", argv))
     print(text)
     if not args.no_docs:
-        bench_grpo.update_docs(Path(args.docs), DOCS_KEY, text)
-        print(f"\nwrote the {DOCS_KEY} section of {args.docs}")
-    (work / "result.json").write_text(json.dumps({"records": records, "problems": problems}, indent=1))
+        key = f"{args.device}-oom-backoff"
+        common.update_docs(Path(args.docs), key, text)
+        print(f"\nwrote the {key} section of {args.docs}")
+    (work / "result.json").write_text(json.dumps({"cap_gb": cap_gb, "records": records, "problems": problems},
+                                                 indent=1))
     return 1 if problems else 0
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Check the memory planner's formulas against the tensors a real training step keeps alive.
 
-    python bench/planner_check.py                    # CPU, ~5 minutes: 3 architectures, 2 layers each
+    python -m bench.planner_check                    # CPU, ~5 minutes: 3 architectures, 2 layers each
 
 For each architecture (default Qwen2.5-0.5B, Llama-3.2-3B and Qwen2.5-7B), a random-weight model
 of the real config with its decoder cut to `--layers` layers (every term of the estimate is per
@@ -16,7 +16,7 @@ without the dequantised 4-bit weight that bitsandbytes 0.50 does not materialise
 
 This checks the formulas on the CPU, in float32 (bf16 matmuls on a CPU without bf16 units are
 too slow to be useful). On a GPU, CUDA's caching allocator rounds and fragments on top of this,
-and bitsandbytes' kernels keep their own buffers: `bench/bench_grpo.py --device cuda` prints the
+and bitsandbytes' kernels keep their own buffers: `python -m bench.bench_grpo --device cuda` prints the
 planner next to `torch.cuda.max_memory_allocated` for that. Results are written into
 docs/benchmarks.md between `<!-- bench:cpu-planner -->` markers.
 """
@@ -26,55 +26,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import shlex
 import sys
 import tempfile
 import time
-import weakref
 from pathlib import Path
 
 import torch
-from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import bench_grpo  # noqa: E402  (random models, prompts, reward, docs writer)
+from bench import common
+from bench.live_bytes import LiveTensorBytes
 
 GIB = 2**30
 DOCS_KEY = "cpu-planner"
 DEFAULT_ARCHS = ("qwen2.5-0.5b", "llama-3.2-3b", "qwen2.5-7b")
-
-
-class LiveTensorBytes(TorchDispatchMode):
-    """Counts the bytes of the tensor storages created under it that are still alive, and the
-    peak of that count. Views share their base's storage, so nothing is counted twice."""
-
-    def __init__(self):
-        super().__init__()
-        self.sizes: dict[int, int] = {}
-        self.current = self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for leaf in pytree.tree_leaves(out):
-            if isinstance(leaf, torch.Tensor):
-                self._track(leaf.untyped_storage())
-        self.peak = max(self.peak, self.current)
-        return out
-
-    def _track(self, storage) -> None:
-        key = id(storage)
-        if key in self.sizes or storage.nbytes() == 0:
-            return
-        self.sizes[key] = storage.nbytes()
-        self.current += storage.nbytes()
-        weakref.finalize(storage, self._release, key)
-
-    def _release(self, key: int) -> None:
-        self.current -= self.sizes.pop(key)
 
 
 def check_architecture(arch: str, layers: int, work: Path) -> dict:
@@ -88,12 +52,12 @@ def check_architecture(arch: str, layers: int, work: Path) -> dict:
     from lowvram_grpo.planner import resolve_chunking
     from lowvram_grpo.rewards import load_reward_functions
 
-    model_dir = bench_grpo.build_random_model(arch, work / f"{arch}-{layers}-layers", num_hidden_layers=layers)
+    model_dir = common.build_random_model(arch, work / f"{arch}-{layers}-layers", num_hidden_layers=layers)
     dataset = work / "prompts.jsonl"
-    bench_grpo.write_jsonl(dataset, bench_grpo.random_prompts(num_rows=16, length=32, seed=0))
+    common.write_jsonl(dataset, common.random_prompts(num_rows=16, length=32, seed=0))
     config = load_config(overrides={
         "model_name_or_path": str(model_dir), "quantization": "nf4", "dtype": "float32", "dataset": str(dataset),
-        "answer_column": None, "rewards": [{"name": f"{bench_grpo.__file__}:bench_reward"}],
+        "answer_column": None, "rewards": [{"name": common.REWARD_SPEC}],
         "num_generations": 8, "prompts_per_step": 1, "generation_chunk_size": 8, "micro_batch_size": 4,
         "logprob_chunk_size": 64, "max_prompt_length": 32, "max_completion_length": 16, "beta": 0.04,
         "lora_dropout": 0.0, "optimizer": "adamw", "max_steps": 2, "output_dir": str(work / "unused")})
@@ -183,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", nargs="+", default=list(DEFAULT_ARCHS))
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "lowvram_grpo_planner_check"))
-    parser.add_argument("--docs", default=str(bench_grpo.DEFAULT_DOCS))
+    parser.add_argument("--docs", default=str(common.DEFAULT_DOCS))
     parser.add_argument("--no-docs", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
@@ -197,14 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     table = format_results(results)
     print(table)
     if not args.no_docs:
-        command = shlex.join(["python", "bench/planner_check.py", *(argv if argv is not None else sys.argv[1:])])
-        versions = ", ".join(f"{k} {v}" for k, v in bench_grpo.versions().items() if k != "trl")
+        command = common.command_line("bench.planner_check", argv)
+        versions = ", ".join(f"{k} {v}" for k, v in common.versions().items() if k != "trl")
         body = "\n".join([
             "## Memory planner vs live tensors: CPU",
             "",
             f"- Command: `{command}`",
             f"- Date: {datetime.date.today().isoformat()}",
-            f"- Device: {bench_grpo.device_description('cpu').split(' (')[0]}",
+            f"- Device: {common.device_description('cpu')}",
             f"- Versions: {versions}",
             "- Settings: each architecture's real config (full vocabulary, hidden size, heads, MLP) with "
             f"{args.layers} decoder layers, random weights, 4-bit NF4 + LoRA r=16 all-linear, float32 compute, "
@@ -226,9 +190,9 @@ def main(argv: list[str] | None = None) -> int:
             "",
             "Positive errors are overestimates (the planner's side of safe). This checks the formulas, not "
             "the GPU: CUDA's caching allocator and bitsandbytes' kernels add their own memory on top, which "
-            "`bench/bench_grpo.py --device cuda` measures.",
+            "`python -m bench.bench_grpo --device cuda` measures.",
         ])
-        bench_grpo.update_docs(Path(args.docs), DOCS_KEY, body)
+        common.update_docs(Path(args.docs), DOCS_KEY, body)
         print(f"\nwrote the {DOCS_KEY} section of {args.docs}")
     return 0
 

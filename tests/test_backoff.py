@@ -107,21 +107,14 @@ def test_auto_chunk_sizes_come_from_the_planner(tiny_cache, tmp_path, capsys):
     assert "generation_chunk_size: auto" in (tmp_path / "auto" / "config.yaml").read_text()
 
 
-# --- bench/oom_backoff.py: the GPU demonstration's own checks, on a CPU run ---------------------
+# --- bench.oom_backoff: the GPU demonstration's own checks, on a CPU run ---------------------
 
 
 @pytest.fixture(scope="module")
 def oom_demo():
-    import importlib.util
-    import sys
-    from pathlib import Path
+    from bench import oom_backoff
 
-    bench_dir = Path(__file__).resolve().parent.parent / "bench"
-    sys.path.insert(0, str(bench_dir))
-    spec = importlib.util.spec_from_file_location("oom_backoff", bench_dir / "oom_backoff.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return oom_backoff
 
 
 def test_demo_cap_lies_between_the_smallest_and_the_configured_estimate(oom_demo):
