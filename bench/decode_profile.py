@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Where the time of one generated token goes, beside the physical limit.
 
-    python -m bench.decode_profile --device cuda --arch qwen2.5-1.5b      # GPU, ~1 minute
+    python -m bench.decode_profile --device cuda --arch qwen2.5-1.5b --tokens 16   # GPU, ~1 minute
     python -m bench.decode_profile --arch qwen2.5-1.5b --tiny-shape \
         --prompt-length 16 --tokens 4 --no-docs                           # CPU dry run of the same code
 
@@ -177,19 +177,25 @@ def categorise(events, on_gpu: bool) -> dict:
     """Split profiled decode steps into CATEGORIES (microseconds, summed over the steps).
 
     The steps are the profiler's "ProfilerStep#N" ranges. Device time: on a GPU each kernel's
-    duration goes to the category of the operator that launched it, and "busy" is the sum over
+    duration goes to the category around the operator that launched it, and "busy" is the sum over
     every kernel and copy on the device; on the CPU a top-level operator's time goes to its
     category, and "busy" is their sum. Overhead is wall time minus busy time.
     """
     from torch.autograd import DeviceType
 
-    steps = [e for e in events if e.name.startswith("ProfilerStep")]
+    # The profiler mirrors each record_function range on the GPU's timeline as an annotation
+    # with the same name: those are neither steps nor device work.
+    steps = [e for e in events if e.name.startswith("ProfilerStep") and e.device_type == DeviceType.CPU]
     wall = sum(e.time_range.elapsed_us() for e in steps)
     totals = dict.fromkeys(CATEGORIES, 0.0)
     if on_gpu:
-        busy = sum(e.time_range.elapsed_us() for e in events if e.device_type == DeviceType.CUDA)
+        busy = sum(e.time_range.elapsed_us() for e in events
+                   if e.device_type == DeviceType.CUDA and not e.is_user_annotation)
         for e in events:
-            if _is_op(e) and e.kernels:
+            # The profiler hangs each kernel on the innermost CPU range active at its launch:
+            # usually an operator, but a library calling CUDA outside any operator leaves it on
+            # the enclosing record_function range, which names the category just as well.
+            if e.device_type == DeviceType.CPU and e.kernels:
                 totals[category_of(e)] += sum(k.duration for k in e.kernels)
         # Kernels and copies no operator claims (e.g. synchronising copies) are other work.
         totals[OTHER] = max(busy - sum(totals[c] for c in (FOUR_BIT, LORA, ATTENTION, LM_HEAD)), 0.0)
