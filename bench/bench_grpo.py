@@ -581,17 +581,19 @@ def main(argv: list[str] | None = None) -> int:
         device += " (1 torch thread per trainer)"
     notes = [n for n in (planner_note(settings, summaries.get("ours")),
                          target_note(settings, summaries.get("ours"), args.target_gb)) if n]
+    command = common.command_line("bench.bench_grpo", argv)
+    if summaries:
+        text = docs_section(settings, summaries, command, device, notes)
+    else:  # out of time before a single step: say so where the figures would be
+        text = "\n".join([f"## lowvram-grpo{'' if args.only else ' vs TRL'}: {settings.model_label}", "",
+                          f"- Command: `{command}`", f"- Date: {datetime.date.today().isoformat()}",
+                          f"- Device: {device}", "",
+                          "No figures: " + "; ".join(f"{LABELS[t]} {run['status']} before finishing a step"
+                                                     for t in trainers for run in runs[t]) + "."])
     print()
-    print(f"{settings.model_label} on {device}")
-    if not summaries:
-        print("no trainer finished a step: nothing to report", file=sys.stderr)
-        return 1
-    print(format_table(summaries, settings.device))
-    for note in notes:
-        print(note)
+    print(text)
     if not args.no_docs:
-        command = common.command_line("bench.bench_grpo", argv)
-        common.update_docs(Path(args.docs), key, docs_section(settings, summaries, command, device, notes))
+        common.update_docs(Path(args.docs), key, text)
         print(f"\nwrote the {key} section of {args.docs}")
     complete = all(run["status"] == "ok" for trainer_runs in runs.values() for run in trainer_runs)
     return 0 if complete else 1
