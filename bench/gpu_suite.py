@@ -111,6 +111,16 @@ def part_jobs(part: str, args, results: Path, docs: Path, deadline: float) -> li
     raise ValueError(f"unknown part {part}")
 
 
+def default_model_cache() -> Path:
+    """Where the random models go: RAM (/dev/shm) when it has room for the 1.5B, 7B and 8B ones
+    (about 35 GB), because writing and reading them counts against the parts' budgets; else the
+    temporary directory."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and shutil.disk_usage(shm).free > 40 * common.GIB:
+        return shm / "lowvram_grpo_bench"
+    return Path(tempfile.gettempdir()) / "lowvram_grpo_bench"
+
+
 def run_stage(jobs: list[Job], deadlines: dict[str, float]) -> None:
     """Start the jobs together; wait for each until its part's deadline plus the grace period."""
     started = time.time()
@@ -181,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="raw results (default .benchwork/; emptied first)")
     parser.add_argument("--docs", help="docs file to write (default docs/benchmarks.md; in a dry run a copy of it "
                                        "inside --results)")
-    parser.add_argument("--model-cache", default=str(Path(tempfile.gettempdir()) / "lowvram_grpo_bench"))
+    parser.add_argument("--model-cache", default=str(default_model_cache()),
+                        help="where the random-weight models are built and reused (default: /dev/shm if it has "
+                             "40 GB free, else the temporary directory)")
     parser.add_argument("--out", help="copy the docs file and a tarball of the results here")
     args = parser.parse_args(argv)
     budgets = parse_budgets(args.budget, DRY_RUN_BUDGETS if args.dry_run else GPU_BUDGETS)

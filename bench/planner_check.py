@@ -45,9 +45,8 @@ def check_architecture(arch: str, layers: int, work: Path) -> dict:
     """Measured and estimated bytes for one architecture: static, and each phase's peak."""
     from lowvram_grpo import trainer
     from lowvram_grpo.chunking import GENERATION, LOGPROBS, PHASES, UPDATE
-    from lowvram_grpo.config import load_config
     from lowvram_grpo.data import load_prompt_data
-    from lowvram_grpo.memory import CUDA_OVERHEAD_BYTES, DEQUANT_TERM, estimate_memory, load_arch
+    from lowvram_grpo.memory import CUDA_OVERHEAD_BYTES, DEQUANT_TERM, estimate_memory
     from lowvram_grpo.model import load_policy
     from lowvram_grpo.planner import resolve_chunking
     from lowvram_grpo.rewards import load_reward_functions
@@ -55,13 +54,12 @@ def check_architecture(arch: str, layers: int, work: Path) -> dict:
     model_dir = common.build_random_model(arch, work / f"{arch}-{layers}-layers", num_hidden_layers=layers)
     dataset = work / "prompts.jsonl"
     common.write_jsonl(dataset, common.random_prompts(num_rows=16, length=32, seed=0))
-    config = load_config(overrides={
-        "model_name_or_path": str(model_dir), "quantization": "nf4", "dtype": "float32", "dataset": str(dataset),
-        "answer_column": None, "rewards": [{"name": common.REWARD_SPEC}],
-        "num_generations": 8, "prompts_per_step": 1, "generation_chunk_size": 8, "micro_batch_size": 4,
-        "logprob_chunk_size": 64, "max_prompt_length": 32, "max_completion_length": 16, "beta": 0.04,
-        "lora_dropout": 0.0, "optimizer": "adamw", "max_steps": 2, "output_dir": str(work / "unused")})
-    estimate = estimate_memory({**load_arch(arch), "num_hidden_layers": layers}, config)
+    settings = common.Settings(
+        device="cpu", model_dir=str(model_dir), model_label=arch, dataset_path=str(dataset), reward="bench",
+        num_generations=8, prompts_per_step=1, ours_generation_chunk_size=8, micro_batch_size=4,
+        logprob_chunk_size=64, max_prompt_length=32, max_completion_length=16, warmup_steps=0, steps=2, arch=arch)
+    config = settings.train_config(work / "unused")
+    estimate = estimate_memory(common.arch_values(arch, num_hidden_layers=layers), config)
     device = torch.device("cpu")
 
     tracker = LiveTensorBytes()
