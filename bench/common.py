@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -277,17 +278,26 @@ def run_logged(argv: list[str], log_path: Path, timeout: float | None) -> str:
     """Run `argv` with its output in `log_path`, for at most `timeout` seconds.
 
     Returns "ok", "timed out" or "failed (exit N)". A child that runs out of time is killed with
-    everything it started (its own process group), so that no GPU memory outlives it.
+    everything it started (its own process group), so that no GPU memory outlives it; so is a
+    child whose parent is asked to stop (SIGTERM) while waiting for it.
     """
     with log_path.open("w") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=child_env(), cwd=REPO_ROOT,
                                 start_new_session=True)
+
+        def stop(signum, frame):
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise SystemExit(128 + signum)
+
+        previous = signal.signal(signal.SIGTERM, stop)
         try:
             code = proc.wait(timeout=None if timeout is None else max(timeout, 1.0))
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             return "timed out"
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     return "ok" if code == 0 else f"failed (exit {code})"
 
 

@@ -12,16 +12,19 @@ adapter on) and `generate` runs with the trainer's sampling settings (rollout.py
 8 and 32 sequences after prompts of --prompt-length tokens. For each chunk size:
 
 - time per generated token without the profiler: a decode step's wall time over the chunk's
-  sequences, for --tokens decode steps after two warm-up ones (the prefill is not counted);
+  sequences, for --tokens decode steps after the prefill and one more step (and after a whole
+  warm-up `generate` of the same length);
 - the same steps under torch.profiler, their time split into 4-bit matmuls (bitsandbytes'
   dequantisation and matmul: everything inside the base layers of the LoRA layers), LoRA
   (lora_A, lora_B), attention (`scaled_dot_product_attention`), the LM head, other device
   work (norms, rotary embeddings, activations, sampling, copies) and Python/launch overhead:
   the step's wall time minus the time the device was busy. On a GPU "busy" is the sum of the
   kernels' durations; on the CPU (dry run) it is the time inside top-level torch operators.
-  The profiler itself slows the CPU side, so these add up to the profiled step, not the plain one;
+  The profiler and the labels slow the CPU side, so these add up to the profiled step, not the
+  plain one;
 - the bandwidth floor: the bytes a decode step must read (every weight once: packed 4-bit
-  weights with their scales, LoRA, norms, the LM head; the embedding only for its rows) divided
+  weights with their scales, LoRA, norms, the LM head; of the input embedding only a few rows,
+  left out) divided
   by the memory bandwidth (the GPU's specification where known, else a measured copy), per
   generated token. The KV cache read per step is shown beside it.
 
@@ -50,8 +53,9 @@ CATEGORIES = (FOUR_BIT, LORA, ATTENTION, LM_HEAD, OTHER, OVERHEAD)
 LABEL_PREFIX = "bench::"
 ATTENTION_OPS = ("aten::scaled_dot_product_attention",)
 
-# Memory bandwidth from the makers' specifications (bytes/s), by a part of the device name.
-SPEC_BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12, "L4": 0.30e12, "T4": 0.32e12}
+# Memory bandwidth from the makers' specifications (bytes/s), by a part of the device name; the
+# first match counts, so a more specific name comes before a shorter one it contains.
+SPEC_BANDWIDTH = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100": 2.0e12}
 
 
 # --- the floor -----------------------------------------------------------------------------------

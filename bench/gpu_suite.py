@@ -39,12 +39,13 @@ import datetime
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench import common
@@ -75,7 +76,6 @@ class Job:
     proc: subprocess.Popen | None = None
     status: str = "not run"
     seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 def part_jobs(part: str, args, results: Path, docs: Path, deadline: float) -> list[Job]:
@@ -137,8 +137,14 @@ def run_stage(jobs: list[Job], deadlines: dict[str, float]) -> None:
             # 0: complete; 1: a section was written from what was measured, but incomplete.
             j.status = {0: "complete", 1: "incomplete"}.get(code, f"failed (exit {code})")
         except subprocess.TimeoutExpired:
-            os.killpg(j.proc.pid, 9)
-            j.proc.wait()
+            # SIGTERM first: a part stops its own measuring child (bench.common.run_logged), which
+            # runs in a process group of its own.
+            os.killpg(j.proc.pid, signal.SIGTERM)
+            try:
+                j.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                os.killpg(j.proc.pid, signal.SIGKILL)
+                j.proc.wait()
             j.status = "killed (past its deadline)"
         j.seconds = time.time() - started
         print(f"[{j.name}] {j.status} after {j.seconds:.0f} s", flush=True)
@@ -161,7 +167,7 @@ def suite_section(args, jobs: list[Job], budgets: dict[str, int], total_s: float
         f"- Device: {common.device_description('cpu' if args.dry_run else 'cuda')}",
         f"- Wall time of the suite: {total_s:.0f} s (parts 3 and 4 run side by side)",
         "",
-        "| part | command | budget (s) | took (s) | ended |",
+        "| part | run | budget (s) | took (s) | ended |",
         "|---|---|---|---|---|",
     ]
     lines += [f"| {j.part} | {j.name} | {budgets[j.part]} | {j.seconds:.0f} | {j.status} |" for j in jobs]
