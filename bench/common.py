@@ -186,11 +186,11 @@ def build_random_model(arch: str, out_dir: Path, num_hidden_layers: int | None =
     take minutes and 32 GB), then written as ordinary safetensors so that every trainer loads
     and quantises them through the same `from_pretrained(quantization_config=...)` path.
     """
+    if (out_dir / "DONE").is_file():
+        return out_dir
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if (out_dir / "DONE").is_file():
-        return out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     # The bench tokenizer's special ids (see bench_tokenizer), not the real model's.
     values = {**arch_values(arch, tiny, num_hidden_layers), "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": None}

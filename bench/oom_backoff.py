@@ -139,6 +139,13 @@ def child_main(settings_path: Path, cap_gb: float, run_dir: Path, steps_path: Pa
     config = settings.train_config(run_dir, save_every=settings.total_steps)
     with cap:
         train(config, progress=False, on_step=on_step)
+    (run_dir / "optimizer_steps.json").write_text(json.dumps(optimizer_step_count(run_dir)))
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 # --- the parent: estimates, cap, child, report -----------------------------------------------------
@@ -198,9 +205,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import shutil
 
-    import torch
-
-    if args.device == "cuda" and not torch.cuda.is_available():
+    if args.device == "cuda" and not _cuda_available():
         print("error: --device cuda needs a CUDA GPU (the CPU dry run is --device cpu --tiny-shape; the "
               "mechanism's test is tests/test_backoff.py)", file=sys.stderr)
         return 2
@@ -223,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     print(common.log_tail(work / "train.log", 15 if status == "ok" else 40))
     records = common.read_jsonl(work / "steps.jsonl")
     if status == "ok":
-        problems = check_run(records, optimizer_step_count(work / "run"), settings.total_steps, cap_gb)
+        optimizer_steps = json.loads((work / "run" / "optimizer_steps.json").read_text())
+        problems = check_run(records, optimizer_steps, settings.total_steps, cap_gb)
     else:
         problems = [f"the run {status} after {len(records)} of {settings.total_steps} steps"]
         problems += [p for p in check_run(records, len(records), len(records), cap_gb) if "steps logged" not in p]
