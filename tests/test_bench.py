@@ -136,8 +136,8 @@ def test_cpu_benchmark_runs_both_trainers_and_keeps_other_docs_sections(tiny_cac
     docs.write_text(FOREIGN + "\n<!-- bench:cpu-tiny -->\nstale figures\n<!-- /bench:cpu-tiny -->\n")
     env = {**common.child_env(), "LOWVRAM_GRPO_CACHE": str(tiny_cache)}
     result = subprocess.run(
-        [sys.executable, "-m", "bench.bench_grpo", "--steps", "2", "--warmup", "1", "--repeats", "1", "--docs", str(docs),
-         "--work-dir", str(tmp_path / "work")],
+        [sys.executable, "-m", "bench.bench_grpo", "--steps", "2", "--warmup", "1", "--repeats", "1",
+         "--docs", str(docs), "--work-dir", str(tmp_path / "work")],
         capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
