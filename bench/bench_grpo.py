@@ -420,9 +420,9 @@ def target_note(settings: Settings, ours: dict | None, target_gb: float | None) 
 
 def docs_section(settings: Settings, summaries: dict, command: str, device: str, notes: list[str]) -> str:
     s = settings
-    alone = len(summaries) == 1 and "ours" in summaries
-    title = f"{'lowvram-grpo alone' if alone else 'lowvram-grpo vs TRL'}: {'CPU' if s.device == 'cpu' else 'CUDA'}, " \
-            f"{s.model_label}"
+    alone = len(summaries) == 1
+    who = f"{LABELS[next(iter(summaries))]} alone" if alone else "lowvram-grpo vs TRL"
+    title = f"{who}: {'CPU' if s.device == 'cpu' else 'CUDA'}, {s.model_label}"
     loads = ", ".join(f"{LABELS[t]} {m['load_average_before']:.2f}" for t, m in summaries.items()
                       if m.get("load_average_before") is not None)
     repeats = max((m.get("repeats", 1) for m in summaries.values()), default=1)
@@ -585,7 +585,8 @@ def main(argv: list[str] | None = None) -> int:
     if summaries:
         text = docs_section(settings, summaries, command, device, notes)
     else:  # out of time before a single step: say so where the figures would be
-        text = "\n".join([f"## lowvram-grpo{'' if args.only else ' vs TRL'}: {settings.model_label}", "",
+        who = f"{LABELS[args.only]} alone" if args.only else "lowvram-grpo vs TRL"
+        text = "\n".join([f"## {who}: {settings.model_label}", "",
                           f"- Command: `{command}`", f"- Date: {datetime.date.today().isoformat()}",
                           f"- Device: {device}", "",
                           "No figures: " + "; ".join(f"{LABELS[t]} {run['status']} before finishing a step"
