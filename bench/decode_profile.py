@@ -51,7 +51,8 @@ FOUR_BIT, LORA, LM_HEAD, ATTENTION = "4-bit matmuls", "LoRA", "LM head", "attent
 OTHER, OVERHEAD = "other device work", "Python/launch overhead"
 CATEGORIES = (FOUR_BIT, LORA, ATTENTION, LM_HEAD, OTHER, OVERHEAD)
 LABEL_PREFIX = "bench::"
-ATTENTION_OPS = ("aten::scaled_dot_product_attention",)
+# torch's attention operator and the backend operators it calls (flash, memory-efficient, math).
+ATTENTION_OP = "scaled_dot_product"
 
 # Memory bandwidth from the makers' specifications (bytes/s), by a part of the device name; the
 # first match counts, so a more specific name comes before a shorter one it contains.
@@ -162,7 +163,7 @@ def labelled(policy):
 def category_of(event) -> str:
     """The innermost category range (or attention operator) around a profiler event."""
     while event is not None:
-        if event.name in ATTENTION_OPS:
+        if event.name.startswith("aten::") and ATTENTION_OP in event.name:
             return ATTENTION
         if event.name.startswith(LABEL_PREFIX):
             return event.name[len(LABEL_PREFIX):]
