@@ -4,21 +4,22 @@
     bash bench/gpu_suite.sh               # the GPU machine: installs carried wheels, then runs this
     python -m bench.gpu_suite --dry-run   # the same plumbing on the CPU with tiny shapes (< 2 minutes)
 
-The parts, in the order they run:
+The parts (numbered as in the issue that asked for them, #17):
 
-1. profile: where a generated token's time goes (bench.decode_profile), Qwen2.5-1.5B shape,
-   generation chunks of 8 and 32 sequences, beside the memory-bandwidth floor.
-2. compare: ours vs TRL's GRPOTrainer with identical settings (bench.bench_grpo), Qwen2.5-1.5B
+1. compare: ours vs TRL's GRPOTrainer with identical settings (bench.bench_grpo), Qwen2.5-1.5B
    shape, G=8, 2 prompts/step, prompt 256 + completion 1024: peak memory, step time, generated
    tokens/s and the ratios. One warm-up and one measured step each.
-3. memory: ours alone on the Qwen2.5-7B and Llama-3.1-8B shapes, same lengths, one step each:
+2. memory: ours alone on the Qwen2.5-7B and Llama-3.1-8B shapes, same lengths, one step each:
    peak memory against the 12 GB and 13 GB targets and the planner's estimate against
    torch.cuda.max_memory_allocated.
-4. backoff: the out-of-memory back-off meeting CUDA's allocator limit (bench.oom_backoff).
+3. backoff: the out-of-memory back-off meeting CUDA's allocator limit (bench.oom_backoff).
+4. profile: where a generated token's time goes (bench.decode_profile), Qwen2.5-1.5B shape,
+   generation chunks of 8 and 32 sequences, beside the memory-bandwidth floor.
 
-Parts 1 and 2 time things, so each has the GPU to itself. Parts 3 and 4 only measure memory
-(torch's per-process figures, unaffected by other processes) and correctness, so they run
-together, side by side on the GPU, with the two architectures of part 3 in parallel too.
+They run in three stages: profile, then compare, each with the GPU to itself because they time
+things; then memory and backoff together, side by side on the GPU (the two architectures of
+part 2 in parallel too), because they only measure memory (torch's per-process figures,
+unaffected by other processes) and correctness.
 
 Every part has a budget (seconds, --budget PART=S) and gets a deadline from it, never past the
 suite's own --deadline. A part stops its measuring child when its time is up and still writes
@@ -168,7 +169,7 @@ def suite_section(args, jobs: list[Job], budgets: dict[str, int], total_s: float
         f"- Command: `{command}`",
         f"- Date: {datetime.date.today().isoformat()}",
         f"- Device: {common.device_description('cpu' if args.dry_run else 'cuda')}",
-        f"- Wall time of the suite: {total_s:.0f} s (parts 3 and 4 run side by side)",
+        f"- Wall time of the suite: {total_s:.0f} s (memory and backoff run side by side)",
         "",
         "| part | run | budget (s) | took (s) | ended |",
         "|---|---|---|---|---|",
