@@ -167,7 +167,7 @@ def run_ours(s: Settings, out_dir: Path, log: StepLog) -> dict:
     def on_step(record):
         log.write(record["step_time"], record["completions/mean_length"], record["reward"], record["peak_memory_gb"])
 
-    final = train(s.train_config(out_dir), progress=False, on_step=on_step)
+    final = train(s.train_config(out_dir), progress=False, on_step=on_step).adapter
     with safe_open(str(final / "adapter_model.safetensors"), "pt") as f:
         trainable = sum(_numel(f.get_slice(name).get_shape()) for name in f.keys())
     return {"trainable_params": trainable}

@@ -269,8 +269,9 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def child_env() -> dict[str, str]:
-    """The environment of a measuring child: the repository importable, no progress bars."""
-    return {**os.environ, "LOWVRAM_GRPO_NO_PROGRESS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+    """The environment of a measuring child: the repository importable, output unbuffered (a
+    child that is stopped still shows how far it got)."""
+    return {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
 
 

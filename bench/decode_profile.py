@@ -290,6 +290,7 @@ def child_main(args) -> None:
         torch.set_num_threads(1)
     started = time.perf_counter()
     policy, tokenizer = load_policy(settings.train_config(work / "unused"), device)
+    policy.eval()  # as rollout.generate_rollouts generates: no dropout, no gradient checkpointing
     print(f"policy loaded in {time.perf_counter() - started:.0f} s", flush=True)
     bandwidth, source = memory_bandwidth(device)
     floor = {"weight_bytes": weight_bytes_per_step(policy), "bandwidth": bandwidth, "bandwidth_source": source,

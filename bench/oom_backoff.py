@@ -91,13 +91,13 @@ def optimizer_step_count(run_dir: Path) -> int:
 def planner_estimates(settings: Settings) -> tuple[float, float]:
     """(smallest, configured) chunking: the planner's GB allocated by torch, without the CUDA
     context, which the allocator cap does not cover."""
-    from lowvram_grpo.backoff import SMALLEST
+    from lowvram_grpo.chunking import Chunking
     from lowvram_grpo.memory import estimate_memory
 
     arch = settings.planner_values()
     config = settings.train_config(Path(tempfile.gettempdir()))
     configured = estimate_memory(arch, config).allocated_bytes / GIB
-    smallest = estimate_memory(arch, config, **SMALLEST).allocated_bytes / GIB
+    smallest = estimate_memory(arch, config, **Chunking.SMALLEST).allocated_bytes / GIB
     return smallest, configured
 
 
@@ -111,7 +111,7 @@ def child_main(settings_path: Path, cap_gb: float, run_dir: Path, steps_path: Pa
 
     import torch
 
-    from lowvram_grpo.metrics import append_jsonl
+    from lowvram_grpo.rundir import append_jsonl
     from lowvram_grpo.trainer import train
 
     settings = Settings.from_json(settings_path.read_text())
