@@ -1,8 +1,8 @@
 """What rewards beyond rules cost: the code sandbox's time per program and per step, and the
 memory the planner counts for a reward model.
 
-    python bench/bench_rewards.py              # prints, and writes docs/benchmarks.md
-    python bench/bench_rewards.py --no-docs    # prints only
+    python -m bench.bench_rewards              # prints, and writes docs/benchmarks.md
+    python -m bench.bench_rewards --no-docs    # prints only
 
 Measured on this machine's CPUs (the sandbox does not use the GPU):
 - one trivial program, start to cleanup (confinement, Python's start-up, reaping);
@@ -22,22 +22,15 @@ import statistics
 import sys
 import time
 from datetime import date
-from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import bench_grpo  # noqa: E402  (docs writer)
-
-from lowvram_grpo.code_reward import CodeTests  # noqa: E402
-from lowvram_grpo.config import TrainConfig  # noqa: E402
-from lowvram_grpo.reward_model import reward_model_memory  # noqa: E402
-from lowvram_grpo.sandbox import (SandboxLimits, default_workers, describe_isolation, isolation_report,  # noqa: E402
-                                  run_program)
+from bench import common
+from lowvram_grpo.code_reward import CodeTests
+from lowvram_grpo.config import TrainConfig
+from lowvram_grpo.reward_model import reward_model_memory
+from lowvram_grpo.sandbox import SandboxLimits, default_workers, describe_isolation, isolation_report, run_program
 
 DOCS_KEY = "rewards"
-COMMAND = "python bench/bench_rewards.py"
+COMMAND = "python -m bench.bench_rewards"
 SOLUTION = "```python\ndef add(a, b):\n    return a + b\n```"
 TESTS = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert add(10, 5) == 15"]
 
@@ -96,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     body = "\n".join(lines[1:])
     print(body)
     if not args.no_docs:
-        bench_grpo.update_docs(REPO_ROOT / "docs" / "benchmarks.md", DOCS_KEY, body)
-        print(f"\nwritten to {REPO_ROOT / 'docs' / 'benchmarks.md'}")
+        common.update_docs(common.DEFAULT_DOCS, DOCS_KEY, body)
+        print(f"\nwritten to {common.DEFAULT_DOCS}")
     return 0
 
 
