@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -36,7 +37,15 @@ DEFAULT_REWARD_TIMEOUT = 300.0
 
 
 class ConfigError(ValueError):
-    """A bad preset, config file or override; the message says which key and how to fix it."""
+    """A bad preset, config file or override; the message says which key and how to fix it.
+
+    `key` is the offending config key (the app marks that field), taken from the message's
+    `key: ...` prefix unless given; "config" for problems of the file as a whole."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        prefix = message.split(":", 1)[0].strip()
+        self.key = key or (prefix if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", prefix) else "config")
 
 
 @dataclass

@@ -162,7 +162,7 @@ def format_prompt(row: dict, config: TrainConfig) -> str | list[dict]:
         prompt = row[config.prompt_column]
     else:
         raise DatasetError(_missing_column_message(
-            "prompt", config.prompt_column, list(row), _LIKELY_PROMPT_COLUMNS))
+            "prompt", config.prompt_column, list(row), _LIKELY_PROMPT_COLUMNS), key="prompt_column")
     return with_system_prompt(prompt, config.system_prompt)
 
 
@@ -534,16 +534,16 @@ def _check_one_prompt_kind(rows: list[dict], table: _Table) -> None:
 def _check_columns(columns: list[str], config: TrainConfig, where: str) -> None:
     if config.prompt_template is None and config.prompt_column not in columns:
         raise DatasetError(f"{where}: " + _missing_column_message(
-            "prompt", config.prompt_column, columns, _LIKELY_PROMPT_COLUMNS))
+            "prompt", config.prompt_column, columns, _LIKELY_PROMPT_COLUMNS), key="prompt_column")
     if config.prompt_template is not None:
         try:  # checks the placeholders once, before any row
             fill_template(config.prompt_template, {c: "" for c in columns})
         except DatasetError as err:
-            raise DatasetError(f"{where}: {err}") from None
+            raise DatasetError(f"{where}: {err}", key="prompt_template") from None
     if config.answer_column and config.answer_column not in columns:
         raise DatasetError(f"{where}: " + _missing_column_message(
             "answer", config.answer_column, columns, _LIKELY_ANSWER_COLUMNS)
-            + " If your rewards need no reference answer, set answer_column=null.")
+            + " If your rewards need no reference answer, set answer_column=null.", key="answer_column")
 
 
 def _missing_column_message(kind: str, name: str, columns: list, likely: tuple) -> str:

@@ -13,7 +13,12 @@ MAX_DETAIL = 300  # characters of a value or a library's message quoted inside o
 
 
 class DatasetError(ValueError):
-    """A dataset problem; the message names the file, row and fix in one paragraph."""
+    """A dataset problem; the message names the file, row and fix in one paragraph. `key` is
+    the config key to change (the app marks that field): dataset, prompt_column, answer_column..."""
+
+    def __init__(self, message: str, key: str = "dataset"):
+        super().__init__(message)
+        self.key = key
 
 
 def clip(text: str, limit: int = MAX_DETAIL) -> str:

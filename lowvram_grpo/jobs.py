@@ -27,7 +27,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from lowvram_grpo.config import TrainConfig
@@ -138,8 +138,27 @@ class JobManager:
             self._refuse_if_running()
             if not run.config_file.is_file():
                 raise JobError(f"{run.name} is not a run directory (no config.yaml)")
+            if (run.status() or {}).get("state") == "finished":
+                raise JobError(f"run '{run.name}' finished all its steps; continue it for more steps, or start a "
+                               "new run")
             if run.latest_checkpoint() is None:
                 raise JobError(f"run '{run.name}' has no checkpoint to resume from; start it again instead")
+            return self._launch(["train", "--resume", str(run.path), "--no-progress"], run.path)
+
+    def continue_run(self, run_dir: str | Path, extra_steps: int) -> Job:
+        """Train a finished run `extra_steps` steps further, from its last checkpoint: its
+        config.yaml gets the new max_steps (so a later resume keeps it), then it resumes."""
+        run = RunDir(run_dir)
+        if extra_steps < 1:
+            raise JobError("more steps: give how many steps to add (at least 1)")
+        with self._lock:
+            self._refuse_if_running()
+            if (run.status() or {}).get("state") != "finished":
+                raise JobError(f"run '{run.name}' has not finished; Resume it instead")
+            if run.latest_checkpoint() is None:
+                raise JobError(f"run '{run.name}' kept no checkpoint to continue from; start a new run")
+            config = run.read_config()
+            run.save_config(replace(config, max_steps=config.max_steps + extra_steps))
             return self._launch(["train", "--resume", str(run.path), "--no-progress"], run.path)
 
     def stop(self) -> str:

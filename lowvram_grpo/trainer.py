@@ -39,6 +39,7 @@ from lowvram_grpo.chunking import GENERATION, LOGPROBS, UPDATE, Chunking
 from lowvram_grpo.config import ConfigError, TrainConfig
 from lowvram_grpo.data import PromptRows, finish_prompt_data, read_prompt_rows
 from lowvram_grpo.evaluate import evaluate
+from lowvram_grpo.health import HealthMonitor
 from lowvram_grpo.model import check_model_available, compute_dtype, load_policy, reference_model, resolve_model_path
 from lowvram_grpo.planner import resolve_chunking
 from lowvram_grpo.reporting import make_reporters
@@ -365,6 +366,7 @@ def _train(config: TrainConfig, inputs: RunInputs, run: RunDir, resume: bool, pr
     policy.train()
     step = start_step
     warned_no_reward = False
+    health = HealthMonitor(run.metrics() if resume else [])  # warnings in the log (the app shows them too)
     while step < config.max_steps:
         step += 1
         # Generation and rewards change neither the weights nor the optimizer, so a step that
@@ -396,6 +398,8 @@ def _train(config: TrainConfig, inputs: RunInputs, run: RunDir, resume: bool, pr
             record.update(evaluate(policy, tokenizer, data.eval, learner.reward_functions, config))
         if main:
             run.append_step(record, samples)
+            for warning in health.update(record, samples):
+                print(f"warning: run health: {warning}", flush=True)
             reporters.log(record, step)
             if samples:
                 reporters.log_completions(samples, step)

@@ -1,0 +1,349 @@
+"""The app's event handlers: what each button, upload and refresh does, as plain methods.
+
+ui.py lays out the page and wires each component to a method here; the methods take the
+components' values and return their new values (gradio updates), so tests call them directly,
+without a browser or a server. Gradio-free logic lives in app_setup.py (the form) and
+dashboard.py (what is shown about runs).
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import gradio.utils
+import pandas as pd
+
+from lowvram_grpo import app_setup as setup
+from lowvram_grpo import dashboard
+from lowvram_grpo.app_setup import ERROR_FIELDS, FORM_KEYS, REWARD_SLOTS, AppContext
+from lowvram_grpo.config import ConfigError, RewardSpec
+from lowvram_grpo.data import DatasetError
+from lowvram_grpo.health import check_health
+from lowvram_grpo.jobs import LOG_NAME, JobError, JobManager, run_state, tail
+from lowvram_grpo.rundir import RunDir
+
+LIKELY_PROMPT = ("prompt", "question", "problem", "instruction", "input", "query")
+LIKELY_ANSWER = ("answer", "solution", "target", "label")
+
+
+def error_updates(found: dict[str, str]) -> list:
+    return [gr.update(value=f"⚠ {found[k]}" if k in found else "", visible=k in found) for k in ERROR_FIELDS]
+
+
+def problems_markdown(found: dict[str, str]) -> str:
+    return f"**Fix {len(found)} problem{'s' * (len(found) > 1)} first:**\n" + "\n".join(
+        f"- {message}" for message in found.values())
+
+
+def health_markdown(records: list[dict], samples: list[dict]) -> str:
+    warnings = check_health(records, samples)
+    return "\n".join(f"⚠ **Run health:** {w.message} (metric `{w.metric}`, step {w.step})" for w in warnings)
+
+
+class Handlers:
+    def __init__(self, ctx: AppContext, jobs: JobManager, playground):
+        self.ctx, self.jobs, self.playground = ctx, jobs, playground
+        self._seq = itertools.count(1)
+
+    # --- runs ----------------------------------------------------------------------------------
+
+    def runs(self) -> list[str]:
+        return dashboard.list_runs(self.ctx.runs_dir)
+
+    def run_dir(self, name: str | None) -> Path | None:
+        """A run directory from a name the browser sent: only names of existing runs are accepted."""
+        return self.ctx.runs_dir / name if name and name in self.runs() else None
+
+    # --- set up --------------------------------------------------------------------------------
+
+    def form_dict(self, values) -> dict[str, Any]:
+        return dict(zip(FORM_KEYS, values))
+
+    def load_preset(self, preset):
+        """The preset's values into the form; the previous dataset's preview goes."""
+        try:
+            form = setup.preset_form_values(preset or None)
+        except ConfigError as err:
+            return [gr.skip()] * (len(FORM_KEYS) - 1) + [gr.update(value=f"⚠ {err}", visible=True)]
+        return [form[k] for k in FORM_KEYS if k != "preset"] + [gr.update(value="", visible=False)]
+
+    def auto_preview(self, source, prompt_column, answer_column):
+        if setup.source_kind((source or "").strip()) == "hub":  # may mean a download: only on request
+            return (pd.DataFrame(), gr.skip(), gr.skip(),
+                    "Press Preview to load the first rows of the hub dataset.")
+        return self.preview(source, prompt_column, answer_column)
+
+    def preview(self, source, prompt_column, answer_column):
+        source = (source or "").strip()
+        if source and setup.source_kind(source) == "local" and not self.ctx.allow_local_paths and \
+                not setup.inside(Path(source).expanduser(), self.ctx.work_dir / "uploads"):
+            return pd.DataFrame(), gr.skip(), gr.skip(), "⚠ this app is shared: upload the dataset instead"
+        try:
+            columns, rows = setup.preview_rows(source)
+        except DatasetError as err:
+            return pd.DataFrame(), gr.skip(), gr.skip(), f"⚠ {err}"
+        except Exception as err:  # e.g. a hub error: say so on the page
+            return pd.DataFrame(), gr.skip(), gr.skip(), f"⚠ could not read {source}: {err}"
+        note = f"Columns: {', '.join(f'`{c}`' for c in columns)}."
+        if prompt_column not in columns:
+            guess = next((c for c in LIKELY_PROMPT if c in columns), None)
+            if guess:
+                note += f" Prompt column set to `{guess}`."
+                prompt_column = guess
+            else:
+                note += f" There is no `{prompt_column}` column: pick the prompt column."
+        if answer_column and answer_column not in columns:
+            answer_column = next((c for c in LIKELY_ANSWER if c in columns), "")
+            note += f" Answer column set to `{answer_column or '(none)'}`."
+        return (pd.DataFrame(rows, columns=columns), gr.update(choices=columns, value=prompt_column),
+                gr.update(choices=["", *columns], value=answer_column), note)
+
+    def upload_dataset(self, file, prompt_column, answer_column):
+        if not file:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), ""
+        try:
+            saved = setup.save_upload(file, self.ctx.subdir("uploads"), setup.DATASET_SUFFIXES,
+                                      Path(gradio.utils.get_upload_folder()))
+        except ValueError as err:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), f"⚠ {err}"
+        table, prompt_update, answer_update, note = self.preview(str(saved), prompt_column, answer_column)
+        return str(saved), table, prompt_update, answer_update, f"Saved as `{saved.name}`. {note}"
+
+    def reward_choices(self, builtin: list) -> list:
+        choices = list(builtin)
+        for path in sorted(self.ctx.subdir("rewards").glob("*.py")):  # every file uploaded so far
+            try:
+                choices += [(f"{path.name}:{fn}", f"{path}:{fn}") for fn in setup.reward_functions_in_file(path)]
+            except ValueError:
+                continue
+        return choices
+
+    def upload_reward(self, file, builtin: list):
+        if not file or not self.ctx.allow_custom_code:
+            return [gr.skip()] * REWARD_SLOTS + ["⚠ custom reward code is off (--allow-custom-code)"]
+        try:
+            saved = setup.save_upload(file, self.ctx.subdir("rewards"), [".py"], Path(gradio.utils.get_upload_folder()))
+            functions = setup.reward_functions_in_file(saved)
+        except ValueError as err:
+            return [gr.skip()] * REWARD_SLOTS + [f"⚠ {err}"]
+        return [gr.update(choices=self.reward_choices(builtin))] * REWARD_SLOTS + [
+            f"`{saved.name}` defines: {', '.join(functions) or 'no public functions'}; pick them as rewards below."]
+
+    def check(self, *values):
+        """Validate the form; show the memory plan for the settings the run will use, the CLI
+        command and config.yaml."""
+        config, found = setup.form_to_config(self.form_dict(values), self.ctx)
+        if config is None:
+            return [*error_updates(found), problems_markdown(found), "", gr.update(value="", visible=False),
+                    gr.update(value="", visible=False)]
+        headline, text = setup.memory_plan(config)
+        what = f"$ {setup.cli_command(config)}\n\n# config.yaml\n{setup.config_yaml(config)}"
+        return [*error_updates({}), "✓ Settings are valid.", headline, gr.update(value=text, visible=True),
+                gr.update(value=what, visible=True)]
+
+    def start(self, *values):
+        running = self.jobs.running()
+        if running is not None:
+            return [*[gr.skip()] * len(ERROR_FIELDS), f"⚠ A training is already running (run "
+                    f"'{Path(running.run_dir).name}'): stop it first.", gr.skip(), gr.skip()]
+        config, found = setup.form_to_config(self.form_dict(values), self.ctx)
+        if config is None:
+            return [*error_updates(found), problems_markdown(found), gr.skip(), gr.skip()]
+        try:
+            job = self.jobs.start(config)
+        except JobError as err:
+            return [*error_updates({}), f"⚠ {err}", gr.skip(), gr.skip()]
+        name = Path(job.run_dir).name
+        return [*error_updates({}), f"Started run `{name}` (pid {job.pid}).",
+                gr.update(choices=self.runs(), value=name), gr.Tabs(selected="watch")]
+
+    # --- train and watch -----------------------------------------------------------------------
+
+    def stop(self):
+        try:
+            return self.jobs.stop()
+        except JobError as err:
+            return f"⚠ {err}"
+
+    def resume(self, name):
+        run_dir = self.run_dir(name)
+        if run_dir is None:
+            return "⚠ choose a run to resume"
+        try:
+            job = self.jobs.resume(run_dir)
+        except JobError as err:
+            return f"⚠ {err}"
+        return f"Resumed run `{name}` (pid {job.pid}) from {RunDir(run_dir).latest_checkpoint().name}."
+
+    def more_steps(self, name, extra):
+        run_dir = self.run_dir(name)
+        if run_dir is None:
+            return "⚠ choose a run"
+        try:
+            job = self.jobs.continue_run(run_dir, int(extra or 0))
+        except (JobError, ConfigError) as err:
+            return f"⚠ {err}"
+        return f"Continuing run `{name}` (pid {job.pid}) for {int(extra)} more steps."
+
+    def refresh(self, name, compare, sent):
+        """The selected run's status, health, log and checkpoints, the buttons its state allows,
+        and the curve rows the page does not have yet (for it and the runs compared with it)."""
+        sent = dict(sent or {})
+        run_dir = self.run_dir(name)
+        if run_dir is None:
+            delta, now = dashboard.curve_delta({}, sent, next(self._seq))
+            disabled = gr.update(interactive=False)
+            return ["No run selected: start one on the Set up tab.", "",
+                    dashboard.delta_json(delta) if delta else gr.skip(), "", "", disabled, disabled, disabled, now]
+        status = run_state(run_dir, self.jobs)
+        run = RunDir(run_dir)
+        records = run.metrics()
+        runs = {name: records}
+        for other in compare or []:
+            other_dir = self.run_dir(other)
+            if other_dir is not None and other != name:
+                runs[other] = RunDir(other_dir).metrics()
+        delta, now = dashboard.curve_delta(runs, sent, next(self._seq))
+        buttons = dashboard.buttons_for(status.get("state", "empty"), run.latest_checkpoint() is not None,
+                                        self.jobs.running() is not None)
+        log = tail(run_dir / LOG_NAME)
+        return [dashboard.status_html(name, status, records), health_markdown(records, run.completions()),
+                dashboard.delta_json(delta) if delta else gr.skip(), log_html(log),
+                dashboard.checkpoints_markdown(run_dir), gr.update(interactive=buttons.stop),
+                gr.update(interactive=buttons.resume), gr.update(interactive=buttons.more_steps), now]
+
+    def on_load(self):
+        """Reattach: show the running job if there is one (and its settings in the form, so a
+        reload does not forget the upload and the rewards), else the newest run."""
+        runs = self.runs()
+        job = self.jobs.running()
+        if job is not None and Path(job.run_dir).name in runs:
+            name = Path(job.run_dir).name
+            try:
+                form = setup.clone_form_values(RunDir(job.run_dir).config_file)
+                form_out = [form[k] for k in FORM_KEYS]
+            except ConfigError:
+                form_out = [gr.skip()] * len(FORM_KEYS)
+            return [gr.update(choices=runs, value=name), f"Reattached to the running training `{name}`.", *form_out]
+        return [gr.update(choices=runs, value=runs[0] if runs else None), "", *[gr.skip()] * len(FORM_KEYS)]
+
+    # --- runs table ----------------------------------------------------------------------------
+
+    def runs_table(self):
+        rows = []
+        for name in self.runs():
+            run_dir = self.ctx.runs_dir / name
+            rows.append(dashboard.run_row(run_dir, run_state(run_dir, self.jobs), RunDir(run_dir).metrics()))
+        choices = self.runs()
+        return (pd.DataFrame(rows, columns=dashboard.RUN_TABLE_COLUMNS), gr.update(choices=choices),
+                gr.update(choices=choices))
+
+    def clone(self, name):
+        """A run's settings into the Set-up form (under a new, empty run name)."""
+        run_dir = self.run_dir(name)
+        if run_dir is None:
+            return [gr.skip()] * len(FORM_KEYS) + ["⚠ choose a run to copy", gr.skip()]
+        try:
+            form = setup.clone_form_values(RunDir(run_dir).config_file)
+        except ConfigError as err:
+            return [gr.skip()] * len(FORM_KEYS) + [f"⚠ {err}", gr.skip()]
+        return [form[k] for k in FORM_KEYS] + [f"Settings of `{name}` copied into Set up: give the new run a "
+                                               "name and Start.", gr.Tabs(selected="setup")]
+
+    def delete(self, name, confirmed):
+        run_dir = self.run_dir(name)
+        if run_dir is None:
+            return "⚠ choose a run to delete"
+        if not confirmed:
+            return f"Tick \"yes, delete it\" to delete run `{name}` and all its files."
+        job = self.jobs.running()
+        if job is not None and Path(job.run_dir) == run_dir.resolve():
+            return f"⚠ run `{name}` is training: stop it first"
+        shutil.rmtree(run_dir)
+        return f"Deleted run `{name}`."
+
+    # --- completions ---------------------------------------------------------------------------
+
+    def completions(self, name, step_from, step_to, min_reward, function, text):
+        run_dir = self.run_dir(name)
+        if run_dir is None:
+            return pd.DataFrame(columns=dashboard.COMPLETION_COLUMNS), gr.update(choices=[""]), "⚠ choose a run"
+        samples = RunDir(run_dir).completions()
+        rows = dashboard.filter_completions(samples, step_from, step_to, min_reward, function or "", text or "")
+        functions = dashboard.completion_functions(samples)
+        message = f"{len(rows)} of {len(samples)} logged completions" + (" (the newest 200)" if len(rows) == 200 else "")
+        return (pd.DataFrame(rows, columns=dashboard.COMPLETION_COLUMNS),
+                gr.update(choices=["", *functions], value=function if function in functions else ""), message)
+
+    # --- reward workbench ----------------------------------------------------------------------
+
+    def workbench(self, *values):
+        """Score pasted completions with the form's reward functions, as one group."""
+        *reward_values, prompt, answer, pasted, scale = values
+        from lowvram_grpo import workbench
+        from lowvram_grpo.rewards import RewardFunctionError
+
+        specs = []
+        for i in range(REWARD_SLOTS):
+            name, weight = (reward_values[2 * i] or "").strip(), reward_values[2 * i + 1]
+            if name:
+                problem = setup.reward_problem(name, self.ctx)
+                if problem:
+                    return pd.DataFrame(), f"⚠ {problem}"
+                specs.append(RewardSpec(name, float(weight if weight is not None else 1.0)))
+        if not specs:
+            return pd.DataFrame(), "⚠ pick at least one reward function on the Set up tab"
+        row = {"prompt": prompt or "", "answer": answer or ""}
+        try:
+            columns, table = workbench.score_group(specs, row, workbench.split_completions(pasted), scale or "group")
+        except (ValueError, RewardFunctionError) as err:
+            return pd.DataFrame(), f"⚠ {err}"
+        return pd.DataFrame(table, columns=columns), (
+            f"{len(table)} completions scored as one group with {', '.join(s.name for s in specs)}; advantages "
+            f"with scale_rewards={scale or 'group'}.")
+
+    # --- use the adapter -----------------------------------------------------------------------
+
+    def adapters(self, name):
+        run_dir = self.run_dir(name)
+        choices = dashboard.adapter_choices(run_dir) if run_dir else []
+        return gr.update(choices=choices, value=choices[0] if choices else None)
+
+    def zip(self, name, adapter):
+        run_dir = self.run_dir(name)
+        if run_dir is None:
+            return None, "⚠ choose a run first"
+        source = dashboard.pick_adapter(run_dir, adapter)
+        try:
+            out = dashboard.zip_adapter(run_dir, self.ctx.subdir("exports"), source)
+        except ValueError as err:
+            return None, f"⚠ {err}"
+        return str(out), f"Adapter from `{source.name}` zipped."
+
+    def try_it(self, name, adapter, prompt, max_new_tokens):
+        run_dir = self.run_dir(name)
+        if run_dir is None:
+            return "", "", "⚠ choose a run first"
+        if not prompt:
+            return "", "", "⚠ type a prompt"
+        import torch
+
+        if self.jobs.running() is not None and torch.cuda.is_available():
+            return "", "", "⚠ training is using the GPU: try the adapter when it has stopped or finished"
+        source = dashboard.pick_adapter(run_dir, adapter)
+        if source is None:
+            return "", "", "⚠ this run has no adapter yet: wait for the first checkpoint"
+        try:
+            base, tuned = self.playground.generate(run_dir, source, prompt, int(max_new_tokens or 32))
+        except Exception as err:  # show any load/generation failure on the page, never crash it
+            return "", "", f"⚠ {type(err).__name__}: {err}"
+        return base, tuned, f"Adapter: `{source.name}`, greedy decoding."
+
+
+def log_html(text: str) -> str:
+    """The log's tail in a <pre> that the page keeps scrolled to its end (see ui.LOG_JS)."""
+    return f"<pre class='log'>{dashboard.escape(text) or '(no log yet)'}</pre>"

@@ -1,0 +1,252 @@
+"""What the app shows about runs, computed without gradio: curve data, status text, the runs
+table, the completions browser, checkpoints, adapters.
+
+Curves are drawn in the browser (ui_curves.js) from a store that the page keeps per run. Each
+refresh sends only the metric rows the page does not have yet (`curve_delta`), so the update
+size does not grow with the number of steps; a run the page has not seen is sent whole once.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lowvram_grpo.rewards import completion_text
+from lowvram_grpo.rundir import RunDir
+
+# The curves, in page order. "series" are metric keys; "prefix"/"suffix" pick every matching
+# key (one line per reward function); "band" is the key of a ±band around the first series.
+CURVES: list[dict[str, Any]] = [
+    {"id": "reward", "title": "Reward (mean ± std)", "series": ["reward"], "band": "reward_std"},
+    {"id": "reward-functions", "title": "Reward per function", "prefix": "rewards/", "suffix": "/mean"},
+    {"id": "zero-std", "title": "Groups with zero reward std (no learning signal)",
+     "series": ["frac_reward_zero_std"]},
+    {"id": "kl", "title": "KL to the base model", "series": ["kl"]},
+    {"id": "loss", "title": "Loss", "series": ["loss"]},
+    {"id": "entropy", "title": "Entropy", "series": ["entropy"]},
+    {"id": "grad-norm", "title": "Gradient norm", "series": ["grad_norm"]},
+    {"id": "learning-rate", "title": "Learning rate", "series": ["learning_rate"]},
+    {"id": "clip", "title": "Clip ratios",
+     "series": ["clip_ratio/region_mean", "clip_ratio/low_mean", "clip_ratio/high_mean"]},
+    {"id": "length", "title": "Completion length (tokens)",
+     "series": ["completions/mean_length", "completions/min_length", "completions/max_length"]},
+    {"id": "tokens-per-second", "title": "Tokens per second", "series": ["tokens_per_second"]},
+    {"id": "memory", "title": "Peak memory (GB)", "series": ["peak_memory_gb"]},
+    {"id": "eval", "title": "Eval (held-out prompts)", "prefix": "eval/", "suffix": ""},
+]
+SIGNIFICANT_DIGITS = 6  # what the page needs to draw and show on hover; keeps updates small
+
+
+def _compact(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        return None
+    return float(f"{value:.{SIGNIFICANT_DIGITS}g}")
+
+
+def curve_columns(records: list[dict]) -> tuple[list[str], list[list[float | None]]]:
+    """Metric rows as (keys, rows of values): numbers only, `step` first."""
+    keys = ["step"] + sorted({k for r in records for k, v in r.items()
+                              if k != "step" and _compact(v) is not None})
+    return keys, [[_compact(r.get(k)) for k in keys] for r in records]
+
+
+def curve_delta(runs: dict[str, list[dict]], sent: dict[str, int], seq: int) -> tuple[dict | None, dict[str, int]]:
+    """The update for the page's curve store: for each run, the rows after the `sent[run]` it
+    already has (all of them for a run it has not seen, or one whose file got shorter: a resumed
+    run redoes steps). Returns (None, sent) when nothing changed. `seq` makes every update
+    distinct, so the page applies each once."""
+    parts, now = {}, {}
+    for name, records in runs.items():
+        start = sent.get(name, 0)
+        if start > len(records):  # truncated (resume): send it again from the start
+            start = 0
+        now[name] = len(records)
+        if start < len(records) or name not in sent:
+            keys, rows = curve_columns(records[start:])
+            parts[name] = {"start": start, "keys": keys, "rows": rows}
+    if not parts and list(now) == list(sent):
+        return None, sent
+    return {"seq": seq, "curves": CURVES, "selected": list(runs), "runs": parts}, now
+
+
+def delta_json(delta: dict) -> str:
+    return json.dumps(delta, separators=(",", ":"), allow_nan=False)
+
+
+# --- status ------------------------------------------------------------------------------------
+
+ACTIVE = ("starting", "running", "stopping")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def escape(text: Any) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def status_html(run_name: str, status: dict, records: list[dict]) -> str:
+    """One line of state, progress, ETA and memory, with a progress bar; the error if failed."""
+    state = status.get("state", "empty")
+    run_name = escape(run_name)
+    if state == "empty":
+        return f"<div class='run-status'><b>{run_name}</b>: no status yet</div>"
+    step = int(status.get("step") or (records[-1]["step"] if records else 0))
+    total = int(status.get("total_steps") or 0)
+    parts = [f"<b>{state}</b>", f"run <code>{run_name}</code>"]
+    if status.get("note"):
+        parts.append(escape(status["note"]))
+    if state == "starting" or (state == "running" and not records):
+        parts.append("loading the model and the data")
+    if total:
+        parts.append(f"step {step} / {total}")
+    times = [r["step_time"] for r in records[-20:] if isinstance(r.get("step_time"), (int, float))]
+    if times and state in ("running", "starting") and total:
+        per_step = sum(times) / len(times)
+        parts.append(f"{per_step:.2f} s/step, ETA {_duration(per_step * max(total - step, 0))}")
+    peaks = [r["peak_memory_gb"] for r in records if isinstance(r.get("peak_memory_gb"), (int, float))]
+    if peaks:
+        parts.append(f"peak memory {max(peaks):.2f} GB")
+    if records and isinstance(records[-1].get("reward"), (int, float)):
+        parts.append(f"reward {records[-1]['reward']:.3f}")
+    out = f"<div class='run-status state-{state}'>{' · '.join(parts)}"
+    if total:
+        out += f"<br><progress value='{step}' max='{total}' style='width:100%'></progress>"
+    if status.get("error"):
+        out += f"<pre class='run-error'>{escape(status['error'])}</pre>"
+    return out + "</div>"
+
+
+@dataclass(frozen=True)
+class Buttons:
+    """Which run actions make sense in a state (the page enables only these)."""
+
+    stop: bool
+    resume: bool
+    more_steps: bool
+    delete: bool
+
+
+def buttons_for(state: str, has_checkpoint: bool, job_running: bool) -> Buttons:
+    """Stop only while the run trains; Resume only for a run that ended early with a checkpoint;
+    "continue for N more steps" only for a finished run; delete only what is not running."""
+    active = state in ACTIVE
+    ended_early = state in ("stopped", "died", "failed") and has_checkpoint
+    return Buttons(stop=active, resume=ended_early and not job_running,
+                   more_steps=state == "finished" and not job_running, delete=not active)
+
+
+# --- runs --------------------------------------------------------------------------------------
+
+RUN_TABLE_COLUMNS = ["run", "state", "model", "dataset", "steps", "last reward", "best reward", "started"]
+
+
+def list_runs(runs_dir: Path) -> list[str]:
+    """Run directories (those with a config.yaml), newest first."""
+    if not runs_dir.is_dir():
+        return []
+    runs = [p for p in runs_dir.iterdir() if p.is_dir() and RunDir(p).config_file.is_file()]
+    return [p.name for p in sorted(runs, key=lambda p: p.stat().st_mtime, reverse=True)]
+
+
+def run_row(run_dir: Path, status: dict, records: list[dict]) -> list[Any]:
+    """One line of the runs table."""
+    import yaml
+
+    try:
+        config = yaml.safe_load(RunDir(run_dir).config_file.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        config = {}
+    rewards = [r["reward"] for r in records if isinstance(r.get("reward"), (int, float))]
+    step = status.get("step") or (records[-1].get("step") if records else 0)
+    total = status.get("total_steps") or config.get("max_steps") or "?"
+    started = time.strftime("%Y-%m-%d %H:%M", time.localtime(RunDir(run_dir).config_file.stat().st_ctime))
+    return [run_dir.name, status.get("state", "empty"), str(config.get("model_name_or_path", "?")),
+            str(config.get("dataset", "?")), f"{step} / {total}",
+            round(rewards[-1], 4) if rewards else None, round(max(rewards), 4) if rewards else None, started]
+
+
+# --- completions browser -----------------------------------------------------------------------
+
+COMPLETION_COLUMNS = ["step", "reward", "advantage", "rewards", "prompt", "completion"]
+
+
+def _shown(prompt: Any) -> str:
+    return completion_text(prompt) if isinstance(prompt, (str, list)) else str(prompt or "")
+
+
+def completion_functions(samples: list[dict]) -> list[str]:
+    return sorted({name for s in samples for name in (s.get("rewards") or {})})
+
+
+def filter_completions(samples: list[dict], step_from: float | None = None, step_to: float | None = None,
+                       min_reward: float | None = None, function: str = "", text: str = "",
+                       limit: int = 200) -> list[list[Any]]:
+    """Logged completions, newest first, filtered by step range, reward and text. With a
+    `function`, `min_reward` applies to that function's reward and rows without it are left out."""
+    rows = []
+    for s in reversed(samples):
+        step = s.get("step") or 0
+        if step_from is not None and step < step_from or step_to is not None and step > step_to:
+            continue
+        per_function = s.get("rewards") or {}
+        if function and function not in per_function:
+            continue
+        value = per_function.get(function) if function else s.get("reward")
+        if min_reward is not None and (value is None or value < min_reward):
+            continue
+        prompt, completion = _shown(s.get("prompt")), str(s.get("completion"))
+        if text and text.lower() not in (prompt + "\n" + completion).lower():
+            continue
+        rewards = ", ".join(f"{k} {v:.3g}" for k, v in per_function.items() if isinstance(v, (int, float)))
+        rows.append([step, round(float(s.get("reward") or 0.0), 4), round(float(s.get("advantage") or 0.0), 4),
+                     rewards, prompt, completion])
+        if len(rows) >= limit:
+            break
+    return rows
+
+
+# --- adapters ----------------------------------------------------------------------------------
+
+
+def adapter_choices(run_dir: Path) -> list[str]:
+    """The run's adapters a user can pick, newest first (final/ first when there is one)."""
+    return [p.name for p in reversed(RunDir(run_dir).adapters())]
+
+
+def pick_adapter(run_dir: Path, name: str | None) -> Path | None:
+    """The named adapter of the run (only names of existing adapters), else the newest."""
+    found = {p.name: p for p in RunDir(run_dir).adapters()}
+    if name and name in found:
+        return found[name]
+    return RunDir(run_dir).newest_adapter()
+
+
+def checkpoints_markdown(run_dir: Path) -> str:
+    names = [p.name if p.name != "final" else "final (the finished adapter)" for p in RunDir(run_dir).adapters()]
+    return "**Checkpoints:** " + (", ".join(f"`{n}`" for n in names) if names else "none yet")
+
+
+def zip_adapter(run_dir: Path, exports: Path, adapter: Path | None = None) -> Path:
+    """The adapter (PEFT files, no optimizer state) and the run's config.yaml in one zip."""
+    source = adapter or RunDir(run_dir).newest_adapter()
+    if source is None:
+        raise ValueError("this run has no adapter yet (no checkpoint, no final)")
+    out = exports / f"{run_dir.name}-{source.name}-adapter.zip"
+    tmp = out.with_name(f".{out.name}.tmp")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path in sorted(source.iterdir()):
+            if path.is_file() and path.name != "trainer_state.pt":
+                archive.write(path, f"{run_dir.name}-adapter/{path.name}")
+        if RunDir(run_dir).config_file.is_file():
+            archive.write(RunDir(run_dir).config_file, f"{run_dir.name}-adapter/training_config.yaml")
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,128 @@
+"""Run health: warnings when training goes wrong, each naming the metric that triggered it.
+
+The same checks feed the app's page (over metrics.jsonl and completions.jsonl) and the CLI
+log (`HealthMonitor`, fed step by step by the trainer). They compare the recent steps with the
+first ones, so they need a few steps of history and say nothing before that.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+MIN_STEPS = 8  # history needed before comparing "recent" with "early"
+WINDOW = 10  # steps in each of the early and recent windows (fewer for short runs)
+
+
+@dataclass(frozen=True)
+class HealthWarning:
+    kind: str  # one per problem: a run reports each kind once
+    metric: str  # the metric that triggered it
+    step: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"step {self.step}: {self.message} [{self.metric}]"
+
+
+def _values(records: list[dict], key: str) -> list[float]:
+    return [r[key] for r in records if isinstance(r.get(key), (int, float)) and r[key] == r[key]]
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def repetition(text: str, n: int = 3) -> float:
+    """Share of repeated word n-grams in a text: 0 for none, towards 1 for a loop."""
+    words = text.split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return 1 - len(set(grams)) / len(grams) if len(grams) >= 4 else 0.0
+
+
+def check_health(records: list[dict], samples: list[dict] | None = None) -> list[HealthWarning]:
+    """Every problem the recent steps show (see the module doc)."""
+    if len(records) < MIN_STEPS:
+        return []
+    window = min(WINDOW, len(records) // 2)
+    early, recent = records[:window], records[-window:]
+    step = int(records[-1].get("step", len(records)))
+    found = []
+
+    lengths_early, lengths_recent = _values(early, "completions/mean_length"), _values(recent, "completions/mean_length")
+    if lengths_early and lengths_recent:
+        before, now = _mean(lengths_early), _mean(lengths_recent)
+        clipped = _values(recent, "completions/clipped_ratio")
+        if now >= 2 * before and clipped and _mean(clipped) >= 0.5:
+            found.append(HealthWarning(
+                "length-blowup", "completions/mean_length", step,
+                f"completion length blowing up: {before:.0f} -> {now:.0f} tokens, {_mean(clipped):.0%} cut at "
+                "max_completion_length (lower the learning rate or add a length penalty)"))
+        elif before >= 8 and now <= 0.3 * before:
+            found.append(HealthWarning(
+                "length-collapse", "completions/mean_length", step,
+                f"completion length collapsing: {before:.0f} -> {now:.0f} tokens (a reward may favour empty "
+                "answers)"))
+
+    zero_std = _values(recent, "frac_reward_zero_std")
+    if zero_std and _mean(zero_std) >= 0.8:
+        found.append(HealthWarning(
+            "zero-std", "frac_reward_zero_std", step,
+            f"{_mean(zero_std):.0%} of groups got the same reward for every completion: no learning signal "
+            "(make the task easier or the reward finer, or raise num_generations)"))
+
+    kl = _values(records, "kl")
+    if len(kl) >= MIN_STEPS:
+        typical = statistics.median(kl[-WINDOW - 1:-1])
+        if kl[-1] > max(10 * typical, 0.05):
+            found.append(HealthWarning(
+                "kl-spike", "kl", step,
+                f"KL spiked to {kl[-1]:.3g} (median of the steps before: {typical:.3g}); lower the learning rate "
+                "or raise beta"))
+
+    functions = sorted({k for r in records for k in r if k.startswith("rewards/") and k.endswith("/mean")})
+    change = {}
+    for key in functions:
+        before, now = _values(early, key), _values(recent, key)
+        if before and now:
+            change[key] = _mean(now) - _mean(before)
+    rising = [k for k, d in change.items() if d >= 0.25]
+    flat = [k for k, d in change.items() if abs(d) < 0.05]
+    if rising and flat:
+        found.append(HealthWarning(
+            "reward-hacking", rising[0], step,
+            f"{rising[0]} is rising (+{change[rising[0]]:.2f}) while {flat[0]} stays flat: the policy may be "
+            "learning the easy reward only (reward hacking?); check the completions"))
+
+    if samples:
+        by_step: dict[int, list[float]] = {}
+        for s in samples:
+            by_step.setdefault(int(s.get("step") or 0), []).append(repetition(str(s.get("completion", ""))))
+        steps = sorted(by_step)
+        if len(steps) >= 4:
+            half = len(steps) // 2
+            before = _mean([v for s in steps[:half] for v in by_step[s]])
+            now = _mean([v for s in steps[-half:] for v in by_step[s]])
+            if now >= 0.3 and now >= before + 0.2:
+                found.append(HealthWarning(
+                    "repetition", "completions (repeated 3-grams)", step,
+                    f"completions repeat themselves more and more: {before:.0%} -> {now:.0%} repeated 3-grams "
+                    "(add a repetition penalty reward, or lower the learning rate)"))
+    return found
+
+
+class HealthMonitor:
+    """Step-by-step health checks for the CLI log: each kind of warning once per run."""
+
+    def __init__(self, records: list[dict[str, Any]] | None = None):
+        self.records = list(records or [])
+        self.samples: list[dict[str, Any]] = []
+        self.reported: set[str] = set()
+
+    def update(self, record: dict[str, Any], samples: list[dict[str, Any]]) -> list[HealthWarning]:
+        self.records.append(record)
+        self.samples.extend(samples)
+        new = [w for w in check_health(self.records, self.samples) if w.kind not in self.reported]
+        self.reported.update(w.kind for w in new)
+        return new

@@ -1,0 +1,350 @@
+"""The app's handlers and its gradio-free parts, called directly: no server, no browser.
+
+Each test names the problem of issue #16 it guards against (#1 ... #14). A fake run directory
+(config.yaml, status.json, metrics.jsonl, completions.jsonl, checkpoints) stands in for a
+training, so these run in seconds.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+pytest.importorskip("gradio")
+
+from lowvram_grpo import app_setup, dashboard, health  # noqa: E402
+from lowvram_grpo.app_handlers import Handlers  # noqa: E402
+from lowvram_grpo.app_setup import ERROR_FIELDS, FORM_KEYS, AppContext  # noqa: E402
+from lowvram_grpo.config import ConfigError, TrainConfig, build_config, save_config  # noqa: E402
+from lowvram_grpo.errors import DatasetError  # noqa: E402
+from lowvram_grpo.jobs import Job, JobError, JobManager  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def make_run(runs_dir: Path, name: str, records: list[dict], state: str = "stopped", samples=(),
+             checkpoints=(), **config) -> Path:
+    run = runs_dir / name
+    run.mkdir(parents=True)
+    save_config(build_config({"output_dir": str(run), **config}), run / "config.yaml")
+    (run / "status.json").write_text(json.dumps({"state": state, "step": len(records), "total_steps": 100,
+                                                 "pid": None, "error": None}))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run / "completions.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    for step in checkpoints:
+        ckpt = run / f"checkpoint-{step:06d}"
+        ckpt.mkdir()
+        (ckpt / "trainer_state.pt").write_bytes(b"")
+        (ckpt / "adapter_config.json").write_text("{}")
+        (ckpt / "adapter_model.safetensors").write_bytes(b"weights")
+    return run
+
+
+def step_record(step: int, **values) -> dict:
+    return {"step": step, "reward": 0.1 * step, "reward_std": 0.05, "kl": 0.001 * step, "loss": 0.5,
+            "completions/mean_length": 10.0, "completions/clipped_ratio": 0.0, "frac_reward_zero_std": 0.1,
+            "rewards/arith_answer/mean": 0.1 * step, **values}
+
+
+@pytest.fixture
+def handlers(tmp_path):
+    ctx = AppContext(tmp_path / "work")
+    ctx.runs_dir.mkdir(parents=True)
+    return Handlers(ctx, JobManager(ctx.work_dir), playground=None)
+
+
+def apply(store: dict, delta_text: str) -> dict:
+    """What ui_curves.js does with an update: rows per run, appended at `start`."""
+    delta = json.loads(delta_text)
+    for name, part in delta["runs"].items():
+        rows = store.setdefault(name, [])
+        assert part["start"] in (0, len(rows))
+        del rows[part["start"]:]
+        rows.extend(dict(zip(part["keys"], row)) for row in part["rows"])
+    return delta
+
+
+# --- curves -------------------------------------------------------------------------------------
+
+
+def test_reward_curve_of_a_run_that_had_no_metrics_when_the_page_loaded(handlers):
+    """#1: the page first sees the run before its first step; every later step's reward arrives."""
+    run = make_run(handlers.ctx.runs_dir, "first", [], state="running")
+    out = handlers.refresh("first", [], {})
+    store = {}
+    apply(store, out[2])
+    assert store == {"first": []}
+    sent = out[-1]
+    for step in range(1, 6):
+        with (run / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(step_record(step)) + "\n")
+        out = handlers.refresh("first", [], sent)
+        apply(store, out[2])
+        sent = out[-1]
+    assert [r["reward"] for r in store["first"]] == pytest.approx([0.1 * s for s in range(1, 6)])
+    assert [r["step"] for r in store["first"]] == [1, 2, 3, 4, 5]
+    assert dashboard.CURVES[0]["series"] == ["reward"] and dashboard.CURVES[0]["band"] == "reward_std"
+
+
+def test_refresh_sends_only_new_rows(handlers):
+    """#14: with 300 steps on the page, one new step sends one row; no new step sends nothing."""
+    run = make_run(handlers.ctx.runs_dir, "long", [step_record(s) for s in range(1, 301)], state="running")
+    first = handlers.refresh("long", [], {})
+    assert len(json.loads(first[2])["runs"]["long"]["rows"]) == 300
+    again = handlers.refresh("long", [], first[-1])
+    assert again[2] is not first[2] and again[2].__class__.__name__ != "str"  # gr.skip(): nothing to send
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps(step_record(301)) + "\n")
+    update = handlers.refresh("long", [], first[-1])[2]
+    assert len(json.loads(update)["runs"]["long"]["rows"]) == 1
+    assert len(update) < 2500, len(update)
+
+
+def test_overlay_sends_each_compared_run(handlers):
+    make_run(handlers.ctx.runs_dir, "a", [step_record(s) for s in range(1, 4)])
+    make_run(handlers.ctx.runs_dir, "b", [step_record(s, reward=1.0) for s in range(1, 6)])
+    store = {}
+    delta = apply(store, handlers.refresh("a", ["b", "not-a-run"], {})[2])
+    assert delta["selected"] == ["a", "b"]
+    assert len(store["a"]) == 3 and [r["reward"] for r in store["b"]] == [1.0] * 5
+
+
+def test_resumed_run_with_fewer_rows_is_sent_again():
+    records = [step_record(s) for s in range(1, 11)]
+    delta, sent = dashboard.curve_delta({"r": records}, {"r": 20}, seq=1)
+    assert delta["runs"]["r"]["start"] == 0 and len(delta["runs"]["r"]["rows"]) == 10
+
+
+# --- run state and buttons ----------------------------------------------------------------------
+
+
+def test_buttons_follow_the_run_state(handlers):
+    """#4: Stop only while training; Resume only for a run that ended early; more steps when finished."""
+    finished = dashboard.buttons_for("finished", has_checkpoint=True, job_running=False)
+    assert (finished.stop, finished.resume, finished.more_steps) == (False, False, True)
+    failed = dashboard.buttons_for("failed", has_checkpoint=False, job_running=False)
+    assert (failed.stop, failed.resume, failed.more_steps) == (False, False, False)
+    assert dashboard.buttons_for("running", True, True).stop
+    assert dashboard.buttons_for("stopped", True, False).resume
+
+    make_run(handlers.ctx.runs_dir, "done", [step_record(1)], state="finished", checkpoints=[1])
+    out = handlers.refresh("done", [], {})
+    stop, resume, more = out[5:8]
+    assert stop["interactive"] is False and resume["interactive"] is False and more["interactive"] is True
+
+
+def test_resume_refuses_a_finished_run(handlers):
+    """#4: Resume on a finished run does not start the trainer again."""
+    make_run(handlers.ctx.runs_dir, "done", [step_record(1)], state="finished", checkpoints=[1])
+    assert "finished all its steps" in handlers.resume("done")
+    assert handlers.jobs.current() is None  # nothing was launched
+    with pytest.raises(JobError, match="has not finished"):
+        make_run(handlers.ctx.runs_dir, "half", [step_record(1)], state="stopped", checkpoints=[1])
+        handlers.jobs.continue_run(handlers.ctx.runs_dir / "half", 10)
+
+
+def test_log_is_shown_in_a_pre_the_page_scrolls_to_its_end(handlers):
+    """#3: the log box is an element the page scrolls to its end on every update (LOG_JS)."""
+    from lowvram_grpo import ui
+
+    run = make_run(handlers.ctx.runs_dir, "r", [])
+    (run / "train.log").write_text("".join(f"line {i}\n" for i in range(100)) + "Traceback <last>\n")
+    log = handlers.refresh("r", [], {})[3]
+    assert log.startswith("<pre class='log'>") and log.rstrip("</pre>").endswith("Traceback &lt;last&gt;")
+    assert "scrollTop = pre.scrollHeight" in ui.LOG_JS and "watch('value'" in ui.LOG_JS
+
+
+# --- set up -------------------------------------------------------------------------------------
+
+
+def test_every_config_key_is_in_the_form_and_round_trips(handlers):
+    """#9: every setting can be seen and changed; the form gives back the config it was filled from."""
+    keys = {f for f in TrainConfig.__dataclass_fields__} - {"rewards", "output_dir"}
+    assert keys <= set(FORM_KEYS)
+    groups = dict(app_setup.config_groups())
+    assert "temperature" in groups["generation (rollouts)"] and "prompts_per_step" in groups["optimisation"]
+    values = {**TrainConfig().to_dict(), "system_prompt": "Answer with a number.", "temperature": 0.7,
+              "prompts_per_step": 2, "lr_scheduler": "linear", "eval_fraction": 0.1, "eval_every": 5,
+              "generation_chunk_size": "auto", "micro_batch_size": 2, "lora_target_modules": ["q_proj", "v_proj"],
+              "epsilon_high": 0.28, "report_to": ["tensorboard"], "vram_gb": 12.0,
+              "rewards": [{"name": "arith_answer", "weight": 0.5}, {"name": "format_soft", "weight": 1.0}]}
+    form = app_setup.config_to_form(values, run_name="round-trip")
+    config, errors = app_setup.form_to_config(form, handlers.ctx, check_data=False, check_model=False)
+    assert errors == {}
+    expected = build_config({**values, "output_dir": config.output_dir})
+    assert config == expected
+
+
+def test_errors_carry_their_key_and_mark_their_field(handlers):
+    """Errors name the key they are about (no message parsing in the app); #6: the page marks the field."""
+    from lowvram_grpo import ui
+
+    assert ConfigError("temperature: must be > 0").key == "temperature"
+    assert ConfigError("override 'x': expected key=value").key == "config"
+    assert DatasetError("no prompt column 'q'", key="prompt_column").key == "prompt_column"
+    form = app_setup.preset_form_values("tiny-cpu")
+    form.update(temperature="-1", top_k="many", num_generations=1)
+    _, errors = app_setup.form_to_config(form, handlers.ctx, check_data=False, check_model=False)
+    assert {"temperature", "top_k", "num_generations"} <= set(errors)
+    assert ".block:has(+ .field-error)" in ui.CSS  # the field itself gets a red outline
+    assert "0.9em" not in ui.CSS  # the nested relative size that rendered at ~8 px
+
+
+def test_changing_the_preset_clears_the_previous_preview(handlers):
+    """#5: a preset with a hub dataset empties the preview table instead of keeping the old one."""
+    table, *_, note = handlers.auto_preview("openai/gsm8k", "question", "answer")
+    assert table.empty and "Press Preview" in note
+
+
+def test_reload_during_training_restores_the_form(handlers, monkeypatch):
+    """#7: a reloaded page shows the running run's settings (upload, rewards), not the defaults."""
+    upload = handlers.ctx.subdir("uploads") / "sums.jsonl"
+    upload.write_text('{"prompt": "1+1=", "answer": "2"}\n')
+    run = make_run(handlers.ctx.runs_dir, "live", [], state="running", dataset=str(upload), temperature=0.7,
+                   rewards=[{"name": "arith_answer", "weight": 1.0}, {"name": "format_soft", "weight": 0.2}])
+    monkeypatch.setattr(handlers.jobs, "running", lambda: Job(pid=1, run_dir=str(run), command=[]))
+    run_update, message, *form_values = handlers.on_load()
+    form = dict(zip(FORM_KEYS, form_values))
+    assert run_update["value"] == "live" and "Reattached" in message
+    assert form["dataset"] == str(upload) and form["temperature"] == "0.7"
+    assert (form["reward_2"], form["weight_2"]) == ("format_soft", 0.2)
+    assert form["run_name"] == ""  # a new run needs a new name
+
+
+def test_memory_headline_describes_the_chunk_sizes_the_run_uses(handlers):
+    """#8: fixed chunk sizes are the ones planned; "auto" ones are the planner's choice, which the
+    run makes for the same vram_gb."""
+    from lowvram_grpo.planner import plan
+
+    form = app_setup.preset_form_values("tiny-cpu")
+    form.update(vram_gb=8, generation_chunk_size="2", micro_batch_size="4")
+    config, errors = app_setup.form_to_config(form, handlers.ctx, check_data=False, check_model=False)
+    headline, _ = app_setup.memory_plan(config)
+    assert "generation_chunk_size=2, micro_batch_size=4" in headline
+
+    form.update(generation_chunk_size="auto", micro_batch_size="auto")
+    config, _ = app_setup.form_to_config(form, handlers.ctx, check_data=False, check_model=False)
+    chosen = plan(config, 8)
+    headline, _ = app_setup.memory_plan(config)
+    assert f"generation_chunk_size={chosen.generation_chunk_size}, micro_batch_size={chosen.micro_batch_size}" \
+        in headline
+    assert config.vram_gb == 8  # the run plans "auto" for the same memory the page planned with
+
+
+def test_check_shows_the_cli_command_and_config_yaml(handlers):
+    """#9: what Start will run is shown before Start."""
+    form = app_setup.preset_form_values("tiny-cpu")
+    form.update(run_name="shown", vram_gb=8)
+    out = handlers.check(*[form[k] for k in FORM_KEYS])
+    message, _, _, command = out[len(ERROR_FIELDS):]
+    assert "valid" in message
+    assert "lowvram-grpo train --config" in command["value"] and "runs/shown/config.yaml" in command["value"]
+    assert "temperature: 1.0" in command["value"]
+
+
+def test_theme_text_contrast_is_at_least_4_5(tmp_path):
+    """#13: help text and other subdued text at >= 4.5:1 on the white background (WCAG AA)."""
+    from lowvram_grpo import ui
+
+    def resolve(value: str) -> str:
+        while value.startswith("*"):
+            value = getattr(ui.THEME, value[1:])
+        return value
+
+    def luminance(hex_colour: str) -> float:
+        rgb = [int(hex_colour.lstrip("#")[i:i + 2], 16) / 255 for i in (0, 2, 4)]
+        lin = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in rgb]
+        return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+
+    for name in ("block_info_text_color", "body_text_color_subdued", "input_placeholder_color",
+                 "block_label_text_color", "body_text_color"):
+        colour = resolve(getattr(ui.THEME, name))
+        ratio = (1.05) / (luminance(colour) + 0.05)
+        assert ratio >= 4.5, f"{name} = {colour}: contrast {ratio:.2f}"
+
+
+# --- runs, completions, adapters, workbench -----------------------------------------------------
+
+
+def test_runs_table_clone_and_delete(handlers, monkeypatch):
+    make_run(handlers.ctx.runs_dir, "old", [step_record(s) for s in range(1, 5)], temperature=0.5)
+    table, *_ = handlers.runs_table()
+    row = table.set_index("run").loc["old"]
+    assert row["state"] == "stopped" and row["steps"] == "4 / 100"
+    assert row["last reward"] == pytest.approx(0.4) and row["best reward"] == pytest.approx(0.4)
+
+    *form_values, message, _ = handlers.clone("old")
+    assert dict(zip(FORM_KEYS, form_values))["temperature"] == "0.5" and "copied" in message
+
+    assert "Tick" in handlers.delete("old", False) and (handlers.ctx.runs_dir / "old").exists()
+    monkeypatch.setattr(handlers.jobs, "running",
+                        lambda: Job(pid=1, run_dir=str(handlers.ctx.runs_dir / "old"), command=[]))
+    assert "stop it first" in handlers.delete("old", True)
+    monkeypatch.setattr(handlers.jobs, "running", lambda: None)
+    assert "Deleted" in handlers.delete("old", True) and not (handlers.ctx.runs_dir / "old").exists()
+
+
+def test_completions_browser_filters(handlers):
+    samples = [{"step": s, "prompt": f"{s}+1=", "completion": f"{s + 1} ok" if s % 2 else "wrong",
+                "reward": float(s % 2), "advantage": 0.5, "rewards": {"arith_answer": float(s % 2), "fmt": 1.0}}
+               for s in range(1, 11)]
+    make_run(handlers.ctx.runs_dir, "c", [step_record(1)], samples=samples)
+    table, functions, message = handlers.completions("c", 3, 8, 1.0, "arith_answer", "")
+    assert list(table["step"]) == [7, 5, 3] and "3 of 10" in message
+    assert functions["choices"] == ["", "arith_answer", "fmt"]
+    table, _, _ = handlers.completions("c", None, None, None, "", "wrong")
+    assert list(table["step"]) == [10, 8, 6, 4, 2]
+    assert "arith_answer 1" in handlers.completions("c", 1, 1, None, "", "")[0]["rewards"][0]
+
+
+def test_adapter_picker(handlers, tmp_path):
+    """#11: the Use tab picks a run and one of its checkpoints (or final)."""
+    run = make_run(handlers.ctx.runs_dir, "a", [step_record(1)], checkpoints=[10, 20])
+    update = handlers.adapters("a")
+    assert update["choices"] == ["checkpoint-000020", "checkpoint-000010"] and update["value"] == "checkpoint-000020"
+    path, message = handlers.zip("a", "checkpoint-000010")
+    assert "checkpoint-000010" in path and "checkpoint-000010" in message
+    assert dashboard.pick_adapter(run, "../../etc") == run / "checkpoint-000020"  # only the run's own adapters
+
+
+def test_reward_workbench_scores_a_group(handlers):
+    columns_in = ["arith_answer", 1.0, "", 1.0, "", 1.0]
+    table, message = handlers.workbench(*columns_in, "3+5=", "8", "8\n---\n9\n---\n", "group")
+    assert list(table.columns) == ["completion", "arith_answer", "total", "advantage"]
+    assert list(table["completion"]) == ["8", "9"]
+    right, wrong = table["advantage"]
+    assert table["arith_answer"][0] > table["arith_answer"][1] and right > 0 > wrong
+    assert "⚠" in handlers.workbench("my.py:fn", 1.0, "", 1.0, "", 1.0, "p", "a", "x", "group")[1]
+
+
+# --- run health ---------------------------------------------------------------------------------
+
+
+def test_health_warnings_name_their_metric():
+    flat = [step_record(s, reward=0.0) for s in range(1, 21)]
+    assert health.check_health(flat) == []
+    zero = [step_record(s, frac_reward_zero_std=0.95) for s in range(1, 21)]
+    assert [w.metric for w in health.check_health(zero)] == ["frac_reward_zero_std"]
+    longer = [step_record(s, **{"completions/mean_length": 10.0 * (1 + s), "completions/clipped_ratio": 0.8})
+              for s in range(1, 21)]
+    assert "completions/mean_length" in [w.metric for w in health.check_health(longer)]
+    spike = [step_record(s) for s in range(1, 20)] + [step_record(20, kl=2.0)]
+    assert "kl" in [w.metric for w in health.check_health(spike)]
+    hacking = [step_record(s, **{"rewards/format/mean": 0.05 * s, "rewards/answer/mean": 0.1,
+                                              "rewards/arith_answer/mean": 0.1}) for s in range(1, 21)]
+    warning = next(w for w in health.check_health(hacking) if w.kind == "reward-hacking")
+    assert warning.metric == "rewards/format/mean" and "rewards/answer/mean" in warning.message
+    samples = [{"step": s, "completion": " ".join(["the answer is"] * (1 if s < 10 else 8))} for s in range(1, 21)]
+    assert "repetition" in [w.kind for w in health.check_health(flat, samples)]
+
+    monitor = health.HealthMonitor()
+    reported = [w for r in zero for w in monitor.update(r, [])]
+    assert [w.kind for w in reported] == ["zero-std"]  # once, not every step
+
+
+def test_health_warning_shows_on_the_page(handlers):
+    make_run(handlers.ctx.runs_dir, "stuck", [step_record(s, frac_reward_zero_std=1.0) for s in range(1, 21)])
+    shown = handlers.refresh("stuck", [], {})[1]
+    assert "Run health" in shown and "frac_reward_zero_std" in shown
