@@ -182,8 +182,15 @@ def field_of(key: str | None) -> str:
 
 def form_values(form: dict[str, Any]) -> dict[str, Any]:
     """The config mapping a form describes (rewards and output_dir aside), typed as the config
-    check wants it."""
+    check wants it. Keys a (script's) form leaves out come from its preset, else the defaults."""
     values: dict[str, Any] = {}
+    missing = [key for key in CONFIG_KEYS if key not in form]
+    if missing:
+        try:
+            base = preset_form_values(form.get("preset") or None)
+        except ConfigError:  # reported at the preset field
+            base = preset_form_values(None)
+        form = {**{key: base[key] for key in missing}, **form}
     for key in CONFIG_KEYS:
         value = form.get(key)
         values[key] = from_text(key, value.strip() if isinstance(value, str) and key in FORM_TYPED else value)
@@ -259,9 +266,29 @@ def form_to_config(form: dict[str, Any], ctx: AppContext, check_data: bool = Tru
     if check_model and not errors:
         try:  # a hub model that is not downloaded while offline would fail only after Start
             check_model_available(config.model_name_or_path)
+            problem = missing_weights(config.model_name_or_path)
         except ModelLoadError as err:
-            errors["model_name_or_path"] = str(err)
+            problem = str(err)
+        if problem:
+            errors["model_name_or_path"] = problem
     return (None, errors) if errors else (config, {})
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def missing_weights(name: str) -> str | None:
+    """Offline, a hub model whose config.json is in the cache but whose weights are not passes
+    check_model_available, and Start would fail only when the weights load: say so now."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if name.startswith("builtin:") or Path(name).expanduser().exists() or not constants.HF_HUB_OFFLINE:
+        return None
+    if any(isinstance(try_to_load_from_cache(name, f), str) for f in WEIGHT_FILES):
+        return None
+    return (f"model_name_or_path: {name}'s weights are not downloaded (only its config is in the cache) and the "
+            f"Hub is offline (HF_HUB_OFFLINE); run `hf download {name}` where there is a connection, or pick "
+            "another model")
 
 
 def reward_problem(name: str, ctx: AppContext) -> str | None:

@@ -72,7 +72,10 @@ def curve_delta(runs: dict[str, list[dict]], sent: dict[str, int], seq: int) -> 
             parts[name] = {"start": start, "keys": keys, "rows": rows}
     if not parts and list(now) == list(sent):
         return None, sent
-    return {"seq": seq, "curves": CURVES, "selected": list(runs), "runs": parts}, now
+    delta = {"seq": seq, "selected": list(runs), "runs": parts}
+    if not sent:  # a page's first update: what to draw (later ones need only the new rows)
+        delta["curves"] = CURVES
+    return delta, now
 
 
 def delta_json(delta: dict) -> str:

@@ -53,8 +53,9 @@ THEME = gr.themes.Default().set(body_text_color_subdued="*neutral_600", block_in
 CSS = """
 .field-error { color: #b91c1c !important; }
 .field-error p { margin: 0; font-size: var(--text-md); }
-/* the field an error belongs to is marked too, not only its message */
-.block:has(+ .field-error), .form:has(+ .field-error) { box-shadow: 0 0 0 2px #b91c1c !important; border-radius: 6px; }
+/* the field an error belongs to is marked too, not only its message (a hidden message is not in
+   the page, so this matches only while it shows; gradio wraps each field in a .form) */
+.form:has(+ .field-error) > .block, .block:has(+ .field-error) { box-shadow: 0 0 0 2px #b91c1c !important; }
 .run-status { padding: 6px 0; }
 .run-error { color: #b91c1c; white-space: pre-wrap; }
 #health { color: #92400e; }
@@ -75,11 +76,8 @@ pre.log { max-height: 16em; overflow: auto; font-size: 12px; background: #f6f6f7
 #curve-grid .tip { position: absolute; top: 28px; background: #fff; border: 1px solid #9ca3af; padding: 4px 6px;
                    font-size: 12px; color: #111827; pointer-events: none; z-index: 5; white-space: nowrap; }
 #curve-grid .empty { color: #4b5563; }
-/* narrow screens: every tab name stays visible (wrapping), rows stack */
+/* narrow screens: rows stack */
 @media (max-width: 640px) {
-  .tab-wrapper, .tab-container { flex-wrap: wrap !important; height: auto !important; overflow: visible !important; }
-  .tab-container button { visibility: visible !important; position: static !important; }
-  .overflow-menu { display: none !important; }
   .row { flex-direction: column !important; }
   .row > * { width: 100% !important; min-width: 0 !important; }
 }
@@ -134,7 +132,7 @@ def build_app(work_dir: str | Path = DEFAULT_WORK_DIR, allow_custom_code: bool =
                 errors[key] = gr.Markdown(visible=False, elem_classes=["field-error"], elem_id=f"error-{key}")
             return component
 
-        with gr.Tabs() as tabs:
+        with gr.Tabs(overflow_behavior="wrap") as tabs:  # every tab name stays visible on a phone
             with gr.Tab("Set up", id="setup"):
                 with gr.Row():
                     with gr.Column():

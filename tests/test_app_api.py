@@ -3,7 +3,7 @@
 One app for the module, served in this process on a free localhost port, with its own work
 directory; training runs as a real subprocess on the tiny-cpu preset. Checks: validation errors
 come back next to their fields, the memory plan (and its failure) shows as text, Start trains in
-a subprocess whose curves grow, a second Start is refused, a reload reattaches, Stop leaves state
+a subprocess whose curves grow (sent as updates of only the new rows), a second Start is refused, a reload reattaches, Stop leaves state
 "stopped" and a checkpoint, Resume continues, and the adapter can be zipped and tried.
 """
 
@@ -23,7 +23,7 @@ gradio_client = pytest.importorskip("gradio_client")
 import gradio_client.exceptions  # noqa: E402
 pytest.importorskip("gradio")
 
-from lowvram_grpo import ui  # noqa: E402
+from lowvram_grpo import app_setup, dashboard, ui  # noqa: E402
 
 # gradio's own pandas calls warn under pandas 3; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:gradio.queueing")
@@ -59,7 +59,7 @@ def app(tiny_cache, tmp_path_factory):
 
 
 def form(**changes):
-    values = ui.preset_form_values("tiny-cpu")
+    values = app_setup.preset_form_values("tiny-cpu")
     values.update(changes)
     return values
 
@@ -70,19 +70,27 @@ def field_errors(result) -> dict[str, str]:
             if isinstance(update, dict) and update.get("visible")}
 
 
+CURVES: dict[str, list[dict]] = {}  # what the page's curve store holds, for this client's session
+
+
 def refresh(client):
-    status, reward, kl, loss, length, completions, log, checkpoints = client.predict(RUN, api_name="/refresh")
-    return {"status": status, "reward": reward, "loss": loss, "completions": completions, "log": log,
-            "checkpoints": checkpoints}
+    # (the buttons' updates are not among an API client's outputs)
+    status, health, curves, log, checkpoints = client.predict(RUN, [], api_name="/refresh")
+    if isinstance(curves, str) and curves:  # only the rows this session does not have yet (else a skip)
+        for name, part in json.loads(curves)["runs"].items():
+            rows = CURVES.setdefault(name, [])
+            del rows[part["start"]:]
+            rows.extend(dict(zip(part["keys"], row)) for row in part["rows"])
+    return {"status": status, "rows": list(CURVES.get(RUN, [])), "log": log, "checkpoints": checkpoints}
 
 
-def steps_in(plot) -> int:
-    return len({row[0] for row in plot["data"]}) if isinstance(plot, dict) and plot.get("data") else 0
+def steps_in(rows: list[dict], key: str = "reward") -> int:
+    return len({r["step"] for r in rows if r.get(key) is not None})
 
 
 def test_validation_errors_show_next_to_their_field(app):
     client, _, _ = app
-    result = client.predict(**form(num_generations=1, learning_rate="fast", max_steps=None), vram_gb=8,
+    result = client.predict(**form(num_generations=1, learning_rate="fast", max_steps=None, vram_gb=8),
                             api_name="/check")
     errors = field_errors(result)
     assert "at least 2" in errors["num_generations"]
@@ -93,37 +101,37 @@ def test_validation_errors_show_next_to_their_field(app):
     # A reward that is not a built-in is Python code: without --allow-custom-code the reward
     # field only takes built-in names.
     with pytest.raises(gradio_client.exceptions.AppError, match="not in the list of choices"):
-        client.predict(**form(reward_1="my_rewards.py:fn"), vram_gb=8, api_name="/check")
+        client.predict(**form(reward_1="my_rewards.py:fn", vram_gb=8), api_name="/check")
 
 
 def test_custom_code_and_server_paths_need_opt_ins(tmp_path):
     """The same rules checked directly on the form (what a modified page could still send)."""
     data = tmp_path / "elsewhere.jsonl"
     data.write_text('{"prompt": "3+5=", "answer": "8"}\n', encoding="utf-8")
-    local = ui.AppContext(tmp_path / "work")
-    shared = ui.AppContext(tmp_path / "work", allow_local_paths=False)
-    custom = ui.AppContext(tmp_path / "work", allow_custom_code=True)
+    local = app_setup.AppContext(tmp_path / "work")
+    shared = app_setup.AppContext(tmp_path / "work", allow_local_paths=False)
+    custom = app_setup.AppContext(tmp_path / "work", allow_custom_code=True)
 
-    _, errors = ui.form_to_config(form(reward_1="my_rewards.py:fn"), local)
+    _, errors = app_setup.form_to_config(form(reward_1="my_rewards.py:fn"), local)
     assert "--allow-custom-code" in errors["reward_1"]
-    _, errors = ui.form_to_config(form(reward_1="my_rewards.py:fn"), custom)
+    _, errors = app_setup.form_to_config(form(reward_1="my_rewards.py:fn"), custom)
     assert "file not found" in errors["reward_1"]
 
     # code_tests runs the model's code: offered only with --allow-code-execution.
-    _, errors = ui.form_to_config(form(reward_1="code_tests"), custom)
+    _, errors = app_setup.form_to_config(form(reward_1="code_tests"), custom)
     assert "--allow-code-execution" in errors["reward_1"]
-    executing = ui.AppContext(tmp_path / "work", allow_code_execution=True)
-    _, errors = ui.form_to_config(form(reward_1="code_tests"), executing)
+    executing = app_setup.AppContext(tmp_path / "work", allow_code_execution=True)
+    _, errors = app_setup.form_to_config(form(reward_1="code_tests"), executing)
     assert "reward_1" not in errors
     # judge:self and reward models run nobody's code; a judge URL only from a local app.
-    _, errors = ui.form_to_config(form(reward_1="judge:self", reward_2="model:org/rm"), local)
+    _, errors = app_setup.form_to_config(form(reward_1="judge:self", reward_2="model:org/rm"), local)
     assert "reward_1" not in errors and "reward_2" not in errors
-    _, errors = ui.form_to_config(form(reward_1="judge:http://10.0.0.2:8080/v1"), shared)
+    _, errors = app_setup.form_to_config(form(reward_1="judge:http://10.0.0.2:8080/v1"), shared)
     assert "--allow-custom-code" in errors["reward_1"]
 
-    config, errors = ui.form_to_config(form(dataset=str(data)), local)
+    config, errors = app_setup.form_to_config(form(dataset=str(data)), local)
     assert errors == {} and config.dataset == str(data)
-    _, errors = ui.form_to_config(form(dataset=str(data)), shared)
+    _, errors = app_setup.form_to_config(form(dataset=str(data)), shared)
     assert "upload" in errors["dataset"]
 
 
@@ -137,26 +145,26 @@ def test_uploaded_dataset_without_the_prompt_column(app, tmp_path):
     assert table["headers"] == ["question", "solution"] and len(table["data"]) == 2
     assert "question" in message
 
-    errors = field_errors(client.predict(**form(dataset=dataset, prompt_column="prompt", answer_column="solution"),
-                                         vram_gb=8, api_name="/check"))
+    errors = field_errors(client.predict(**form(dataset=dataset, prompt_column="prompt", answer_column="solution",
+                                                vram_gb=8), api_name="/check"))
     assert "no prompt column 'prompt'" in errors["prompt_column"]
     assert "question" in errors["prompt_column"]  # the message names the columns there are
 
-    ok = client.predict(**form(dataset=dataset, prompt_column="question", answer_column="solution"), vram_gb=8,
+    ok = client.predict(**form(dataset=dataset, prompt_column="question", answer_column="solution", vram_gb=8),
                         api_name="/check")
     assert field_errors(ok) == {}
 
 
 def test_memory_plan_and_its_failure_are_text(app, tmp_path):
     client, _, _ = app
-    *_, message, headline, plan = client.predict(**form(), vram_gb=8, api_name="/check")
+    *_, message, headline, plan, command = client.predict(**form(vram_gb=8), api_name="/check")
     assert "valid" in message and "needs ~" in headline and "of 8 GB" in headline
-    assert "Memory plan" in plan["value"]
+    assert "Memory plan" in plan["value"] and "lowvram-grpo train --config" in command["value"]
 
     # A model directory without config.json: refused at the model field, before any plan.
-    result = client.predict(**form(model_name_or_path=str(tmp_path)), vram_gb=8, api_name="/check")
+    result = client.predict(**form(model_name_or_path=str(tmp_path), vram_gb=8), api_name="/check")
     assert "no config.json there" in field_errors(result)["model_name_or_path"]
-    assert result[-2] == ""  # no memory headline for settings that cannot run
+    assert result[-3] == ""  # no memory headline for settings that cannot run
 
 
 def test_start_watch_refuse_second_stop_resume(app):
@@ -173,17 +181,19 @@ def test_start_watch_refuse_second_stop_resume(app):
     assert not (work_dir / "runs" / "another").exists()
 
     # The curves appear and grow.
-    first = wait_for(lambda: (r := refresh(client)) and steps_in(r["reward"]) >= 2 and r, 90, "the first steps")
-    later = wait_for(lambda: (r := refresh(client)) and steps_in(r["reward"]) > steps_in(first["reward"]) + 2 and r,
+    first = wait_for(lambda: (r := refresh(client)) and steps_in(r["rows"]) >= 2 and r, 90, "the first steps")
+    later = wait_for(lambda: (r := refresh(client)) and steps_in(r["rows"]) > steps_in(first["rows"]) + 2 and r,
                      60, "more steps")
     assert "running" in later["status"] and "ETA" in later["status"]
-    assert steps_in(later["loss"]) >= 2
-    assert later["completions"]["data"], "sampled completions are shown"
+    assert steps_in(later["rows"], "loss") >= 2
+    on_disk = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["reward"] for r in later["rows"]] == pytest.approx([r["reward"] for r in on_disk[:len(later["rows"])]])
     assert "dataset: builtin:arith" in later["log"]
 
-    # A reloaded page reattaches to the running job.
-    run_value, message = client.predict(api_name="/on_load")
+    # A reloaded page reattaches to the running job, and shows its settings in the form.
+    run_value, message, *form_values = client.predict(api_name="/on_load")
     assert run_value["value"] == RUN and "Reattached" in message
+    assert dict(zip(ui.FORM_KEYS, form_values))["max_steps"] == 5000
 
     assert "Stop requested" in client.predict(api_name="/stop")
     stopped = wait_for(lambda: (r := refresh(client)) and "stopped" in r["status"] and r, 60, "state stopped")
@@ -204,13 +214,13 @@ def test_start_watch_refuse_second_stop_resume(app):
 
 def test_use_the_adapter(app):
     client, _, _ = app
-    path, message = client.predict(RUN, api_name="/zip_adapter")
+    path, message = client.predict(RUN, None, api_name="/zip_adapter")
     names = zipfile.ZipFile(path).namelist()
     assert f"{RUN}-adapter/adapter_model.safetensors" in names
     assert f"{RUN}-adapter/adapter_config.json" in names
     assert not any(name.endswith("trainer_state.pt") for name in names)  # no optimizer state
 
-    base, tuned, message = client.predict(RUN, "3+5=", 4, api_name="/try_it")
+    base, tuned, message = client.predict(RUN, None, "3+5=", 4, api_name="/try_it")
     assert "checkpoint-" in message, message
     assert isinstance(base, str) and isinstance(tuned, str) and tuned
 
@@ -223,7 +233,7 @@ def test_failed_and_killed_runs_say_so(tmp_path):
     run_dir.mkdir()
     status = {"state": "failed", "step": 3, "total_steps": 10, "pid": 1, "error": "RewardFunctionError: <boom>"}
     (run_dir / "status.json").write_text(json.dumps(status))
-    html = ui.status_html("run", run_state(run_dir), [])
+    html = dashboard.status_html("run", run_state(run_dir), [])
     assert "failed" in html and "RewardFunctionError: &lt;boom&gt;" in html
 
     # "running" in the file, but the process is gone (SIGKILL, out of memory): the page says so.

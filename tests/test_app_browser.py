@@ -1,8 +1,12 @@
 """The web app in a real browser: Playwright drives Debian's Chromium (never a downloaded one).
 
-`python app.py` runs as a subprocess with its own work directory; the test picks a preset,
-uploads a small JSONL dataset, starts training, waits until the reward curve has points, saves
-a screenshot of the running page (LOWVRAM_GRPO_UPDATE_SCREENSHOT=1 refreshes docs/app.png), stops, and sees the checkpoint listed.
+`python app.py` runs as a subprocess with its own work directory. The first test is a new
+user's first run: pick a preset, upload a 50-row JSONL dataset, start, and check that the drawn
+reward line is metrics.jsonl's values (points mapped back through the plot's axes, not counted),
+then stop. The second opens the page at 420 px on a work directory holding finished runs (made
+by hand, no training) and checks the overlay, the health warning, the completions browser, the
+reward workbench, field errors and text contrast. LOWVRAM_GRPO_UPDATE_SCREENSHOT=1 refreshes the
+README's screenshots (docs/app.png, docs/app-*.png).
 
 Without /usr/bin/chromium the test is skipped locally but fails under CI (CI=1): a browser test
 that silently skips in CI would hide a broken page.
@@ -51,9 +55,14 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def app_url(tiny_cache, tmp_path):
+def work_dir(tmp_path):
+    return tmp_path / "work"
+
+
+@pytest.fixture
+def app_url(tiny_cache, tmp_path, work_dir):
     """`python app.py` on a free port; yields its URL and stops it (and any training) after."""
-    port, work_dir = free_port(), tmp_path / "work"
+    port = free_port()
     log = (tmp_path / "app.log").open("wb")
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
     app = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--work-dir", str(work_dir)],
@@ -90,10 +99,52 @@ def choose(page, label: str, option: str) -> None:
     page.get_by_role("option", name=option, exact=True).click()
 
 
-def test_setup_start_watch_stop(app_url, tmp_path):
+def screenshot(page, name: str, tmp_path, **options) -> None:
+    path = (README_SCREENSHOT.with_name(name) if UPDATE_SCREENSHOT else tmp_path / name)
+    page.screenshot(path=str(path), **options)
+    assert path.stat().st_size > 5_000
+
+
+DRAWN = """(id) => {
+  const fig = document.getElementById(id), svg = fig && fig.querySelector('svg');
+  if (!svg) return null;
+  const d = svg.dataset, lines = {};
+  for (const line of svg.querySelectorAll('polyline.line')) {
+    lines[line.dataset.run + '|' + line.dataset.series] = {
+      stroke: line.getAttribute('stroke'),
+      points: line.getAttribute('points').trim().split(/\\s+/).map(p => {
+        const [x, y] = p.split(',').map(Number);
+        return [+d.xmin + (x - d.left) / d.width * (d.xmax - d.xmin), +d.ymax - (y - d.top) / d.height * (d.ymax - d.ymin)];
+      })};
+  }
+  return {lines, ymin: +d.ymin, ymax: +d.ymax};
+}"""
+
+
+def drawn(page, curve_id: str):
+    return page.evaluate(DRAWN, f"curve-{curve_id}")
+
+
+def contrast(page, selector: str) -> float:
+    """WCAG contrast of an element's text colour with the page background."""
+    return page.evaluate("""(sel) => {
+      const el = document.querySelector(sel);
+      const rgb = c => c.match(/[\\d.]+/g).slice(0, 3).map(Number);
+      const lum = ([r, g, b]) => { const f = v => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; };
+                                    return 0.2126 * f(r) + 0.7152 * f(g) + 0.0722 * f(b); };
+      const fg = lum(rgb(getComputedStyle(el).color)), bg = lum(rgb(getComputedStyle(document.body).backgroundColor));
+      return (Math.max(fg, bg) + 0.05) / (Math.min(fg, bg) + 0.05);
+    }""", selector)
+
+
+def test_first_run_draws_the_reward_of_metrics_jsonl(app_url, tmp_path, work_dir):
+    """#1: in a fresh work directory the reward line of the first run follows metrics.jsonl;
+    #2: the legend stays in its panel and colours stay put; #3: the log shows its end;
+    #4: Stop is off once the run has stopped."""
     data = tmp_path / "sums.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}) + "\n"
                             for a in range(10) for b in range(0, 10, 2)), encoding="utf-8")
+    assert len(data.read_text().splitlines()) == 50
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -120,24 +171,148 @@ def test_setup_start_watch_stop(app_url, tmp_path):
             page.locator("#start").click()
             status = page.locator("#run-status")
             expect(status).to_contain_text("running", timeout=60_000)  # the Train tab opens by itself
+            expect(page.locator("#stop")).to_be_enabled(timeout=30_000)
 
-            # Wait for a reward curve with some history (the page refreshes every 2 s).
-            curve = """() => { const line = document.querySelector('#plot-reward g.mark-line path');
-                               return line ? line.getAttribute('d') || '' : ''; }"""
-            page.wait_for_function(f"() => ({curve})().split('L').length > 20", timeout=90_000)
+            # Wait for a reward line with some history (the page refreshes every 2 s).
+            page.wait_for_function("""() => { const l = document.querySelector('#curve-reward polyline.line');
+                                              return l && l.getAttribute('points').trim().split(/\\s+/).length >= 8; }""",
+                                   timeout=120_000)
             expect(status).to_contain_text("ETA")
-            # Screenshot right after a redraw, not during one: wait for the curve to change, then
-            # for the plots to settle, well before the next refresh.
-            before = page.evaluate(curve)
-            page.wait_for_function(f"() => ({curve})() !== {json.dumps(before)} && ({curve})().length > 0")
+            shown = drawn(page, "reward")
+            line = shown["lines"]["browser-run|reward"]
+            on_disk = {r["step"]: r for r in map(json.loads, (work_dir / "runs" / "browser-run" / "metrics.jsonl")
+                                                   .read_text().splitlines())}
+            tolerance = (shown["ymax"] - shown["ymin"]) * 0.002  # two decimals of a pixel on a 190 px plot
+            for step, value in line["points"]:
+                assert round(step) in on_disk and abs(step - round(step)) < 0.05
+                assert value == pytest.approx(on_disk[round(step)]["reward"], abs=tolerance)
+            assert len(line["points"]) >= 8
+            assert page.locator("#curve-reward polygon.band").count() == 1  # the ±std band
+
+            # The legend is inside its panel, and the colours do not change on the next redraw.
+            for figure in page.locator("#curve-grid figure").all():
+                box, legend = figure.bounding_box(), figure.locator(".legend").bounding_box()
+                assert legend["y"] + legend["height"] <= box["y"] + box["height"] + 1
+                assert legend["x"] + legend["width"] <= box["x"] + box["width"] + 1
+            strokes = {k: v["stroke"] for k, v in drawn(page, "length")["lines"].items()}
+            page.wait_for_function("(n) => document.querySelector('#curve-reward polyline.line')"
+                                   ".getAttribute('points').trim().split(/\\s+/).length > n", arg=len(line["points"]))
+            assert {k: v["stroke"] for k, v in drawn(page, "length")["lines"].items()} == strokes
+            assert len(set(strokes.values())) == 3  # mean, min, max: three colours
+
+            # Values on hover.
+            page.locator("#curve-reward svg").hover()
+            expect(page.locator("#curve-reward .tip")).to_contain_text("step")
+
+            # The log box shows its last line.
+            log = page.locator("#log pre")
+            page.wait_for_function("() => { const p = document.querySelector('#log pre'); "
+                                   "return p && p.scrollHeight > p.clientHeight; }")
+            assert log.evaluate("p => p.scrollTop + p.clientHeight >= p.scrollHeight - 2")
+
             page.wait_for_timeout(700)
-            screenshot = README_SCREENSHOT if UPDATE_SCREENSHOT else tmp_path / "app.png"
-            page.screenshot(path=str(screenshot), full_page=True)
-            assert screenshot.stat().st_size > 10_000
+            screenshot(page, "app.png", tmp_path, full_page=True)
 
             page.locator("#stop").click()
             expect(page.locator("#job-message")).to_contain_text("Stop requested")
             expect(status).to_contain_text("stopped", timeout=60_000)
             expect(page.locator("#checkpoints")).to_contain_text("checkpoint-", timeout=10_000)
+            expect(page.locator("#stop")).to_be_disabled()
+            expect(page.locator("#resume")).to_be_enabled()
+        finally:
+            browser.close()
+
+
+def _seed_run(runs: Path, name: str, rewards: list[float], **extra) -> None:
+    """A run directory as a finished training leaves it (no training needed)."""
+    from lowvram_grpo.config import load_config, save_config
+
+    run = runs / name
+    run.mkdir(parents=True)
+    save_config(load_config(preset="tiny-cpu", overrides={"output_dir": str(run)}), run / "config.yaml")
+    (run / "status.json").write_text(json.dumps({"state": "finished", "step": len(rewards),
+                                                 "total_steps": len(rewards), "pid": None, "error": None}))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(
+        {"step": i + 1, "reward": r, "reward_std": 0.1, "kl": 0.01 * i, "loss": 0.1, "rewards/arith_answer/mean": r,
+         "completions/mean_length": 3.0, "frac_reward_zero_std": 0.2, **extra}) + "\n" for i, r in enumerate(rewards)))
+    (run / "completions.jsonl").write_text("".join(json.dumps(
+        {"step": i + 1, "prompt": f"{i}+1=", "completion": str(i + 1), "reward": r, "advantage": 0.0,
+         "rewards": {"arith_answer": r}}) + "\n" for i, r in enumerate(rewards)))
+    (run / "train.log").write_text("done\n")
+
+
+@pytest.fixture
+def seeded(work_dir):
+    _seed_run(work_dir / "runs", "stuck", [0.0] * 20, frac_reward_zero_std=1.0)
+    time.sleep(0.05)  # newest run first
+    _seed_run(work_dir / "runs", "climbing", [i / 20 for i in range(20)])
+
+
+def test_narrow_page_overlay_health_browser_workbench(seeded, app_url, tmp_path):
+    """#12 the 420 px layout stacks; overlays, the health warning (#5, #6, #13 too)."""
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 420, "height": 900})
+            page.set_default_timeout(30_000)
+            page.goto(app_url)
+
+            # Every tab name is on screen (none hidden in an overflow menu).
+            for name in ("Set up", "Train and watch", "Runs", "Completions", "Try rewards", "Use the adapter"):
+                expect(page.get_by_role("tab", name=name)).to_be_visible()
+
+            # #5: a preset whose dataset is on the hub empties the previous preview.
+            sums = re.compile(r"\d\+\d=")  # builtin:arith's rows
+            expect(page.locator("#preview")).to_contain_text(sums, timeout=30_000)
+            choose(page, "Preset", "qwen2.5-0.5b-gsm8k")
+            expect(page.locator("#preview-message")).to_contain_text("Press Preview")
+            expect(page.locator("#preview")).not_to_contain_text(sums)
+
+            # #6: a field error is readable and marks its field.
+            page.get_by_label("Steps").fill("0")
+            page.locator("#check").click()
+            error = page.locator("#error-max_steps")
+            expect(error).to_contain_text("max_steps")
+            assert float(error.locator("p").first.evaluate("e => parseFloat(getComputedStyle(e).fontSize)")) >= 12
+            shadow = page.locator("#field-max_steps").evaluate("e => getComputedStyle(e).boxShadow")
+            assert shadow and shadow != "none", shadow
+
+            # #13: help text contrast.
+            assert contrast(page, "#field-dataset [data-testid='block-info'], #field-dataset .info, "
+                                  "#field-dataset span") >= 4.5
+
+            page.get_by_role("tab", name="Train and watch").click()
+            expect(page.locator("#run-status")).to_contain_text("finished")
+            # The newest run is selected; compare the other one with it.
+            page.locator("#compare input").click()
+            page.get_by_role("option", name="stuck", exact=True).click()
+            page.keyboard.press("Escape")
+            page.wait_for_function("() => document.querySelectorAll('#curve-reward polyline.line').length == 2")
+            lines = drawn(page, "reward")["lines"]
+            assert [v[1] for v in lines["stuck|reward"]["points"]] == pytest.approx([0.0] * 20, abs=1e-3)
+            assert lines["climbing|reward"]["stroke"] != lines["stuck|reward"]["stroke"]
+
+            # #12: the curve panels stack at 420 px, each the page's width.
+            boxes = [f.bounding_box() for f in page.locator("#curve-grid figure").all()[:3]]
+            assert len({round(b["x"]) for b in boxes}) == 1 and all(b["width"] > 300 for b in boxes)
+            screenshot(page, "app-narrow.png", tmp_path)
+
+            # Health: a run with no learning signal says so, naming the metric.
+            page.locator("#run-choice input").click()
+            page.get_by_role("option", name="stuck", exact=True).click()
+            expect(page.locator("#health")).to_contain_text("frac_reward_zero_std", timeout=20_000)
+            expect(page.locator("#more-steps")).to_be_enabled()
+            expect(page.locator("#stop")).to_be_disabled()
+
+            # Completions browser.
+            page.get_by_role("tab", name="Completions").click()
+            page.locator("#browse").click()
+            expect(page.locator("#browse-message")).to_contain_text("20 of 20")
+
+            # Reward workbench.
+            page.get_by_role("tab", name="Try rewards").click()
+            page.locator("#wb-score").click()
+            expect(page.locator("#wb-message")).to_contain_text("scored as one group")
+            expect(page.locator("#wb-table")).to_contain_text("advantage")
         finally:
             browser.close()

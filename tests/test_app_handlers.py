@@ -188,7 +188,7 @@ def test_errors_carry_their_key_and_mark_their_field(handlers):
     form.update(temperature="-1", top_k="many", num_generations=1)
     _, errors = app_setup.form_to_config(form, handlers.ctx, check_data=False, check_model=False)
     assert {"temperature", "top_k", "num_generations"} <= set(errors)
-    assert ".block:has(+ .field-error)" in ui.CSS  # the field itself gets a red outline
+    assert ".form:has(+ .field-error) > .block" in ui.CSS  # the field itself gets a red outline
     assert "0.9em" not in ui.CSS  # the nested relative size that rendered at ~8 px
 
 
@@ -231,6 +231,23 @@ def test_memory_headline_describes_the_chunk_sizes_the_run_uses(handlers):
     assert f"generation_chunk_size={chosen.generation_chunk_size}, micro_batch_size={chosen.micro_batch_size}" \
         in headline
     assert config.vram_gb == 8  # the run plans "auto" for the same memory the page planned with
+
+
+def test_a_model_without_downloaded_weights_is_not_valid_offline(handlers, tmp_path, monkeypatch):
+    """#10: offline, a hub model with only config.json in the cache fails the check, not Start."""
+    snapshot = tmp_path / "hub" / "models--someone--half-cached" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text('{"model_type": "qwen2"}')
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("abc")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    form = app_setup.preset_form_values("tiny-cpu")
+    form["model_name_or_path"] = "someone/half-cached"
+    _, errors = app_setup.form_to_config(form, handlers.ctx, check_data=False)
+    assert "weights are not downloaded" in errors["model_name_or_path"]
+    (snapshot / "model.safetensors").write_bytes(b"")
+    assert app_setup.missing_weights("someone/half-cached") is None
 
 
 def test_check_shows_the_cli_command_and_config_yaml(handlers):

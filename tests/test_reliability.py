@@ -273,7 +273,7 @@ def test_a_hub_model_that_is_not_downloaded_is_reported_before_anything_loads(tm
 
 
 def test_the_app_check_says_a_model_is_not_downloaded(tmp_path, monkeypatch):
-    from lowvram_grpo.ui import AppContext, form_to_config
+    from lowvram_grpo.app_setup import AppContext, form_to_config
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)

@@ -1,0 +1,132 @@
+"""How much the app's live refresh sends, and how long it takes, for a long run.
+
+A run directory with STEPS steps of metrics (every key the trainer logs, four reward
+functions) is made by hand; then the app's refresh handler (app_handlers.Handlers.refresh,
+what the page's 2-second timer calls) is timed for
+  - a page that opens on the run (it has no rows yet: the whole history once),
+  - the next refresh after one more step (only that row),
+  - a refresh with nothing new (nothing sent).
+For comparison, the size of the whole history as the previous page sent it every refresh (every
+point of every curve, as gr.LinePlot data) is printed too.
+
+    python bench/app_updates.py                 # 5,000 steps; writes docs/benchmarks.md
+    python bench/app_updates.py --steps 300 --no-docs
+
+Results are written into docs/benchmarks.md between `<!-- bench:app-updates -->` markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import bench_grpo  # noqa: E402  (the docs writer)
+
+from lowvram_grpo.app_handlers import Handlers  # noqa: E402
+from lowvram_grpo.app_setup import AppContext  # noqa: E402
+from lowvram_grpo.config import build_config, save_config  # noqa: E402
+from lowvram_grpo.dashboard import CURVES  # noqa: E402
+from lowvram_grpo.jobs import JobManager  # noqa: E402
+
+FUNCTIONS = ["accuracy", "format_strict", "format_soft", "length_penalty"]
+
+
+def record(step: int, rng: random.Random) -> dict:
+    r = {"step": step, "reward": rng.random(), "reward_std": rng.random() / 3, "frac_reward_zero_std": rng.random(),
+         "completions/mean_length": 100 + rng.random() * 50, "completions/min_length": 20 + rng.random() * 10,
+         "completions/max_length": 256.0, "completions/clipped_ratio": rng.random() / 5, "kl": rng.random() / 100,
+         "loss": rng.random() / 10, "learning_rate": 1e-5 * (1 - step / 10_000), "grad_norm": rng.random(),
+         "entropy": 1 + rng.random(), "clip_ratio/low_mean": rng.random() / 100,
+         "clip_ratio/high_mean": rng.random() / 100, "clip_ratio/region_mean": rng.random() / 50,
+         "num_prompts_truncated": 0, "oom_retries": 0, "step_skipped": 0, "step_time": 20 + rng.random(),
+         "generation_time": 15 + rng.random(), "tokens_per_second": 400 + rng.random() * 40,
+         "peak_memory_gb": 9 + rng.random()}
+    for name in FUNCTIONS:
+        r[f"rewards/{name}/mean"], r[f"rewards/{name}/std"] = rng.random(), rng.random() / 3
+    return r
+
+
+def old_page_bytes(records: list[dict]) -> int:
+    """The previous page's refresh: every point of its four line plots, every time."""
+    rows = [[r["step"], r[k], k] for r in records for k in
+            ["reward", "kl", "loss", "completions/mean_length", *(f"rewards/{n}/mean" for n in FUNCTIONS)]]
+    return len(json.dumps({"data": rows}))
+
+
+def timed(fn, repeat: int = 5):
+    best, result = float("inf"), None
+    for _ in range(repeat):
+        started = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - started)
+    return best, result
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=5000)
+    parser.add_argument("--no-docs", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    args = parser.parse_args(argv)
+
+    rng = random.Random(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = AppContext(Path(tmp))
+        run = ctx.runs_dir / "long"
+        run.mkdir(parents=True)
+        save_config(build_config({"output_dir": str(run), "max_steps": args.steps + 1}), run / "config.yaml")
+        (run / "status.json").write_text(json.dumps({"state": "running", "step": args.steps,
+                                                     "total_steps": args.steps + 1, "pid": None}))
+        records = [record(s, rng) for s in range(1, args.steps + 1)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        handlers = Handlers(ctx, JobManager(ctx.work_dir), playground=None)
+
+        first_s, first = timed(lambda: handlers.refresh("long", [], {}))
+        sent = first[-1]
+        with (run / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(record(args.steps + 1, rng)) + "\n")
+        next_s, following = timed(lambda: handlers.refresh("long", [], sent))
+        idle_s, idle = timed(lambda: handlers.refresh("long", [], following[-1]))
+        assert not isinstance(idle[2], str), "a refresh with nothing new must send no curve data"
+
+    rows = [("page opens on the run (whole history)", len(first[2]), first_s),
+            ("next refresh, one new step", len(following[2]), next_s),
+            ("refresh with nothing new", 0, idle_s)]
+    old = old_page_bytes(records)
+    table = ["| refresh | curve data sent | handler time |", "|---|---:|---:|"]
+    table += [f"| {what} | {size / 1024:,.1f} KB | {seconds * 1000:,.0f} ms |" for what, size, seconds in rows]
+    print("\n".join(table))
+    print(f"previous page (every point of 4 plots, every refresh): {old / 1024:,.1f} KB")
+    body = "\n".join([
+        f"## App refresh at {args.steps:,} steps: CPU",
+        "",
+        f"- Command: `python bench/app_updates.py --steps {args.steps}`",
+        f"- Date: {datetime.date.today().isoformat()}",
+        f"- Machine: {os.cpu_count()} CPU cores (shared; load average {os.getloadavg()[0]:.1f} at the end)",
+        f"- Run: {args.steps:,} steps, every metric the trainer logs and {len(FUNCTIONS)} reward functions; "
+        f"{len(CURVES)} curve panels. Sizes are the JSON the refresh puts on the wire for the curves (status, "
+        "log and health text come on top, a few KB).",
+        "",
+        *table,
+        "",
+        f"The previous page resent every point of its four plots on every refresh: {old / 1024:,.1f} KB every "
+        "2 s at this length. The handler's time is mostly reading metrics.jsonl, which it does whole every "
+        "refresh.",
+    ])
+    if not args.no_docs:
+        bench_grpo.update_docs(REPO_ROOT / "docs" / "benchmarks.md", "app-updates", body)
+
+
+if __name__ == "__main__":
+    main()
