@@ -272,8 +272,12 @@ class Handlers:
         run_dir = self.run_dir(name)
         if run_dir is None:
             return pd.DataFrame(columns=dashboard.COMPLETION_COLUMNS), gr.update(choices=[""]), "⚠ choose a run"
+        try:
+            bounds = [_optional_number(v) for v in (step_from, step_to, min_reward)]
+        except ValueError as err:
+            return gr.skip(), gr.skip(), f"⚠ {err}"
         samples = RunDir(run_dir).completions()
-        rows = dashboard.filter_completions(samples, step_from, step_to, min_reward, function or "", text or "")
+        rows = dashboard.filter_completions(samples, *bounds, function or "", text or "")
         functions = dashboard.completion_functions(samples)
         message = f"{len(rows)} of {len(samples)} logged completions" + (" (the newest 200)" if len(rows) == 200 else "")
         return (pd.DataFrame(rows, columns=dashboard.COMPLETION_COLUMNS),
@@ -342,6 +346,17 @@ class Handlers:
         except Exception as err:  # show any load/generation failure on the page, never crash it
             return "", "", f"⚠ {type(err).__name__}: {err}"
         return base, tuned, f"Adapter: `{source.name}`, greedy decoding."
+
+
+def _optional_number(value) -> float | None:
+    """A filter field's number; empty means no filter."""
+    if value is None or isinstance(value, (int, float)):
+        return value
+    text = str(value).strip()
+    try:
+        return float(text) if text else None
+    except ValueError:
+        raise ValueError(f"'{text}' is not a number: give a number, or leave the field empty") from None
 
 
 def log_html(text: str) -> str:

@@ -269,9 +269,10 @@ def build_app(work_dir: str | Path = DEFAULT_WORK_DIR, allow_custom_code: bool =
 
             with gr.Tab("Completions", id="completions"):
                 with gr.Row():
-                    step_from = gr.Number(None, label="From step", precision=0, min_width=100)
-                    step_to = gr.Number(None, label="To step", precision=0, min_width=100)
-                    min_reward = gr.Number(None, label="Reward at least", min_width=100)
+                    # Text, not gr.Number: an empty number field arrives as 0, which would filter.
+                    step_from = gr.Textbox(label="From step", placeholder="first", min_width=100)
+                    step_to = gr.Textbox(label="To step", placeholder="last", min_width=100)
+                    min_reward = gr.Textbox(label="Reward at least", placeholder="any", min_width=100)
                     function = gr.Dropdown([""], value="", label="Reward function (reward filter applies to it)",
                                            allow_custom_value=True, elem_id="completion-function")
                     text_filter = gr.Textbox(label="Text contains", elem_id="completion-text")

@@ -311,9 +311,10 @@ def test_completions_browser_filters(handlers):
     table, functions, message = handlers.completions("c", 3, 8, 1.0, "arith_answer", "")
     assert list(table["step"]) == [7, 5, 3] and "3 of 10" in message
     assert functions["choices"] == ["", "arith_answer", "fmt"]
-    table, _, _ = handlers.completions("c", None, None, None, "", "wrong")
+    table, _, _ = handlers.completions("c", "", " ", "", "", "wrong")  # empty fields: no filter
     assert list(table["step"]) == [10, 8, 6, 4, 2]
-    assert "arith_answer 1" in handlers.completions("c", 1, 1, None, "", "")[0]["rewards"][0]
+    assert "arith_answer 1" in handlers.completions("c", "1", "1", None, "", "")[0]["rewards"][0]
+    assert "not a number" in handlers.completions("c", "one", "", "", "", "")[2]
 
 
 def test_adapter_picker(handlers, tmp_path):
