@@ -139,8 +139,8 @@ def contrast(page, selector: str) -> float:
 
 def test_first_run_draws_the_reward_of_metrics_jsonl(app_url, tmp_path, work_dir):
     """#1: in a fresh work directory the reward line of the first run follows metrics.jsonl;
-    #2: the legend stays in its panel and colours stay put; #3: the log shows its end;
-    #4: Stop is off once the run has stopped."""
+    #2: the legend stays in its panel and colours stay put; #4: Stop is off once the run has
+    stopped."""
     data = tmp_path / "sums.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}) + "\n"
                             for a in range(10) for b in range(0, 10, 2)), encoding="utf-8")
@@ -204,12 +204,6 @@ def test_first_run_draws_the_reward_of_metrics_jsonl(app_url, tmp_path, work_dir
             page.locator("#curve-reward svg").hover()
             expect(page.locator("#curve-reward .tip")).to_contain_text("step")
 
-            # The log box shows its last line.
-            log = page.locator("#log pre")
-            page.wait_for_function("() => { const p = document.querySelector('#log pre'); "
-                                   "return p && p.scrollHeight > p.clientHeight; }")
-            assert log.evaluate("p => p.scrollTop + p.clientHeight >= p.scrollHeight - 2")
-
             page.wait_for_timeout(700)
             screenshot(page, "app.png", tmp_path, full_page=True)
 
@@ -238,7 +232,7 @@ def _seed_run(runs: Path, name: str, rewards: list[float], **extra) -> None:
     (run / "completions.jsonl").write_text("".join(json.dumps(
         {"step": i + 1, "prompt": f"{i}+1=", "completion": str(i + 1), "reward": r, "advantage": 0.0,
          "rewards": {"arith_answer": r}}) + "\n" for i, r in enumerate(rewards)))
-    (run / "train.log").write_text("done\n")
+    (run / "train.log").write_text("".join(f"line {i}\n" for i in range(60)) + "RuntimeError: the last line\n")
 
 
 @pytest.fixture
@@ -249,7 +243,8 @@ def seeded(work_dir):
 
 
 def test_narrow_page_overlay_health_browser_workbench(seeded, app_url, tmp_path):
-    """#12 the 420 px layout stacks; overlays, the health warning (#5, #6, #13 too)."""
+    """#12: the 420 px layout stacks; overlays, the health warning, the completions browser, the
+    workbench; #3 (log end), #4 (buttons), #5 (preview), #6 (field errors), #13 (contrast)."""
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
@@ -303,6 +298,12 @@ def test_narrow_page_overlay_health_browser_workbench(seeded, app_url, tmp_path)
             expect(page.locator("#health")).to_contain_text("frac_reward_zero_std", timeout=20_000)
             expect(page.locator("#more-steps")).to_be_enabled()
             expect(page.locator("#stop")).to_be_disabled()
+
+            # #3: the log box shows its end: a traceback's last line is in view.
+            log = page.locator("#log pre")
+            expect(log).to_contain_text("RuntimeError: the last line")
+            assert log.evaluate("p => p.scrollHeight > p.clientHeight")  # it does overflow
+            assert log.evaluate("p => p.scrollTop + p.clientHeight >= p.scrollHeight - 2")
 
             # Completions browser.
             page.get_by_role("tab", name="Completions").click()
