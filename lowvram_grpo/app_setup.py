@@ -79,6 +79,7 @@ class AppContext:
     work_dir: Path
     allow_custom_code: bool = False
     allow_local_paths: bool = True  # name server-side dataset files by path (local app only)
+    allow_code_execution: bool = False  # offer code_tests, which runs the model's code (sandboxed)
 
     @property
     def runs_dir(self) -> Path:
@@ -292,8 +293,15 @@ def missing_weights(name: str) -> str | None:
 
 
 def reward_problem(name: str, ctx: AppContext) -> str | None:
-    """Reward names other than built-ins run the user's Python code: only with opt-in."""
-    if name in BUILTIN_REWARDS:
+    """Reward names other than built-ins run the user's Python code: only with opt-in. So does
+    code_tests (the model's code, sandboxed); reward models and judge:self run no code of
+    anyone's, and a judge URL is reached from this server, so only a local app may name one."""
+    if name == "code_tests" and not ctx.allow_code_execution:
+        return ("reward 'code_tests' runs the model's code on this machine (sandboxed); start the app with "
+                "--allow-code-execution to offer it")
+    if name in BUILTIN_REWARDS or name == "judge:self" or (name.startswith("model:") and len(name) > 6):
+        return None
+    if name.startswith("judge:") and (ctx.allow_local_paths or ctx.allow_custom_code):
         return None
     if not ctx.allow_custom_code:
         return (f"reward '{name}': only built-in rewards are allowed; start the app with "

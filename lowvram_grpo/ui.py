@@ -18,7 +18,9 @@ Layout of the app's work directory (`--work-dir`, default `runs/app`):
 
 Safety: the app listens on 127.0.0.1 unless --host or --share say otherwise; --auth-file (or
 --auth, or $LOWVRAM_GRPO_AUTH) adds a login. Reward functions are Python code, so uploading them (or naming any reward that is
-not a built-in) is refused unless the app was started with --allow-custom-code. Datasets on the
+not a built-in) is refused unless the app was started with --allow-custom-code. The code_tests
+reward runs the model's code (in the sandbox, see sandbox.py): only with --allow-code-execution.
+Reward models and judge:self run nobody's code; a judge URL only in a local app. Datasets on the
 server's disk can be named by path only when the app is local (127.0.0.1, no --share); otherwise
 only uploads, built-ins and hub ids are accepted.
 """
@@ -109,14 +111,15 @@ def _setting_info(key: str) -> str | None:
 
 
 def build_app(work_dir: str | Path = DEFAULT_WORK_DIR, allow_custom_code: bool = False,
-              allow_local_paths: bool = True) -> gr.Blocks:
-    ctx = AppContext(Path(work_dir).resolve(), allow_custom_code, allow_local_paths)
+              allow_local_paths: bool = True, allow_code_execution: bool = False) -> gr.Blocks:
+    ctx = AppContext(Path(work_dir).resolve(), allow_custom_code, allow_local_paths, allow_code_execution)
     ctx.runs_dir.mkdir(parents=True, exist_ok=True)
     jobs = JobManager(ctx.work_dir)
     on = Handlers(ctx, jobs, AdapterPlayground())
     presets = list_presets()
     initial = preset_form_values("tiny-cpu" if "tiny-cpu" in presets else None)
-    builtin_rewards = [""] + sorted(BUILTIN_REWARDS)
+    builtin_rewards = [""] + sorted(n for n in BUILTIN_REWARDS if n != "code_tests" or allow_code_execution) \
+        + ["judge:self"]
 
     with gr.Blocks(title="lowvram-grpo", analytics_enabled=False) as demo:
         gr.Markdown("# lowvram-grpo\nGRPO fine-tuning on one GPU: set up a run, start it, watch the reward "
@@ -173,8 +176,14 @@ def build_app(work_dir: str | Path = DEFAULT_WORK_DIR, allow_custom_code: bool =
                     reward_message = gr.Markdown()
                 else:
                     reward_file = None
-                    gr.Markdown("Only built-in reward functions: start the app with `--allow-custom-code` to "
-                                "upload your own (Python files run with the server's permissions).")
+                    gr.Markdown("Only built-in reward functions and `judge:self`: start the app with "
+                                "`--allow-custom-code` to upload your own (Python files run with the server's "
+                                "permissions) or to type a reward model (`model:<hub id>`) or a judge server "
+                                "(`judge:<URL>`).")
+                gr.Markdown("Code execution (`code_tests`) is **on** (--allow-code-execution): the model's code "
+                            "runs in the sandbox on this machine." if allow_code_execution else
+                            "Code execution (`code_tests`) is off: start the app with `--allow-code-execution` "
+                            "to reward code by running it against the dataset's tests.")
                 for i in range(1, REWARD_SLOTS + 1):
                     with gr.Row():
                         with gr.Column(scale=3):
@@ -382,14 +391,16 @@ def build_app(work_dir: str | Path = DEFAULT_WORK_DIR, allow_custom_code: bool =
 
 def launch(host: str = "127.0.0.1", port: int | None = None, share: bool = False,
            auth: list[tuple[str, str]] | None = None, allow_custom_code: bool = False,
-           work_dir: str | Path = DEFAULT_WORK_DIR, prevent_thread_lock: bool = False, quiet: bool = False):
+           work_dir: str | Path = DEFAULT_WORK_DIR, prevent_thread_lock: bool = False, quiet: bool = False,
+           allow_code_execution: bool = False):
     """Build the app and serve it; returns the Blocks (serving in the background with
     prevent_thread_lock=True). Local by default: --host, --share and --auth are explicit opt-ins."""
     local = host in LOCAL_HOSTS and not share
     if not local and auth is None:
         print("warning: the app is reachable from other machines without a login; anyone who can open it can "
               "start training and read its runs. Add --auth-file FILE (USER:PASS lines) or --auth user:pass.", flush=True)
-    demo = build_app(work_dir, allow_custom_code=allow_custom_code, allow_local_paths=local)
+    demo = build_app(work_dir, allow_custom_code=allow_custom_code, allow_local_paths=local,
+                     allow_code_execution=allow_code_execution)
     demo.queue(default_concurrency_limit=2)
     demo.launch(server_name=host, server_port=port, share=share, auth=auth,
                 max_file_size=f"{MAX_UPLOAD_MB}mb", allowed_paths=[str(demo.app_context.subdir("exports"))],
