@@ -279,7 +279,8 @@ class Handlers:
         samples = RunDir(run_dir).completions()
         rows = dashboard.filter_completions(samples, *bounds, function or "", text or "")
         functions = dashboard.completion_functions(samples)
-        message = f"{len(rows)} of {len(samples)} logged completions" + (" (the newest 200)" if len(rows) == 200 else "")
+        message = f"{len(rows)} of {len(samples)} logged completions"
+        message += " (the newest 200)" if len(rows) == 200 else ""
         return (pd.DataFrame(rows, columns=dashboard.COMPLETION_COLUMNS),
                 gr.update(choices=["", *functions], value=function if function in functions else ""), message)
 

@@ -275,7 +275,8 @@ def form_to_config(form: dict[str, Any], ctx: AppContext, check_data: bool = Tru
     return (None, errors) if errors else (config, {})
 
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 
 
 def missing_weights(name: str) -> str | None:

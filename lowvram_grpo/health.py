@@ -50,7 +50,8 @@ def check_health(records: list[dict], samples: list[dict] | None = None) -> list
     step = int(records[-1].get("step", len(records)))
     found = []
 
-    lengths_early, lengths_recent = _values(early, "completions/mean_length"), _values(recent, "completions/mean_length")
+    lengths_early = _values(early, "completions/mean_length")
+    lengths_recent = _values(recent, "completions/mean_length")
     if lengths_early and lengths_recent:
         before, now = _mean(lengths_early), _mean(lengths_recent)
         clipped = _values(recent, "completions/clipped_ratio")

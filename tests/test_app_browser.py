@@ -212,7 +212,7 @@ def test_first_run_draws_the_reward_of_metrics_jsonl(app_url, tmp_path, work_dir
             expect(status).to_contain_text("stopped", timeout=60_000)
             expect(page.locator("#checkpoints")).to_contain_text("checkpoint-", timeout=10_000)
             expect(page.locator("#stop")).to_be_disabled()
-            expect(page.locator("#resume")).to_be_enabled()
+            expect(page.locator("#resume")).to_be_enabled(timeout=30_000)  # once the trainer process has exited
         finally:
             browser.close()
 
