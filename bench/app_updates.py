@@ -9,8 +9,8 @@ what the page's 2-second timer calls) is timed for
 For comparison, the size of the whole history as the previous page sent it every refresh (every
 point of every curve, as gr.LinePlot data) is printed too.
 
-    python bench/app_updates.py                 # 5,000 steps; writes docs/benchmarks.md
-    python bench/app_updates.py --steps 300 --no-docs
+    python -m bench.app_updates                 # 5,000 steps; writes docs/benchmarks.md
+    python -m bench.app_updates --steps 300 --no-docs
 
 Results are written into docs/benchmarks.md between `<!-- bench:app-updates -->` markers.
 """
@@ -22,18 +22,13 @@ import datetime
 import json
 import os
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-import bench_grpo  # noqa: E402  (the docs writer)
-
+from bench import common  # noqa: E402  (the docs writer)
 from lowvram_grpo.app_handlers import Handlers  # noqa: E402
 from lowvram_grpo.app_setup import AppContext  # noqa: E402
 from lowvram_grpo.config import build_config, save_config  # noqa: E402
@@ -111,7 +106,7 @@ def main(argv=None) -> None:
     body = "\n".join([
         f"## App refresh at {args.steps:,} steps: CPU",
         "",
-        f"- Command: `python bench/app_updates.py --steps {args.steps}`",
+        f"- Command: `python -m bench.app_updates --steps {args.steps}`",
         f"- Date: {datetime.date.today().isoformat()}",
         f"- Machine: {os.cpu_count()} CPU cores (shared; load average {os.getloadavg()[0]:.1f} at the end)",
         f"- Run: {args.steps:,} steps, every metric the trainer logs and {len(FUNCTIONS)} reward functions; "
@@ -125,7 +120,7 @@ def main(argv=None) -> None:
         "refresh.",
     ])
     if not args.no_docs:
-        bench_grpo.update_docs(REPO_ROOT / "docs" / "benchmarks.md", "app-updates", body)
+        common.update_docs(common.DEFAULT_DOCS, "app-updates", body)
 
 
 if __name__ == "__main__":
