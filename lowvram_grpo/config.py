@@ -29,9 +29,12 @@ PRESETS_DIR = Path(__file__).parent / "presets"
 # Short names users type on the command line (`lr=2e-5`) for the full field names.
 ALIASES = {"lr": "learning_rate", "model": "model_name_or_path", "G": "num_generations"}
 
-# The values of loss_type and scale_rewards (grpo.py implements them).
-LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
+# The values of loss_type, scale_rewards, importance_sampling_level and
+# multi_objective_aggregation (grpo.py implements them).
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")
 SCALE_REWARDS = ("group", "batch", "none")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 AUTO = "auto"
 DEFAULT_REWARD_TIMEOUT = 300.0
 

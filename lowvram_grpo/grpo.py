@@ -15,11 +15,14 @@ GRPO (Group Relative Policy Optimization, DeepSeekMath 2024) in one step:
 4. Average the per-token losses into one number; *how* is what distinguishes the variants
    (`loss_type`): grpo averages per sequence then over sequences, bnpo / dapo average over
    tokens, dr_grpo divides by a constant so long and short completions weigh the same per token.
+   The later variants also change the per-token term: cispo clips the ratio as a weight (all
+   tokens keep a gradient), sapo gates it smoothly, vespo weights whole sequences smoothly,
+   luspo is GSPO with each sequence weighted by its length (see `grpo_loss`).
 
-Three functions implement this, and they are written to reproduce TRL 1.16's `GRPOTrainer`
+These functions implement this, and they are written to reproduce TRL 1.16's `GRPOTrainer`
 exactly (tests/test_grpo_oracle.py checks losses and LoRA gradients against it):
 
-- `group_advantages`  step 2.
+- `group_advantages`  step 2 (`normalize_then_sum_advantages` for GDPO's per-function variant).
 - `sequence_logprobs` per-token log pi(token) without ever materialising (B, T, V) logits:
   for a 150k vocabulary that tensor, in fp32, is the single largest allocation of a GRPO step.
 - `grpo_loss`         steps 3-4 for one micro-batch, pre-scaled for gradient accumulation.
@@ -27,10 +30,16 @@ exactly (tests/test_grpo_oracle.py checks losses and LoRA gradients against it):
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from lowvram_grpo.config import LOSS_TYPES, SCALE_REWARDS  # the values, named once, with the config
+from lowvram_grpo.config import (  # the values, named once, with the config
+    IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, SCALE_REWARDS)
+
+# The loss types whose per-token loss is PPO's clipped surrogate (the others reshape the ratio).
+CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 
 # Added to the std before dividing, so a group whose rewards are all equal (std 0) gets
 # advantage 0 instead of 0/0. Same value as TRL.
@@ -101,6 +110,39 @@ def group_advantages(
     return advantages, std
 
 
+def normalize_then_sum_advantages(
+    per_function: torch.Tensor, weights: torch.Tensor, num_generations: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Advantages with `multi_objective_aggregation="normalize_then_sum"` (GDPO), exactly as TRL 1.16.
+
+    Each reward function is normalised within each group first, then the normalised rewards are
+    weighted and summed, and the sum is normalised over the whole batch. With several rewards of
+    different scales (a 0/1 correctness and a 0..0.25 format score), summing first lets the large
+    one drown the small one's within-group ranking; this keeps each function's ranking. TRL
+    ignores `scale_rewards` here, and so do we.
+
+    Args:
+        per_function: (N, F) rewards per function, NaN where a function returned None.
+        weights: (F,) reward weights.
+
+    Returns:
+        (advantages (N,), reward_std (N,)): reward_std is the batch std of the summed normalised
+        rewards (what TRL checks for zero to log `frac_reward_zero_std`).
+    """
+    per_function = per_function.float()
+    num_functions = per_function.size(1)
+    unscorable = torch.isnan(per_function).all(dim=1)
+    grouped = per_function.view(-1, num_generations, num_functions)
+    mean = torch.nanmean(grouped, dim=1, keepdim=True)
+    std = _nanstd(grouped, dim=1).unsqueeze(1) if num_generations > 1 else torch.zeros_like(mean)
+    normalised = ((grouped - mean) / (std + ADVANTAGE_EPS)).view(-1, num_functions)
+    rewards = (normalised * weights.to(normalised).unsqueeze(0)).nansum(dim=1)
+    rewards[unscorable] = float("nan")
+    batch_std = _nanstd(rewards).expand_as(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards)
+    advantages = (rewards - torch.nanmean(rewards)) / (batch_std + ADVANTAGE_EPS)
+    return torch.nan_to_num(advantages, nan=0.0), batch_std
+
+
 # ---------------------------------------------------------------------------------------------
 # Log-probabilities
 # ---------------------------------------------------------------------------------------------
@@ -131,7 +173,7 @@ def _logit_transform(config) -> tuple[float, float | None]:
     return (1.0 if scale is None else scale), getattr(config, "final_logit_softcapping", None)
 
 
-def _head_logprobs(head, hidden, targets, temperature, logit_scale, softcap, compute_entropy):
+def _head_logprobs(head, hidden, targets, temperature, logit_scale, softcap, compute_entropy, entropy_grad=False):
     """log p(target) for one chunk of positions: LM head -> fp32 -> log_softmax -> gather.
 
     This is the only place (rows, V) logits exist, and only for `rows = chunk_size` positions.
@@ -145,7 +187,9 @@ def _head_logprobs(head, hidden, targets, temperature, logit_scale, softcap, com
     token_logps = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     if not compute_entropy:
         return token_logps, None
-    with torch.no_grad():  # entropy is only a metric: keep it out of the graph
+    if entropy_grad:  # the entropy bonus (entropy_coef) trains on it
+        return token_logps, -(logprobs.exp() * logprobs).sum(-1)
+    with torch.no_grad():  # otherwise entropy is only a metric: keep it out of the graph
         entropy = -(logprobs.exp() * logprobs).sum(-1)
     return token_logps, entropy
 
@@ -158,6 +202,7 @@ def sequence_logprobs(
     temperature: float = 1.0,
     chunk_size: int = 256,
     compute_entropy: bool = False,
+    entropy_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log-probs of the last `logits_to_keep` tokens, without full (B, T, V) logits.
 
@@ -168,7 +213,8 @@ def sequence_logprobs(
         temperature: logits are divided by it, so the log-probs are those of the distribution
             the completions were sampled from.
         chunk_size: rows (flattened B*K positions) projected through the LM head at a time.
-        compute_entropy: also return the per-token entropy (no gradient; for logging).
+        compute_entropy: also return the per-token entropy (for logging and top_entropy_quantile).
+        entropy_grad: let gradients flow through that entropy (for the entropy bonus, entropy_coef).
 
     Returns:
         (logps (B, K) float32, entropy (B, K) or None). Padding positions get a (meaningless)
@@ -193,7 +239,7 @@ def sequence_logprobs(
     logps, entropies = [], []
     for start in range(0, hidden.size(0), chunk_size):
         args = (head, hidden[start : start + chunk_size], targets[start : start + chunk_size],
-                temperature, logit_scale, softcap, compute_entropy)
+                temperature, logit_scale, softcap, compute_entropy, entropy_grad)
         if use_checkpoint:
             chunk_logps, chunk_entropy = checkpoint(_head_logprobs, *args, use_reentrant=False)
         else:
@@ -209,6 +255,39 @@ def sequence_logprobs(
 # ---------------------------------------------------------------------------------------------
 # Loss
 # ---------------------------------------------------------------------------------------------
+
+
+def high_entropy_mask(entropies: torch.Tensor, mask: torch.Tensor, top_quantile: float) -> torch.Tensor:
+    """True for the completion tokens whose entropy is in the top `top_quantile` of this micro-batch.
+
+    "Beyond the 80/20 rule" (Wang et al. 2025): the few high-entropy "forking" tokens carry most
+    of the learning signal. Same definition as TRL's `get_high_entropy_mask`.
+    """
+    local = entropies.detach()[mask.bool()].float()
+    if local.numel() == 0:
+        return torch.zeros_like(mask, dtype=torch.bool)
+    threshold = torch.quantile(local, 1.0 - top_quantile)
+    return ((entropies.detach() * mask) >= threshold) & mask.bool()
+
+
+@torch.no_grad()
+def vespo_weights(advantages, log_ratio, mask, k_pos, lambda_pos, k_neg, lambda_neg) -> torch.Tensor:
+    """VESPO's (B, 1) sequence weights phi(w) = e^lambda * w^k * e^(-lambda * w), phi(1) = 1.
+
+    w is the sequence's importance ratio pi / pi_old (a product over its tokens, not a mean);
+    k and lambda depend on the advantage's sign. phi is a smooth, asymmetric replacement for
+    clipping: it fades sequences whose ratio moved far from 1 instead of cutting them off.
+    Computed in log space, no gradient, exactly as TRL's `get_gamma_weights` (without vLLM's
+    sampler correction).
+    """
+    lower = math.log(1e-8)
+    seq_log_ratio = (torch.clamp(log_ratio, -20.0, 20.0) * mask).sum(-1, keepdim=True)
+    log_w = torch.clamp(seq_log_ratio, lower, 20.0)
+    nonneg = advantages >= 0
+    k = torch.where(nonneg, k_pos, k_neg)
+    lam = torch.where(nonneg, lambda_pos, lambda_neg).clamp(min=1e-4)
+    log_phi = lam + k * log_w - lam * torch.exp(log_w)
+    return torch.exp(log_phi).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def grpo_loss(
@@ -227,12 +306,24 @@ def grpo_loss(
     num_tokens_in_step: float,
     num_micro_batches: int,
     use_bias_correction_kl: bool = True,
+    importance_sampling_level: str = "token",
+    delta: float | None = None,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+    vespo_k_pos: float = 2.0,
+    vespo_lambda_pos: float = 3.0,
+    vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
+    off_policy_mask_threshold: float | None = None,
+    entropies: torch.Tensor | None = None,
+    top_entropy_quantile: float = 1.0,
+    entropy_coef: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One micro-batch's share of the step loss: clipped surrogate + beta * KL, aggregated.
+    """One micro-batch's share of the step loss: policy term + beta * KL, aggregated.
 
     Scaled so that calling `.backward()` on every micro-batch's loss accumulates exactly the
-    gradient of the whole step's loss, i.e. what TRL 1.16 produces when the step is split into
-    `num_micro_batches` equal micro-batches.
+    gradient of the whole step's loss, i.e. what TRL 1.16's `_compute_loss` produces when the
+    step is split into `num_micro_batches` equal micro-batches. Parameter names are TRL's.
 
     Args:
         logps: (B, T) log-probs under the current policy, with grad.
@@ -242,8 +333,9 @@ def grpo_loss(
         ref_logps: (B, T) reference-model log-probs; required when beta > 0.
         advantages: (B,) one advantage per completion, shared by all its tokens.
         completion_mask: (B, T) 1 for real completion tokens, 0 for padding.
-        loss_type: how per-token losses become one number (see the table below).
-        beta: KL coefficient. epsilon_low / epsilon_high: clip range [1 - low, 1 + high].
+        loss_type: the policy term and how per-token losses become one number (tables below).
+        beta: KL coefficient. epsilon_low / epsilon_high: clip range [1 - low, 1 + high]
+            (for cispo, epsilon_high is the cap on the ratio itself).
         max_completion_length: dr_grpo's constant denominator per sequence.
         num_sequences_in_step: completions in the whole optimizer step (all micro-batches).
         num_tokens_in_step: active completion tokens in the whole step (dapo's denominator).
@@ -252,23 +344,49 @@ def grpo_loss(
             as TRL 1.16 does by default (DeepSeek-V3.2): k3's plain gradient is a biased estimate
             of the reverse-KL gradient, ratio * k3's is unbiased. On-policy (ratio == 1) this
             leaves the loss value unchanged but not its gradient.
+        importance_sampling_level: "token" (one ratio per token) or "sequence" (GSPO: one ratio
+            per sequence, exp of the mean token log-ratio, shared by all its tokens).
+        delta: INTELLECT-2's two-sided clipping: also cap the unclipped ratio at `delta`, so a
+            negative-advantage token whose ratio exploded cannot dominate the step.
+        sapo_temperature_pos / _neg: SAPO's gate temperatures for positive / other advantages.
+        vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: VESPO's weight shape.
+        off_policy_mask_threshold: DeepSeek-V3.2's off-policy sequence mask: drop sequences with
+            a negative advantage whose mean log(pi_old / pi) exceeds it (None: off).
+        entropies: (B, T) per-token entropy; needed for top_entropy_quantile < 1 and
+            entropy_coef != 0 (then with grad, see `sequence_logprobs(entropy_grad=True)`).
+        top_entropy_quantile: keep only the top quantile of tokens by entropy in the policy term.
+        entropy_coef: subtract coef * (masked mean entropy) from the loss (exploration bonus).
+
+    Policy term per token (r = ratio, A = advantage):
+        grpo, bnpo, dr_grpo, dapo, luspo  -min(r A, clip(r, 1 - low, 1 + high) A)
+        cispo   -sg(min(r, epsilon_high)) A log pi      (clip the weight, keep every gradient)
+        sapo    -(4 / tau) sigmoid(tau (r - 1)) A       (a soft gate instead of a hard clip)
+        vespo   -sg(phi(w_seq)) A log pi                (smooth sequence weight, see vespo_weights)
 
     Aggregation (S = num_sequences_in_step, M = num_micro_batches):
-        grpo     sum over these sequences of (masked token mean) / S
-        bnpo     masked token mean of this micro-batch / M
-        dr_grpo  masked token sum / (S * max_completion_length)
-        dapo     masked token sum / num_tokens_in_step
+        grpo, sapo          sum over these sequences of (masked token mean) / S
+        bnpo                masked token mean of this micro-batch / M
+        dr_grpo             masked token sum / (S * max_completion_length)
+        dapo, cispo, vespo  masked token sum / num_tokens_in_step
+        luspo               masked token sum / S (each sequence weighs by its length)
 
     Returns:
         (loss, stats): stats are detached sums over this micro-batch, to be summed over the step
-        and divided by the summed "token_count" for logging: "kl_sum" (masked KL term as it enters
-        the loss, TRL's logged `kl`; present when ref_logps is given), "clip_low_count",
-        "clip_high_count", "clip_region_count" and "token_count".
+        and divided by their denominators for logging: "kl_sum" (masked KL term as it enters the
+        loss, TRL's logged `kl`; present when ref_logps is given) and "token_count"; for the
+        clipped family "clip_low_count", "clip_high_count", "clip_region_count", for cispo
+        "cispo_clip_count", for vespo "vespo_phi_sum", all over "ratio_count" (tokens, or
+        sequences when the ratio is per sequence, as TRL counts them).
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+        raise ValueError(f"importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}, "
+                         f"got {importance_sampling_level!r}")
     if beta != 0.0 and ref_logps is None:
         raise ValueError("ref_logps is required when beta != 0")
+    if entropies is None and (top_entropy_quantile < 1.0 or entropy_coef != 0.0):
+        raise ValueError("entropies are required when top_entropy_quantile < 1 or entropy_coef != 0")
 
     mask = completion_mask.to(logps.dtype)
     valid = mask.bool()
@@ -279,41 +397,92 @@ def grpo_loss(
     # Padding positions are zeroed before exp(): they are masked out anyway, but an overflow to
     # inf there would turn into inf * 0 = NaN in both the loss and its gradient.
     log_ratio = torch.where(valid, logps - old_logps, 0.0)
-    coef_1 = torch.exp(log_ratio)
-    coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + epsilon_high)
-    # Pessimistic bound: clipping only ever removes the incentive to move the ratio further.
-    per_token_loss = -torch.min(coef_1 * advantages, coef_2 * advantages)
+    if importance_sampling_level == "token":
+        log_weights = log_ratio
+    else:  # GSPO: the geometric mean of the token ratios, one per sequence, shape (B, 1)
+        log_weights = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    coef_1 = torch.exp(log_weights)
+
+    keep = None
+    if off_policy_mask_threshold is not None:
+        # Mean per-token log(pi_old / pi) of each sequence: how far the policy has moved from
+        # the one that sampled it. Only sequences with a negative advantage are ever dropped.
+        drift = torch.where(valid, old_logps - logps.detach(), 0.0)
+        seq_drift = drift.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
+        keep = ((advantages >= 0) | (seq_drift <= off_policy_mask_threshold)).to(mask.dtype)
 
     kl = None
     if ref_logps is not None:
-        delta = torch.where(valid, ref_logps - logps, 0.0)
-        kl = torch.exp(delta) - delta - 1  # k3: >= 0, and exactly 0 where policy == reference
+        delta_ref = torch.where(valid, ref_logps - logps, 0.0)
+        kl = torch.exp(delta_ref) - delta_ref - 1  # k3: >= 0, and exactly 0 where policy == reference
         if use_bias_correction_kl:
             kl = kl * coef_1
-        if beta != 0.0:
-            per_token_loss = per_token_loss + beta * kl
 
+    phi = None
+    if loss_type == "cispo":
+        per_token_loss = -torch.clamp(coef_1, max=epsilon_high).detach() * advantages * logps
+    elif loss_type in CLIPPED_LOSS_TYPES:
+        coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + epsilon_high)
+        if delta is not None:
+            coef_1 = torch.clamp(coef_1, max=delta)
+        # Pessimistic bound: clipping only ever removes the incentive to move the ratio further.
+        per_token_loss = -torch.min(coef_1 * advantages, coef_2 * advantages)
+    elif loss_type == "sapo":
+        tau = torch.where(advantages > 0, sapo_temperature_pos, sapo_temperature_neg)
+        per_token_loss = -torch.sigmoid(tau * (coef_1 - 1)) * 4 / tau * advantages
+    else:  # vespo
+        phi = vespo_weights(advantages, log_ratio, mask, vespo_k_pos, vespo_lambda_pos, vespo_k_neg,
+                            vespo_lambda_neg)
+        per_token_loss = -phi * advantages * logps
+
+    if keep is not None:
+        per_token_loss = per_token_loss * keep
+    entropy_mask = None
+    if top_entropy_quantile < 1.0:
+        entropy_mask = high_entropy_mask(entropies, mask, top_entropy_quantile).to(mask.dtype)
+        per_token_loss = per_token_loss * entropy_mask
+    if beta != 0.0:  # the KL applies to every token, masked or not by the options above
+        per_token_loss = per_token_loss + beta * kl
+
+    # (B, 1) sequence-level terms broadcast against the mask here.
     masked = per_token_loss * mask
-    if loss_type == "grpo":
+    if loss_type in ("grpo", "sapo"):
         seq_mean = masked.sum(-1) / mask.sum(-1).clamp(min=1.0)
         loss = seq_mean.sum() / num_sequences_in_step
     elif loss_type == "bnpo":
         loss = masked.sum() / mask.sum().clamp(min=1.0) / num_micro_batches
     elif loss_type == "dr_grpo":
         loss = masked.sum() / (num_sequences_in_step * max_completion_length)
-    else:  # dapo
+    elif loss_type == "luspo":
+        loss = masked.sum() / num_sequences_in_step
+    else:  # dapo, cispo, vespo
         loss = masked.sum() / max(float(num_tokens_in_step), 1.0)
 
+    if entropy_coef != 0.0:
+        # The bonus is a plain mean over the tokens it acts on, whatever the loss type's
+        # normaliser, so entropy_coef means the same for every loss type (as in TRL).
+        acting = mask if entropy_mask is None else mask * entropy_mask
+        loss = loss - entropy_coef * (entropies * acting).sum() / acting.sum().clamp(min=1.0) / num_micro_batches
+
     with torch.no_grad():
-        # Same definitions as TRL: a token counts as clipped only where clipping changes the loss.
-        is_low = (coef_1 < 1 - epsilon_low) & (advantages < 0)
-        is_high = (coef_1 > 1 + epsilon_high) & (advantages > 0)
-        stats = {
-            "clip_low_count": (is_low * mask).sum(),
-            "clip_high_count": (is_high * mask).sum(),
-            "clip_region_count": ((is_low | is_high) * mask).sum(),
-            "token_count": mask.sum(),
-        }
+        per_sequence = coef_1.size(1) == 1  # TRL counts sequence-level ratios once per sequence
+
+        def total(x: torch.Tensor) -> torch.Tensor:
+            return x.float().sum() if per_sequence else (x * mask).sum()
+
+        stats = {"token_count": mask.sum(),
+                 "ratio_count": torch.tensor(float(coef_1.size(0))) if per_sequence else mask.sum()}
+        if loss_type in CLIPPED_LOSS_TYPES:
+            # Same definitions as TRL: a token counts as clipped only where clipping changes the loss.
+            is_low = (coef_1 < 1 - epsilon_low) & (advantages < 0)
+            is_high = (coef_1 > 1 + epsilon_high) & (advantages > 0)
+            stats.update(clip_low_count=total(is_low), clip_high_count=total(is_high),
+                         clip_region_count=total(is_low | is_high))
+        elif loss_type == "cispo":
+            stats["cispo_clip_count"] = total((coef_1 > epsilon_high) & (advantages > 0))
+        elif loss_type == "vespo":
+            stats["vespo_phi_sum"] = phi.sum()
+            stats["ratio_count"] = torch.tensor(float(phi.size(0)))
         if kl is not None:
             stats["kl_sum"] = (kl * mask).sum()
     return loss, stats

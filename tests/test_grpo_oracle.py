@@ -8,9 +8,10 @@ losses, the same accumulated gradient on every LoRA parameter, and the same logg
 
 Running TRL's loss outside `train()` only needs three attributes that the training loop would
 set: `current_gradient_accumulation_steps`, `args.steps_per_generation` (dapo's normaliser) and
-the model in train mode. The loss knobs (`loss_type`, `beta`, `args.use_bias_correction_kl`) are
-read at call time, so one trainer serves every case. The temperature is baked into TRL's fused
-LM head at construction, so it is fixed for the module.
+the model in train mode. The loss knobs (`loss_type`, `beta`, `args.use_bias_correction_kl`, and
+every objective option: `importance_sampling_level`, `delta`, `top_entropy_quantile`, SAPO/VESPO
+parameters, ...) are read at call time, so one trainer serves every case. The temperature is baked
+into TRL's fused LM head at construction, so it is fixed for the module.
 """
 
 import warnings
@@ -18,7 +19,7 @@ import warnings
 import pytest
 import torch
 
-from lowvram_grpo.grpo import group_advantages, grpo_loss, sequence_logprobs
+from lowvram_grpo.grpo import group_advantages, grpo_loss, normalize_then_sum_advantages, sequence_logprobs
 
 TINY = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2)
@@ -114,14 +115,34 @@ def lora_grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("old_given", [False, True], ids=["on_policy", "off_policy"])
-@pytest.mark.parametrize("beta, bias_correction_kl", [(0.0, True), (0.04, True), (0.04, False)],
-                         ids=["beta0", "beta0.04", "beta0.04-no_kl_correction"])
-@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "bnpo"])
-def test_loss_and_lora_gradients_match_trl(trainer, rollouts, loss_type, beta, bias_correction_kl, old_given):
+# Each option under TRL's name: where TRL reads it (an attribute of the trainer or of its args).
+TRL_ATTRIBUTES = {"importance_sampling_level": "trainer", "off_policy_mask_threshold": "trainer",
+                  "top_entropy_quantile": "trainer", "epsilon_high": "trainer", "delta": "args",
+                  "sapo_temperature_pos": "args", "sapo_temperature_neg": "args", "vespo_k_pos": "args",
+                  "vespo_lambda_pos": "args", "vespo_k_neg": "args", "vespo_lambda_neg": "args"}
+DEFAULT_OPTIONS = {"importance_sampling_level": "token", "off_policy_mask_threshold": None,
+                   "top_entropy_quantile": 1.0, "epsilon_high": 0.28, "delta": None, "sapo_temperature_pos": 1.0,
+                   "sapo_temperature_neg": 1.05, "vespo_k_pos": 2.0, "vespo_lambda_pos": 3.0, "vespo_k_neg": 3.0,
+                   "vespo_lambda_neg": 2.0}
+
+
+def _set_trl_options(trainer, options: dict) -> None:
+    for key, default in DEFAULT_OPTIONS.items():
+        target = trainer if TRL_ATTRIBUTES[key] == "trainer" else trainer.args
+        setattr(target, key, options.get(key, default))
+    coef = options.get("entropy_coef", 0.0)
+    trainer.entropy_coef, trainer.use_adaptive_entropy = coef, False
+    trainer._entropy_bonus_enabled = coef != 0.0
+
+
+def compare_with_trl(trainer, rollouts, loss_type, beta, bias_correction_kl, old_given, options=None):
+    """TRL's `_compute_loss` + backward per micro-batch vs our sequence_logprobs + grpo_loss:
+    per-micro-batch losses, every LoRA gradient and the logged metrics must agree."""
+    options = options or {}
     model = trainer.model
     trainer.loss_type, trainer.beta = loss_type, beta
     trainer.args.use_bias_correction_kl = bias_correction_kl
+    _set_trl_options(trainer, options)
     metrics = trainer._metrics["train"]
     metrics.clear()
 
@@ -136,15 +157,19 @@ def test_loss_and_lora_gradients_match_trl(trainer, rollouts, loss_type, beta, b
         loss.backward()
         trl_losses.append(loss.item())
     trl_grads = lora_grads(model)
+    _set_trl_options(trainer, {})
 
     # Ours: the same micro-batches through sequence_logprobs + grpo_loss.
     model.zero_grad(set_to_none=True)
     input_ids = torch.cat([rollouts["prompt_ids"], rollouts["completion_ids"]], 1)
     attention_mask = torch.cat([rollouts["prompt_mask"], rollouts["completion_mask"]], 1)
     keep = rollouts["completion_ids"].size(1)
+    entropy_bonus = options.get("entropy_coef", 0.0) != 0.0
+    need_entropy = entropy_bonus or options.get("top_entropy_quantile", 1.0) < 1.0
     our_losses, our_stats = [], []
     for mb in MICRO_BATCHES:
-        logps, _ = sequence_logprobs(model, input_ids[mb], attention_mask[mb], keep, TEMPERATURE, chunk_size=4)
+        logps, entropies = sequence_logprobs(model, input_ids[mb], attention_mask[mb], keep, TEMPERATURE,
+                                             chunk_size=4, compute_entropy=need_entropy, entropy_grad=entropy_bonus)
         loss, stats = grpo_loss(
             logps,
             rollouts["old_per_token_logps"][mb] if old_given else None,
@@ -154,12 +179,13 @@ def test_loss_and_lora_gradients_match_trl(trainer, rollouts, loss_type, beta, b
             loss_type=loss_type,
             beta=beta,
             epsilon_low=trainer.epsilon_low,
-            epsilon_high=trainer.epsilon_high,
             max_completion_length=MAX_COMPLETION_LENGTH,
             num_sequences_in_step=input_ids.size(0),
             num_tokens_in_step=float(rollouts["num_items_in_batch"]),
             num_micro_batches=len(MICRO_BATCHES),
             use_bias_correction_kl=bias_correction_kl,
+            entropies=entropies,
+            **{**DEFAULT_OPTIONS, **options},
         )
         loss.backward()
         our_losses.append(loss.item())
@@ -173,16 +199,55 @@ def test_loss_and_lora_gradients_match_trl(trainer, rollouts, loss_type, beta, b
         assert trl_grad.abs().max() > 0, f"{name}: TRL gradient is zero, the comparison would be vacuous"
         torch.testing.assert_close(our_grads[name], trl_grad, rtol=0, atol=1e-5, msg=f"gradient of {name}")
 
-    # Logged metrics: TRL appends one token-mean per micro-batch.
+    # Logged metrics: TRL appends one mean per micro-batch.
     for mb, ours in enumerate(our_stats):
-        tokens = ours["token_count"]
         for key, trl_key in [("clip_low_count", "clip_ratio/low_mean"), ("clip_high_count", "clip_ratio/high_mean"),
-                             ("clip_region_count", "clip_ratio/region_mean")]:
-            assert (ours[key] / tokens).item() == pytest.approx(metrics[trl_key][mb], abs=1e-6), key
+                             ("clip_region_count", "clip_ratio/region_mean"), ("cispo_clip_count", "cispo_clip_ratio"),
+                             ("vespo_phi_sum", "vespo/phi_seq_mean")]:
+            assert (key in ours) == (trl_key in metrics), key
+            if key in ours:
+                assert (ours[key] / ours["ratio_count"]).item() == pytest.approx(metrics[trl_key][mb], abs=1e-6), key
         if beta != 0.0:
-            assert (ours["kl_sum"] / tokens).item() == pytest.approx(metrics["kl"][mb], abs=1e-6), "kl"
+            assert (ours["kl_sum"] / ours["token_count"]).item() == pytest.approx(metrics["kl"][mb], abs=1e-6), "kl"
+    return our_stats
+
+
+@pytest.mark.parametrize("old_given", [False, True], ids=["on_policy", "off_policy"])
+@pytest.mark.parametrize("beta, bias_correction_kl", [(0.0, True), (0.04, True), (0.04, False)],
+                         ids=["beta0", "beta0.04", "beta0.04-no_kl_correction"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "bnpo"])
+def test_loss_and_lora_gradients_match_trl(trainer, rollouts, loss_type, beta, bias_correction_kl, old_given):
+    stats = compare_with_trl(trainer, rollouts, loss_type, beta, bias_correction_kl, old_given)
     if old_given:  # sanity: the off-policy case really exercises clipping
-        assert sum(s["clip_region_count"] for s in our_stats) > 0
+        assert sum(s["clip_region_count"] for s in stats) > 0
+
+
+# Every other objective and loss-shaping option of TRL 1.16 that applies without vLLM, with
+# non-default parameters so that one read from the wrong place shows. (Checked: off-policy, each
+# case fails when our side ignores its options; on-policy some coincide by design, e.g. a ratio
+# of exactly 1 is never clipped.)
+OBJECTIVES = {
+    "cispo": ("cispo", {"epsilon_high": 1.1}),
+    "sapo": ("sapo", {"sapo_temperature_pos": 0.9, "sapo_temperature_neg": 1.3}),
+    "luspo": ("luspo", {"importance_sampling_level": "sequence"}),
+    "luspo-token": ("luspo", {}),
+    "vespo": ("vespo", {"vespo_k_pos": 1.5, "vespo_lambda_pos": 2.5, "vespo_k_neg": 2.5, "vespo_lambda_neg": 1.5}),
+    "gspo": ("grpo", {"importance_sampling_level": "sequence"}),
+    "gspo-dapo": ("dapo", {"importance_sampling_level": "sequence"}),
+    "delta": ("dapo", {"delta": 1.05}),
+    "top_entropy": ("dapo", {"top_entropy_quantile": 0.3}),
+    "off_policy_mask": ("grpo", {"off_policy_mask_threshold": 0.02}),
+    "entropy_coef": ("bnpo", {"entropy_coef": 0.05}),
+    "entropy_coef-top_entropy": ("dr_grpo", {"entropy_coef": 0.05, "top_entropy_quantile": 0.5}),
+}
+
+
+@pytest.mark.parametrize("old_given", [False, True], ids=["on_policy", "off_policy"])
+@pytest.mark.parametrize("beta", [0.0, 0.04], ids=["beta0", "beta0.04"])
+@pytest.mark.parametrize("case", list(OBJECTIVES))
+def test_every_trl_objective_matches(trainer, rollouts, case, beta, old_given):
+    loss_type, options = OBJECTIVES[case]
+    compare_with_trl(trainer, rollouts, loss_type, beta, True, old_given, options)
 
 
 def test_logprobs_and_entropy_match_trl(trainer, rollouts):
@@ -245,6 +310,39 @@ def test_advantages_match_trl(scale_rewards, num_generations):
     torch.testing.assert_close(ours, expected, rtol=0, atol=0)
     torch.testing.assert_close(our_std, expected_std, rtol=0, atol=0, equal_nan=True)
     assert not ours.isnan().any()
+
+
+def trl_normalize_then_sum(rewards_per_func, weights, num_generations):
+    """TRL 1.16 `_generate_and_score_completions`, multi_objective_aggregation="normalize_then_sum",
+    copied verbatim (inline there, so it cannot be called on its own)."""
+    from trl.trainer.utils import nanstd
+
+    unscorable_mask = torch.isnan(rewards_per_func).all(dim=1)
+    grouped = rewards_per_func.view(-1, num_generations, rewards_per_func.size(1))
+    mean_k = torch.nanmean(grouped, dim=1, keepdim=True)
+    std_k = nanstd(grouped, dim=1, keepdim=True) if num_generations > 1 else torch.zeros_like(mean_k)
+    reward_k = (grouped - mean_k) / (std_k + 1e-4)
+    reward_k = reward_k.view(-1, rewards_per_func.size(1))
+    rewards = (reward_k * weights.unsqueeze(0)).nansum(dim=1)
+    rewards[unscorable_mask] = torch.nan
+    std_rewards = nanstd(rewards).expand_as(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards)
+    advantages = (rewards - torch.nanmean(rewards)) / (std_rewards + 1e-4)
+    return torch.nan_to_num(advantages, nan=0.0), std_rewards
+
+
+@pytest.mark.parametrize("num_generations", [2, 4])
+def test_normalize_then_sum_advantages_match_trl(num_generations):
+    nan = float("nan")
+    per_function = torch.tensor([  # a 0/1 correctness reward and a small-scale format reward
+        [1.0, 0.25], [0.0, 0.5], [nan, 0.0], [1.0, nan],
+        [nan, nan], [0.0, 0.75], [0.0, 0.75], [0.0, 0.75],
+        [1.0, 0.1], [1.0, 0.2], [0.0, 0.3], [1.0, 0.4],
+    ])
+    weights = torch.tensor([1.0, 0.5])
+    ours, our_std = normalize_then_sum_advantages(per_function, weights, num_generations)
+    expected, expected_std = trl_normalize_then_sum(per_function, weights, num_generations)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+    torch.testing.assert_close(our_std, expected_std, rtol=0, atol=0)
 
 
 def test_4bit_base_with_adapter_disabled_matches_naive_logprobs(tmp_path):
