@@ -146,12 +146,36 @@ class TrainConfig:
     top_k: int = 0  # 0 = off
 
     # --- GRPO objective ----------------------------------------------------------------------
+    # Names and meanings are TRL 1.16's GRPOConfig's (README: "Choosing the objective").
     loss_type: Literal[LOSS_TYPES] = "dapo"
     beta: float = 0.04  # KL weight; the reference is free here (adapter off), so on by default
+    use_bias_correction_kl: bool = True  # KL term times the ratio (unbiased gradient), as TRL
     epsilon: float = 0.2  # lower clip: ratio >= 1 - epsilon
-    epsilon_high: float | None = None  # upper clip; None = epsilon (DAPO suggests 0.28)
+    # upper clip; None = epsilon (DAPO suggests 0.28). For cispo: the cap on the ratio (ScaleRL: 5.0)
+    epsilon_high: float | None = None
+    delta: float | None = None  # two-sided clipping (INTELLECT-2): cap the ratio at delta (> 1 + epsilon_high)
+    importance_sampling_level: Literal[IMPORTANCE_SAMPLING_LEVELS] = "token"  # sequence = GSPO
+    sapo_temperature_pos: float = 1.0  # sapo's gate temperature for positive advantages
+    sapo_temperature_neg: float = 1.05  # ... and for the others
+    vespo_k_pos: float = 2.0  # vespo's weight shape phi(w) = e^lambda w^k e^(-lambda w), A >= 0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0  # ... and for A < 0
+    vespo_lambda_neg: float = 2.0
+    mask_truncated_completions: bool = False  # completions cut off by max_completion_length get no loss
+    top_entropy_quantile: float = 1.0  # train only on the top quantile of tokens by entropy (0.2 suggested)
+    entropy_coef: float = 0.0  # entropy bonus: loss -= entropy_coef * mean token entropy
+    off_policy_mask_threshold: float | None = None  # drop A<0 sequences whose policy drifted more (DeepSeek-V3.2)
     scale_rewards: Literal[SCALE_REWARDS] = "group"  # "none" = Dr. GRPO
+    # How several reward functions combine: sum then normalise per group, or (GDPO) normalise
+    # each function per group, sum, then normalise over the batch (scale_rewards is then unused).
+    multi_objective_aggregation: Literal[MULTI_OBJECTIVE_AGGREGATIONS] = "sum_then_normalize"
     num_iterations: int = 1  # policy updates per batch of rollouts (>1 needs old log-probs)
+    # Groups whose rewards are all equal have advantage 0: no policy gradient, only cost (DAPO's
+    # dynamic sampling). keep: train on them anyway (TRL); skip: leave them out of the
+    # log-prob and backward passes; resample: generate for fresh prompts until prompts_per_step
+    # groups are informative or max_resample_rounds extra rounds have run.
+    zero_std_groups: Literal["keep", "skip", "resample"] = "keep"
+    max_resample_rounds: int = 3
 
     # --- optimisation ------------------------------------------------------------------------
     max_steps: int = 100
@@ -224,6 +248,23 @@ class TrainConfig:
         need(self.beta >= 0, "beta", f"must be >= 0, got {self.beta}")
         need(0 <= self.epsilon < 1, "epsilon", f"must be in [0, 1), got {self.epsilon}")
         need(self.clip_high >= 0, "epsilon_high", f"must be >= 0, got {self.epsilon_high}")
+        need(self.loss_type != "cispo" or self.clip_high >= 1, "epsilon_high",
+             f"with loss_type=cispo it caps the ratio itself, so it must be >= 1 (ScaleRL uses 5.0), "
+             f"got {self.clip_high}")
+        need(self.delta is None or self.delta > 1 + self.clip_high, "delta",
+             f"caps the ratio above the clip range, so it must be > 1 + epsilon_high = {1 + self.clip_high:g} "
+             f"(INTELLECT-2 uses 4), or null to turn it off; got {self.delta}")
+        need(0 <= self.top_entropy_quantile <= 1, "top_entropy_quantile",
+             f"must be in [0, 1] (1 keeps every token, 0.2 is the paper's choice), got {self.top_entropy_quantile}")
+        need(self.entropy_coef >= 0, "entropy_coef", f"must be >= 0 (a bonus), got {self.entropy_coef}")
+        need(self.off_policy_mask_threshold is None or self.off_policy_mask_threshold > 0,
+             "off_policy_mask_threshold", f"must be > 0 (e.g. 0.5) or null, got {self.off_policy_mask_threshold}")
+        for key in ("sapo_temperature_pos", "sapo_temperature_neg"):
+            need(getattr(self, key) > 0, key, f"must be > 0, got {getattr(self, key)}")
+        for key in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"):
+            need(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
+        need(self.max_resample_rounds >= 1, "max_resample_rounds",
+             f"must be at least 1, got {self.max_resample_rounds}")
         need(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
         need(0 <= self.lora_dropout < 1, "lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
         need(self.max_grad_norm > 0, "max_grad_norm", f"must be > 0, got {self.max_grad_norm}")

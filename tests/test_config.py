@@ -36,7 +36,13 @@ def test_rewards_accept_names_and_weights():
     (["num_generations=1"], "num_generations: GRPO compares completions within a group"),
     (["num_generations=two"], "num_generations: expected a whole number"),
     (["beta=-1"], "beta: must be >= 0"),
-    (["loss_type=ppo"], "loss_type: must be one of grpo, dr_grpo, dapo, bnpo"),
+    (["loss_type=ppo"], "loss_type: must be one of grpo, dr_grpo, dapo, bnpo, cispo, sapo, luspo, vespo"),
+    (["loss_type=cispo"], "epsilon_high: with loss_type=cispo it caps the ratio itself, so it must be >= 1"),
+    (["delta=1.1"], "delta: caps the ratio above the clip range, so it must be > 1 + epsilon_high = 1.2"),
+    (["top_entropy_quantile=1.5"], "top_entropy_quantile: must be in [0, 1]"),
+    (["importance_sampling_level=seq"], "importance_sampling_level: must be one of token, sequence"),
+    (["zero_std_groups=drop"], "zero_std_groups: must be one of keep, skip, resample"),
+    (["off_policy_mask_threshold=0"], "off_policy_mask_threshold: must be > 0"),
     (["quantization=int8"], "quantization: must be one of nf4, none"),
     (["temperature=0"], "temperature: must be > 0"),
     (["gradient_checkpointing=maybe"], "gradient_checkpointing: expected true or false"),
@@ -64,3 +70,22 @@ def test_bad_files_and_presets(tmp_path):
     a_list.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="must be a mapping"):
         load_config(config_path=a_list)
+
+
+# The objective's keys are GRPOConfig's, with its defaults, so a TRL config's values mean the same here.
+TRL_OBJECTIVE_KEYS = ("loss_type", "epsilon", "epsilon_high", "delta", "importance_sampling_level", "scale_rewards",
+                      "sapo_temperature_pos", "sapo_temperature_neg", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
+                      "vespo_lambda_neg", "mask_truncated_completions", "top_entropy_quantile", "entropy_coef",
+                      "off_policy_mask_threshold", "use_bias_correction_kl", "multi_objective_aggregation",
+                      "num_iterations")
+
+
+def test_objective_keys_and_defaults_are_trls():
+    import dataclasses
+
+    from trl import GRPOConfig
+
+    trl_defaults = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}
+    ours = load_config()
+    for key in TRL_OBJECTIVE_KEYS:
+        assert getattr(ours, key) == trl_defaults[key], key
