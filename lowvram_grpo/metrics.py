@@ -37,7 +37,12 @@ def sample_records(step: int, prompts: list, completions: list[str], scores, adv
                    config) -> list[dict[str, Any]]:
     """The first completions of the step (one group, usually), for completions.jsonl."""
     G = config.num_generations
-    return [{"step": step, "prompt": prompts[i // G], "completion": completions[i],
-             "reward": float(scores.total[i]), "advantage": float(advantages[i]),
-             "rewards": {name: float(scores.per_function[i, j]) for j, name in enumerate(scores.names)}}
-            for i in range(min(config.num_completions_to_log, len(completions)))]
+    records = []
+    for i in range(min(config.num_completions_to_log, len(completions))):
+        record = {"step": step, "prompt": prompts[i // G], "completion": completions[i],
+                  "reward": float(scores.total[i]), "advantage": float(advantages[i]),
+                  "rewards": {name: float(scores.per_function[i, j]) for j, name in enumerate(scores.names)}}
+        if scores.extra:  # columns reward functions gave log_extra
+            record["extra"] = {column: values[i] for column, values in scores.extra.items()}
+        records.append(record)
+    return records

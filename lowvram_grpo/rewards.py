@@ -9,6 +9,13 @@ for conversational ones; `completion_text` turns either into a string. Dataset c
 than the prompt arrive as keyword arguments with one value per completion (`answer=[...]`).
 `None` means "not applicable": that function is left out of the completion's weighted sum.
 
+Exactly as TRL 1.16's `_calculate_rewards`, functions also get `trainer_state` (a
+transformers `TrainerState`: `global_step`, `max_steps`, `epoch`, for rewards that change
+over training), `log_metric(name, value)` (the step's mean lands in metrics.jsonl) and
+`log_extra(column, values)` (one value per completion, shown with the sampled completions in
+completions.jsonl). `async def` functions run concurrently with each other on one event loop
+that lives for the whole run (so clients they create stay usable), as TRL runs them.
+
 Reward names in the config are resolved by `resolve_reward`: a built-in name
 (`BUILTIN_REWARDS`, `code_tests` among them), `model:<hub id or dir>` (a reward model, see
 reward_model.py), `judge:self` or `judge:<URL>` (an LLM judge, see judges.py),
@@ -20,6 +27,7 @@ function and says how to fix it, because a bad reward is usually found mid-run.
 
 from __future__ import annotations
 
+import asyncio
 import difflib
 import functools
 import hashlib
@@ -30,7 +38,9 @@ import math
 import numbers
 import re
 import sys
-from dataclasses import dataclass
+import threading
+from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -489,13 +499,35 @@ def load_reward_functions(specs: list[RewardSpec], context: RewardContext | None
 # --------------------------------------------------------------------------------------------
 
 
+# The keywords TRL adds to every call besides prompts, completions, completion_ids and columns.
+TRAINER_KEYWORDS = ("trainer_state", "log_extra", "log_metric")
+
+
+class RewardLog:
+    """Collects what reward functions report through the `log_metric` and `log_extra` keywords."""
+
+    def __init__(self) -> None:
+        self.metrics: dict[str, list[float]] = defaultdict(list)
+        self.extra: dict[str, list] = defaultdict(list)
+
+    def log_metric(self, name: str, value: float) -> None:
+        self.metrics[name].append(float(value))
+
+    def log_extra(self, column: str, values: list) -> None:
+        self.extra[column].extend(values)
+
+
 @dataclass
 class RewardScores:
-    """Rewards of a batch: one column per function (NaN = not applicable) and the weighted total."""
+    """Rewards of a batch: one column per function (NaN = not applicable) and the weighted total,
+    plus what the functions logged: `logged` values per metric name, and `extra` columns with
+    one value per completion."""
 
     names: list[str]
     per_function: torch.Tensor  # (N, F) float32, NaN where a function returned None
     total: torch.Tensor  # (N,) nansum of weight * value; NaN where every function returned None
+    logged: dict[str, list[float]] = field(default_factory=dict)
+    extra: dict[str, list] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, float]:
         """`rewards/<name>/mean` and `/std` (NaN-aware, std unbiased like TRL's nanstd), and
@@ -512,19 +544,39 @@ class RewardScores:
             out[f"rewards/{name}/std"] = values.std().item() if len(values) > 1 else float("nan")
         return out
 
+    def select(self, rows: list[int]) -> "RewardScores":
+        """These completions' scores (and extra columns); logged metrics stay whole."""
+        index = torch.tensor(rows, dtype=torch.long)
+        return RewardScores(self.names, self.per_function[index], self.total[index], self.logged,
+                            {k: [v[i] for i in rows] for k, v in self.extra.items()})
+
+    @staticmethod
+    def concat(parts: list["RewardScores"]) -> "RewardScores":
+        """Several batches' scores one after the other (columns a batch lacks read None)."""
+        logged: dict[str, list[float]] = defaultdict(list)
+        for part in parts:
+            for name, values in part.logged.items():
+                logged[name].extend(values)
+        columns = sorted({k for part in parts for k in part.extra})
+        extra = {k: [v for part in parts for v in part.extra.get(k, [None] * len(part.total))] for k in columns}
+        return RewardScores(parts[0].names, torch.cat([p.per_function for p in parts]),
+                            torch.cat([p.total for p in parts]), dict(logged), extra)
+
 
 def score_rows(reward_functions: list[RewardFunction], rows: list[dict], completions: list[str],
                completion_ids: list[list[int]] | None, num_generations: int = 1,
-               should_stop: Callable[[], bool] | None = None) -> RewardScores:
+               should_stop: Callable[[], bool] | None = None, trainer_state: Any = None) -> RewardScores:
     """Score `num_generations` completions per dataset row (a row's completions contiguous):
     each completion is paired with its row's prompt and other columns, and conversational
-    prompts get TRL's conversational completion form. See score_completions for `should_stop`."""
+    prompts get TRL's conversational completion form. See score_completions for `should_stop`
+    and `trainer_state`."""
     prompts = [row["prompt"] for row in rows for _ in range(num_generations)]
     if isinstance(prompts[0], list):
         completions = [[{"role": "assistant", "content": c}] for c in completions]
     columns = {key: [row.get(key) for row in rows for _ in range(num_generations)]
                for key in rows[0] if key != "prompt"}
-    return score_completions(reward_functions, prompts, completions, completion_ids, columns, should_stop)
+    return score_completions(reward_functions, prompts, completions, completion_ids, columns, should_stop,
+                             trainer_state)
 
 
 def score_completions(
@@ -534,31 +586,102 @@ def score_completions(
     completion_ids: list[list[int]] | None,
     columns: dict[str, list],
     should_stop: Callable[[], bool] | None = None,
+    trainer_state: Any = None,
 ) -> RewardScores:
     """Call every reward function on the batch (as TRL does) and combine the results.
 
-    Each function gets `prompts`, `completions`, `completion_ids` and the dataset `columns`
-    (one value per completion) as keyword arguments, or only those its signature accepts.
+    Each function gets `prompts`, `completions`, `completion_ids`, the dataset `columns` (one
+    value per completion) and TRL's `trainer_state` (a fresh one when None), `log_extra`,
+    `log_metric` as keyword arguments, or only those its signature accepts. Plain functions
+    run one after the other; `async def` ones run concurrently with each other.
     A call that outlives its function's timeout raises RewardFunctionError naming it; once
     `should_stop()` is true the call is abandoned (StepInterrupted), so that a stop request
     never waits on a reward function that may never return.
     """
     n = len(completions)
     _check_batch(prompts, completions, completion_ids, columns)
-    kwargs = {"prompts": prompts, "completions": completions, "completion_ids": completion_ids, **columns}
+    log = RewardLog()
+    if trainer_state is None:  # outside training (evaluation, tests): a fresh state, as before step 1
+        from transformers import TrainerState
+
+        trainer_state = TrainerState()
+    kwargs = {"prompts": prompts, "completions": completions, "completion_ids": completion_ids, **columns,
+              "trainer_state": trainer_state, "log_extra": log.log_extra, "log_metric": log.log_metric}
     per_function = torch.full((n, len(reward_functions)), float("nan"), dtype=torch.float32)
+    pending = {}  # column -> coroutine of an async function, awaited together below
     for i, reward in enumerate(reward_functions):
-        per_function[:, i] = torch.tensor(_call_reward(reward, kwargs, n, should_stop), dtype=torch.float32)
+        result = _call_reward(reward, kwargs, should_stop)
+        if inspect.isawaitable(result):
+            pending[i] = _awaited(reward, result)
+        else:
+            per_function[:, i] = torch.tensor(_validate_output(reward.name, result, n), dtype=torch.float32)
+    if pending:
+        results = _run_concurrently(list(pending.values()), should_stop)
+        for i, result in zip(pending, results):
+            per_function[:, i] = torch.tensor(_validate_output(reward_functions[i].name, result, n),
+                                              dtype=torch.float32)
     weights = torch.tensor([r.weight for r in reward_functions], dtype=torch.float32)
     total = (per_function * weights).nansum(dim=1)
     # nansum would turn "no function applies" into 0, a real-looking reward; keep it NaN as TRL does.
     total[torch.isnan(per_function).all(dim=1)] = float("nan")
-    return RewardScores(names=[r.name for r in reward_functions], per_function=per_function, total=total)
+    for column, values in log.extra.items():
+        if len(values) != n:
+            raise RewardFunctionError(
+                f"log_extra('{column}', ...) got {len(values)} values in all, but there are {n} completions; "
+                f"pass one value per completion")
+    return RewardScores(names=[r.name for r in reward_functions], per_function=per_function, total=total,
+                        logged=dict(log.metrics), extra=dict(log.extra))
+
+
+# One event loop for every async reward call of the process, in a daemon thread (as TRL does):
+# it works inside notebooks, whose own loop is already running, and objects that async reward
+# functions keep between calls (HTTP clients, semaphores) stay bound to a live loop.
+_LOOP: asyncio.AbstractEventLoop | None = None
+_LOOP_LOCK = threading.Lock()
+
+
+def _event_loop() -> asyncio.AbstractEventLoop:
+    global _LOOP
+    with _LOOP_LOCK:
+        if _LOOP is None:
+            _LOOP = asyncio.new_event_loop()
+            threading.Thread(target=_LOOP.run_forever, name="lowvram-grpo-async-rewards", daemon=True).start()
+    return _LOOP
+
+
+def _run_concurrently(coroutines: list, should_stop: Callable[[], bool] | None = None) -> list:
+    async def gather():
+        return await asyncio.gather(*coroutines)
+
+    future = asyncio.run_coroutine_threadsafe(gather(), _event_loop())
+    try:  # each call has its own timeout (see _awaited); here only a stop request is watched for
+        return call_with_deadline(future.result, None, should_stop)
+    except StepInterrupted:
+        future.cancel()
+        raise
+
+
+async def _awaited(reward: RewardFunction, awaitable) -> Any:
+    try:
+        return await asyncio.wait_for(awaitable, reward.timeout)
+    except RewardFunctionError:
+        raise
+    except asyncio.TimeoutError:
+        raise _timed_out(reward) from None
+    except Exception as e:
+        raise RewardFunctionError(f"reward function '{reward.name}' raised {one_line(e)}") from e
+
+
+def _timed_out(reward: RewardFunction) -> RewardFunctionError:
+    return RewardFunctionError(
+        f"reward function '{reward.name}' did not return within reward_timeout={reward.timeout:g} s "
+        "(stuck in a loop, or waiting on something?); make it faster, or raise reward_timeout "
+        "(reward_timeout=none: no limit)")
 
 
 def _check_batch(prompts, completions, completion_ids, columns) -> None:
     n = len(completions)
-    reserved = {"prompts", "completions", "completion_ids"} & set(columns)
+    reserved = {"prompts", "completions", "completion_ids", *TRAINER_KEYWORDS} & set(columns)
     if reserved:
         raise ValueError(f"dataset columns {sorted(reserved)} clash with reward function arguments; rename them")
     sizes = {"prompts": len(prompts), **{k: len(v) for k, v in columns.items()}}
@@ -569,22 +692,17 @@ def _check_batch(prompts, completions, completion_ids, columns) -> None:
         raise ValueError(f"every batch input needs one value per completion ({n}); got lengths {wrong}")
 
 
-def _call_reward(reward: RewardFunction, kwargs: dict, n: int,
-                 should_stop: Callable[[], bool] | None = None) -> list[float]:
-    """Run one function and return its n rewards as floats (NaN for None), or raise naming it."""
+def _call_reward(reward: RewardFunction, kwargs: dict, should_stop: Callable[[], bool] | None = None) -> Any:
+    """Call one function: its result, or for an async function the coroutine; raise naming it."""
     accepted = _accepted_kwargs(reward, kwargs)
     try:
-        result = call_with_deadline(lambda: reward.fn(**accepted), reward.timeout, should_stop)
+        return call_with_deadline(lambda: reward.fn(**accepted), reward.timeout, should_stop)
     except (RewardFunctionError, StepInterrupted):
         raise
     except CallTimedOut:
-        raise RewardFunctionError(
-            f"reward function '{reward.name}' did not return within reward_timeout={reward.timeout:g} s "
-            "(stuck in a loop, or waiting on something?); make it faster, or raise reward_timeout "
-            "(reward_timeout=none: no limit)") from None
+        raise _timed_out(reward) from None
     except Exception as e:
         raise RewardFunctionError(f"reward function '{reward.name}' raised {one_line(e)}") from e
-    return _validate_output(reward.name, result, n)
 
 
 def _accepted_kwargs(reward: RewardFunction, kwargs: dict) -> dict:
@@ -601,15 +719,13 @@ def _accepted_kwargs(reward: RewardFunction, kwargs: dict) -> dict:
     if missing:
         raise RewardFunctionError(
             f"reward function '{reward.name}' needs argument(s) {', '.join(missing)}, but the batch only "
-            f"has {', '.join(kwargs)}; add dataset column(s) with those names or give them defaults")
+            f"has {', '.join(k for k in kwargs if k not in TRAINER_KEYWORDS)} (and TRL's "
+            f"{', '.join(TRAINER_KEYWORDS)}); add dataset column(s) with those names or give them defaults")
     return {k: v for k, v in kwargs.items() if k in params and params[k].kind in named}
 
 
 def _validate_output(name: str, result: Any, n: int) -> list[float]:
     expected = f"expected a list of {n} numbers (one per completion; None for 'not applicable')"
-    if inspect.isawaitable(result):
-        getattr(result, "close", lambda: None)()  # avoid a "never awaited" warning
-        raise RewardFunctionError(f"reward function '{name}' is async; {expected}; make it a plain def")
     if hasattr(result, "tolist"):  # numpy arrays and tensors, as TRL accepts them
         result = result.tolist()
     if isinstance(result, (str, bytes, dict)) or not hasattr(result, "__iter__"):

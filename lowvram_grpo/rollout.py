@@ -8,6 +8,7 @@ which is the layout group normalisation expects.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -34,6 +35,40 @@ class Rollout:
     def completion_token_lists(self) -> list[list[int]]:
         """Each completion's token ids without padding (what reward functions receive)."""
         return [ids[mask.bool()].tolist() for ids, mask in zip(self.completion_ids, self.completion_mask)]
+
+    def select(self, rows: list[int]) -> "Rollout":
+        """These sequences only (num_prompts_truncated stays the whole rollout's count)."""
+        index = torch.tensor(rows, dtype=torch.long)
+        return dataclasses.replace(
+            self, prompt_ids=self.prompt_ids[index], prompt_mask=self.prompt_mask[index],
+            completion_ids=self.completion_ids[index], completion_mask=self.completion_mask[index],
+            completions=[self.completions[i] for i in rows], is_clipped=self.is_clipped[index])
+
+    def mask_truncated(self) -> "Rollout":
+        """A copy whose truncated completions (no EOS before max_completion_length) have an
+        all-zero completion mask: no loss and no attention, as TRL's mask_truncated_completions.
+        A cut-off completion was never judged on its ending, so its reward says little."""
+        keep = (~self.is_clipped).unsqueeze(1).to(self.completion_mask.dtype)
+        return dataclasses.replace(self, completion_mask=self.completion_mask * keep)
+
+
+def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
+    """Several rollouts as one: prompts re-padded on the left, completions on the right."""
+    prompt_width = max(p.prompt_ids.size(1) for p in parts)
+    completion_width = max(p.completion_ids.size(1) for p in parts)
+
+    def pad(t: torch.Tensor, width: int, value: int, left: bool) -> torch.Tensor:
+        extra = width - t.size(1)
+        return torch.nn.functional.pad(t, (extra, 0) if left else (0, extra), value=value)
+
+    return Rollout(
+        prompt_ids=torch.cat([pad(p.prompt_ids, prompt_width, pad_id, True) for p in parts]),
+        prompt_mask=torch.cat([pad(p.prompt_mask, prompt_width, 0, True) for p in parts]),
+        completion_ids=torch.cat([pad(p.completion_ids, completion_width, pad_id, False) for p in parts]),
+        completion_mask=torch.cat([pad(p.completion_mask, completion_width, 0, False) for p in parts]),
+        completions=[c for p in parts for c in p.completions],
+        is_clipped=torch.cat([p.is_clipped for p in parts]),
+        num_prompts_truncated=sum(p.num_prompts_truncated for p in parts))
 
 
 def tokenize_prompts(tokenizer, prompts: list, max_prompt_length: int) -> tuple[list[list[int]], int]:

@@ -45,7 +45,7 @@ from lowvram_grpo.planner import resolve_chunking
 from lowvram_grpo.reporting import make_reporters
 from lowvram_grpo.rewards import (RewardContext, RewardFunction, RewardFunctionError, RewardScores,
                                   load_reward_functions, score_rows)
-from lowvram_grpo.rollout import Rollout, generate_rollouts
+from lowvram_grpo.rollout import Rollout, concat_rollouts, generate_rollouts
 from lowvram_grpo.rundir import RunDir, TrainResult
 from lowvram_grpo.stopping import StepInterrupted, StopRequested
 
@@ -433,38 +433,55 @@ def grpo_step(learner: Learner, rows: list[dict], sampler: PromptSampler, step: 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     G = config.num_generations
-
-    # 1. Prompts. Every process draws the same list and takes its own share of whole prompts.
-    batch = [rows[i] for i in distributed.local_share(sampler.next_indices(config.prompts_per_step))]
-    prompts = [row["prompt"] for row in batch]
-
-    # 2. Rollouts, adapter on.
-    #    Each memory-heavy phase below runs under retry_on_oom: on an out-of-memory error it
-    #    halves the chunk size that bounds the phase (in `chunking`) and runs the phase again.
     oom_events: list[str] = []
-    with learner.on_phase(GENERATION):
-        rollout = retry_on_oom(GENERATION, chunking, lambda: generate_rollouts(
-            policy, learner.tokenizer, prompts, num_generations=G, chunk_size=chunking.generation_chunk_size,
-            max_prompt_length=config.max_prompt_length, max_completion_length=config.max_completion_length,
-            temperature=config.temperature, top_p=config.top_p, top_k=config.top_k, should_stop=should_stop),
-            oom_events)
-    generation_time = time.perf_counter() - started
+    trainer_state = _trainer_state(config, sampler, step)
 
-    # 3. Rewards: TRL's calling convention, one entry per completion.
-    scores = score_rows(learner.reward_functions, batch, rollout.completions, rollout.completion_token_lists(), G,
-                        should_stop=should_stop)
+    # 1-3. Prompts, rollouts (adapter on), rewards.
+    def sample_round():
+        return _sample_groups(learner, rows, sampler, trainer_state, oom_events, should_stop)
+
+    batch, rollout, scores, generation_time = sample_round()
+    dynamic: dict[str, float] = {}
+    if config.zero_std_groups == "resample":
+        batch, rollout, scores, dynamic = _resample_until_informative(
+            config, (batch, rollout, scores, generation_time), sample_round, learner.tokenizer.pad_token_id)
+        generation_time += dynamic["dynamic_sampling/extra_generation_time"]
+    prompts = [row["prompt"] for row in batch]
 
     # 4. Advantages within each prompt's group. A process holds whole groups, but
     #    scale_rewards="batch" needs the std of the whole step: so gather the rewards of every
     #    process, normalise them exactly as one process would, and keep this process's rows.
     all_scores = _gather_scores(scores)
-    all_advantages, reward_std = grpo.group_advantages(all_scores.total, G, config.scale_rewards)
-    advantages = distributed.local_share(all_advantages)
+    if config.multi_objective_aggregation == "normalize_then_sum":
+        weights = torch.tensor([r.weight for r in learner.reward_functions], dtype=torch.float32)
+        all_advantages, reward_std = grpo.normalize_then_sum_advantages(all_scores.per_function, weights, G)
+    else:
+        all_advantages, reward_std = grpo.group_advantages(all_scores.total, G, config.scale_rewards)
+    advantages = _own_rows(all_advantages, rollout.num_sequences)
+
+    # What the update trains on: without truncated completions' tokens if asked; the loss is
+    # normalised by this whole step (before skipping groups, so that skipping them does not
+    # change the update).
+    trained = rollout.mask_truncated() if config.mask_truncated_completions else rollout
+    step_counts = (distributed.all_reduce_sum(trained.num_sequences),
+                   distributed.all_reduce_sum(float(trained.completion_mask.sum())))
+    trained_advantages = advantages
+    if config.zero_std_groups != "keep":
+        # Groups whose rewards are all equal have advantage 0: no policy gradient. Leave them
+        # out of the log-prob and backward passes (with "resample" only the few that are left
+        # when max_resample_rounds ran out).
+        keep_rows = _informative_rows(scores, G, config.multi_objective_aggregation)
+        skipped = distributed.all_reduce_sum({
+            "groups": (trained.num_sequences - len(keep_rows)) // G,
+            "tokens": float(trained.completion_mask.sum() - trained.completion_mask[keep_rows].sum())})
+        dynamic["dynamic_sampling/skipped_groups"] = skipped["groups"]
+        dynamic["dynamic_sampling/skipped_token_fraction"] = skipped["tokens"] / max(step_counts[1], 1.0)
+        trained, trained_advantages = trained.select(keep_rows), advantages[keep_rows]
 
     # 5. Frozen log-probs: reference (adapter off) for the KL, old policy for the ratio.
     def logprobs_now() -> torch.Tensor:
         return retry_on_oom(LOGPROBS, chunking, lambda: frozen_logprobs(
-            policy, rollout, chunking, config.temperature, device), oom_events)
+            policy, trained, chunking, config.temperature, device), oom_events)
 
     ref_logps = old_logps = None
     with learner.on_phase(LOGPROBS):
@@ -477,7 +494,7 @@ def grpo_step(learner: Learner, rows: list[dict], sampler: PromptSampler, step: 
     # 6. Update(s). With num_iterations > 1 the same rollouts are reused for several
     #    optimizer steps; the clipped ratio against old_logps keeps each one close.
     totals = metrics.mean_over_updates([
-        _update(learner, rollout, advantages.to(device), ref_logps, old_logps, oom_events)
+        _update(learner, trained, trained_advantages.to(device), ref_logps, old_logps, oom_events, step_counts)
         for _ in range(config.num_iterations)])
 
     # 7. Metrics (TRL's names) and samples, over the whole step (gathered from every process).
@@ -496,6 +513,8 @@ def grpo_step(learner: Learner, rows: list[dict], sampler: PromptSampler, step: 
         "completions/max_length": float(lengths.max()),
         "completions/clipped_ratio": float(clipped.float().mean()),
         **totals,
+        **_logged_metrics(scores),
+        **dynamic,
         "learning_rate": learner.scheduler.get_last_lr()[0],
         "num_prompts_truncated": counts["num_prompts_truncated"],
         **chunking.as_dict(),
@@ -505,8 +524,9 @@ def grpo_step(learner: Learner, rows: list[dict], sampler: PromptSampler, step: 
     slowest = distributed.all_reduce_max({"step_time": time.perf_counter() - started,
                                           "generation_time": generation_time,
                                           "peak_memory_gb": metrics.peak_memory_gb(device)})
+    generated_tokens = dynamic.get("dynamic_sampling/generated_tokens", float(lengths.sum()))
     record.update({"step_time": slowest["step_time"], "generation_time": slowest["generation_time"],
-                   "tokens_per_second": float(lengths.sum()) / slowest["step_time"],
+                   "tokens_per_second": generated_tokens / slowest["step_time"],
                    "peak_memory_gb": slowest["peak_memory_gb"]})
     samples = []
     if step % config.log_completions_every == 0 or step == 1:
@@ -516,14 +536,127 @@ def grpo_step(learner: Learner, rows: list[dict], sampler: PromptSampler, step: 
     return record, samples
 
 
+def _trainer_state(config: TrainConfig, sampler: PromptSampler, step: int):
+    """What TRL passes reward functions as `trainer_state`: a transformers TrainerState with the
+    optimizer steps done so far (`global_step`), `max_steps` and the epoch."""
+    from transformers import TrainerState
+
+    epoch = sampler.epoch + sampler.position / max(sampler.num_rows, 1)
+    return TrainerState(global_step=(step - 1) * config.num_iterations,
+                        max_steps=config.max_steps * config.num_iterations, epoch=epoch)
+
+
+def _sample_groups(learner: Learner, rows: list[dict], sampler: PromptSampler, trainer_state,
+                   oom_events: list[str], should_stop: Callable[[], bool] | None):
+    """Steps 1-3: the next `prompts_per_step` prompts (this process's share of them), G
+    completions each with the adapter on, and their rewards. Returns (rows, rollout, scores,
+    generation seconds)."""
+    config, chunking = learner.config, learner.chunking
+    started = time.perf_counter()
+    # Every process draws the same list and takes its own share of whole prompts.
+    batch = [rows[i] for i in distributed.local_share(sampler.next_indices(config.prompts_per_step))]
+    # Each memory-heavy phase runs under retry_on_oom: on an out-of-memory error it halves the
+    # chunk size that bounds the phase (in `chunking`) and runs the phase again.
+    with learner.on_phase(GENERATION):
+        rollout = retry_on_oom(GENERATION, chunking, lambda: generate_rollouts(
+            learner.policy, learner.tokenizer, [row["prompt"] for row in batch],
+            num_generations=config.num_generations, chunk_size=chunking.generation_chunk_size,
+            max_prompt_length=config.max_prompt_length, max_completion_length=config.max_completion_length,
+            temperature=config.temperature, top_p=config.top_p, top_k=config.top_k, should_stop=should_stop),
+            oom_events)
+    generation_time = time.perf_counter() - started
+    # TRL's calling convention, one entry per completion.
+    scores = score_rows(learner.reward_functions, batch, rollout.completions, rollout.completion_token_lists(),
+                        config.num_generations, should_stop=should_stop, trainer_state=trainer_state)
+    return batch, rollout, scores, generation_time
+
+
+def _informative_groups(scores: RewardScores, num_generations: int, aggregation: str) -> torch.Tensor:
+    """(groups,) True where the group's advantages are not all zero, i.e. where it carries a
+    policy gradient. Summing first, that is where the summed rewards differ (TRL's nonzero
+    std); normalising each function first, where some function's rewards differ. A group with
+    fewer than two scorable completions has no spread either."""
+    if aggregation == "normalize_then_sum":
+        values = scores.per_function.view(-1, num_generations, scores.per_function.size(1))
+        std = grpo._nanstd(values, dim=1)
+        return (~torch.isnan(std) & ~torch.isclose(std, torch.zeros_like(std))).any(dim=1)
+    std = grpo._nanstd(scores.total.view(-1, num_generations), dim=1)
+    return ~torch.isnan(std) & ~torch.isclose(std, torch.zeros_like(std))
+
+
+def _informative_rows(scores: RewardScores, num_generations: int, aggregation: str) -> list[int]:
+    groups = _informative_groups(scores, num_generations, aggregation).nonzero().flatten().tolist()
+    return [g * num_generations + j for g in groups for j in range(num_generations)]
+
+
+def _resample_until_informative(config: TrainConfig, first_round, sample_round, pad_id: int):
+    """DAPO's dynamic sampling: generate for fresh prompts until the step has `prompts_per_step`
+    informative groups (or `max_resample_rounds` extra rounds have run), and keep the first
+    `prompts_per_step` of them in the order they were drawn, on every process the same choice
+    (every process sees every group's flag). Returns the kept (rows, rollout, scores) and the
+    dynamic-sampling metrics."""
+    G, world = config.num_generations, distributed.world()
+    rounds, flags = [first_round], []
+
+    def global_flags(scores: RewardScores) -> torch.Tensor:  # every process's groups, in prompt order
+        return _informative_groups(_gather_scores(scores), G, config.multi_objective_aggregation)
+
+    flags.append(global_flags(first_round[2]))
+    while sum(int(f.sum()) for f in flags) < config.prompts_per_step and len(rounds) <= config.max_resample_rounds:
+        rounds.append(sample_round())
+        flags.append(global_flags(rounds[-1][2]))
+
+    # The first prompts_per_step informative groups in the order drawn; if there are not that
+    # many, the step is filled up with the first uninformative ones (the update skips those).
+    drawn = [(r, g) for r, round_flags in enumerate(flags) for g in range(len(round_flags))]
+    informative = [(r, g) for r, g in drawn if flags[r][g]][:config.prompts_per_step]
+    filler = [(r, g) for r, g in drawn if not flags[r][g]][:config.prompts_per_step - len(informative)]
+    chosen = set(informative + filler)
+    # This process holds groups [offset, offset + local) of each round (local_share of prompts).
+    local = config.prompts_per_step // world.world_size
+    offset = world.rank * local
+    kept_rows, kept_rollouts, kept_scores = [], [], []
+    for r, (batch, rollout, scores, _) in enumerate(rounds):
+        mine = [g - offset for g in range(offset, offset + local) if (r, g) in chosen]
+        rows = [g * G + j for g in mine for j in range(G)]
+        kept_rows += [batch[g] for g in mine]
+        kept_rollouts.append(rollout.select(rows))
+        kept_scores.append(scores.select(rows))
+    generated = distributed.all_reduce_sum(sum(float(r[1].completion_mask.sum()) for r in rounds))
+    dynamic = {"dynamic_sampling/resample_rounds": len(rounds) - 1,
+               "dynamic_sampling/resampled_groups": (len(rounds) - 1) * config.prompts_per_step,
+               "dynamic_sampling/informative_groups": len(informative),
+               "dynamic_sampling/extra_generation_time": sum(r[3] for r in rounds[1:]),
+               "dynamic_sampling/generated_tokens": generated}
+    return kept_rows, concat_rollouts(kept_rollouts, pad_id), RewardScores.concat(kept_scores), dynamic
+
+
+def _own_rows(gathered: torch.Tensor, local_count: int) -> torch.Tensor:
+    """This process's rows of a tensor gathered from every process in rank order (the shares
+    can differ in size once dynamic sampling has chosen groups)."""
+    sizes = distributed.gather_objects(local_count)
+    start = sum(sizes[:distributed.world().rank])
+    return gathered[start:start + local_count]
+
+
+def _logged_metrics(scores: RewardScores) -> dict[str, float]:
+    """The step's mean of each value reward functions gave `log_metric`, over every process."""
+    totals: dict[str, list[float]] = {}
+    for logged in distributed.gather_objects(scores.logged):
+        for name, values in logged.items():
+            totals.setdefault(name, []).extend(values)
+    return {name: sum(values) / len(values) for name, values in sorted(totals.items()) if values}
+
+
 def _gather_scores(scores: RewardScores) -> RewardScores:
     """The rewards of the whole step, every process's in rank order (the step's prompt order)."""
     return RewardScores(names=scores.names, per_function=distributed.all_gather_tensor(scores.per_function),
-                        total=distributed.all_gather_tensor(scores.total))
+                        total=distributed.all_gather_tensor(scores.total), logged=scores.logged)
 
 
 def _update(learner: Learner, rollout: Rollout, advantages: torch.Tensor, ref_logps: torch.Tensor | None,
-            old_logps: torch.Tensor | None, oom_events: list[str] | None = None) -> dict[str, float]:
+            old_logps: torch.Tensor | None, oom_events: list[str] | None = None,
+            step_counts: tuple[int, float] | None = None) -> dict[str, float]:
     """Accumulate the step's gradient over micro-batches, then clip and apply it. A step whose
     loss or gradient is not finite is skipped (reported), never applied. With fp16, the
     learner's scaler scales the loss (see build_loss_scaler).
@@ -532,14 +665,19 @@ def _update(learner: Learner, rollout: Rollout, advantages: torch.Tensor, ref_lo
     of the step; the loss is normalised by the whole step, and the gradients are summed over
     processes before clipping, so the update is the one a single process would make with the
     whole step's sequences, and it is identical on every process.
+
+    `step_counts` (sequences, completion tokens) are the step's normalisers when `rollout` is
+    only part of it (zero_std_groups: the groups left out add nothing but still count).
     """
     config, optimizer, scaler = learner.config, learner.optimizer, learner.scaler
     world_size = distributed.world().world_size
     # The whole step's counts (dapo divides by all its completion tokens; shares are equal in
     # sequences, not in tokens). Counted here, outside the out-of-memory retry, so that a
     # retry on one process never meets a collective the others are not in.
-    num_sequences = rollout.num_sequences * world_size
-    num_tokens = distributed.all_reduce_sum(float(rollout.completion_mask.sum()))
+    if step_counts is None:
+        step_counts = (rollout.num_sequences * world_size,
+                       distributed.all_reduce_sum(float(rollout.completion_mask.sum())))
+    num_sequences, num_tokens = max(step_counts[0], 1), step_counts[1]
     with learner.on_phase(UPDATE):
         sums = retry_on_oom(UPDATE, learner.chunking, lambda: _accumulate_gradients(
             learner, rollout, advantages, ref_logps, old_logps, num_sequences, num_tokens),
@@ -547,6 +685,11 @@ def _update(learner: Learner, rollout: Rollout, advantages: torch.Tensor, ref_lo
 
     # All-reduce the LoRA gradients (SUM): every process now holds the whole step's gradient.
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    for p in params:
+        # Nothing to backward (every group skipped): a zero gradient, as the kept groups would
+        # have given, so the optimizer still steps (its moments decay) exactly as with them.
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
     distributed.all_reduce_gradients(params)
     sums = distributed.all_reduce_sum(sums)
     loss_total = sums.pop("loss")
@@ -562,11 +705,14 @@ def _update(learner: Learner, rollout: Rollout, advantages: torch.Tensor, ref_lo
         scaler.update()  # halves the scale after an overflow, doubles it after a calm stretch
 
     tokens = max(sums.get("token_count", 0.0), 1.0)
+    ratios = max(sums.get("ratio_count", 0.0), 1.0)  # tokens, or sequences for sequence-level ratios
     result = {"loss": loss_total, "grad_norm": grad_norm, "step_skipped": int(skipped),
-              "entropy": sums["entropy_sum"] / tokens,
-              "clip_ratio/low_mean": sums.get("clip_low_count", 0.0) / tokens,
-              "clip_ratio/high_mean": sums.get("clip_high_count", 0.0) / tokens,
-              "clip_ratio/region_mean": sums.get("clip_region_count", 0.0) / tokens}
+              "entropy": sums.get("entropy_sum", 0.0) / tokens}
+    for key, name in (("clip_low_count", "clip_ratio/low_mean"), ("clip_high_count", "clip_ratio/high_mean"),
+                      ("clip_region_count", "clip_ratio/region_mean"), ("cispo_clip_count", "cispo_clip_ratio"),
+                      ("vespo_phi_sum", "vespo/phi_seq_mean")):
+        if key in sums or (name.startswith("clip_ratio") and config.loss_type in grpo.CLIPPED_LOSS_TYPES):
+            result[name] = sums.get(key, 0.0) / ratios
     if ref_logps is not None:
         result["kl"] = sums.get("kl_sum", 0.0) / tokens
     if scaler is not None:
@@ -600,20 +746,32 @@ def _accumulate_gradients(learner: Learner, rollout: Rollout, advantages: torch.
     for mb in batches:
         logps, entropy = grpo.sequence_logprobs(
             learner.policy, mb.input_ids, mb.attention_mask, mb.logits_to_keep,
-            temperature=config.temperature, chunk_size=learner.chunking.logprob_chunk_size, compute_entropy=True)
+            temperature=config.temperature, chunk_size=learner.chunking.logprob_chunk_size, compute_entropy=True,
+            entropy_grad=config.entropy_coef != 0.0)
         loss, stats = grpo.grpo_loss(
             logps, _rows_of(old_logps, mb), _rows_of(ref_logps, mb), advantages[mb.rows], mb.completion_mask,
-            loss_type=config.loss_type, beta=config.beta, epsilon_low=config.epsilon,
-            epsilon_high=config.clip_high, max_completion_length=config.max_completion_length,
             num_sequences_in_step=num_sequences, num_tokens_in_step=num_tokens,
-            num_micro_batches=num_micro_batches)
+            num_micro_batches=num_micro_batches, entropies=entropy, **objective_options(config))
         (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_total += loss.item()
-        stats["entropy_sum"] = (entropy * mb.completion_mask).sum()
+        stats["entropy_sum"] = (entropy.detach() * mb.completion_mask).sum()
         for key, value in stats.items():
             sums[key] = sums.get(key, 0.0) + float(value)
     sums["loss"] = loss_total
     return sums
+
+
+def objective_options(config: TrainConfig) -> dict[str, Any]:
+    """The config's objective settings as `grpo.grpo_loss` keywords (TRL's names)."""
+    return dict(loss_type=config.loss_type, beta=config.beta, epsilon_low=config.epsilon,
+                epsilon_high=config.clip_high, max_completion_length=config.max_completion_length,
+                use_bias_correction_kl=config.use_bias_correction_kl,
+                importance_sampling_level=config.importance_sampling_level, delta=config.delta,
+                sapo_temperature_pos=config.sapo_temperature_pos, sapo_temperature_neg=config.sapo_temperature_neg,
+                vespo_k_pos=config.vespo_k_pos, vespo_lambda_pos=config.vespo_lambda_pos,
+                vespo_k_neg=config.vespo_k_neg, vespo_lambda_neg=config.vespo_lambda_neg,
+                off_policy_mask_threshold=config.off_policy_mask_threshold,
+                top_entropy_quantile=config.top_entropy_quantile, entropy_coef=config.entropy_coef)
 
 
 def _progress_bar(enabled: bool, start: int, total: int):
