@@ -63,6 +63,8 @@ class RewardSpec:
 
     name: str
     weight: float = 1.0
+    # Keyword arguments bound to the function, e.g. {soft_punish_cache: 64} for overlong_penalty.
+    args: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -296,12 +298,13 @@ def _as_reward_spec(value: Any) -> RewardSpec:
     if isinstance(value, str):
         return RewardSpec(value)
     if isinstance(value, dict):
-        unknown = set(value) - {"name", "weight"}
-        if "name" not in value or unknown:
+        unknown = set(value) - {"name", "weight", "args"}
+        if "name" not in value or unknown or not isinstance(value.get("args", {}), dict):
             raise ConfigError(
-                f"rewards: each entry is a name or {{name: ..., weight: ...}}, got {value!r}")
-        return RewardSpec(str(value["name"]), _reward_weight(value["name"], value.get("weight", 1.0)))
-    raise ConfigError(f"rewards: each entry is a name or {{name: ..., weight: ...}}, got {value!r}")
+                f"rewards: each entry is a name or {{name: ..., weight: ..., args: {{...}}}}, got {value!r}")
+        return RewardSpec(str(value["name"]), _reward_weight(value["name"], value.get("weight", 1.0)),
+                          dict(value.get("args") or {}))
+    raise ConfigError(f"rewards: each entry is a name or {{name: ..., weight: ..., args: {{...}}}}, got {value!r}")
 
 
 def _reward_weight(name: Any, weight: Any) -> float:

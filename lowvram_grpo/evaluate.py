@@ -38,7 +38,7 @@ from lowvram_grpo.rewards import BUILTIN_REWARDS, RewardContext, RewardFunction,
 from lowvram_grpo.rollout import generate_greedy
 
 # Built-in rewards that mean "the answer is right" (1.0) or "wrong" (0.0).
-ANSWER_REWARDS = ("arith_answer", "exact_answer", "numeric_answer")
+ANSWER_REWARDS = ("arith_answer", "exact_answer", "numeric_answer", "math_answer")
 
 # Prompts decoded at once when generation_chunk_size is "auto": one answer each, so far less
 # than a training step's generation chunk.

@@ -329,6 +329,80 @@ def length_penalty(prompts, completions, completion_ids=None, **kwargs) -> list[
     return [-min(1.0, max(0.0, (n - m) / max(float(m), 1.0))) + 0.0 for n, m in zip(lengths, limits)]
 
 
+@register_reward("overlong_penalty")
+def overlong_penalty(prompts, completions, completion_ids=None, max_completion_len: int | None = None,
+                     soft_punish_cache: int | None = None, **kwargs) -> list[float]:
+    """DAPO's soft overlong punishment, the same as TRL's `get_soft_overlong_punishment`.
+
+    0.0 up to `max_completion_len - soft_punish_cache` tokens, then linearly down to -1.0 at
+    `max_completion_len`, -1.0 beyond. It teaches the model to finish before it is cut off,
+    without rewarding short answers. `max_completion_len` defaults to the run's
+    max_completion_length and `soft_punish_cache` to a fifth of it (DAPO: 4096 of 20480); set
+    them with `args: {soft_punish_cache: 64}` in the reward's config entry. Length is in tokens
+    (`completion_ids`), else in words. Reads no dataset column.
+    """
+    if max_completion_len is None:
+        raise RewardFunctionError("reward function 'overlong_penalty' needs max_completion_len; give it in the "
+                                  "reward's args: {max_completion_len: 256} (the trainer passes its own)")
+    cache = max_completion_len // 5 if soft_punish_cache is None else soft_punish_cache
+    start = max_completion_len - cache
+    rewards = []
+    for n in _lengths(completions, completion_ids):
+        if n <= start:
+            rewards.append(0.0)
+        elif n <= max_completion_len:
+            rewards.append((start - n) / cache)
+        else:
+            rewards.append(-1.0)
+    return rewards
+
+
+def _math_parse(text: str, timeout: int | None, bare_answer: bool = False):
+    """math-verify's parse, also trying the text as inline LaTeX when it has no `$` or `\\boxed`:
+    first when it is known to be just the answer (an `<answer>` tag's contents, where `\\{1, 2\\}`
+    would otherwise parse as a stray number), else as a fallback (bare expressions such as `x^2+1`)."""
+    from math_verify import parse
+
+    bare = "$" not in text and "\\boxed" not in text
+    attempts = [f"${text}$", text] if bare and bare_answer else [text, f"${text}$"] if bare else [text]
+    for attempt in attempts:
+        parsed = parse(attempt, parsing_timeout=timeout)
+        if parsed:
+            return parsed
+    return []
+
+
+@register_reward("math_answer")
+def math_answer(prompts, completions, **kwargs) -> list[float | None]:
+    """1.0 if the completion's answer is mathematically equal to the `answer` column's, else 0.0.
+
+    Checked with math-verify, as TRL's accuracy_reward and open-r1 do: LaTeX, fractions,
+    `\\boxed{}`, equivalent forms (`\\frac{1}{2}`, `1/2`, `0.5`; `\\frac{\\sqrt2}{2}` and
+    `1/\\sqrt2`), sets and intervals. The answer is the last `<answer>...</answer>` if there is
+    one, else the whole completion (where a `\\boxed{}` is looked for first). The reference may
+    be a full solution with a `\\boxed{}` answer (MATH) or just the answer. None for rows whose
+    reference cannot be parsed. For plain-number answers (GSM8K) numeric_answer is enough.
+    """
+    from math_verify import verify
+
+    answers = _require_column(kwargs, "answer", "math_answer", _ANSWER_FIX)
+    # math-verify's timeouts use signal.alarm, which only works in the main thread.
+    main_thread = threading.current_thread() is threading.main_thread()
+    parse_timeout, verify_timeout = (10, 5) if main_thread else (None, None)
+    rewards = []
+    for completion, reference in zip(completions, answers):
+        gold = _math_parse(str(reference), parse_timeout) if reference is not None else []
+        if not gold:
+            rewards.append(None)
+            continue
+        text = completion_text(completion)
+        tagged = re.findall(r"<answer>(.*?)</answer>", text, re.DOTALL)
+        answer = _math_parse(tagged[-1].strip(), parse_timeout, bare_answer=True) if tagged else \
+            _math_parse(text, parse_timeout)
+        rewards.append(float(verify(gold, answer, timeout_seconds=verify_timeout)) if answer else 0.0)
+    return rewards
+
+
 @register_reward("repetition_penalty")
 def repetition_penalty(prompts, completions, **kwargs) -> list[float]:
     """Minus the fraction of repeated word 3-grams: 0.0 with no repetition, towards -1.0 for loops.
@@ -481,12 +555,18 @@ def _function_name(fn: Callable) -> str:
 
 def load_reward_functions(specs: list[RewardSpec], context: RewardContext | None = None,
                           timeout: float | None = None) -> list[RewardFunction]:
-    """Resolve every spec; metric names are the built-in name or the function's name, made unique.
-    `context` gives judges, reward models and code_tests the run's settings (see RewardContext).
+    """Resolve every spec and bind its `args`; metric names are the built-in name or the
+    function's name, made unique. `context` gives judges, reward models and code_tests the
+    run's settings (see RewardContext), and overlong_penalty the run's max_completion_length.
     Each call may take at most `timeout` seconds (None: no limit)."""
     loaded, seen = [], {}
     for spec in specs:
         fn = resolve_reward(spec.name, context)
+        args = dict(getattr(spec, "args", None) or {})
+        if fn is overlong_penalty and context is not None and context.config is not None:
+            args.setdefault("max_completion_len", context.config.max_completion_length)
+        if args:
+            fn = functools.partial(fn, **args)
         base = spec.name if isinstance(spec.name, str) and spec.name in BUILTIN_REWARDS else _function_name(fn)
         seen[base] = seen.get(base, 0) + 1
         name = base if seen[base] == 1 else f"{base}_{seen[base]}"
