@@ -15,9 +15,9 @@ Metrics (all floats):
     eval/num_prompts                how many prompts were evaluated
 
 Accuracy is deliberately simple: the first answer reward in the config (arith_answer,
-exact_answer or numeric_answer: those score 1.0 for a right answer and 0.0 for a wrong one) is
-taken, and accuracy is the fraction of prompts where it scored exactly 1.0, among the prompts
-it applies to (rows whose reference answer is missing are left out). Without an answer reward
+exact_answer, numeric_answer or math_answer: those score 1.0 for a right answer and 0.0 for a
+wrong one) is taken, and accuracy is the fraction of prompts where it scored exactly 1.0, among
+the prompts it applies to (rows whose reference answer is missing are left out). Without an answer reward
 there is no notion of "right", so `eval/accuracy` is omitted rather than guessed.
 """
 
