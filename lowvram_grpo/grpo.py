@@ -261,7 +261,9 @@ def high_entropy_mask(entropies: torch.Tensor, mask: torch.Tensor, top_quantile:
     """True for the completion tokens whose entropy is in the top `top_quantile` of this micro-batch.
 
     "Beyond the 80/20 rule" (Wang et al. 2025): the few high-entropy "forking" tokens carry most
-    of the learning signal. Same definition as TRL's `get_high_entropy_mask`.
+    of the learning signal. Same definition as TRL's `get_high_entropy_mask`; with several
+    processes TRL takes the quantile over all processes' micro-batches together, this function
+    over the micro-batch it is given.
     """
     local = entropies.detach()[mask.bool()].float()
     if local.numel() == 0:
