@@ -2,11 +2,12 @@
 
 Real process groups on the CPU (gloo), two processes:
 - the update, on fixed rollouts, equals the single-process update for every loss_type (TRL's
-  eight; beta > 0, off-policy ratios so clipping and the KL both matter), evaluation shared out over the processes
-  gives the single-process metrics, and the helpers gather what they should;
-- a 2-process tiny-cpu run through the CLI writes the usual run directory; another one stopped
-  by SIGTERM stops both processes after the same step, refuses a resume with another number of
-  processes, and resumed with 2 ends bit-identical to the uninterrupted run.
+  eight; beta > 0, off-policy ratios so clipping and the KL both matter), evaluation shared out
+  over the processes gives the single-process metrics, and the helpers gather what they should;
+- a 2-process tiny-cpu run through the CLI (with zero_std_groups=resample) writes the usual run
+  directory; another one stopped by SIGTERM stops both processes after the same step, refuses a
+  resume with another number of processes, and resumed with 2 ends bit-identical to the
+  uninterrupted run.
 """
 
 import dataclasses
@@ -243,8 +244,10 @@ def _cli(*args):
     return [sys.executable, "-m", "lowvram_grpo", "train", "--no-progress", *args]
 
 
+# With dynamic sampling's resample: both processes must agree on the rounds and on which groups
+# fill the step, whose shares then differ in size; a resumed run must redraw exactly the same.
 RUN_ARGS = ["--preset", "tiny-cpu", "--num-processes", "2", "max_steps=4", "prompts_per_step=8", "save_every=2",
-            "keep_checkpoints=0"]
+            "keep_checkpoints=0", "zero_std_groups=resample"]
 
 
 @pytest.fixture(scope="module")
@@ -270,6 +273,8 @@ def test_two_process_run_writes_one_run_directory(two_process_run):
                 "frac_reward_zero_std", "clip_ratio/region_mean", "entropy", "step_time", "tokens_per_second",
                 "peak_memory_gb", "generation_chunk_size"):
         assert all(key in r for r in records), key
+    assert any(r["dynamic_sampling/resample_rounds"] > 0 for r in records), "resampling was exercised"
+    assert all(r["frac_reward_zero_std"] == 0 for r in records if r["dynamic_sampling/informative_groups"] == 8)
     # Step 1's first num_completions_to_log completions, once (not once per process).
     samples = rundir.read_jsonl(run / "completions.jsonl")
     assert [s["step"] for s in samples] == [1] * min(load_config(preset="tiny-cpu").num_completions_to_log, 64)
