@@ -194,7 +194,7 @@ def test_aggregation_formulas_by_hand():
 
 def test_loss_argument_validation():
     args = (torch.zeros(2, 4), None, None, torch.zeros(2), MASK)
-    with pytest.raises(ValueError, match="grpo.*dr_grpo.*dapo.*bnpo"):
+    with pytest.raises(ValueError, match="grpo.*dr_grpo.*dapo.*bnpo.*cispo.*sapo.*luspo.*vespo"):
         grpo_loss(*args, **loss_kwargs(loss_type="ppo"))
     with pytest.raises(ValueError, match="ref_logps"):
         grpo_loss(*args, **loss_kwargs(beta=0.1))

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from lowvram_grpo import grpo
 from lowvram_grpo.config import load_config
 from lowvram_grpo.model import load_policy, reference_model
-from lowvram_grpo.rollout import completion_mask_from_eos, generate_rollouts, left_pad
+from lowvram_grpo.rollout import Rollout, completion_mask_from_eos, concat_rollouts, generate_rollouts, left_pad
 
 PROMPTS = ["3+5=", "12+7=", "9+9=", "1+1+1+1="]  # different lengths: left padding matters
 
@@ -127,3 +127,26 @@ def test_sampling_respects_lengths_and_counts_truncated_prompts(policy_and_token
 def test_completion_mask_stops_after_first_eos():
     ids = torch.tensor([[5, 1, 7, 1], [5, 6, 7, 8], [1, 0, 0, 0]])
     assert completion_mask_from_eos(ids, [1]).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+
+
+def _rollout(prompt_lengths, completion_lengths, clipped, pad=0):
+    prompt_ids, prompt_mask = left_pad([[7] * n for n in prompt_lengths], pad)
+    width = max(completion_lengths)
+    completion_mask = torch.tensor([[1] * n + [0] * (width - n) for n in completion_lengths])
+    return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_mask * 5,
+                   completion_mask=completion_mask, completions=[str(n) for n in completion_lengths],
+                   is_clipped=torch.tensor(clipped), num_prompts_truncated=1)
+
+
+def test_rollout_mask_truncated_select_and_concat():
+    first = _rollout([2, 3], [4, 1], [True, False])
+    # mask_truncated_completions: a cut-off completion keeps its tokens but loses every loss/attention position.
+    masked = first.mask_truncated()
+    assert masked.completion_mask.tolist() == [[0, 0, 0, 0], [1, 0, 0, 0]]
+    assert first.completion_mask.sum() == 5, "the original is left as it was"
+    second = _rollout([1], [2], [False]).select([0])
+    both = concat_rollouts([first.select([1]), second], pad_id=0)
+    assert both.completions == ["1", "2"] and both.is_clipped.tolist() == [False, False]
+    assert both.prompt_mask.tolist() == [[1, 1, 1], [0, 0, 1]], "prompts re-padded on the left"
+    assert both.completion_mask.tolist() == [[1, 0, 0, 0], [1, 1, 0, 0]], "completions re-padded on the right"
+    assert both.num_prompts_truncated == 2
