@@ -107,9 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)  # as the preset's cpu_threads: tiny matrices run faster on one thread
-    summaries = {}
+    summaries, load = {}, {}
     with tempfile.TemporaryDirectory(prefix="lowvram-dynamic-") as tmp:
         for mode in MODES:
+            load[mode] = os.getloadavg()[0]  # times on a shared machine are only as good as its load
             runs = [run_mode(mode, 42 + i, args.steps, Path(tmp)) for i in range(args.seeds)]
             summaries[mode] = summarise(runs)
             print(f"{mode}: {summaries[mode]}", flush=True)
@@ -128,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
             f"- Settings: the tiny-cpu preset ({args.steps} steps of 8 prompts x G=8, beta=0.04, loss_type=dapo, "
             f"max_resample_rounds=3), {args.seeds} seed(s) per mode (figures are means over seeds); eval reward is "
             "greedy, on the same 100 held-out prompts (eval_fraction 0.1)",
+            "- Machine load average (1 min) when each mode started: "
+            + ", ".join(f"{mode} {value:.2f}" for mode, value in load.items()),
             "",
             table,
             "",
