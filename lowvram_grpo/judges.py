@@ -29,7 +29,7 @@ import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-from lowvram_grpo.rewards import RewardFunctionError, completion_text
+from lowvram_grpo.rewards import TRAINER_KEYWORDS, RewardFunctionError, completion_text
 
 DEFAULT_JUDGE_TEMPLATE = (
     "Rate how well the response answers the request, from 0 (not at all) to 10 (perfectly).\n\n"
@@ -70,6 +70,12 @@ def judge_prompt(template: str, prompt, completion, columns: dict) -> str:
         raise RewardFunctionError(f"judge_template: {str(err).replace('prompt_template', 'judge_template')}") from None
 
 
+def _dataset_columns(kwargs: dict) -> dict:
+    """The dataset's columns among a reward call's keywords (not completion_ids, nor TRL's
+    trainer_state, log_metric and log_extra)."""
+    return {k: v for k, v in kwargs.items() if k != "completion_ids" and k not in TRAINER_KEYWORDS}
+
+
 def _prompts(template: str, prompts, completions, columns: dict) -> list[str]:
     return [judge_prompt(template, p, c, {k: v[i] for k, v in columns.items()})
             for i, (p, c) in enumerate(zip(prompts, completions))]
@@ -99,7 +105,7 @@ class SelfJudge:
                 "it works in training and evaluation, or pass RewardContext(config, policy, tokenizer)")
 
         texts = _prompts(self.config.judge_template or DEFAULT_JUDGE_TEMPLATE, prompts, completions,
-                         {k: v for k, v in columns.items() if k != "completion_ids"})
+                         _dataset_columns(columns))
         if tokenizer.chat_template:
             texts = [[{"role": "user", "content": t}] for t in texts]
         chunk = self.config.generation_chunk_size
@@ -124,7 +130,7 @@ class EndpointJudge:
 
     def __call__(self, prompts, completions, **columns) -> list[float | None]:
         texts = _prompts(self.config.judge_template or DEFAULT_JUDGE_TEMPLATE, prompts, completions,
-                         {k: v for k, v in columns.items() if k != "completion_ids"})
+                         _dataset_columns(columns))
         if not texts:
             return []
         with ThreadPoolExecutor(max_workers=min(self.config.judge_concurrency, len(texts))) as pool:
