@@ -109,10 +109,13 @@ def compute_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False):
+def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template_kwargs: dict | None = None):
     from transformers import AutoTokenizer
 
+    from lowvram_grpo.prompts import set_chat_template_kwargs
+
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    set_chat_template_kwargs(tokenizer, chat_template_kwargs or {})
     # Batched generation needs a pad token, and prompts are left-padded so that every
     # sequence's completion starts at the same column.
     if tokenizer.pad_token is None:
@@ -129,7 +132,7 @@ def load_policy(config: TrainConfig, device: torch.device | None = None):
     device = device or default_device()
     dtype = compute_dtype(config, device)
     path = resolve_model_path(config.model_name_or_path)
-    tokenizer = load_tokenizer(path, config.trust_remote_code)
+    tokenizer = load_tokenizer(path, config.trust_remote_code, config.chat_template_kwargs)
 
     quantization_config = None
     if config.quantization == "nf4":
