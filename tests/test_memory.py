@@ -23,6 +23,10 @@ from lowvram_grpo.planner import format_plan, plan
 PUBLISHED_PARAMS = {
     "qwen2.5-0.5b": 0.49e9, "qwen2.5-1.5b": 1.54e9, "qwen2.5-3b": 3.09e9, "qwen2.5-7b": 7.62e9,
     "llama-3.2-3b": 3.21e9, "llama-3.1-8b": 8.03e9,
+    "qwen3-0.6b": 0.6e9, "qwen3-1.7b": 1.7e9, "qwen3-4b": 4.0e9, "qwen3-8b": 8.2e9, "qwen3-14b": 14.8e9,
+    "qwen3-30b-a3b": 30.5e9, "smollm3-3b": 3.08e9, "lfm2-1.2b": 1.17e9,
+    # Gemma 3 4B is 4.3B with its 0.42B SigLIP vision tower; the planner models the language model.
+    "gemma-3-4b": 4.3e9 - 0.42e9,
 }
 
 
