@@ -617,9 +617,10 @@ def resolve_model_config(name_or_path: str) -> dict[str, Any]:
     """The config dict of a model, without loading weights.
 
     Tried in order: `builtin:tiny` (built locally if needed), a local directory with
-    config.json (or the config.json itself), a shipped architecture name (`qwen2.5-7b`), a hub
-    id containing one (`Qwen/Qwen2.5-7B-Instruct`), and finally transformers' AutoConfig (the
-    local hub cache, or the hub when online).
+    config.json (or the config.json itself), the model's own config.json in the local Hugging
+    Face cache (the real thing, when it has been downloaded), a shipped architecture name
+    (`qwen2.5-7b`) or a hub id containing one (`Qwen/Qwen2.5-7B-Instruct`), and finally the hub.
+    Offline with none of these, the error says so.
     """
     from lowvram_grpo.model import BUILTIN_PREFIX, resolve_model_path
 
@@ -632,20 +633,22 @@ def resolve_model_config(name_or_path: str) -> dict[str, Any]:
         return json.loads(path.read_text(encoding="utf-8"))
     if path.is_dir():
         raise PlannerError(f"model_name_or_path: {path} has no config.json")
-    arch = (name_or_path.lower() if name_or_path.lower() in shipped_architectures()
-            else arch_for_model_name(name_or_path))
-    if arch:
-        return load_arch(arch)
+    if name_or_path.lower() in shipped_architectures():
+        return load_arch(name_or_path.lower())
     from transformers import AutoConfig
 
-    try:  # the local hub cache first: instant, and works offline
+    try:  # the local hub cache: instant, works offline, and is the checkpoint's own config
         return AutoConfig.from_pretrained(name_or_path, local_files_only=True).get_text_config().to_dict()
     except Exception:
         pass
+    arch = arch_for_model_name(name_or_path)
+    if arch:
+        return load_arch(arch)
     try:
         return AutoConfig.from_pretrained(name_or_path).get_text_config().to_dict()
     except Exception as err:  # offline, unknown id, gated repo...
         raise PlannerError(
-            f"model_name_or_path: cannot find a config for '{name_or_path}' ({type(err).__name__}). Give a "
-            f"local directory with config.json, or one of the shipped architectures: "
-            f"{', '.join(shipped_architectures())}") from None
+            f"model_name_or_path: no config for '{name_or_path}': it is not in the local Hugging Face cache "
+            f"and the hub did not answer ({type(err).__name__}; offline?). Download it once "
+            f"(`hf download {name_or_path} config.json`), give a local directory with config.json, or use "
+            f"one of the shipped architectures: {', '.join(shipped_architectures())}") from None
