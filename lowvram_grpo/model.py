@@ -149,6 +149,9 @@ def load_policy(config: TrainConfig, device: torch.device | None = None):
             "directory with config.json and weights, or a hub id while online "
             "(builtin:tiny works offline).") from err
 
+    if quantization_config is not None:
+        _warn_about_unquantised_experts(base, dtype)
+
     # Only LoRA weights train. We do not call peft's prepare_model_for_kbit_training: it casts
     # the embeddings and LM head to fp32, which for a 150k-token vocabulary costs gigabytes.
     # Log-probs are computed in fp32 chunk by chunk instead (see grpo.sequence_logprobs).
@@ -175,6 +178,18 @@ def load_policy(config: TrainConfig, device: torch.device | None = None):
     # peft keeps the adapter weights in fp32 (autocast_adapter_dtype) on a bf16/4-bit base:
     # they are tiny, and fp32 keeps the optimizer's small updates from rounding away.
     return policy, tokenizer
+
+
+def _warn_about_unquantised_experts(model, dtype: torch.dtype) -> None:
+    """transformers 5 keeps a mixture-of-experts model's experts as 3-D tensors, not nn.Linear
+    layers, and bitsandbytes quantises nn.Linear only: the experts (most of such a model) load
+    in 16 bits. Training is still correct, but the memory is not what "4-bit" suggests."""
+    experts = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 3 and "experts" in name)
+    if experts:
+        gib = experts * torch.finfo(dtype).bits / 8 / 2**30
+        warnings.warn(f"{experts / 1e9:.2f}B mixture-of-experts parameters are not quantised (bitsandbytes "
+                      f"quantises nn.Linear layers only) and take {gib:.1f} GB in {str(dtype).removeprefix('torch.')}; "
+                      "`lowvram-grpo plan` counts them", UserWarning, stacklevel=3)
 
 
 @contextlib.contextmanager

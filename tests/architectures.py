@@ -29,9 +29,17 @@ class Arch:
     source: str  # the checkpoint the config class's defaults (and our values) mirror
     features: str  # what is special about it, for the support table
     overrides: dict = field(default_factory=dict)  # on top of SMALL
+    # A multimodal checkpoint (what the hub id holds): its composite model_type and the tiny
+    # vision tower around the text model. Loaded as AutoModelForCausalLM gives it, i.e. the
+    # whole ...ForConditionalGeneration, with LoRA on the language model only (see the preset).
+    multimodal: str | None = None
+    vision: dict = field(default_factory=dict)
+    lora_target_modules: str = "all-linear"
 
 
 SLIDING_THEN_FULL = ["sliding_attention"] * 3 + ["full_attention"]
+# peft's regex form of lora_target_modules, as the Gemma 3 4B preset uses it.
+LANGUAGE_MODEL_LINEARS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 ARCHITECTURES: dict[str, Arch] = {
     "qwen2": Arch("qwen2", "Qwen/Qwen2.5-7B-Instruct", "dense, q/k/v bias"),
@@ -49,6 +57,12 @@ ARCHITECTURES: dict[str, Arch] = {
                    dict(sliding_window=WINDOW, query_pre_attn_scalar=16, final_logit_softcapping=30.0)),
     "gemma3": Arch("gemma3_text", "google/gemma-3-1b-it", "5 sliding : 1 full attention, 262k vocabulary",
                    dict(sliding_window=WINDOW, query_pre_attn_scalar=16, layer_types=SLIDING_THEN_FULL)),
+    "gemma3-multimodal": Arch(
+        "gemma3_text", "google/gemma-3-4b-it", "the 4B checkpoint: Gemma3ForConditionalGeneration (vision tower)",
+        dict(sliding_window=WINDOW, query_pre_attn_scalar=16, layer_types=SLIDING_THEN_FULL), multimodal="gemma3",
+        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                    patch_size=14),
+        lora_target_modules=LANGUAGE_MODEL_LINEARS),
     "gemma4": Arch("gemma4_text", "google/gemma-4-e2b-it",
                    "sliding/full, per-layer embeddings, logit soft-capping",
                    dict(sliding_window=WINDOW, hidden_size_per_layer_input=8, vocab_size_per_layer_input=VOCAB,
@@ -82,9 +96,15 @@ def build_tiny_arch(name: str, path: Path) -> Path:
 
     arch = ARCHITECTURES[name]
     tokenizer = build_tokenizer()
-    config = CONFIG_MAPPING[arch.model_type](
-        **{**SMALL, **arch.overrides}, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None)
+    text = dict(**{**SMALL, **arch.overrides}, pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    if arch.multimodal:
+        # Image tokens only matter with images; they get ids inside the tiny vocabulary.
+        config = CONFIG_MAPPING[arch.multimodal](
+            text_config=text, vision_config=arch.vision, mm_tokens_per_image=4, image_token_index=VOCAB - 4,
+            boi_token_index=VOCAB - 3, eoi_token_index=VOCAB - 2)
+    else:
+        config = CONFIG_MAPPING[arch.model_type](**text)
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -37,6 +38,7 @@ TABLE_MARKERS = ("<!-- support-table:start -->", "<!-- support-table:end -->")
 PROMPTS = ["3+5=", "12+7=", "9+9=", "1+1+1+1="]  # different lengths: left padding matters
 CHECKS = ("4-bit + LoRA", "generation", "log-probs", "reference", "GRPO + resume")
 RESULTS: dict[str, dict[str, str]] = {name: {} for name in ARCHITECTURES}
+LOAD_WARNINGS: dict[str, list[str]] = {}  # what load_policy warned about, per architecture
 NAMES = sorted(ARCHITECTURES)
 
 
@@ -52,7 +54,11 @@ def arch(request, tmp_path_factory):
     name = request.param
     path = build_tiny_arch(name, tmp_path_factory.mktemp(name))
     torch.manual_seed(0)
-    policy, tokenizer = load_policy(_config(path), torch.device("cpu"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        policy, tokenizer = load_policy(_config(path, lora_target_modules=ARCHITECTURES[name].lora_target_modules),
+                                        torch.device("cpu"))
+    LOAD_WARNINGS[name] = [str(w.message) for w in caught]
     with torch.no_grad():
         for param_name, param in policy.named_parameters():
             if "lora_B" in param_name:
@@ -67,20 +73,27 @@ def _record(name: str, check: str, outcome: str = "ok") -> None:
 def test_base_is_4bit_with_lora_on_every_linear_layer(arch):
     name, _, policy, _ = arch
     base = policy.get_base_model()
-    layers = [m for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and "lora_" not in n
-              and not n.endswith("lm_head") and ".base_layer" not in n]
-    # Every decoder linear is 4-bit, and every 4-bit linear carries a LoRA adapter.
-    quantised = [m for m in base.modules() if isinstance(m, bnb.nn.Linear4bit)]
-    assert quantised and all(m.weight.quant_type == "nf4" for m in quantised)
+    # Every linear of the language model is 4-bit and carries a LoRA adapter (a vision tower,
+    # mostly 4-bit too, gets none: text prompts never use it).
+    decoder = base.get_decoder()
+    layers = [m for n, m in decoder.named_modules() if isinstance(m, torch.nn.Linear) and "lora_" not in n
+              and ".base_layer" not in n]
     plain = [m for m in layers if not isinstance(m, bnb.nn.Linear4bit)]
     assert not plain, f"{len(plain)} linear layers were not quantised"
-    adapted = {n.rsplit(".base_layer", 1)[0] for n, m in base.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
-    lora_owners = {n.rsplit(".lora_A", 1)[0] for n, _ in base.named_modules() if n.endswith(".lora_A")}
-    assert adapted <= lora_owners
+    quantised = [m for m in base.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert quantised and all(m.weight.quant_type == "nf4" for m in quantised)
+    in_decoder = {n.rsplit(".base_layer", 1)[0] for n, m in decoder.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    lora_owners = {n.rsplit(".lora_A", 1)[0] for n, _ in decoder.named_modules() if n.endswith(".lora_A")}
+    assert in_decoder and in_decoder <= lora_owners
+    trainable = [n for n, p in base.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert not any("vision" in n for n in trainable), "LoRA belongs on the language model"
     assert base.is_activation_checkpointing
     # Experts stored as 3-D tensors (transformers 5's fused MoE) are not nn.Linear: bitsandbytes
     # leaves them in 16 bits. Record it for the table (and the planner counts them so).
     experts = sum(p.numel() for n, p in base.named_parameters() if p.dim() == 3 and "experts" in n)
+    # ...and the user is told when the model loads.
+    assert any("mixture-of-experts parameters are not quantised" in w for w in LOAD_WARNINGS[name]) == bool(experts)
     _record(name, "4-bit + LoRA", "ok, experts stay 16-bit" if experts else "ok")
 
 
@@ -94,8 +107,11 @@ def test_generation_uses_the_cache_and_chunking_changes_nothing(arch):
 
     seen = []
     decoder = policy.get_base_model().get_decoder()
+    # A multimodal model embeds the tokens itself and hands its decoder inputs_embeds.
     hook = decoder.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+        lambda module, args, kwargs: seen.append(
+            (kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]).shape[1]),
+        with_kwargs=True)
     policy.train()  # gradient checkpointing must not switch the cache off during rollouts
     try:
         generate_rollouts(policy, tokenizer, ["3+5="], num_generations=2, chunk_size=2, max_prompt_length=16,
