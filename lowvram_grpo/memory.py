@@ -160,7 +160,9 @@ class ModelShape:
         hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
         layers = int(cfg["num_hidden_layers"])
         attention_bias = bool(cfg.get("attention_bias", False))
-        moe = model_type in MOE_TYPES and (cfg.get("num_experts") or 0) > 1
+        # Qwen3-MoE's config.json says num_experts; transformers 5 saves it as num_local_experts.
+        experts = int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0)
+        moe = model_type in MOE_TYPES and experts > 1
         if moe and (cfg.get("mlp_only_layers") or (cfg.get("decoder_sparse_step") or 1) != 1):
             raise PlannerError("model_config: the planner models mixture-of-experts models whose every layer is "
                                "sparse (mlp_only_layers=[], decoder_sparse_step=1)")
@@ -184,14 +186,10 @@ class ModelShape:
             layer_kinds=_layer_kinds(cfg, layers),
             sliding_window=cfg.get("sliding_window"),
             conv_kernel=int(cfg.get("conv_L_cache") or 0),
-            num_experts=int(cfg["num_experts"]) if moe else 0,
+            num_experts=experts if moe else 0,
             experts_per_token=int(cfg.get("num_experts_per_tok") or 0) if moe else 0,
             expert_intermediate_size=int(cfg.get("moe_intermediate_size") or 0) if moe else 0,
         )
-
-    @property
-    def attention_layers(self) -> int:
-        return sum(kind != "conv" for kind in self.layer_kinds)
 
     @property
     def active_intermediate_size(self) -> int:
@@ -205,11 +203,13 @@ class ModelShape:
         Llama/Qwen2/Mistral name, so `lora_target_modules: [q_proj, v_proj]` counts exactly.
         A MoE layer's only MLP linear is its router (`gate`): the experts are 3-D tensors."""
         H, I, hd = self.hidden_size, self.intermediate_size, self.head_dim
+        q, kv = self.num_heads * hd, self.num_kv_heads * hd
         if kind == "conv":  # LFM2: in_proj to B, C and x gates, a depthwise conv, out_proj
             mixer = {"in_proj": (H, 3 * H), "out_proj": (H, H)}
+        elif self.model_type == "phi3":  # one fused q/k/v projection, one fused gate/up
+            return {"qkv_proj": (H, q + 2 * kv), "o_proj": (q, H), "gate_up_proj": (H, 2 * I), "down_proj": (I, H)}
         else:
-            mixer = {"q_proj": (H, self.num_heads * hd), "k_proj": (H, self.num_kv_heads * hd),
-                     "v_proj": (H, self.num_kv_heads * hd), "o_proj": (self.num_heads * hd, H)}
+            mixer = {"q_proj": (H, q), "k_proj": (H, kv), "v_proj": (H, kv), "o_proj": (q, H)}
         if self.num_experts:
             return {**mixer, "gate": (H, self.num_experts)}
         return {**mixer, "gate_proj": (H, I), "up_proj": (H, I), "down_proj": (I, H)}
@@ -322,8 +322,13 @@ def lora_parameters(model_config: Any, train_config: TrainConfig) -> tuple[int, 
         shapes = shape.linear_shapes(kind)
         total += sum(r * (shapes[t][0] + shapes[t][1]) for t in targets if t in shapes)
     if shape.num_experts:
-        notes.append("mixture of experts: the experts stay 16-bit (bitsandbytes quantises nn.Linear layers only); "
-                     "LoRA is counted on the attention and router layers")
+        notes.append("mixture of experts: the experts stay 16-bit (bitsandbytes quantises nn.Linear layers only)")
+        if "all-linear" in ([train_config.lora_target_modules] if isinstance(train_config.lora_target_modules, str)
+                            else train_config.lora_target_modules):
+            # peft's all-linear also adapts the 3-D expert tensors, one LoRA per expert, with
+            # twice the rank on the fused gate/up projection (peft's rank_pattern for it).
+            H, I, E = shape.hidden_size, shape.expert_intermediate_size, shape.num_experts
+            total += shape.num_layers * E * (2 * r * (H + 2 * I) + r * (I + H))
     return total, notes
 
 

@@ -174,6 +174,12 @@ def load_policy(config: TrainConfig, device: torch.device | None = None):
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
                 policy = get_peft_model(base, lora)
         except ValueError as err:
+            if "lora_dropout" in str(err):
+                # peft adapts the 3-D expert tensors of some mixture-of-experts models (Qwen3-MoE)
+                # as parameters, where it has no dropout.
+                raise ModelLoadError(
+                    f"lora_dropout: peft cannot apply dropout to LoRA on this model's expert weights "
+                    f"({type(base).__name__}); set lora_dropout=0") from err
             raise ModelLoadError(f"lora_target_modules: {err}") from err
     # peft keeps the adapter weights in fp32 (autocast_adapter_dtype) on a bf16/4-bit base:
     # they are tiny, and fp32 keeps the optimizer's small updates from rounding away.

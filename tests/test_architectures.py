@@ -17,6 +17,7 @@ The README's support table is generated from these results:
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import warnings
@@ -26,7 +27,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 from architectures import ARCHITECTURES, build_tiny_arch
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
 from lowvram_grpo import grpo
 from lowvram_grpo.config import load_config
@@ -36,7 +37,7 @@ from lowvram_grpo.rollout import generate_rollouts, left_pad
 README = Path(__file__).resolve().parent.parent / "README.md"
 TABLE_MARKERS = ("<!-- support-table:start -->", "<!-- support-table:end -->")
 PROMPTS = ["3+5=", "12+7=", "9+9=", "1+1+1+1="]  # different lengths: left padding matters
-CHECKS = ("4-bit + LoRA", "generation", "log-probs", "reference", "GRPO + resume")
+CHECKS = ("4-bit + LoRA", "generation", "log-probs", "reference", "GRPO + resume", "planner")
 RESULTS: dict[str, dict[str, str]] = {name: {} for name in ARCHITECTURES}
 LOAD_WARNINGS: dict[str, list[str]] = {}  # what load_policy warned about, per architecture
 NAMES = sorted(ARCHITECTURES)
@@ -228,3 +229,26 @@ def write_support_table():
     start, end = (text.index(marker) for marker in TABLE_MARKERS)
     table = support_table()
     README.write_text(text[:start + len(TABLE_MARKERS[0])] + "\n" + table + "\n" + text[end:], encoding="utf-8")
+
+
+def test_the_planner_counts_what_training_loads_or_refuses(arch):
+    """For the architectures the planner models, its parameter and LoRA counts are those of the
+    model training loads; the others are refused with a reason, never estimated wrongly."""
+    from lowvram_grpo.memory import UNMODELLED, PlannerError, count_parameters, lora_parameters
+
+    name, path, policy, _ = arch
+    config = json.loads((path / "config.json").read_text())
+    train_config = _config(path, lora_target_modules=ARCHITECTURES[name].lora_target_modules)
+    try:
+        counted = count_parameters(config)
+    except PlannerError as err:
+        assert ARCHITECTURES[name].model_type in UNMODELLED and "cannot model" in str(err)
+        _record(name, "planner", "refused")
+        return
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
+    language_model = sum(p.numel() for n, p in meta.named_parameters() if "vision" not in n and "projector" not in n)
+    assert counted.total == language_model
+    lora = sum(p.numel() for n, p in policy.named_parameters() if "lora_" in n)
+    assert lora_parameters(config, train_config)[0] == lora
+    _record(name, "planner")
