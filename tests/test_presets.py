@@ -120,7 +120,7 @@ def test_thinking_model_presets_switch_the_templates_thinking_off(name):
 @pytest.mark.parametrize("name", [n for n in EXPECTED if any(line.startswith("# plan:") for line in header_lines(n))])
 def test_preset_header_states_the_planners_estimate_offline(name):
     """The header's "plan: ~X GB" is what `plan` computes now, offline, and it fits the target."""
-    from lowvram_grpo.memory import plan
+    from lowvram_grpo.planner import plan
 
     line = next(line for line in header_lines(name) if line.startswith("# plan:"))
     stated = float(re.search(r"~([\d.]+) GB", line).group(1))
