@@ -43,6 +43,7 @@ PRESETS = [
     ("qwen3-4b-gsm8k", "12 GB, T4", "Qwen3 4B; thinking mode off"),
     ("qwen3-8b-gsm8k", "16 GB, T4", "Qwen3 8B; thinking mode off"),
     ("qwen3-14b-gsm8k", "24 GB", "Qwen3 14B; too big for a T4"),
+    ("qwen3-4b-mbpp", "12 GB, T4", "Qwen3 4B writes Python functions that pass MBPP's tests"),
 ]
 DEFAULT_PRESET = "qwen2.5-3b-gsm8k"
 

@@ -36,6 +36,7 @@ EXPECTED = {  # name -> (model, target GB): the table users pick from
     "qwen3-4b-gsm8k": ("Qwen/Qwen3-4B", 12),
     "qwen3-8b-gsm8k": ("Qwen/Qwen3-8B", 16),
     "qwen3-14b-gsm8k": ("Qwen/Qwen3-14B", 24),
+    "qwen3-4b-mbpp": ("Qwen/Qwen3-4B", 12),
 }
 # Thinking models: their template's own thinking is off, so our <think>/<answer> format is used.
 THINKING = [name for name in EXPECTED if name.startswith(("qwen3-", "smollm3-"))]
