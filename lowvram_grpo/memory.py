@@ -618,6 +618,20 @@ def arch_for_model_name(name: str) -> str | None:
     return None
 
 
+def _cached_hub_config(repo_id: str) -> dict[str, Any] | None:
+    """The checkpoint's own config.json from the local Hugging Face cache, if it is there.
+    A file lookup (no transformers import, no network), so the app's preset form stays quick."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        path = try_to_load_from_cache(repo_id, "config.json")
+    except ValueError:  # not a valid repo id (e.g. a path that does not exist)
+        return None
+    if not isinstance(path, str):  # None (not cached) or the "known missing" marker
+        return None
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
 def resolve_model_config(name_or_path: str) -> dict[str, Any]:
     """The config dict of a model, without loading weights.
 
@@ -640,15 +654,14 @@ def resolve_model_config(name_or_path: str) -> dict[str, Any]:
         raise PlannerError(f"model_name_or_path: {path} has no config.json")
     if name_or_path.lower() in shipped_architectures():
         return load_arch(name_or_path.lower())
-    from transformers import AutoConfig
-
-    try:  # the local hub cache: instant, works offline, and is the checkpoint's own config
-        return AutoConfig.from_pretrained(name_or_path, local_files_only=True).get_text_config().to_dict()
-    except Exception:
-        pass
+    cached = _cached_hub_config(name_or_path)
+    if cached is not None:
+        return cached
     arch = arch_for_model_name(name_or_path)
     if arch:
         return load_arch(arch)
+    from transformers import AutoConfig
+
     try:
         return AutoConfig.from_pretrained(name_or_path).get_text_config().to_dict()
     except Exception as err:  # offline, unknown id, gated repo...

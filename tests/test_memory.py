@@ -349,15 +349,20 @@ def test_a_hub_id_in_the_local_cache_uses_the_checkpoints_own_config(tmp_path, m
     from transformers import AutoConfig
 
     real = load_arch("qwen3-8b")
-    cached = AutoConfig.for_model(**{**real, "num_hidden_layers": 30})
-    monkeypatch.setattr(AutoConfig, "from_pretrained", classmethod(
-        lambda cls, name, local_files_only=False, **kw: cached if local_files_only else None))
+    snapshot = tmp_path / "models--Qwen--Qwen3-8B" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps({**real, "num_hidden_layers": 30}))
+    (tmp_path / "models--Qwen--Qwen3-8B" / "refs").mkdir()
+    (tmp_path / "models--Qwen--Qwen3-8B" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
     assert resolve_model_config("Qwen/Qwen3-8B")["num_hidden_layers"] == 30
 
-    def offline(cls, name, local_files_only=False, **kwargs):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty"))
+    assert resolve_model_config("Qwen/Qwen3-8B") == real  # uncached: the shipped file
+
+    def offline(cls, name, **kwargs):
         raise OSError("no connection")
 
     monkeypatch.setattr(AutoConfig, "from_pretrained", classmethod(offline))
-    assert resolve_model_config("Qwen/Qwen3-8B") == real  # uncached: the shipped file
     with pytest.raises(PlannerError, match="not in the local Hugging Face cache .*offline"):
         resolve_model_config("someone/SomeModel-3B")
