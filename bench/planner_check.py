@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Check the memory planner's formulas against the tensors a real training step keeps alive.
 
-    python -m bench.planner_check                    # CPU, ~5 minutes: 3 architectures, 2 layers each
+    python -m bench.planner_check                    # CPU, ~10 minutes: 6 architectures, 3 layers each
 
-For each architecture (default Qwen2.5-0.5B, Llama-3.2-3B and Qwen2.5-7B), a random-weight model
+For each architecture (default Qwen2.5-0.5B, Llama-3.2-3B, Qwen2.5-7B, Qwen3-0.6B, Gemma-3-4B, LFM2-1.2B), a random-weight model
 of the real config with its decoder cut to `--layers` layers (every term of the estimate is per
 layer or per vocabulary entry, so a few layers exercise all of them: the full vocabulary,
 hidden size, heads and MLP width), loaded the way training loads it (4-bit NF4 + LoRA), trains
@@ -38,7 +38,9 @@ from bench.live_bytes import LiveTensorBytes
 
 GIB = 2**30
 DOCS_KEY = "cpu-planner"
-DEFAULT_ARCHS = ("qwen2.5-0.5b", "llama-3.2-3b", "qwen2.5-7b")
+# Three of the 2026 architectures too: Qwen3 (q/k norms), Gemma 3 (262k vocabulary, sliding
+# window, sandwich norms) and LFM2 (convolution layers; its first attention layer is layer 3).
+DEFAULT_ARCHS = ("qwen2.5-0.5b", "llama-3.2-3b", "qwen2.5-7b", "qwen3-0.6b", "gemma-3-4b", "lfm2-1.2b")
 
 
 def check_architecture(arch: str, layers: int, work: Path) -> dict:
@@ -143,7 +145,7 @@ def format_results(results: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", nargs="+", default=list(DEFAULT_ARCHS))
-    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=3)
     parser.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "lowvram_grpo_planner_check"))
     parser.add_argument("--docs", default=str(common.DEFAULT_DOCS))
     parser.add_argument("--no-docs", action="store_true")

@@ -77,6 +77,9 @@ class TrainConfig:
     # then scaled, see trainer.build_loss_scaler), fp32 on CPU.
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     trust_remote_code: bool = False
+    # Extra variables for the model's chat template, passed to every apply_chat_template call:
+    # e.g. {enable_thinking: false} makes Qwen3's and SmolLM3's templates skip the <think> block.
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     gradient_checkpointing: bool = True
     lora_r: int = 16
     lora_alpha: int = 32
@@ -430,6 +433,10 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if value not in allowed:
             raise ConfigError(f"{key}: must be one of {', '.join(map(str, allowed))}; got {value!r}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{key}: expected a mapping such as {{enable_thinking: false}}, got {value!r}")
+        return dict(value)
     if origin is list:
         (item_type,) = typing.get_args(hint)
         if not isinstance(value, list):

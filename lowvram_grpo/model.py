@@ -109,10 +109,13 @@ def compute_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False):
+def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template_kwargs: dict | None = None):
     from transformers import AutoTokenizer
 
+    from lowvram_grpo.prompts import set_chat_template_kwargs
+
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    set_chat_template_kwargs(tokenizer, chat_template_kwargs or {})
     # Batched generation needs a pad token, and prompts are left-padded so that every
     # sequence's completion starts at the same column.
     if tokenizer.pad_token is None:
@@ -129,7 +132,7 @@ def load_policy(config: TrainConfig, device: torch.device | None = None):
     device = device or default_device()
     dtype = compute_dtype(config, device)
     path = resolve_model_path(config.model_name_or_path)
-    tokenizer = load_tokenizer(path, config.trust_remote_code)
+    tokenizer = load_tokenizer(path, config.trust_remote_code, config.chat_template_kwargs)
 
     quantization_config = None
     if config.quantization == "nf4":
@@ -145,6 +148,9 @@ def load_policy(config: TrainConfig, device: torch.device | None = None):
             f"model_name_or_path: could not load '{config.model_name_or_path}': {err}. Give a local "
             "directory with config.json and weights, or a hub id while online "
             "(builtin:tiny works offline).") from err
+
+    if quantization_config is not None:
+        _warn_about_unquantised_experts(base, dtype)
 
     # Only LoRA weights train. We do not call peft's prepare_model_for_kbit_training: it casts
     # the embeddings and LM head to fp32, which for a 150k-token vocabulary costs gigabytes.
@@ -168,10 +174,28 @@ def load_policy(config: TrainConfig, device: torch.device | None = None):
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
                 policy = get_peft_model(base, lora)
         except ValueError as err:
+            if "lora_dropout" in str(err):
+                # peft adapts the 3-D expert tensors of some mixture-of-experts models (Qwen3-MoE)
+                # as parameters, where it has no dropout.
+                raise ModelLoadError(
+                    f"lora_dropout: peft cannot apply dropout to LoRA on this model's expert weights "
+                    f"({type(base).__name__}); set lora_dropout=0") from err
             raise ModelLoadError(f"lora_target_modules: {err}") from err
     # peft keeps the adapter weights in fp32 (autocast_adapter_dtype) on a bf16/4-bit base:
     # they are tiny, and fp32 keeps the optimizer's small updates from rounding away.
     return policy, tokenizer
+
+
+def _warn_about_unquantised_experts(model, dtype: torch.dtype) -> None:
+    """transformers 5 keeps a mixture-of-experts model's experts as 3-D tensors, not nn.Linear
+    layers, and bitsandbytes quantises nn.Linear only: the experts (most of such a model) load
+    in 16 bits. Training is still correct, but the memory is not what "4-bit" suggests."""
+    experts = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 3 and "experts" in name)
+    if experts:
+        gib = experts * torch.finfo(dtype).bits / 8 / 2**30
+        warnings.warn(f"{experts / 1e9:.2f}B mixture-of-experts parameters are not quantised (bitsandbytes "
+                      f"quantises nn.Linear layers only) and take {gib:.1f} GB in {str(dtype).removeprefix('torch.')}; "
+                      "`lowvram-grpo plan` counts them", UserWarning, stacklevel=3)
 
 
 @contextlib.contextmanager

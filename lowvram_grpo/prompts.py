@@ -58,6 +58,20 @@ def fill_template(template: str, row: dict) -> str:
     return re.sub(r"\{\{|\}\}|\{([^{}]+)\}", substitute, template)
 
 
+# Where a tokenizer keeps the run's chat_template_kwargs (see set_chat_template_kwargs).
+_CHAT_TEMPLATE_KWARGS = "_lowvram_grpo_chat_template_kwargs"
+
+
+def set_chat_template_kwargs(tokenizer, kwargs: dict) -> None:
+    """Make every prompt_text call with this tokenizer pass `kwargs` to the chat template.
+
+    They travel with the tokenizer because the tokenizer is what reaches every place a
+    conversation becomes text (the length filter, rollouts, evaluation, the app's try-it): a
+    kwarg missed in one of them would make the model see another prompt than the one filtered.
+    """
+    setattr(tokenizer, _CHAT_TEMPLATE_KWARGS, dict(kwargs))
+
+
 def prompt_text(tokenizer, prompt: str | list[dict]) -> str:
     """The text the model actually sees: strings as-is, conversations via the chat template."""
     if isinstance(prompt, str):
@@ -69,7 +83,8 @@ def prompt_text(tokenizer, prompt: str | list[dict]) -> str:
             "Use plain-string prompts (set system_prompt=null and give a text prompt_column or "
             "prompt_template), or use a chat/instruct model that has a chat template.")
     try:
-        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True,
+                                             **getattr(tokenizer, _CHAT_TEMPLATE_KWARGS, {}))
     except Exception as err:  # Jinja templates raise anything; users need the reason only.
         raise DatasetError(
             f"the model's chat template failed on a prompt ({one_line(err)}). Some templates "

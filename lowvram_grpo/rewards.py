@@ -138,10 +138,24 @@ def _content_text(content: Any) -> str:
     return str(content)
 
 
+def after_thinking(text: str) -> str:
+    """The part of a completion after its reasoning: the text after the last `</think>`.
+
+    Thinking models (Qwen3, SmolLM3, DeepSeek-R1 and their distills) reason in a `<think>`
+    block before answering, and some chat templates open that block in the prompt, so the
+    completion may hold only its closing tag. A completion still inside an unclosed `<think>`
+    (cut off by max_completion_length) has given no answer: "" then.
+    """
+    if "</think>" in text:
+        return text.rsplit("</think>", 1)[1]
+    return "" if "<think>" in text else text
+
+
 def extract_answer(text: str) -> str:
-    """Contents of the last `<answer>...</answer>` if there is one, else the whole text; stripped."""
+    """Contents of the last `<answer>...</answer>` if there is one, else the text after any
+    `<think>` reasoning (see after_thinking); stripped."""
     matches = re.findall(r"<answer>(.*?)</answer>", text, re.DOTALL)
-    return (matches[-1] if matches else text).strip()
+    return (matches[-1] if matches else after_thinking(text)).strip()
 
 
 # A number: optional minus (not after a word character, so "3-5" and "COVID-19" do not make a
@@ -155,11 +169,13 @@ def extract_number(text: str) -> float | None:
     """The answer number in `text`, or None if there is none.
 
     Where to look, first match wins: `<answer>` tag contents, text after GSM8K's `####`, the
-    last `\\boxed{...}`, else the whole text. Within that part the last number is taken, with
+    last `\\boxed{...}`, else the whole text; numbers inside `<think>` reasoning never count
+    (see after_thinking). Within that part the last number is taken, with
     commas, `$`, `%` and trailing units or words ignored ("$1,000" -> 1000, "72 apples" -> 72).
     """
     text = text.replace("\u2212", "-")  # Unicode minus sign, common in LaTeX-ish output
     answers = re.findall(r"<answer>(.*?)</answer>", text, re.DOTALL)
+    text = text if answers else after_thinking(text)
     boxed = _BOXED_RE.findall(text)
     if answers:
         part = answers[-1]
@@ -247,20 +263,29 @@ def numeric_answer(prompts, completions, rel_tol: float = NUMERIC_REL_TOL, **kwa
 
 
 # open-r1's format: the whole completion is exactly a think block then an answer block.
-# Note: chat templates that already put "<think>\n" in the prompt (DeepSeek-R1, Qwen3) need a
-# reward that does not expect the opening tag.
+# Chat templates that open the think block in the prompt (DeepSeek-R1's, some Qwen3 and
+# SmolLM3 modes) leave the completion without "<think>\n": with_opened_think puts it back.
 _STRICT_FORMAT_RE = re.compile(r"<think>\n.*?\n</think>\n<answer>\n.*?\n</answer>\s*", re.DOTALL)
 _SOFT_FORMAT_RE = re.compile(r"<think>.*?</think>.*?<answer>.*?</answer>", re.DOTALL)
+
+
+def with_opened_think(text: str) -> str:
+    """The completion with the `<think>\\n` its prompt opened, when it closes a think block it
+    never opened (the chat template wrote the opening tag), so format rewards see one block."""
+    if "</think>" in text and "<think>" not in text:
+        return "<think>\n" + text.lstrip("\n")
+    return text
 
 
 @register_reward("format_strict")
 def format_strict(prompts, completions, **kwargs) -> list[float]:
     """1.0 if the whole completion is `<think>\\n...\\n</think>\\n<answer>\\n...\\n</answer>`, else 0.0.
 
-    Nothing may come before `<think>` or after `</answer>` except trailing whitespace.
+    Nothing may come before `<think>` or after `</answer>` except trailing whitespace; a completion
+    whose prompt opened the think block (it has `</think>` but no `<think>`) counts as opened.
     Reads no dataset column.
     """
-    return [1.0 if _STRICT_FORMAT_RE.fullmatch(completion_text(c)) else 0.0 for c in completions]
+    return [1.0 if _STRICT_FORMAT_RE.fullmatch(with_opened_think(completion_text(c))) else 0.0 for c in completions]
 
 
 @register_reward("format_soft")
@@ -270,7 +295,7 @@ def format_soft(prompts, completions, **kwargs) -> list[float]:
     Anything may come before, between and after the blocks, and newlines are not required.
     Reads no dataset column.
     """
-    return [1.0 if _SOFT_FORMAT_RE.search(completion_text(c)) else 0.0 for c in completions]
+    return [1.0 if _SOFT_FORMAT_RE.search(with_opened_think(completion_text(c))) else 0.0 for c in completions]
 
 
 @register_reward("tag_count")
@@ -280,7 +305,8 @@ def tag_count(prompts, completions, **kwargs) -> list[float]:
     Partial credit (like open-r1's tag_count_reward) that helps a model find the format before
     format_strict ever fires. Reads no dataset column.
     """
-    return [sum(0.25 for tag in FORMAT_TAGS if completion_text(c).count(tag) == 1) for c in completions]
+    texts = [with_opened_think(completion_text(c)) for c in completions]
+    return [sum(0.25 for tag in FORMAT_TAGS if text.count(tag) == 1) for text in texts]
 
 
 @register_reward("regex_match")

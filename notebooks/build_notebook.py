@@ -35,6 +35,15 @@ PRESETS = [
     ("llama3.2-3b-gsm8k", "16 GB, T4", "gated: needs an HF token with Llama access"),
     ("qwen2.5-7b-gsm8k", "16 GB, T4", "stronger model, slower steps, 384-token answers"),
     ("llama3.1-8b-gsm8k", "16 GB, T4", "gated like Llama 3.2; the slowest"),
+    ("qwen3-0.6b-gsm8k", "6 GB", "Qwen3, the smallest; thinking mode off"),
+    ("lfm2-1.2b-gsm8k", "6 GB", "Liquid's hybrid convolution/attention model"),
+    ("qwen3-1.7b-reasoning-tags", "8 GB", "Qwen3 learns the R1 <think>/<answer> format"),
+    ("gemma3-4b-gsm8k", "12 GB, T4", "gated: accept Gemma's licence on the Hub first"),
+    ("smollm3-3b-gsm8k", "12 GB, T4", "Hugging Face's fully open 3B"),
+    ("qwen3-4b-gsm8k", "12 GB, T4", "Qwen3 4B; thinking mode off"),
+    ("qwen3-8b-gsm8k", "16 GB, T4", "Qwen3 8B; thinking mode off"),
+    ("qwen3-14b-gsm8k", "24 GB", "Qwen3 14B; too big for a T4"),
+    ("qwen3-4b-mbpp", "12 GB, T4", "Qwen3 4B writes Python functions that pass MBPP's tests"),
 ]
 DEFAULT_PRESET = "qwen2.5-3b-gsm8k"
 

@@ -12,7 +12,7 @@ import string
 
 import pytest
 
-from lowvram_grpo.config import TrainConfig
+from lowvram_grpo.config import ConfigError, TrainConfig, load_config
 from lowvram_grpo.data import DatasetError, format_prompt, load_prompt_data, preview, read_table
 from lowvram_grpo.prompts import prompt_text
 
@@ -217,6 +217,24 @@ def test_length_filter_drops_and_counts_long_prompts(tmp_path, plain_tokenizer):
     assert data.num_dropped_too_long == 2
     # Without a tokenizer (the UI preview) nothing is filtered.
     assert len(load_prompt_data(config(path, max_prompt_length=10)).train) == 4
+
+
+def test_chat_template_kwargs_reach_the_template(tmp_path):
+    """chat_template_kwargs (e.g. Qwen3's enable_thinking) change the text every prompt becomes,
+    in the length filter and the rollouts alike, since both go through prompt_text."""
+    from lowvram_grpo.prompts import set_chat_template_kwargs
+
+    tokenizer = char_tokenizer(with_template=True)
+    tokenizer.chat_template = (CHAT_TEMPLATE + "{% if add_generation_prompt and enable_thinking is defined "
+                               "and not enable_thinking %}<think></think>{% endif %}")
+    prompt = [{"role": "user", "content": "hi"}]
+    plain = prompt_text(tokenizer, prompt)
+    set_chat_template_kwargs(tokenizer, {"enable_thinking": False})
+    assert prompt_text(tokenizer, prompt) == plain + "<think></think>"
+    assert load_config(overrides=["chat_template_kwargs={enable_thinking: false}"]).chat_template_kwargs == \
+        {"enable_thinking": False}
+    with pytest.raises(ConfigError, match="chat_template_kwargs: expected a mapping"):
+        load_config(overrides=["chat_template_kwargs=[enable_thinking]"])
 
 
 def test_length_filter_counts_the_chat_template(tmp_path, chat_tokenizer):

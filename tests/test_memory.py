@@ -23,6 +23,10 @@ from lowvram_grpo.planner import format_plan, plan
 PUBLISHED_PARAMS = {
     "qwen2.5-0.5b": 0.49e9, "qwen2.5-1.5b": 1.54e9, "qwen2.5-3b": 3.09e9, "qwen2.5-7b": 7.62e9,
     "llama-3.2-3b": 3.21e9, "llama-3.1-8b": 8.03e9,
+    "qwen3-0.6b": 0.6e9, "qwen3-1.7b": 1.7e9, "qwen3-4b": 4.0e9, "qwen3-8b": 8.2e9, "qwen3-14b": 14.8e9,
+    "qwen3-30b-a3b": 30.5e9, "smollm3-3b": 3.08e9, "lfm2-1.2b": 1.17e9,
+    # Gemma 3 4B is 4.3B with its 0.42B SigLIP vision tower; the planner models the language model.
+    "gemma-3-4b": 4.3e9 - 0.42e9,
 }
 
 
@@ -289,3 +293,76 @@ def test_cli_plan_as_a_subprocess(tiny_cache):
                              "--vram-gb", "16"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "total" in result.stdout and "needs ~" in result.stdout
+
+
+# --- architectures beyond the dense transformer ---------------------------------------------------
+
+
+def _kv_parts(estimate) -> int:
+    return sum(v for k, v in estimate.phases["generation"].items() if "KV cache" in k)
+
+
+def test_sliding_window_layers_cache_only_their_window():
+    gemma = load_arch("gemma-3-4b")  # 5 of every 6 layers slide over 1024 tokens
+    long = config(max_prompt_length=256, max_completion_length=3840)  # 4096 tokens
+    windowed = _kv_parts(estimate_memory(gemma, long))
+    everywhere = _kv_parts(estimate_memory({**gemma, "sliding_window_pattern": None, "sliding_window": None}, long))
+    layers = gemma["num_hidden_layers"]
+    full_layers = layers // 6
+    kv_token = 2 * gemma["num_key_value_heads"] * gemma["head_dim"] * 2 * 8  # bytes, bf16, 8 sequences
+    assert everywhere == layers * 4096 * kv_token
+    assert windowed == full_layers * 4096 * kv_token + (layers - full_layers) * 1024 * kv_token
+
+
+def test_convolution_layers_hold_a_small_state_instead_of_a_kv_cache():
+    lfm2 = load_arch("lfm2-1.2b")  # 6 attention layers, 10 short-convolution layers
+    generation = estimate_memory(lfm2, config()).phases["generation"]
+    kv = next(v for k, v in generation.items() if k.startswith("KV cache"))
+    assert "x 6 layers" in next(k for k in generation if k.startswith("KV cache"))
+    conv = next(v for k, v in generation.items() if k.startswith("convolution state"))
+    assert conv == 8 * 10 * lfm2["hidden_size"] * lfm2["conv_L_cache"] * 2
+    assert conv < kv / 100
+
+
+def test_moe_experts_stay_16_bit_and_a_30b_moe_does_not_fit_24_gb():
+    moe = load_arch("qwen3-30b-a3b")
+    counts = count_parameters(moe)
+    assert counts.experts == 48 * 128 * 3 * 2048 * 768  # every layer's 128 experts
+    estimate = estimate_memory(moe, config())
+    assert estimate.parts[next(k for k in estimate.parts if "MoE experts" in k)] == counts.experts * 2
+    assert any("experts stay 16-bit" in note for note in estimate.notes)
+    result = plan(config(), 24, model_config=moe)
+    assert not result.fits and "smaller model" in result.advice[0]
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_5_text", "granitemoehybrid", "gpt_oss", "gemma4_text"])
+def test_architectures_the_planner_cannot_model_are_refused_with_the_reason(model_type):
+    from transformers import CONFIG_MAPPING
+
+    values = CONFIG_MAPPING[model_type]().to_dict()
+    with pytest.raises(PlannerError, match=f"cannot model {model_type} .*set the chunk sizes by hand"):
+        estimate_memory(values, config())
+
+
+def test_a_hub_id_in_the_local_cache_uses_the_checkpoints_own_config(tmp_path, monkeypatch):
+    """The cached config.json beats the shipped file; offline and uncached, the error says so."""
+    from transformers import AutoConfig
+
+    real = load_arch("qwen3-8b")
+    snapshot = tmp_path / "models--Qwen--Qwen3-8B" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps({**real, "num_hidden_layers": 30}))
+    (tmp_path / "models--Qwen--Qwen3-8B" / "refs").mkdir()
+    (tmp_path / "models--Qwen--Qwen3-8B" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    assert resolve_model_config("Qwen/Qwen3-8B")["num_hidden_layers"] == 30
+
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty"))
+    assert resolve_model_config("Qwen/Qwen3-8B") == real  # uncached: the shipped file
+
+    def offline(cls, name, **kwargs):
+        raise OSError("no connection")
+
+    monkeypatch.setattr(AutoConfig, "from_pretrained", classmethod(offline))
+    with pytest.raises(PlannerError, match="not in the local Hugging Face cache .*offline"):
+        resolve_model_config("someone/SomeModel-3B")

@@ -27,7 +27,19 @@ EXPECTED = {  # name -> (model, target GB): the table users pick from
     "llama3.1-8b-gsm8k": ("meta-llama/Llama-3.1-8B-Instruct", 16),
     "qwen2.5-1.5b-reasoning-tags": ("Qwen/Qwen2.5-1.5B-Instruct", 12),
     "qwen2.5-1.5b-mbpp": ("Qwen/Qwen2.5-1.5B-Instruct", 12),
+    # The 2026 models, hub ids as transformers' documentation names them.
+    "qwen3-0.6b-gsm8k": ("Qwen/Qwen3-0.6B", 6),
+    "lfm2-1.2b-gsm8k": ("LiquidAI/LFM2-1.2B", 6),
+    "qwen3-1.7b-reasoning-tags": ("Qwen/Qwen3-1.7B", 8),
+    "gemma3-4b-gsm8k": ("google/gemma-3-4b-it", 12),
+    "smollm3-3b-gsm8k": ("HuggingFaceTB/SmolLM3-3B", 12),
+    "qwen3-4b-gsm8k": ("Qwen/Qwen3-4B", 12),
+    "qwen3-8b-gsm8k": ("Qwen/Qwen3-8B", 16),
+    "qwen3-14b-gsm8k": ("Qwen/Qwen3-14B", 24),
+    "qwen3-4b-mbpp": ("Qwen/Qwen3-4B", 12),
 }
+# Thinking models: their template's own thinking is off, so our <think>/<answer> format is used.
+THINKING = [name for name in EXPECTED if name.startswith(("qwen3-", "smollm3-"))]
 
 
 def header_lines(name: str) -> list[str]:
@@ -101,8 +113,26 @@ def test_gsm8k_presets_read_gsm8k_and_reward_the_number(name):
     assert config.rewards[0].name == "numeric_answer" and config.rewards[0].weight == 1.0
 
 
-def test_reasoning_tags_preset_uses_the_format_rewards():
-    config = load_config(preset="qwen2.5-1.5b-reasoning-tags")
+@pytest.mark.parametrize("name", THINKING)
+def test_thinking_model_presets_switch_the_templates_thinking_off(name):
+    assert load_config(preset=name).chat_template_kwargs == {"enable_thinking": False}
+
+
+@pytest.mark.parametrize("name", [n for n in EXPECTED if any(line.startswith("# plan:") for line in header_lines(n))])
+def test_preset_header_states_the_planners_estimate_offline(name):
+    """The header's "plan: ~X GB" is what `plan` computes now, offline, and it fits the target."""
+    from lowvram_grpo.planner import plan
+
+    line = next(line for line in header_lines(name) if line.startswith("# plan:"))
+    stated = float(re.search(r"~([\d.]+) GB", line).group(1))
+    result = plan(load_config(preset=name), EXPECTED[name][1])
+    assert result.fits and result.configured.total_bytes <= result.usable_gb * 2**30
+    assert stated == pytest.approx(round(result.configured.total_gb, 1), abs=0.051)
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-1.5b-reasoning-tags", "qwen3-1.7b-reasoning-tags"])
+def test_reasoning_tags_preset_uses_the_format_rewards(name):
+    config = load_config(preset=name)
     assert {spec.name for spec in config.rewards} == {"format_strict", "format_soft", "tag_count", "numeric_answer"}
     assert "<think>" in config.system_prompt and "<answer>" in config.system_prompt
 

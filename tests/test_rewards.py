@@ -150,6 +150,23 @@ def test_tag_count():
     assert call("tag_count", texts) == [1.0, 0.5, 0.25, 0.0]
 
 
+def test_rewards_understand_think_blocks():
+    """Thinking models reason in <think> before answering; some templates open it in the prompt."""
+    reference = ["#### 12"]
+    # Numbers inside the reasoning are not the answer; the one after </think> is.
+    assert call("numeric_answer", ["<think>3 * 4 = 12? no, 13</think>\nThe answer is 12."], answer=reference) == [1.0]
+    assert call("numeric_answer", ["<think>it is 12</think>\nThe answer is 13."], answer=reference) == [0.0]
+    # Cut off while still thinking: no answer was given, whatever numbers the reasoning holds.
+    assert call("numeric_answer", ["<think>so it is 12 and"], answer=reference) == [0.0]
+    assert call("exact_answer", ["<think>maybe 7</think>\n12"], answer=["12"]) == [1.0]
+    # The template wrote "<think>\n": the completion starts inside the block.
+    opened = "reasoning\n</think>\n<answer>\n12\n</answer>"
+    assert call("format_strict", [opened]) == [1.0]
+    assert call("format_soft", [opened]) == [1.0]
+    assert call("tag_count", [opened]) == [1.0]
+    assert call("format_strict", ["<answer>\n12\n</answer>"]) == [0.0]
+
+
 def test_regex_match():
     texts = ["The answer is 42.", "The answer is 41.", "anything"]
     assert call("regex_match", texts, pattern=[r"\b42\b", r"\b42\b", None]) == [1.0, 0.0, None]
