@@ -315,7 +315,8 @@ def test_narrow_page_overlay_health_browser_workbench(seeded, app_url, tmp_path)
             # Reward workbench.
             page.get_by_role("tab", name="Try rewards").click()
             page.locator("#wb-score").click()
-            expect(page.locator("#wb-message")).to_contain_text("scored as one group")
+            # The first scoring imports every reward function (math-verify among them): seconds, not ms.
+            expect(page.locator("#wb-message")).to_contain_text("scored as one group", timeout=60_000)
             expect(page.locator("#wb-table")).to_contain_text("advantage")
         finally:
             browser.close()
