@@ -107,39 +107,32 @@ def private_file_system(tmp_bytes, hidden, exposed, held):
             if target == "/" or target.startswith(("/home", "/root", "/work", "/content", "/mnt", "/opt", "/srv")):
                 read_only = False
     held["read_only_root"] = read_only
+    hidden = [h for h in hidden if os.path.isdir(h)]
+    covered = [t for t in PRIVATE_TMP if os.path.isdir(t)] + hidden
+    # What must stay visible under a directory about to be covered (the Python installation,
+    # in a home or in /tmp when the project lives there): held open, then bound back in place.
+    keep = {path: os.open(path, os.O_PATH | os.O_DIRECTORY) for path in exposed
+            if os.path.isdir(path) and any(path == c or path.startswith(c.rstrip("/") + "/") for c in covered)}
     for target in PRIVATE_TMP:
         if os.path.isdir(target):
             mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV, f"size={tmp_bytes},mode=1777")
     held["private_tmp"] = True
-    hide_homes(hidden, exposed, held)
+    for home in hidden:
+        mount("tmpfs", home, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=755")
+    for path, fd in keep.items():
+        os.makedirs(path, mode=0o755, exist_ok=True)
+        mount(f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC)
+        mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
+        os.close(fd)
+    for home in hidden:
+        mount(None, home, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, "size=1m,mode=755")
+    held["hidden_homes"] = True
     if held.get("pid_namespace"):
         try:
             mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
             held["private_proc"] = True
         except OSError:
             pass
-
-
-def hide_homes(hidden, exposed, held):
-    hidden = [h for h in hidden if os.path.isdir(h)]
-    keep = [p for p in exposed if any(p == h or p.startswith(h.rstrip("/") + "/") for h in hidden)]
-    # Park what must stay visible in the private /tmp, cover the homes, then move it back into place.
-    staged = []
-    for i, path in enumerate(keep):
-        stage = f"/tmp/.expose-{i}"
-        os.mkdir(stage)
-        mount(path, stage, None, MS_BIND | MS_REC)
-        staged.append((stage, path))
-    for home in hidden:
-        mount("tmpfs", home, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=755")
-    for stage, path in staged:
-        os.makedirs(path, mode=0o755, exist_ok=True)
-        mount(stage, path, None, MS_MOVE)
-        mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
-        os.rmdir(stage)
-    for home in hidden:
-        mount(None, home, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, "size=1m,mode=755")
-    held["hidden_homes"] = True
 
 
 def write_files(workdir, files, uid, gid):

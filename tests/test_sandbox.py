@@ -303,3 +303,17 @@ def test_a_non_root_trainer_gets_the_same_containment_through_a_user_namespace(t
     assert out["scores"]["network"] == 0.0 and out["scores"]["write"] == 0.0 and out["scores"]["fork bomb"] == 0.0
     assert out["scores"]["subprocess"] == 1.0  # a program may still start a few processes of its own
     assert not target.exists()
+
+
+def test_a_python_installed_under_tmp_stays_visible_to_the_program(tmp_path):
+    """The program gets a private /tmp; a trainer whose Python lives under /tmp (a project or
+    virtualenv cloned there, as a CI job may be) must still be able to start it."""
+    venv = tmp_path / "venv"  # pytest's tmp_path is under /tmp
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); from lowvram_grpo.sandbox import run_program; "
+              "r = run_program({'a.py': 'print(6 * 7)'}, ['a.py']); print(r.stdout.strip(), r.returncode)")
+    result = subprocess.run([str(venv / "bin" / "python"), "-c", script, repo], capture_output=True, text=True,
+                            timeout=120)
+    assert str(venv).startswith("/tmp/") and sys.prefix != str(venv)
+    assert result.stdout.split() == ["42", "0"], result.stderr[-2000:]
