@@ -369,3 +369,18 @@ def command_line(module: str, argv: list[str] | None) -> str:
     import shlex
 
     return shlex.join(["python", "-m", module, *(argv if argv is not None else sys.argv[1:])])
+
+
+def add_suite_part_arguments(parser) -> None:
+    """The arguments every part of bench/gpu_suite.py takes: the suite passes its deadline,
+    work directory, model cache and docs file; --child marks the measuring subprocess."""
+    import argparse
+    import tempfile
+
+    parser.add_argument("--deadline", type=float, help="time.time() by which the report must be written")
+    parser.add_argument("--work-dir", help="raw results (default: a temporary directory)")
+    parser.add_argument("--model-cache", default=str(Path(tempfile.gettempdir()) / "lowvram_grpo_bench"))
+    parser.add_argument("--docs", default=str(DEFAULT_DOCS))
+    parser.add_argument("--no-docs", action="store_true")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+

@@ -365,12 +365,7 @@ def parse_args(argv):
     parser.add_argument("--chunks", type=int, nargs="+", default=[8, 32], help="generation chunk sizes")
     parser.add_argument("--prompt-length", type=int, default=256)
     parser.add_argument("--tokens", type=int, default=32, help="decode steps measured per chunk size")
-    parser.add_argument("--deadline", type=float, help="time.time() by which the report must be written")
-    parser.add_argument("--work-dir", help="raw results (default: a temporary directory)")
-    parser.add_argument("--model-cache", default=str(Path(tempfile.gettempdir()) / "lowvram_grpo_bench"))
-    parser.add_argument("--docs", default=str(common.DEFAULT_DOCS))
-    parser.add_argument("--no-docs", action="store_true")
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    common.add_suite_part_arguments(parser)
     return parser.parse_args(argv)
 
 
