@@ -495,15 +495,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(default: 2 toy, 1 --arch)")
     parser.add_argument("--only", choices=TRAINERS, help="run one trainer")
     parser.add_argument("--target-gb", type=float, help="a memory target for our trainer's peak, reported")
-    parser.add_argument("--docs", default=str(common.DEFAULT_DOCS),
-                        help="Markdown file to update (default docs/benchmarks.md)")
-    parser.add_argument("--no-docs", action="store_true", help="print only; do not touch the docs")
-    parser.add_argument("--work-dir", help="where settings, logs and results go (default: a temp dir)")
-    parser.add_argument("--model-cache", default=os.path.join(tempfile.gettempdir(), "lowvram_grpo_bench"),
-                        help="--arch: where random models are saved and reused")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per trainer subprocess")
-    parser.add_argument("--deadline", type=float, default=None,
-                        help="time.time() by which the report must be written (children share what is left)")
+    common.add_output_arguments(parser)
     # Internal: the child process.
     parser.add_argument("--child", choices=TRAINERS, help=argparse.SUPPRESS)
     parser.add_argument("--settings", help=argparse.SUPPRESS)

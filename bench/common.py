@@ -371,16 +371,25 @@ def command_line(module: str, argv: list[str] | None) -> str:
     return shlex.join(["python", "-m", module, *(argv if argv is not None else sys.argv[1:])])
 
 
-def add_suite_part_arguments(parser) -> None:
-    """The arguments every part of bench/gpu_suite.py takes: the suite passes its deadline,
-    work directory, model cache and docs file; --child marks the measuring subprocess."""
-    import argparse
+def add_output_arguments(parser) -> None:
+    """Where a benchmark writes and by when: the arguments bench_grpo and every part of
+    bench/gpu_suite.py share, so the suite can pass the same ones to each."""
     import tempfile
 
-    parser.add_argument("--deadline", type=float, help="time.time() by which the report must be written")
-    parser.add_argument("--work-dir", help="raw results (default: a temporary directory)")
-    parser.add_argument("--model-cache", default=str(Path(tempfile.gettempdir()) / "lowvram_grpo_bench"))
-    parser.add_argument("--docs", default=str(DEFAULT_DOCS))
-    parser.add_argument("--no-docs", action="store_true")
+    parser.add_argument("--deadline", type=float,
+                        help="time.time() by which the report must be written (children share what is left)")
+    parser.add_argument("--work-dir", help="where settings, logs and raw results go (default: a temp dir)")
+    parser.add_argument("--model-cache", default=str(Path(tempfile.gettempdir()) / "lowvram_grpo_bench"),
+                        help="where random-weight models are saved and reused")
+    parser.add_argument("--docs", default=str(DEFAULT_DOCS), help="Markdown file to update (default docs/benchmarks.md)")
+    parser.add_argument("--no-docs", action="store_true", help="print only; do not touch the docs")
+
+
+def add_suite_part_arguments(parser) -> None:
+    """The arguments every part of bench/gpu_suite.py takes: the shared output arguments, and
+    --child to mark the measuring subprocess."""
+    import argparse
+
+    add_output_arguments(parser)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
 
