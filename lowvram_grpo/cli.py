@@ -128,6 +128,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         return distributed.launch(args.num_processes, _train_argv(args))
     from lowvram_grpo.trainer import train
 
+    if args.no_progress:  # also the libraries' bars (loading weights), which fill a log file with \r lines
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
     result = train(config, resume=bool(args.resume), progress=not args.no_progress)
     if distributed.is_main_process():
         if result.finished:

@@ -77,6 +77,23 @@ function linesOf(curve) {
 const fmt = v => Math.abs(v) >= 1e4 || (Math.abs(v) < 1e-3 && v !== 0) ? v.toExponential(2) : +v.toPrecision(4) + "";
 const esc = s => String(s).replace(/[&<>"']/g, c => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
 
+// Axis ticks at round values (1, 2 or 5 times a power of ten) inside [lo, hi], about `count`
+// of them (d3's rule), labelled with just the digits their spacing needs: 0.2, 0.4, not 0.1969.
+function niceTicks(lo, hi, minStep = 0, count = 5) {
+  const raw = (hi - lo) / count, power = 10 ** Math.floor(Math.log10(raw)), error = raw / power;
+  const factor = error >= Math.sqrt(50) ? 10 : error >= Math.sqrt(10) ? 5 : error >= Math.sqrt(2) ? 2 : 1;
+  const step = Math.max(minStep, factor * power);
+  const values = [];
+  for (let i = Math.ceil(lo / step); i * step <= hi + step * 1e-9; i++) values.push(i * step);
+  const magnitude = Math.max(Math.abs(lo), Math.abs(hi));
+  const stepDigit = Math.floor(Math.log10(step) + 1e-9);
+  if (magnitude < 1e-3 || magnitude >= 1e5) {  // 5.0e-4, 1.05e-3: as many digits as the spacing shows
+    const digits = Math.max(0, Math.floor(Math.log10(magnitude)) - stepDigit);
+    return {values, label: v => v === 0 ? "0" : v.toExponential(digits)};
+  }
+  return {values, label: v => v.toFixed(Math.max(0, -stepDigit))};
+}
+
 function domain(lo, hi) {
   if (!(hi > lo)) { const pad = Math.abs(lo) * 0.1 || 1; return [lo - pad, hi + pad]; }
   const pad = (hi - lo) * 0.05;
@@ -96,15 +113,15 @@ function svgFor(curve, lines) {
   const X = s => M.left + (s - x0) / (x1 - x0) * pw, Y = v => M.top + (y1 - v) / (y1 - y0) * ph;
   let out = `<svg viewBox="0 0 ${W} ${H}" role="img" aria-label="${esc(curve.title)}" data-xmin="${x0}" data-xmax="${x1}"` +
     ` data-ymin="${y0}" data-ymax="${y1}" data-left="${M.left}" data-top="${M.top}" data-width="${pw}" data-height="${ph}">`;
-  for (let i = 0; i <= 4; i++) {
-    const v = y0 + (y1 - y0) * i / 4, y = Y(v).toFixed(1);
+  const yTicks = niceTicks(y0, y1);
+  for (const v of yTicks.values) {
+    const y = Y(v).toFixed(1);
     out += `<line class="grid" x1="${M.left}" x2="${W - M.right}" y1="${y}" y2="${y}"/>` +
-      `<text class="tick" x="${M.left - 4}" y="${y}" text-anchor="end" dominant-baseline="middle">${fmt(v)}</text>`;
+      `<text class="tick" x="${M.left - 4}" y="${y}" text-anchor="end" dominant-baseline="middle">${yTicks.label(v)}</text>`;
   }
-  for (let i = 0; i <= 4; i++) {
-    const s = x0 + (x1 - x0) * i / 4;
-    out += `<text class="tick" x="${X(s).toFixed(1)}" y="${H - 12}" text-anchor="middle">${fmt(Math.round(s * 100) / 100)}</text>`;
-  }
+  const xTicks = niceTicks(x0, x1, 1);  // steps are whole numbers
+  for (const s of xTicks.values)
+    out += `<text class="tick" x="${X(s).toFixed(1)}" y="${H - 12}" text-anchor="middle">${xTicks.label(s)}</text>`;
   out += `<text class="tick" x="${W - M.right}" y="${H - 1}" text-anchor="end">step</text>`;
   for (const l of lines) {
     if (!l.band) continue;
