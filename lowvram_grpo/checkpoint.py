@@ -2,7 +2,8 @@
 
 Layout of `checkpoint-000050/`:
     adapter_model.safetensors, adapter_config.json   loadable with PeftModel.from_pretrained
-    trainer_state.pt                                  step, optimizer, scheduler, RNG, data position
+    trainer_state.pt                                  step, optimizer, scheduler, RNG, data position,
+                                                      adaptive entropy coefficient (entropy_control.py)
 
 A run of N processes (see distributed.py) saves one checkpoint, from rank 0, with the random
 state of every process in it ("rng_per_rank"); it resumes with the same number of processes.

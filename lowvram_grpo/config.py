@@ -169,6 +169,14 @@ class TrainConfig:
     mask_truncated_completions: bool = False  # completions cut off by max_completion_length get no loss
     top_entropy_quantile: float = 1.0  # train only on the top quantile of tokens by entropy (0.2 suggested)
     entropy_coef: float = 0.0  # entropy bonus: loss -= entropy_coef * mean token entropy
+    # Adaptive entropy control (Skywork-OR1, see entropy_control.py): entropy_coef is the starting
+    # value, moved by entropy_coef_delta after each update towards keeping the mean token
+    # entropy above entropy_target (nats), within [entropy_coef_min, entropy_coef_max].
+    use_adaptive_entropy: bool = False
+    entropy_coef_min: float = 0.0
+    entropy_coef_max: float = 1.0
+    entropy_coef_delta: float = 0.005
+    entropy_target: float = 0.2
     off_policy_mask_threshold: float | None = None  # drop A<0 sequences whose policy drifted more (DeepSeek-V3.2)
     scale_rewards: Literal[SCALE_REWARDS] = "group"  # "none" = Dr. GRPO
     # How several reward functions combine: sum then normalise per group, or (GDPO) normalise
@@ -262,6 +270,17 @@ class TrainConfig:
         need(0 <= self.top_entropy_quantile <= 1, "top_entropy_quantile",
              f"must be in [0, 1] (1 keeps every token, 0.2 is the paper's choice), got {self.top_entropy_quantile}")
         need(self.entropy_coef >= 0, "entropy_coef", f"must be >= 0 (a bonus), got {self.entropy_coef}")
+        need(self.entropy_coef_min >= 0, "entropy_coef_min", f"must be >= 0 (a bonus), got {self.entropy_coef_min}")
+        need(self.entropy_coef_max >= self.entropy_coef_min, "entropy_coef_max",
+             f"must be >= entropy_coef_min = {self.entropy_coef_min:g}, got {self.entropy_coef_max}")
+        need(self.entropy_coef_delta > 0, "entropy_coef_delta",
+             f"must be > 0 (the step of the adaptive coefficient, e.g. 0.005), got {self.entropy_coef_delta}")
+        need(self.entropy_target >= 0, "entropy_target",
+             f"must be >= 0 nats (set it near the entropy logged early in training), got {self.entropy_target}")
+        need(not self.use_adaptive_entropy or self.entropy_coef_min <= self.entropy_coef <= self.entropy_coef_max,
+             "entropy_coef", f"with use_adaptive_entropy it is the starting coefficient, so it must be within "
+             f"[entropy_coef_min, entropy_coef_max] = [{self.entropy_coef_min:g}, {self.entropy_coef_max:g}], "
+             f"got {self.entropy_coef}")
         need(self.off_policy_mask_threshold is None or self.off_policy_mask_threshold > 0,
              "off_policy_mask_threshold", f"must be > 0 (e.g. 0.5) or null, got {self.off_policy_mask_threshold}")
         for key in ("sapo_temperature_pos", "sapo_temperature_neg"):

@@ -272,6 +272,12 @@ def high_entropy_mask(entropies: torch.Tensor, mask: torch.Tensor, top_quantile:
     return ((entropies.detach() * mask) >= threshold) & mask.bool()
 
 
+def _nan_extreme(values: torch.Tensor, extreme) -> torch.Tensor:
+    """torch.min or torch.max of `values` ignoring NaN; NaN if there is nothing else (TRL's nanmin/nanmax)."""
+    values = values[~torch.isnan(values)]
+    return extreme(values) if values.numel() else torch.tensor(float("nan"))
+
+
 @torch.no_grad()
 def vespo_weights(advantages, log_ratio, mask, k_pos, lambda_pos, k_neg, lambda_neg) -> torch.Tensor:
     """VESPO's (B, 1) sequence weights phi(w) = e^lambda * w^k * e^(-lambda * w), phi(1) = 1.
@@ -375,10 +381,16 @@ def grpo_loss(
     Returns:
         (loss, stats): stats are detached sums over this micro-batch, to be summed over the step
         and divided by their denominators for logging: "kl_sum" (masked KL term as it enters the
-        loss, TRL's logged `kl`; present when ref_logps is given) and "token_count"; for the
-        clipped family "clip_low_count", "clip_high_count", "clip_region_count", for cispo
-        "cispo_clip_count", for vespo "vespo_phi_sum", all over "ratio_count" (tokens, or
-        sequences when the ratio is per sequence, as TRL counts them).
+        loss, TRL's logged `kl`; present when ref_logps is given) and "token_count"; with
+        `entropies`, "entropy_sum" over those tokens and "bonus_entropy_sum" over
+        "bonus_token_count", the tokens the policy term and entropy bonus act on (what the
+        adaptive entropy control measures); for the clipped family "clip_low_count",
+        "clip_high_count", "clip_region_count", for cispo "cispo_clip_count", for vespo
+        "vespo_phi_sum", all over "ratio_count" (tokens, or sequences when the ratio is per
+        sequence, as TRL counts them). Not sums: "clip_low_min" and "clip_high_max", the
+        smallest / largest fraction of a sequence's ratios clipped low / high in this
+        micro-batch (TRL's `clip_ratio/low_min` and `/high_max` before averaging over
+        micro-batches; NaN when no sequence has a token).
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
@@ -460,10 +472,11 @@ def grpo_loss(
     else:  # dapo, cispo, vespo
         loss = masked.sum() / max(float(num_tokens_in_step), 1.0)
 
+    # The entropy bonus acts on the tokens the policy term trains on.
+    acting = mask if entropy_mask is None else mask * entropy_mask
     if entropy_coef != 0.0:
         # The bonus is a plain mean over the tokens it acts on, whatever the loss type's
         # normaliser, so entropy_coef means the same for every loss type (as in TRL).
-        acting = mask if entropy_mask is None else mask * entropy_mask
         loss = loss - entropy_coef * (entropies * acting).sum() / acting.sum().clamp(min=1.0) / num_micro_batches
 
     with torch.no_grad():
@@ -474,12 +487,20 @@ def grpo_loss(
 
         stats = {"token_count": mask.sum(),
                  "ratio_count": torch.tensor(float(coef_1.size(0))) if per_sequence else mask.sum()}
+        def per_sequence_mean(x: torch.Tensor) -> torch.Tensor:  # NaN for a sequence without tokens
+            return x.float().squeeze(1) if per_sequence else (x * mask).sum(-1) / mask.sum(-1)
+
+        if entropies is not None:
+            stats.update(entropy_sum=(entropies.detach() * mask).sum(),
+                         bonus_entropy_sum=(entropies.detach() * acting).sum(), bonus_token_count=acting.sum())
         if loss_type in CLIPPED_LOSS_TYPES:
             # Same definitions as TRL: a token counts as clipped only where clipping changes the loss.
             is_low = (coef_1 < 1 - epsilon_low) & (advantages < 0)
             is_high = (coef_1 > 1 + epsilon_high) & (advantages > 0)
             stats.update(clip_low_count=total(is_low), clip_high_count=total(is_high),
-                         clip_region_count=total(is_low | is_high))
+                         clip_region_count=total(is_low | is_high),
+                         clip_low_min=_nan_extreme(per_sequence_mean(is_low), torch.min),
+                         clip_high_max=_nan_extreme(per_sequence_mean(is_high), torch.max))
         elif loss_type == "cispo":
             stats["cispo_clip_count"] = total((coef_1 > epsilon_high) & (advantages > 0))
         elif loss_type == "vespo":

@@ -37,6 +37,7 @@ from lowvram_grpo.checkpoint import (load_checkpoint, read_trainer_state, restor
                                      save_checkpoint, set_rng_state)
 from lowvram_grpo.chunking import GENERATION, LOGPROBS, UPDATE, Chunking
 from lowvram_grpo.config import ConfigError, TrainConfig
+from lowvram_grpo.entropy_control import EntropyControl
 from lowvram_grpo.data import PromptRows, finish_prompt_data, read_prompt_rows
 from lowvram_grpo.evaluate import evaluate
 from lowvram_grpo.health import HealthMonitor
@@ -282,12 +283,19 @@ class Learner:
     reward_functions: list[RewardFunction]
     # Entered around each memory phase of a step (chunking.PHASES), e.g. to measure its peak.
     on_phase: Callable[[str], ContextManager] = lambda phase: contextlib.nullcontext()
+    # The entropy bonus's coefficient; adaptive, it changes after every update. None: from the config.
+    entropy_control: EntropyControl | None = None
+
+    def __post_init__(self) -> None:
+        if self.entropy_control is None:
+            self.entropy_control = EntropyControl.from_config(self.config)
 
     def trainer_state(self, sampler: PromptSampler) -> dict[str, Any]:
         """What a checkpoint needs besides the adapter weights and the random state."""
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "loss_scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "sampler": sampler.state_dict(), "chunking": self.chunking.as_dict()}
+                "sampler": sampler.state_dict(), "chunking": self.chunking.as_dict(),
+                "entropy_control": self.entropy_control.state_dict()}
 
     def load_trainer_state(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
@@ -297,6 +305,9 @@ class Learner:
         # Chunk sizes shrunk by out-of-memory back-off stay shrunk.
         for key, value in state.get("chunking", {}).items():
             setattr(self.chunking, key, value)
+        # The adaptive coefficient continues where it was (a fixed one is the config's).
+        if self.entropy_control.adaptive and "entropy_control" in state:
+            self.entropy_control.load_state_dict(state["entropy_control"])
 
 
 def _train(config: TrainConfig, inputs: RunInputs, run: RunDir, resume: bool, progress: bool,
@@ -679,7 +690,7 @@ def _update(learner: Learner, rollout: Rollout, advantages: torch.Tensor, ref_lo
                        distributed.all_reduce_sum(float(rollout.completion_mask.sum())))
     num_sequences, num_tokens = max(step_counts[0], 1), step_counts[1]
     with learner.on_phase(UPDATE):
-        sums = retry_on_oom(UPDATE, learner.chunking, lambda: _accumulate_gradients(
+        sums, extremes = retry_on_oom(UPDATE, learner.chunking, lambda: _accumulate_gradients(
             learner, rollout, advantages, ref_logps, old_logps, num_sequences, num_tokens),
             oom_events if oom_events is not None else [])
 
@@ -691,8 +702,17 @@ def _update(learner: Learner, rollout: Rollout, advantages: torch.Tensor, ref_lo
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     distributed.all_reduce_gradients(params)
-    sums = distributed.all_reduce_sum(sums)
+    # A process whose groups were all skipped has no statistics: every process must reduce the
+    # same keys. Each process's per-micro-batch extremes come along.
+    everyone = distributed.gather_objects((sorted(sums), extremes))
+    keys = set().union(*(process_keys for process_keys, _ in everyone))
+    sums = distributed.all_reduce_sum({key: sums.get(key, 0.0) for key in keys})
     loss_total = sums.pop("loss")
+    # The adaptive entropy coefficient follows the step's entropy over every process (if any
+    # token was trained on: a step whose groups were all skipped measured nothing).
+    control = learner.entropy_control
+    if sums.get("bonus_token_count", 0.0) > 0:
+        control.update(sums["bonus_entropy_sum"] / sums["bonus_token_count"])
     if scaler is not None:
         scaler.unscale_(optimizer)  # clip and report the true gradient
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
@@ -713,6 +733,12 @@ def _update(learner: Learner, rollout: Rollout, advantages: torch.Tensor, ref_lo
                       ("vespo_phi_sum", "vespo/phi_seq_mean")):
         if key in sums or (name.startswith("clip_ratio") and config.loss_type in grpo.CLIPPED_LOSS_TYPES):
             result[name] = sums.get(key, 0.0) / ratios
+    if config.loss_type in grpo.CLIPPED_LOSS_TYPES:
+        per_process = [process_extremes for _, process_extremes in everyone]
+        result["clip_ratio/low_min"] = _mean_of_micro_batch_extremes(per_process, "clip_low_min", min)
+        result["clip_ratio/high_max"] = _mean_of_micro_batch_extremes(per_process, "clip_high_max", max)
+    if control.enabled:
+        result["entropy_coef"] = control.coef  # as TRL logs it: the coefficient for the next update
     if ref_logps is not None:
         result["kl"] = sums.get("kl_sum", 0.0) / tokens
     if scaler is not None:
@@ -727,13 +753,31 @@ def _update(learner: Learner, rollout: Rollout, advantages: torch.Tensor, ref_lo
     return result
 
 
+def _mean_of_micro_batch_extremes(per_process: list[dict[str, list[float]]], key: str, extreme) -> float:
+    """TRL's `clip_ratio/low_min` and `/high_max`: for each micro-batch, the min (max) over the
+    sequences of every process's micro-batch of that index (TRL gathers them), then the mean
+    over micro-batches, leaving out NaN (micro-batches without tokens); NaN if nothing is left."""
+    lists = [process.get(key, []) for process in per_process]
+    values = []
+    for i in range(max(map(len, lists), default=0)):
+        found = [values_i[i] for values_i in lists if i < len(values_i) and not math.isnan(values_i[i])]
+        if found:
+            values.append(extreme(found))
+    return sum(values) / len(values) if values else math.nan
+
+
+# grpo_loss statistics that are per micro-batch extremes, not sums.
+MICRO_BATCH_EXTREMES = ("clip_low_min", "clip_high_max")
+
+
 def _accumulate_gradients(learner: Learner, rollout: Rollout, advantages: torch.Tensor,
                           ref_logps: torch.Tensor | None, old_logps: torch.Tensor | None,
-                          num_sequences: int, num_tokens: float) -> dict[str, float]:
+                          num_sequences: int, num_tokens: float) -> tuple[dict[str, float], dict[str, list[float]]]:
     """Backward every micro-batch of `rollout`, leaving the summed gradient in `.grad` (times
     the loss scale, with a scaler); returns the summed loss ("loss") and the loss statistics
-    (sums, for token-weighted means)."""
+    (sums, for token-weighted means), and the MICRO_BATCH_EXTREMES, one value per micro-batch."""
     config, scaler = learner.config, learner.scaler
+    entropy_coef = learner.entropy_control.applied_coef()  # the same for every micro-batch of the step
     learner.optimizer.zero_grad(set_to_none=True)  # a clean slate, also when redone after out-of-memory
     batches = micro_batches(rollout, learner.chunking.micro_batch_size, learner.device)
     # bnpo divides each micro-batch's token mean by the number of micro-batches. Counting every
@@ -742,27 +786,32 @@ def _accumulate_gradients(learner: Learner, rollout: Rollout, advantages: torch.
     # averaging gives, and exactly one process's result when the micro-batches line up.
     num_micro_batches = len(batches) * distributed.world().world_size
     sums: dict[str, float] = {}
+    extremes: dict[str, list[float]] = {}
     loss_total = 0.0
     for mb in batches:
         logps, entropy = grpo.sequence_logprobs(
             learner.policy, mb.input_ids, mb.attention_mask, mb.logits_to_keep,
             temperature=config.temperature, chunk_size=learner.chunking.logprob_chunk_size, compute_entropy=True,
-            entropy_grad=config.entropy_coef != 0.0)
+            entropy_grad=entropy_coef != 0.0)
         loss, stats = grpo.grpo_loss(
             logps, _rows_of(old_logps, mb), _rows_of(ref_logps, mb), advantages[mb.rows], mb.completion_mask,
             num_sequences_in_step=num_sequences, num_tokens_in_step=num_tokens,
-            num_micro_batches=num_micro_batches, entropies=entropy, **objective_options(config))
+            num_micro_batches=num_micro_batches, entropies=entropy,
+            entropy_coef=entropy_coef, **objective_options(config))
         (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_total += loss.item()
-        stats["entropy_sum"] = (entropy.detach() * mb.completion_mask).sum()
         for key, value in stats.items():
-            sums[key] = sums.get(key, 0.0) + float(value)
+            if key in MICRO_BATCH_EXTREMES:
+                extremes.setdefault(key, []).append(float(value))
+            else:
+                sums[key] = sums.get(key, 0.0) + float(value)
     sums["loss"] = loss_total
-    return sums
+    return sums, extremes
 
 
 def objective_options(config: TrainConfig) -> dict[str, Any]:
-    """The config's objective settings as `grpo.grpo_loss` keywords (TRL's names)."""
+    """The config's objective settings as `grpo.grpo_loss` keywords (TRL's names), but for
+    `entropy_coef`, which the learner's entropy control sets for each update."""
     return dict(loss_type=config.loss_type, beta=config.beta, epsilon_low=config.epsilon,
                 epsilon_high=config.clip_high, max_completion_length=config.max_completion_length,
                 use_bias_correction_kl=config.use_bias_correction_kl,
@@ -771,7 +820,7 @@ def objective_options(config: TrainConfig) -> dict[str, Any]:
                 vespo_k_pos=config.vespo_k_pos, vespo_lambda_pos=config.vespo_lambda_pos,
                 vespo_k_neg=config.vespo_k_neg, vespo_lambda_neg=config.vespo_lambda_neg,
                 off_policy_mask_threshold=config.off_policy_mask_threshold,
-                top_entropy_quantile=config.top_entropy_quantile, entropy_coef=config.entropy_coef)
+                top_entropy_quantile=config.top_entropy_quantile)
 
 
 def _progress_bar(enabled: bool, start: int, total: int):

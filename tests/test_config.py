@@ -43,6 +43,13 @@ def test_rewards_accept_names_and_weights():
     (["importance_sampling_level=seq"], "importance_sampling_level: must be one of token, sequence"),
     (["zero_std_groups=drop"], "zero_std_groups: must be one of keep, skip, resample"),
     (["off_policy_mask_threshold=0"], "off_policy_mask_threshold: must be > 0"),
+    (["entropy_coef_min=-0.1"], "entropy_coef_min: must be >= 0"),
+    (["entropy_coef_min=0.5", "entropy_coef_max=0.2"], "entropy_coef_max: must be >= entropy_coef_min = 0.5"),
+    (["entropy_coef_delta=0"], "entropy_coef_delta: must be > 0"),
+    (["entropy_target=-1"], "entropy_target: must be >= 0 nats"),
+    (["use_adaptive_entropy=true", "entropy_coef=2"],
+     "entropy_coef: with use_adaptive_entropy it is the starting coefficient, so it must be within "
+     "[entropy_coef_min, entropy_coef_max] = [0, 1], got 2.0"),
     (["quantization=int8"], "quantization: must be one of nf4, none"),
     (["temperature=0"], "temperature: must be > 0"),
     (["gradient_checkpointing=maybe"], "gradient_checkpointing: expected true or false"),
@@ -77,7 +84,8 @@ TRL_OBJECTIVE_KEYS = ("loss_type", "epsilon", "epsilon_high", "delta", "importan
                       "sapo_temperature_pos", "sapo_temperature_neg", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
                       "vespo_lambda_neg", "mask_truncated_completions", "top_entropy_quantile", "entropy_coef",
                       "off_policy_mask_threshold", "use_bias_correction_kl", "multi_objective_aggregation",
-                      "num_iterations")
+                      "num_iterations", "use_adaptive_entropy", "entropy_coef_min", "entropy_coef_max",
+                      "entropy_coef_delta", "entropy_target")
 
 
 def test_objective_keys_and_defaults_are_trls():

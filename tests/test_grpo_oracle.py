@@ -133,6 +133,7 @@ def _set_trl_options(trainer, options: dict) -> None:
     coef = options.get("entropy_coef", 0.0)
     trainer.entropy_coef, trainer.use_adaptive_entropy = coef, False
     trainer._entropy_bonus_enabled = coef != 0.0
+    trainer._last_world_entropy, trainer._entropy_window_stats = float("inf"), None
 
 
 def compare_with_trl(trainer, rollouts, loss_type, beta, bias_correction_kl, old_given, options=None):
@@ -199,17 +200,29 @@ def compare_with_trl(trainer, rollouts, loss_type, beta, bias_correction_kl, old
         assert trl_grad.abs().max() > 0, f"{name}: TRL gradient is zero, the comparison would be vacuous"
         torch.testing.assert_close(our_grads[name], trl_grad, rtol=0, atol=1e-5, msg=f"gradient of {name}")
 
-    # Logged metrics: TRL appends one mean per micro-batch.
-    for mb, ours in enumerate(our_stats):
+    compare_logged_metrics(our_stats, metrics, beta)
+    return our_stats
+
+
+def compare_logged_metrics(our_stats, metrics, beta, first_micro_batch=0):
+    """TRL appends one value per micro-batch to each metric; ours are per-micro-batch statistics."""
+    for mb, ours in enumerate(our_stats, start=first_micro_batch):
         for key, trl_key in [("clip_low_count", "clip_ratio/low_mean"), ("clip_high_count", "clip_ratio/high_mean"),
                              ("clip_region_count", "clip_ratio/region_mean"), ("cispo_clip_count", "cispo_clip_ratio"),
                              ("vespo_phi_sum", "vespo/phi_seq_mean")]:
             assert (key in ours) == (trl_key in metrics), key
             if key in ours:
                 assert (ours[key] / ours["ratio_count"]).item() == pytest.approx(metrics[trl_key][mb], abs=1e-6), key
+        # Extremes over the micro-batch's sequences (NaN where none has a token), not means.
+        for key, trl_key in [("clip_low_min", "clip_ratio/low_min"), ("clip_high_max", "clip_ratio/high_max")]:
+            assert (key in ours) == (trl_key in metrics), key
+            if key in ours:
+                assert ours[key].item() == pytest.approx(metrics[trl_key][mb], abs=1e-6, nan_ok=True), key
+        if "entropy_sum" in ours:
+            entropy = (ours["entropy_sum"] / ours["token_count"]).item()
+            assert entropy == pytest.approx(metrics["entropy"][mb], abs=1e-5), "entropy"
         if beta != 0.0:
             assert (ours["kl_sum"] / ours["token_count"]).item() == pytest.approx(metrics["kl"][mb], abs=1e-6), "kl"
-    return our_stats
 
 
 @pytest.mark.parametrize("old_given", [False, True], ids=["on_policy", "off_policy"])
@@ -218,8 +231,9 @@ def compare_with_trl(trainer, rollouts, loss_type, beta, bias_correction_kl, old
 @pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "bnpo"])
 def test_loss_and_lora_gradients_match_trl(trainer, rollouts, loss_type, beta, bias_correction_kl, old_given):
     stats = compare_with_trl(trainer, rollouts, loss_type, beta, bias_correction_kl, old_given)
-    if old_given:  # sanity: the off-policy case really exercises clipping
+    if old_given:  # sanity: the off-policy case really exercises clipping, and the extremes differ
         assert sum(s["clip_region_count"] for s in stats) > 0
+        assert any(s["clip_high_max"] > 0 for s in stats) or any(s["clip_low_min"] > 0 for s in stats)
 
 
 # Every other objective and loss-shaping option of TRL 1.16 that applies without vLLM, with
@@ -248,6 +262,96 @@ OBJECTIVES = {
 def test_every_trl_objective_matches(trainer, rollouts, case, beta, old_given):
     loss_type, options = OBJECTIVES[case]
     compare_with_trl(trainer, rollouts, loss_type, beta, True, old_given, options)
+
+
+# Entropy targets step by step: the entropy of this near-uniform tiny model (about 4 nats) is
+# below the first three, above the next two, below the last. So the coefficient rises, is held
+# at entropy_coef_max, falls, and the bonus is applied (steps 2, 3, 6) or gated off (1: no
+# measurement yet; 4, 5: the last entropy was above the target).
+ENTROPY_TARGETS = [10.0, 10.0, 10.0, 0.1, 0.1, 10.0]
+CONTROLLER = dict(entropy_coef=0.02, entropy_coef_delta=0.01, entropy_coef_min=0.005, entropy_coef_max=0.04)
+
+
+@pytest.mark.parametrize("loss_type, options", [("dapo", {}), ("grpo", {"top_entropy_quantile": 0.5})],
+                         ids=["dapo", "grpo-top_entropy"])
+def test_adaptive_entropy_control_matches_trl(trainer, rollouts, loss_type, options):
+    """Six optimizer steps of two micro-batches with use_adaptive_entropy: TRL's own controller
+    (inside its `_compute_loss`, stepping where accelerate says the gradients sync) against
+    ours: per-micro-batch losses and LoRA gradients, the coefficient after each step, the last
+    measured entropy and the logged `entropy_coef`."""
+    from lowvram_grpo.entropy_control import EntropyControl
+
+    model = trainer.model
+    trainer.loss_type, trainer.beta = loss_type, 0.04
+    trainer.args.use_bias_correction_kl = True
+    _set_trl_options(trainer, options)
+    trainer.entropy_coef, trainer.use_adaptive_entropy = CONTROLLER["entropy_coef"], True
+    trainer._entropy_bonus_enabled = True  # as TRL sets it for use_adaptive_entropy
+    for key in ("entropy_coef_delta", "entropy_coef_min", "entropy_coef_max"):
+        setattr(trainer.args, key, CONTROLLER[key])
+    ours = EntropyControl(coef=CONTROLLER["entropy_coef"], adaptive=True, delta=CONTROLLER["entropy_coef_delta"],
+                          coef_min=CONTROLLER["entropy_coef_min"], coef_max=CONTROLLER["entropy_coef_max"])
+    input_ids = torch.cat([rollouts["prompt_ids"], rollouts["completion_ids"]], 1)
+    attention_mask = torch.cat([rollouts["prompt_mask"], rollouts["completion_mask"]], 1)
+    keep = rollouts["completion_ids"].size(1)
+    metrics = trainer._metrics["train"]
+    metrics.clear()
+    applied, trl_coefs, our_coefs = [], [], []
+    try:
+        for step, target in enumerate(ENTROPY_TARGETS):
+            trainer.args.entropy_target = ours.target = target
+
+            # TRL: its controller updates at the micro-batch where the gradients sync (the last).
+            model.zero_grad(set_to_none=True)
+            trl_losses = []
+            for i, mb in enumerate(MICRO_BATCHES):
+                trainer.accelerator.gradient_state._set_sync_gradients(i == len(MICRO_BATCHES) - 1)
+                loss = trainer._compute_loss(model, {k: (v if k == "num_items_in_batch" else v[mb])
+                                                     for k, v in rollouts.items()})
+                loss.backward()
+                trl_losses.append(loss.item())
+            trl_grads = lora_grads(model)
+            trl_coefs.append((trainer.entropy_coef, trainer._last_world_entropy))
+
+            # Ours: the step's coefficient, then the update from the step's bonus-token entropy.
+            model.zero_grad(set_to_none=True)
+            coef = ours.applied_coef()
+            applied.append(coef)
+            our_losses, our_stats = [], []
+            for mb in MICRO_BATCHES:
+                logps, entropies = sequence_logprobs(model, input_ids[mb], attention_mask[mb], keep, TEMPERATURE,
+                                                     chunk_size=4, compute_entropy=True, entropy_grad=coef != 0.0)
+                loss, stats = grpo_loss(
+                    logps, rollouts["old_per_token_logps"][mb], rollouts["ref_per_token_logps"][mb],
+                    rollouts["advantages"][mb], rollouts["completion_mask"][mb], loss_type=loss_type, beta=0.04,
+                    epsilon_low=trainer.epsilon_low, max_completion_length=MAX_COMPLETION_LENGTH,
+                    num_sequences_in_step=input_ids.size(0), num_tokens_in_step=float(rollouts["num_items_in_batch"]),
+                    num_micro_batches=len(MICRO_BATCHES), entropies=entropies, entropy_coef=coef,
+                    **{**DEFAULT_OPTIONS, **options})
+                loss.backward()
+                our_losses.append(loss.item())
+                our_stats.append(stats)
+            ours.update(float(sum(s["bonus_entropy_sum"] for s in our_stats) /
+                              sum(s["bonus_token_count"] for s in our_stats)))
+            our_coefs.append((ours.coef, ours.last_world_entropy))
+
+            assert our_losses == pytest.approx(trl_losses, abs=1e-5), f"step {step + 1}: loss"
+            for name, trl_grad in trl_grads.items():
+                torch.testing.assert_close(lora_grads(model)[name], trl_grad, rtol=0, atol=1e-5,
+                                           msg=f"step {step + 1}: gradient of {name}")
+            compare_logged_metrics(our_stats, metrics, 0.04, first_micro_batch=2 * step)
+    finally:
+        trainer.accelerator.gradient_state._set_sync_gradients(True)
+        trainer.args.entropy_target = 0.2
+        _set_trl_options(trainer, {})
+        model.zero_grad(set_to_none=True)
+
+    assert [c for c, _ in our_coefs] == pytest.approx([c for c, _ in trl_coefs], abs=1e-12)
+    assert [e for _, e in our_coefs] == pytest.approx([e for _, e in trl_coefs], abs=1e-5)
+    assert metrics["entropy_coef"] == pytest.approx([c for c, _ in our_coefs], abs=1e-12), "one value per step"
+    # The trajectory is the one the targets were chosen for (so the comparison is not vacuous).
+    assert [c for c, _ in our_coefs] == pytest.approx([0.03, 0.04, 0.04, 0.03, 0.02, 0.03])
+    assert applied == pytest.approx([0.0, 0.03, 0.04, 0.0, 0.0, 0.02])
 
 
 def test_logprobs_and_entropy_match_trl(trainer, rollouts):
