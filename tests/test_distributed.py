@@ -2,8 +2,10 @@
 
 Real process groups on the CPU (gloo), two processes:
 - the update, on fixed rollouts, equals the single-process update for every loss_type (TRL's
-  eight; beta > 0, off-policy ratios so clipping and the KL both matter), evaluation shared out
-  over the processes gives the single-process metrics, and the helpers gather what they should;
+  eight; beta > 0, off-policy ratios so clipping and the KL both matter), with adaptive entropy
+  control, and with zero_std_groups=skip (beta = 0; also when one process skips all its groups);
+  evaluation shared out over the processes gives the single-process metrics, and the helpers
+  gather what they should;
 - a 2-process tiny-cpu run through the CLI (with zero_std_groups=resample) writes the usual run
   directory; another one stopped by SIGTERM stops both processes after the same step, refuses a
   resume with another number of processes, and resumed with 2 ends bit-identical to the
@@ -11,6 +13,7 @@ Real process groups on the CPU (gloo), two processes:
 """
 
 import dataclasses
+import math
 import os
 import signal
 import socket
@@ -60,6 +63,18 @@ def test_prompts_must_divide_evenly_over_processes():
         distributed.check_world_size(config, 4)
 
 
+def test_clip_extremes_are_per_micro_batch_over_every_process_then_averaged():
+    """TRL's clip_ratio/low_min: per micro-batch, the min over every process's sequences in its
+    micro-batch of that index; then the mean over micro-batches, NaN (no tokens) left out."""
+    from lowvram_grpo.trainer import _mean_of_micro_batch_extremes
+
+    nan = float("nan")
+    per_process = [{"clip_low_min": [0.1, nan]}, {"clip_low_min": [0.3, 0.2, 0.4]}, {}]
+    assert _mean_of_micro_batch_extremes(per_process, "clip_low_min", min) == pytest.approx((0.1 + 0.2 + 0.4) / 3)
+    assert _mean_of_micro_batch_extremes(per_process, "clip_low_min", max) == pytest.approx((0.3 + 0.2 + 0.4) / 3)
+    assert math.isnan(_mean_of_micro_batch_extremes([{"clip_low_min": [nan]}, {}], "clip_low_min", min))
+
+
 # --- the update on fixed rollouts: 2 processes == 1 process --------------------------------
 
 
@@ -95,13 +110,20 @@ def _rows(rollout, rows: slice):
 # Each loss type as it is meant to be used: cispo's epsilon_high caps the ratio itself (some
 # tokens of these off-policy ratios exceed 1.2), luspo is sequence-level.
 LOSS_TYPE_SETTINGS = {"cispo": {"epsilon_high": 1.2}, "luspo": {"importance_sampling_level": "sequence"}}
+CASES = {loss_type: {"loss_type": loss_type, **LOSS_TYPE_SETTINGS.get(loss_type, {})} for loss_type in grpo.LOSS_TYPES}
+# Adaptive entropy control: the first update measures the entropy of every process's tokens (below
+# this target), the second applies the coefficient it raised; two updates where the others have one.
+CASES["adaptive_entropy"] = {"loss_type": "dapo", "use_adaptive_entropy": True, "entropy_coef": 0.05,
+                             "entropy_coef_delta": 0.01, "entropy_target": 100.0}
+UPDATES = {"adaptive_entropy": 2}
 # The statistic that shows each loss type's ratio handling was exercised.
 RATIO_STATISTIC = {"cispo": "cispo_clip_ratio", "vespo": "vespo/phi_seq_mean", "sapo": None}
 
 
 def _updates(data_path):
-    """For each loss_type, from the same LoRA weights: one `trainer._update` on this process's
-    share of the fixed step, with plain SGD so the weight change is the gradient itself."""
+    """For each case (loss_type and settings), from the same LoRA weights: one `trainer._update`
+    (UPDATES: more) on this process's share of the fixed step, with plain SGD so the weight
+    change is the gradient itself."""
     from lowvram_grpo import trainer
     from lowvram_grpo.model import load_policy
     from lowvram_grpo.planner import resolve_chunking
@@ -114,8 +136,8 @@ def _updates(data_path):
     policy, _ = load_policy(data["config"], torch.device("cpu"))
     params = {name: p for name, p in policy.named_parameters() if p.requires_grad}
     out = {}
-    for loss_type in grpo.LOSS_TYPES:
-        config = dataclasses.replace(data["config"], loss_type=loss_type, **LOSS_TYPE_SETTINGS.get(loss_type, {}))
+    for case, settings in CASES.items():
+        config = dataclasses.replace(data["config"], **settings)
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(data["lora"][name])
@@ -124,9 +146,61 @@ def _updates(data_path):
         cpu = torch.device("cpu")
         learner = trainer.Learner(config, resolve_chunking(config, cpu), policy, None, optimizer, scheduler, None, cpu,
                                   [])
-        stats = trainer._update(learner, rollout, data["advantages"][rows], data["ref_logps"][rows],
-                                data["old_logps"][rows])
-        out[loss_type] = {"weights": {k: p.detach().clone() for k, p in params.items()}, "stats": stats}
+        for _ in range(UPDATES.get(case, 1)):
+            stats = trainer._update(learner, rollout, data["advantages"][rows], data["ref_logps"][rows],
+                                    data["old_logps"][rows])
+        out[case] = {"weights": {k: p.detach().clone() for k, p in params.items()}, "stats": stats,
+                     "entropy_control": learner.entropy_control.state_dict()}
+    return out
+
+
+# zero_std_groups=skip: which of the fixed step's 4 groups get equal rewards. Process 0 holds
+# groups 0-1, process 1 groups 2-3: so one process skips some of its groups, or all of them.
+SKIP_CASES = {"uneven": [1], "all_of_one_process": [0, 1]}
+SKIP_LOSS_TYPES = ("dapo", "grpo")
+
+
+def _skip_steps(data_path):
+    """For each SKIP_CASES x SKIP_LOSS_TYPES, from the same LoRA weights: one `trainer.grpo_step`
+    with zero_std_groups=skip and beta=0, the rollouts and rewards of the fixed step (this
+    process's share) standing in for generation and scoring, with plain SGD."""
+    from lowvram_grpo import trainer
+    from lowvram_grpo.model import load_policy
+    from lowvram_grpo.planner import resolve_chunking
+    from lowvram_grpo.rewards import RewardScores
+
+    data = torch.load(data_path, weights_only=False)
+    w = distributed.world()
+    n = data["rollout"].num_sequences // w.world_size
+    rows = slice(w.rank * n, (w.rank + 1) * n)
+    prompts = distributed.local_share([{"prompt": f"prompt {i}"} for i in range(NUM_PROMPTS)])
+    policy, _ = load_policy(data["config"], torch.device("cpu"))
+    params = {name: p for name, p in policy.named_parameters() if p.requires_grad}
+    real_sample_groups, out = trainer._sample_groups, {}
+    try:
+        for case, equal_groups in SKIP_CASES.items():
+            rewards = data["rewards"].clone()
+            for group in equal_groups:
+                rewards[group * G:(group + 1) * G] = 0.5
+            share = rewards[rows]
+            scores = RewardScores(names=["r"], per_function=share.unsqueeze(1), total=share)
+            trainer._sample_groups = lambda *args: (prompts, _rows(data["rollout"], rows), scores, 0.0)
+            for loss_type in SKIP_LOSS_TYPES:
+                config = dataclasses.replace(data["config"], loss_type=loss_type, beta=0.0, zero_std_groups="skip",
+                                             num_generations=G, prompts_per_step=NUM_PROMPTS)
+                with torch.no_grad():
+                    for name, p in params.items():
+                        p.copy_(data["lora"][name])
+                optimizer = torch.optim.SGD(list(params.values()), lr=1.0)
+                scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+                cpu = torch.device("cpu")
+                learner = trainer.Learner(config, resolve_chunking(config, cpu), policy, None, optimizer, scheduler,
+                                          None, cpu, [])
+                record, _ = trainer.grpo_step(learner, [], trainer.PromptSampler(NUM_PROMPTS, 0), step=1)
+                out[case, loss_type] = {"weights": {k: p.detach().clone() for k, p in params.items()},
+                                        "record": record}
+    finally:
+        trainer._sample_groups = real_sample_groups
     return out
 
 
@@ -197,7 +271,8 @@ def _worker(rank, world_size, port, data_path, out_dir):
     w = distributed.world()
     assert (w.rank, w.world_size) == (rank, world_size) and torch.distributed.get_backend() == "gloo"
     _helper_checks(data_path)
-    torch.save({**_updates(data_path), "eval": _evaluation(data_path)}, os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.save({**_updates(data_path), "eval": _evaluation(data_path), "skip": _skip_steps(data_path)},
+               os.path.join(out_dir, f"rank{rank}.pt"))
     distributed.finish()
 
 
@@ -211,22 +286,49 @@ def test_two_processes_make_the_single_process_update(tiny_cache, tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD_SIZE)]
 
     start = torch.load(data_path, weights_only=False)["lora"]
-    for loss_type, expected in single.items():
+    for case, expected in single.items():
         for name, weight in expected["weights"].items():
-            assert not torch.equal(weight, start[name]), f"{loss_type}: {name} did not move"
+            assert not torch.equal(weight, start[name]), f"{case}: {name} did not move"
             # Every process applied the same update...
-            torch.testing.assert_close(ranks[1][loss_type]["weights"][name], ranks[0][loss_type]["weights"][name],
-                                       rtol=0, atol=0, msg=f"{loss_type}: {name} differs between processes")
+            torch.testing.assert_close(ranks[1][case]["weights"][name], ranks[0][case]["weights"][name],
+                                       rtol=0, atol=0, msg=f"{case}: {name} differs between processes")
             # ...and it is the one a single process makes with the whole batch.
-            torch.testing.assert_close(ranks[0][loss_type]["weights"][name], weight, rtol=1e-5, atol=1e-6,
-                                       msg=f"{loss_type}: {name}")
-        stats = ranks[0][loss_type]["stats"]
-        ratio_statistic = RATIO_STATISTIC.get(loss_type, "clip_ratio/region_mean")
+            torch.testing.assert_close(ranks[0][case]["weights"][name], weight, rtol=1e-5, atol=1e-6,
+                                       msg=f"{case}: {name}")
+        stats = ranks[0][case]["stats"]
+        ratio_statistic = RATIO_STATISTIC.get(CASES[case]["loss_type"], "clip_ratio/region_mean")
         for key in ("loss", "grad_norm", "kl", "entropy", ratio_statistic):
             if key is not None:
-                assert stats[key] == pytest.approx(expected["stats"][key], rel=1e-5, abs=1e-7), (loss_type, key)
+                assert stats[key] == pytest.approx(expected["stats"][key], rel=1e-5, abs=1e-7), (case, key)
+        # TRL's per-micro-batch extremes are over every process's sequences: the same on each.
+        for key in ("clip_ratio/low_min", "clip_ratio/high_max"):
+            assert (key in stats) == (CASES[case]["loss_type"] in grpo.CLIPPED_LOSS_TYPES), (case, key)
+            if key in stats:
+                assert ranks[1][case]["stats"][key] == stats[key], (case, key)
     assert single["cispo"]["stats"]["cispo_clip_ratio"] > 0
     assert single["grpo"]["stats"]["kl"] > 0 and single["grpo"]["stats"]["clip_ratio/region_mean"] > 0
+    # The adaptive coefficient moved on the entropy of both processes' tokens, as one process's did.
+    control = single["adaptive_entropy"]["entropy_control"]
+    assert control["entropy_coef"] == pytest.approx(0.07) and control["last_world_entropy"] < 100.0
+    for rank in ranks:
+        assert rank["adaptive_entropy"]["entropy_control"]["entropy_coef"] == pytest.approx(0.07)
+        assert rank["adaptive_entropy"]["entropy_control"]["last_world_entropy"] == pytest.approx(
+            control["last_world_entropy"], rel=1e-6)
+        assert rank["adaptive_entropy"]["stats"]["entropy_coef"] == pytest.approx(0.07)
+
+    # zero_std_groups=skip: whichever groups each process leaves out, the update is one process's.
+    for (case, loss_type), expected in _skip_steps(data_path).items():
+        for rank in ranks:
+            got = rank["skip"][case, loss_type]
+            for name, weight in expected["weights"].items():
+                assert not torch.equal(weight, start[name]), f"{case}/{loss_type}: {name} did not move"
+                torch.testing.assert_close(got["weights"][name], weight, rtol=1e-5, atol=1e-6,
+                                           msg=f"{case}/{loss_type}: {name}")
+            for key in ("loss", "grad_norm", "entropy", "clip_ratio/region_mean", "reward",
+                        "dynamic_sampling/skipped_token_fraction"):
+                assert got["record"][key] == pytest.approx(expected["record"][key], rel=1e-5, abs=1e-7), key
+            assert got["record"]["dynamic_sampling/skipped_groups"] == len(SKIP_CASES[case])
+            assert got["record"]["frac_reward_zero_std"] == len(SKIP_CASES[case]) / NUM_PROMPTS
 
     # Evaluation shared out (3 + 2 prompts) gives one process's metrics over all 5, on every process.
     alone = _evaluation(data_path)

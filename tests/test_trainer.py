@@ -144,7 +144,11 @@ def _wait_for(predicate, timeout=120):
     return False
 
 
-RESUME_ARGS = ["--preset", "tiny-cpu", "max_steps=12", "save_every=4", "keep_checkpoints=0"]
+# With adaptive entropy control, whose state must survive the kill too: the entropy starts
+# near 0.65 nats and falls below the 0.55 target within a few steps, so the coefficient first falls
+# (no bonus), then rises and is applied.
+RESUME_ARGS = ["--preset", "tiny-cpu", "max_steps=12", "save_every=4", "keep_checkpoints=0",
+               "use_adaptive_entropy=true", "entropy_coef=0.05", "entropy_coef_delta=0.02", "entropy_target=0.55"]
 
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_cache, tmp_path):
@@ -164,8 +168,15 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_cache, tmp_path):
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
-    steps = [r["step"] for r in rundir.read_jsonl(killed / "metrics.jsonl")]
-    assert steps == list(range(1, 13)), "redone steps must not be logged twice"
+    records = rundir.read_jsonl(killed / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 13)), "redone steps must not be logged twice"
+
+    # The entropy coefficient went down and up, and resumed from the checkpoint where it was.
+    coefs = [r["entropy_coef"] for r in rundir.read_jsonl(straight / "metrics.jsonl")]
+    assert any(b < a for a, b in zip(coefs, coefs[1:])) and any(b > a for a, b in zip(coefs, coefs[1:])), coefs
+    assert [r["entropy_coef"] for r in records] == coefs
+    state = torch.load(killed / "checkpoint-000004" / "trainer_state.pt", weights_only=False)
+    assert state["entropy_control"] == {"entropy_coef": coefs[3], "last_world_entropy": records[3]["entropy"]}
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_cache, tmp_path):
