@@ -487,6 +487,7 @@ def grpo_loss(
 
         stats = {"token_count": mask.sum(),
                  "ratio_count": torch.tensor(float(coef_1.size(0))) if per_sequence else mask.sum()}
+
         def per_sequence_mean(x: torch.Tensor) -> torch.Tensor:  # NaN for a sequence without tokens
             return x.float().squeeze(1) if per_sequence else (x * mask).sum(-1) / mask.sum(-1)
 

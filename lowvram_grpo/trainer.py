@@ -37,8 +37,8 @@ from lowvram_grpo.checkpoint import (load_checkpoint, read_trainer_state, restor
                                      save_checkpoint, set_rng_state)
 from lowvram_grpo.chunking import GENERATION, LOGPROBS, UPDATE, Chunking
 from lowvram_grpo.config import ConfigError, TrainConfig
-from lowvram_grpo.entropy_control import EntropyControl
 from lowvram_grpo.data import PromptRows, finish_prompt_data, read_prompt_rows
+from lowvram_grpo.entropy_control import EntropyControl
 from lowvram_grpo.evaluate import evaluate
 from lowvram_grpo.health import HealthMonitor
 from lowvram_grpo.model import check_model_available, compute_dtype, load_policy, reference_model, resolve_model_path
