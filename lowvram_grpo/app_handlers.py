@@ -48,6 +48,7 @@ class Handlers:
     def __init__(self, ctx: AppContext, jobs: JobManager, playground):
         self.ctx, self.jobs, self.playground = ctx, jobs, playground
         self._seq = itertools.count(1)
+        self.live = dashboard.LiveRuns()  # the watched runs' files, read a few new lines per refresh
 
     # --- runs ----------------------------------------------------------------------------------
 
@@ -201,17 +202,18 @@ class Handlers:
                     dashboard.delta_json(delta) if delta else gr.skip(), "", "", disabled, disabled, disabled, now]
         status = run_state(run_dir, self.jobs)
         run = RunDir(run_dir)
-        records = run.metrics()
-        runs = {name: records}
+        selected = self.live.read(run_dir, samples=True)
+        runs = {name: selected}
         for other in compare or []:
             other_dir = self.run_dir(other)
             if other_dir is not None and other != name:
-                runs[other] = RunDir(other_dir).metrics()
+                runs[other] = self.live.read(other_dir)
         delta, now = dashboard.curve_delta(runs, sent, next(self._seq))
         buttons = dashboard.buttons_for(status.get("state", "empty"), run.latest_checkpoint() is not None,
                                         self.jobs.running() is not None)
         log = tail(run_dir / LOG_NAME)
-        return [dashboard.status_html(name, status, records), health_markdown(records, run.completions()),
+        return [dashboard.status_html(name, status, selected.metrics),
+                health_markdown(selected.metrics, selected.samples),
                 dashboard.delta_json(delta) if delta else gr.skip(), log_html(log),
                 dashboard.checkpoints_markdown(run_dir), gr.update(interactive=buttons.stop),
                 gr.update(interactive=buttons.resume), gr.update(interactive=buttons.more_steps), now]

@@ -4,6 +4,8 @@ table, the completions browser, checkpoints, adapters.
 Curves are drawn in the browser (ui_curves.js) from a store that the page keeps per run. Each
 refresh sends only the metric rows the page does not have yet (`curve_delta`), so the update
 size does not grow with the number of steps; a run the page has not seen is sent whole once.
+The server side of a refresh reads only the lines added to the run's files since the last one
+(`LiveRuns`), so its time does not grow with the number of steps either.
 """
 
 from __future__ import annotations
@@ -11,14 +13,16 @@ from __future__ import annotations
 import html
 import json
 import os
+import threading
 import time
 import zipfile
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lowvram_grpo.rewards import completion_text
-from lowvram_grpo.rundir import RunDir
+from lowvram_grpo.rundir import JsonlFollower, RunDir
 
 # The curves, in page order. "series" are metric keys; "prefix"/"suffix" pick every matching
 # key (one line per reward function); "band" is the key of a ±band around the first series.
@@ -56,19 +60,20 @@ def curve_columns(records: list[dict]) -> tuple[list[str], list[list[float | Non
     return keys, [[_compact(r.get(k)) for k in keys] for r in records]
 
 
-def curve_delta(runs: dict[str, list[dict]], sent: dict[str, int], seq: int) -> tuple[dict | None, dict[str, int]]:
-    """The update for the page's curve store: for each run, the rows after the `sent[run]` it
-    already has (all of them for a run it has not seen, or one whose file got shorter: a resumed
-    run redoes steps). Returns (None, sent) when nothing changed. `seq` makes every update
-    distinct, so the page applies each once."""
+def curve_delta(runs: dict[str, RunRecords], sent: dict[str, tuple[int, int]],
+                seq: int) -> tuple[dict | None, dict[str, tuple[int, int]]]:
+    """The update for the page's curve store: for each run, the rows after those the page
+    already has. `sent[run]` is (generation, rows) of what the page has: a run it has not seen,
+    or whose metrics.jsonl was rewritten since (a resumed run redoes steps), is sent whole.
+    Returns (None, sent) when nothing changed. `seq` makes every update distinct, so the page
+    applies each once."""
     parts, now = {}, {}
-    for name, records in runs.items():
-        start = sent.get(name, 0)
-        if start > len(records):  # truncated (resume): send it again from the start
-            start = 0
-        now[name] = len(records)
-        if start < len(records) or name not in sent:
-            keys, rows = curve_columns(records[start:])
+    for name, run in runs.items():
+        had = tuple(sent[name]) if name in sent else None
+        now[name] = (run.generation, len(run.metrics))
+        if now[name] != had:
+            start = had[1] if had and had[0] == run.generation else 0
+            keys, rows = curve_columns(run.metrics[start:])
             parts[name] = {"start": start, "keys": keys, "rows": rows}
     if not parts and list(now) == list(sent):
         return None, sent
@@ -80,6 +85,49 @@ def curve_delta(runs: dict[str, list[dict]], sent: dict[str, int], seq: int) -> 
 
 def delta_json(delta: dict) -> str:
     return json.dumps(delta, separators=(",", ":"), allow_nan=False)
+
+
+@dataclass(frozen=True)
+class RunRecords:
+    """What a refresh knows of a run's files: its metric rows and logged completions, and the
+    generation of its metrics.jsonl (see rundir.JsonlFollower)."""
+
+    generation: int
+    metrics: list[dict]
+    samples: list[dict]
+
+
+class LiveRuns:
+    """The metrics and completions of the runs that pages watch, read incrementally: a refresh
+    parses only the lines added since the previous one (rundir.JsonlFollower).
+
+    One per app, shared by every open page, rather than one per page session: two tabs do not
+    parse a file twice, and two refreshes of one page (the timer and a selection change run
+    concurrently) cannot interleave reads of one file. Each page's state says only which rows it
+    has (`curve_delta`). The KEEP runs watched most recently are kept in memory.
+    """
+
+    KEEP = 8
+
+    def __init__(self):
+        self._followers: OrderedDict[Path, tuple[JsonlFollower, JsonlFollower]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def read(self, run_dir: Path, samples: bool = False) -> RunRecords:
+        """The run's records now (its completions too with `samples`), as copies a refresh can
+        use while the next one reads on."""
+        with self._lock:
+            pair = self._followers.pop(run_dir, None) or (
+                JsonlFollower(RunDir(run_dir).metrics_file), JsonlFollower(RunDir(run_dir).completions_file))
+            self._followers[run_dir] = pair  # now the most recently watched
+            while len(self._followers) > self.KEEP:
+                self._followers.popitem(last=False)
+            metrics, completions = pair
+            metrics.update()
+            if samples:
+                completions.update()
+            return RunRecords(metrics.generation, list(metrics.records),
+                              list(completions.records) if samples else [])
 
 
 # --- status ------------------------------------------------------------------------------------

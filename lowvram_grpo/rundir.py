@@ -51,23 +51,89 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """All complete records; a torn last line (the writer was killed mid-write) is skipped.
+    """All complete records; a torn last line (the writer was killed mid-write) is skipped."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        return []
+    return _records(data)
+
+
+def _records(data: bytes) -> list[dict[str, Any]]:
+    """The JSON objects of the lines in `data`; a line that is not one (torn) is skipped.
 
     Lines are split on "\\n" only: str.splitlines() also splits on U+2028, U+2029, U+0085 and
-    other separators that a completion may hold raw, and would lose that record."""
+    other separators that a completion may hold raw, and would lose that record. (Splitting the
+    bytes is safe: no byte of a multi-byte UTF-8 character is "\\n".)"""
     records = []
-    try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
-        return records
-    for line in text.split("\n"):
+    for line in data.split(b"\n"):
         try:
-            record = json.loads(line)
+            record = json.loads(line.decode("utf-8", errors="replace"))
         except json.JSONDecodeError:
             continue
         if isinstance(record, dict):
             records.append(record)
     return records
+
+
+class JsonlFollower:
+    """The records of a .jsonl file that a run is appending to, read a piece at a time.
+
+    Each `update()` reads only the bytes added since the last one and takes only whole,
+    "\\n"-terminated lines: a torn last line (the writer is mid-write, or was killed) stays for
+    the next read. A file that was rewritten is read again from the start, and `generation`
+    counts those restarts, so a reader knows earlier records changed, not only that new ones
+    came. Rewritten means: gone, a different file (a resumed run's truncate_jsonl_after_step
+    replaces it; a deleted run recreated), shorter than what was read, or no longer holding the
+    last line read where it was read (a rewrite in place that grew past it).
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.records: list[dict[str, Any]] = []
+        self.generation = 0
+        self._offset = 0  # bytes of whole lines read so far
+        self._file_id: tuple[int, int] | None = None  # (device, inode) of the file read
+        self._last_line = b""  # the last whole line read, ending at _offset
+
+    def update(self) -> list[dict[str, Any]]:
+        """Read what was appended since the last call; returns the new records (all of them
+        after a restart: see `generation`)."""
+        data = self._unread()
+        end = data.rfind(b"\n") + 1  # whole lines only (0: none yet)
+        if not end:
+            return []
+        whole = data[:end]
+        new = _records(whole)
+        self.records.extend(new)
+        self._offset += end
+        self._last_line = whole[whole.rfind(b"\n", 0, end - 1) + 1:]
+        return new
+
+    def _unread(self) -> bytes:
+        """The bytes after those read so far; first a restart if the file was rewritten."""
+        try:
+            with self.path.open("rb") as f:
+                info = os.fstat(f.fileno())
+                file_id = (info.st_dev, info.st_ino)
+                if file_id != self._file_id or info.st_size < self._offset:
+                    self._restart(file_id)
+                f.seek(self._offset - len(self._last_line))  # re-read the last line: is it still there?
+                data = f.read()
+                if not data.startswith(self._last_line):
+                    self._restart(file_id)
+                    f.seek(0)
+                    data = f.read()
+                return data[len(self._last_line):]
+        except FileNotFoundError:
+            if self._file_id is not None:
+                self._restart(None)
+            return b""
+
+    def _restart(self, file_id: tuple[int, int] | None) -> None:
+        if self._file_id is not None or self._offset:
+            self.generation += 1
+        self.records, self._offset, self._last_line, self._file_id = [], 0, b"", file_id
 
 
 def truncate_jsonl_after_step(path: Path, step: int) -> None:

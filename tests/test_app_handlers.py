@@ -14,7 +14,7 @@ import pytest
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 pytest.importorskip("gradio")
 
-from lowvram_grpo import app_setup, dashboard, health  # noqa: E402
+from lowvram_grpo import app_setup, dashboard, health, rundir  # noqa: E402
 from lowvram_grpo.app_handlers import Handlers  # noqa: E402
 from lowvram_grpo.app_setup import ERROR_FIELDS, FORM_KEYS, AppContext  # noqa: E402
 from lowvram_grpo.config import ConfigError, TrainConfig, build_config, save_config  # noqa: E402
@@ -111,10 +111,35 @@ def test_overlay_sends_each_compared_run(handlers):
     assert len(store["a"]) == 3 and [r["reward"] for r in store["b"]] == [1.0] * 5
 
 
-def test_resumed_run_with_fewer_rows_is_sent_again():
-    records = [step_record(s) for s in range(1, 11)]
-    delta, sent = dashboard.curve_delta({"r": records}, {"r": 20}, seq=1)
-    assert delta["runs"]["r"]["start"] == 0 and len(delta["runs"]["r"]["rows"]) == 10
+def test_resumed_run_is_sent_again_from_its_first_step(handlers):
+    """A resumed run rewrites metrics.jsonl (steps after its checkpoint are redone): the page gets
+    the run again from step 1, even when the file has grown past its old length between two
+    refreshes, so no old row of a redone step stays on the page."""
+    run = make_run(handlers.ctx.runs_dir, "r", [step_record(s) for s in range(1, 11)], state="running")
+    store = {}
+    out = handlers.refresh("r", [], {})
+    apply(store, out[2])
+    rundir.truncate_jsonl_after_step(run / "metrics.jsonl", 5)
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write("".join(json.dumps(step_record(s, reward=-1.0)) + "\n" for s in range(6, 13)))
+    delta = apply(store, handlers.refresh("r", [], out[-1])[2])
+    assert delta["runs"]["r"]["start"] == 0
+    assert [r["step"] for r in store["r"]] == list(range(1, 13))
+    assert [r["reward"] for r in store["r"]] == pytest.approx([0.1 * s for s in range(1, 6)] + [-1.0] * 7)
+
+
+def test_refresh_reads_only_the_new_lines(handlers, monkeypatch):
+    """The server parses each line of metrics.jsonl once, not the whole file every refresh."""
+    run = make_run(handlers.ctx.runs_dir, "long", [step_record(s) for s in range(1, 301)], state="running")
+    parsed = []
+    real = rundir._records
+    monkeypatch.setattr(rundir, "_records", lambda data: parsed.append(data.count(b"\n")) or real(data))
+    sent = handlers.refresh("long", [], {})[-1]
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps(step_record(301)) + "\n")
+    handlers.refresh("long", [], sent)
+    handlers.refresh("long", [], {})  # a second page opening on the run: nothing to read again
+    assert sum(parsed) == 301  # each line of metrics.jsonl once (completions.jsonl is empty)
 
 
 # --- run state and buttons ----------------------------------------------------------------------

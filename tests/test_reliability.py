@@ -66,6 +66,61 @@ def test_a_torn_last_line_is_skipped_and_the_rest_kept(tmp_path):
     assert rundir.read_jsonl(path) == [{"step": 1, "text": "é\u2028"}]
 
 
+def test_jsonl_follower_reads_each_appended_line_once(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    follower = rundir.JsonlFollower(path)
+    assert follower.update() == []  # no file yet: nothing, no error
+    for step in (1, 2):
+        rundir.append_jsonl(path, {"step": step, "text": f"{step}\u2028"})
+    assert follower.update() == [{"step": 1, "text": "1\u2028"}, {"step": 2, "text": "2\u2028"}]
+    assert follower.update() == []
+    rundir.append_jsonl(path, {"step": 3})
+    assert follower.update() == [{"step": 3}]
+    assert [r["step"] for r in follower.records] == [1, 2, 3] and follower.generation == 0
+
+
+def test_jsonl_follower_leaves_a_torn_line_for_the_next_read(tmp_path):
+    path = tmp_path / "completions.jsonl"
+    rundir.append_jsonl(path, {"step": 1})
+    line = rundir.jsonl_line({"step": 2, "completion": "é"}).encode()
+    with path.open("ab") as f:
+        f.write(line[:-3])  # the writer is in the middle of "é"
+    follower = rundir.JsonlFollower(path)
+    assert follower.update() == [{"step": 1}]
+    with path.open("ab") as f:
+        f.write(line[-3:])
+    assert follower.update() == [{"step": 2, "completion": "é"}]
+    assert [r["step"] for r in follower.records] == [1, 2] and follower.generation == 0
+
+
+def test_jsonl_follower_rereads_a_truncated_or_recreated_file(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    for step in range(1, 6):
+        rundir.append_jsonl(path, {"step": step, "loss": 0.5})
+    follower = rundir.JsonlFollower(path)
+    follower.update()
+
+    # A resumed run drops steps after its checkpoint and redoes them, here past the old length
+    # before the next read.
+    rundir.truncate_jsonl_after_step(path, 3)
+    for step in range(4, 8):
+        rundir.append_jsonl(path, {"step": step, "loss": 0.25})
+    assert [(r["step"], r["loss"]) for r in follower.update()] == [(1, 0.5), (2, 0.5), (3, 0.5)] + [
+        (s, 0.25) for s in range(4, 8)]
+    assert follower.generation == 1 and len(follower.records) == 7
+
+    # Rewritten in place (same file), longer than before: the last line read is not there any more.
+    with path.open("r+b") as f:
+        f.write(b"".join(rundir.jsonl_line({"step": s, "loss": 0.125}).encode() for s in range(1, 9)))
+    assert [r["loss"] for r in follower.update()] == [0.125] * 8 and follower.generation == 2
+
+    # Deleted (the run was deleted), then made again under the same name.
+    path.unlink()
+    assert follower.update() == [] and follower.records == [] and follower.generation == 3
+    rundir.append_jsonl(path, {"step": 1, "loss": 1.0})
+    assert follower.update() == [{"step": 1, "loss": 1.0}] and follower.generation == 3
+
+
 def test_nan_anywhere_in_a_record_is_written_as_null(tmp_path):
     path = tmp_path / "completions.jsonl"
     rundir.append_jsonl(path, {"step": 1, "reward": float("nan"),
