@@ -208,3 +208,19 @@ def test_planner_check_table_shows_measured_estimated_and_error():
     table = planner_check.format_results([result])
     assert "| qwen2.5-0.5b (2) | 100 / 110 MiB (+10%) |" in table
     assert "| qwen2.5-0.5b (2) | 10 / 5 MiB (-50%) |" in table
+
+
+def test_app_updates_reports_one_row_per_new_step(capsys):
+    """bench.app_updates at a short length: the table's rows, one new step sends about one row's
+    kilobyte, and nothing new sends nothing (docs left alone with --no-docs)."""
+    pytest.importorskip("gradio")
+    from bench import app_updates
+
+    app_updates.main(["--steps", "40", "--no-docs"])
+    table = dict(re.findall(r"^\| ([^|]+?) \| ([\d.,]+) KB \|", capsys.readouterr().out, re.M))
+    assert list(table) == ["first page opens on the run (server reads the whole file)",
+                           "another page opens on it (file already read)", "next refresh, one new step",
+                           "refresh with nothing new"]
+    assert float(table["next refresh, one new step"]) < 2 and float(table["refresh with nothing new"]) == 0
+    assert float(table["another page opens on it (file already read)"]) > 5 * float(
+        table["next refresh, one new step"])
