@@ -7,6 +7,7 @@ training, so these run in seconds.
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -168,6 +169,32 @@ def test_resume_refuses_a_finished_run(handlers):
     with pytest.raises(JobError, match="has not finished"):
         make_run(handlers.ctx.runs_dir, "half", [step_record(1)], state="stopped", checkpoints=[1])
         handlers.jobs.continue_run(handlers.ctx.runs_dir / "half", 10)
+
+
+def test_continue_a_finished_run_for_more_steps(handlers, tiny_cache):
+    """A finished run continued for N more steps (the button's handler, a real trainer process)
+    ends at step old+N, finished, with every step's metrics exactly once; the page shows them."""
+    from lowvram_grpo.config import load_config
+    from lowvram_grpo.trainer import train
+
+    run = handlers.ctx.runs_dir / "done"
+    train(load_config(preset="tiny-cpu", overrides={"output_dir": str(run), "max_steps": 3}), progress=False)
+    assert "for 2 more steps" in handlers.more_steps("done", 2)
+    deadline = time.time() + 240
+    while handlers.jobs.running() is not None and time.time() < deadline:
+        time.sleep(0.5)
+    log = (run / "train.log").read_text(errors="replace")
+    assert handlers.jobs.running() is None, "the continued run did not end in time:\n" + log
+    status = rundir.read_status(run)
+    assert (status["state"], status["step"], status["total_steps"]) == ("finished", 5, 5), log
+    assert [r["step"] for r in rundir.read_jsonl(run / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+
+    out = handlers.refresh("done", [], {})
+    assert "finished" in out[0] and "step 5 / 5" in out[0]
+    store = {}
+    apply(store, out[2])
+    assert [r["step"] for r in store["done"]] == [1, 2, 3, 4, 5]
+    assert out[7]["interactive"] is True  # it can be continued again
 
 
 def test_log_is_shown_in_a_pre_the_page_scrolls_to_its_end(handlers):
