@@ -7,6 +7,7 @@ training, so these run in seconds.
 
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -392,26 +393,85 @@ def test_reward_workbench_scores_a_group(handlers):
 # --- run health ---------------------------------------------------------------------------------
 
 
-def test_health_warnings_name_their_metric():
-    flat = [step_record(s, reward=0.0) for s in range(1, 21)]
-    assert health.check_health(flat) == []
-    zero = [step_record(s, frac_reward_zero_std=0.95) for s in range(1, 21)]
-    assert [w.metric for w in health.check_health(zero)] == ["frac_reward_zero_std"]
-    longer = [step_record(s, **{"completions/mean_length": 10.0 * (1 + s), "completions/clipped_ratio": 0.8})
-              for s in range(1, 21)]
-    assert "completions/mean_length" in [w.metric for w in health.check_health(longer)]
-    spike = [step_record(s) for s in range(1, 20)] + [step_record(20, kl=2.0)]
-    assert "kl" in [w.metric for w in health.check_health(spike)]
-    hacking = [step_record(s, **{"rewards/format/mean": 0.05 * s, "rewards/answer/mean": 0.1,
-                                              "rewards/arith_answer/mean": 0.1}) for s in range(1, 21)]
-    warning = next(w for w in health.check_health(hacking) if w.kind == "reward-hacking")
-    assert warning.metric == "rewards/format/mean" and "rewards/answer/mean" in warning.message
-    samples = [{"step": s, "completion": " ".join(["the answer is"] * (1 if s < 10 else 8))} for s in range(1, 21)]
-    assert "repetition" in [w.kind for w in health.check_health(flat, samples)]
+HEALTHY = Path(__file__).parent / "data"
 
-    monitor = health.HealthMonitor()
-    reported = [w for r in zero for w in monitor.update(r, [])]
-    assert [w.kind for w in reported] == ["zero-std"]  # once, not every step
+
+def healthy_run() -> tuple[list[dict], list[dict]]:
+    """The metrics and logged completions of a healthy run: `lowvram-grpo train --preset
+    tiny-cpu` (60 steps, seed 42; the reward climbs from 0.17 to about 0.6), keeping only the
+    keys the health checks read. Its KL has single-step jumps to 10-20x its median, as k3
+    estimates do."""
+    return (rundir.read_jsonl(HEALTHY / "healthy_tiny_cpu_metrics.jsonl"),
+            rundir.read_jsonl(HEALTHY / "healthy_tiny_cpu_completions.jsonl"))
+
+
+def test_a_healthy_run_gets_no_health_warning():
+    records, samples = healthy_run()
+    assert max(r["kl"] for r in records) > 10 * statistics.median(r["kl"] for r in records)
+    monitor = health.HealthMonitor()  # the CLI log's checks, step by step
+    assert [w for r in records for w in monitor.update(r, [s for s in samples if s["step"] == r["step"]])] == []
+    for n in range(1, len(records) + 1):  # the page's checks, at every step
+        assert health.check_health(records[:n], [s for s in samples if s["step"] <= n]) == [], n
+    # A second reward that no completion ever satisfies (a format the tiny model never writes)
+    # is not "flat while the other rises": no reward-hacking warning.
+    with_format = [{**r, "rewards/format_strict/mean": 0.0} for r in records]
+    assert health.check_health(with_format, samples) == []
+
+
+def _last(records: list[dict], steps: int, **changes) -> list[dict]:
+    """`records` with `changes` (key -> function of the old value) in the last `steps` records."""
+    return records[:-steps] + [{**r, **{k: f(r.get(k)) for k, f in changes.items()}} for r in records[-steps:]]
+
+
+def _unhealthy(kind: str) -> tuple[list[dict], list[dict]]:
+    """The healthy run with one thing gone wrong in its last steps."""
+    records, samples = healthy_run()
+    if kind == "kl-spike":  # KL ten times higher for seven steps
+        return _last(records, 7, kl=lambda v: 10 * v), samples
+    if kind == "zero-std":  # nearly every group all right or all wrong
+        return _last(records, 10, frac_reward_zero_std=lambda v: 0.9), samples
+    if kind == "length-blowup":  # longer and longer, most cut at max_completion_length
+        return _last(records, 10, **{"completions/mean_length": lambda v: 3 * v,
+                                     "completions/clipped_ratio": lambda v: 0.8}), samples
+    if kind == "length-collapse":  # answers of 30 tokens down to 6
+        longer = [{**r, "completions/mean_length": 10 * r["completions/mean_length"]} for r in records]
+        return _last(longer, 10, **{"completions/mean_length": lambda v: v / 5}), samples
+    if kind == "reward-hacking":  # a format reward climbs while the answer reward stays put
+        hacked = [{**r, "rewards/format/mean": r["step"] / 60, "rewards/arith_answer/mean": 0.3 + 0.02 * (-1) ** i}
+                  for i, r in enumerate(records)]
+        return hacked, samples
+    if kind == "repetition":  # the last logged completions loop
+        return records, [{**s, "completion": "so the sum is " * 8} if s["step"] > 30 else s for s in samples]
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind, metric", [
+    ("kl-spike", "kl"), ("zero-std", "frac_reward_zero_std"), ("length-blowup", "completions/mean_length"),
+    ("length-collapse", "completions/mean_length"), ("reward-hacking", "rewards/format/mean"),
+    ("repetition", "completions (repeated 3-grams)")])
+def test_each_health_rule_fires_on_its_problem_naming_its_metric(kind, metric):
+    records, samples = _unhealthy(kind)
+    warnings = health.check_health(records, samples)
+    assert [(w.kind, w.metric) for w in warnings] == [(kind, metric)]
+    assert f"[{metric}]" in str(warnings[0])
+    if kind == "reward-hacking":
+        assert "rewards/arith_answer/mean stays flat" in warnings[0].message
+
+    monitor = health.HealthMonitor()  # the CLI log: the same warning, once
+    by_step = [[s for s in samples if s["step"] == r["step"]] for r in records]
+    assert [w.kind for r, new in zip(records, by_step) for w in monitor.update(r, new)] == [kind]
+
+
+def test_a_kl_spike_must_hold_for_most_of_the_last_steps():
+    """KL at 100 for 3 of the last 7 steps, then back down, is the k3 estimate's tail; for 4 of
+    them it is a spike."""
+    records, _ = healthy_run()
+
+    def spiked(high: int) -> list[dict]:
+        return records[:-7] + [{**r, "kl": 100.0} if i < high else r for i, r in enumerate(records[-7:])]
+
+    assert health.check_health(spiked(3)) == []
+    assert [w.kind for w in health.check_health(spiked(4))] == ["kl-spike"]
 
 
 def test_health_warning_shows_on_the_page(handlers):
