@@ -47,16 +47,17 @@ CURVES: list[dict[str, Any]] = [
 SIGNIFICANT_DIGITS = 6  # what the page needs to draw and show on hover; keeps updates small
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
 def _compact(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        return None
-    return float(f"{value:.{SIGNIFICANT_DIGITS}g}")
+    return float(f"{value:.{SIGNIFICANT_DIGITS}g}") if _is_number(value) else None
 
 
 def curve_columns(records: list[dict]) -> tuple[list[str], list[list[float | None]]]:
     """Metric rows as (keys, rows of values): numbers only, `step` first."""
-    keys = ["step"] + sorted({k for r in records for k, v in r.items()
-                              if k != "step" and _compact(v) is not None})
+    keys = ["step"] + sorted({k for r in records for k, v in r.items() if k != "step" and _is_number(v)})
     return keys, [[_compact(r.get(k)) for k in keys] for r in records]
 
 
