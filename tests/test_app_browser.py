@@ -13,8 +13,8 @@ that silently skips in CI would hide a broken page.
 """
 
 import json
-import re
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -94,6 +94,25 @@ def app_url(tiny_cache, tmp_path, work_dir):
             pass
 
 
+@pytest.fixture
+def open_page(app_url):
+    """Opens the app in Chromium: open_page(width) gives a page at that viewport width, loaded,
+    with a 30 s default timeout; the browser closes after the test."""
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+
+        def open_(width: int = 1280, height: int = 900):
+            page = browser.new_page(viewport={"width": width, "height": height})
+            page.set_default_timeout(30_000)
+            page.goto(app_url)
+            return page
+
+        try:
+            yield open_
+        finally:
+            browser.close()
+
+
 def choose(page, label: str, option: str) -> None:
     page.get_by_label(label).first.click()
     page.get_by_role("option", name=option, exact=True).click()
@@ -137,7 +156,7 @@ def contrast(page, selector: str) -> float:
     }""", selector)
 
 
-def test_first_run_draws_the_reward_of_metrics_jsonl(app_url, tmp_path, work_dir):
+def test_first_run_draws_the_reward_of_metrics_jsonl(open_page, tmp_path, work_dir):
     """#1: in a fresh work directory the reward line of the first run follows metrics.jsonl;
     #2: the legend stays in its panel and colours stay put; #4: Stop is off once the run has
     stopped."""
@@ -146,77 +165,70 @@ def test_first_run_draws_the_reward_of_metrics_jsonl(app_url, tmp_path, work_dir
                             for a in range(10) for b in range(0, 10, 2)), encoding="utf-8")
     assert len(data.read_text().splitlines()) == 50
 
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.set_default_timeout(30_000)
-            page.goto(app_url)
-            model = page.get_by_label("Model (hub id or local directory)")
+    page = open_page(1280)
+    model = page.get_by_label("Model (hub id or local directory)")
 
-            # A preset fills the form.
-            choose(page, "Preset", "qwen2.5-0.5b-gsm8k")
-            expect(model).to_have_value("Qwen/Qwen2.5-0.5B-Instruct")
-            choose(page, "Preset", "tiny-cpu")
-            expect(model).to_have_value("builtin:tiny")
+    # A preset fills the form.
+    choose(page, "Preset", "qwen2.5-0.5b-gsm8k")
+    expect(model).to_have_value("Qwen/Qwen2.5-0.5B-Instruct")
+    choose(page, "Preset", "tiny-cpu")
+    expect(model).to_have_value("builtin:tiny")
 
-            # Upload a dataset: it is copied into the work dir and previewed.
-            page.locator("#dataset-upload input[type=file]").set_input_files(str(data))
-            expect(page.get_by_text("Saved as")).to_be_visible()
-            expect(page.locator("#field-dataset :is(input, textarea)")).to_have_value(
-                re.compile(r".*/uploads/sums\.jsonl$"))
-            page.get_by_label("Steps").fill("400")
-            page.get_by_label("Run name").fill("browser-run")
+    # Upload a dataset: it is copied into the work dir and previewed.
+    page.locator("#dataset-upload input[type=file]").set_input_files(str(data))
+    expect(page.get_by_text("Saved as")).to_be_visible()
+    expect(page.locator("#field-dataset :is(input, textarea)")).to_have_value(
+        re.compile(r".*/uploads/sums\.jsonl$"))
+    page.get_by_label("Steps").fill("400")
+    page.get_by_label("Run name").fill("browser-run")
 
-            page.locator("#start").click()
-            status = page.locator("#run-status")
-            expect(status).to_contain_text("running", timeout=60_000)  # the Train tab opens by itself
-            expect(page.locator("#stop")).to_be_enabled(timeout=30_000)
+    page.locator("#start").click()
+    status = page.locator("#run-status")
+    expect(status).to_contain_text("running", timeout=60_000)  # the Train tab opens by itself
+    expect(page.locator("#stop")).to_be_enabled(timeout=30_000)
 
-            # Wait for a reward line with some history (the page refreshes every 2 s).
-            page.wait_for_function("""() => { const l = document.querySelector('#curve-reward polyline.line');
-                                              return l && l.getAttribute('points').trim().split(/\\s+/).length >= 8; }""",
-                                   timeout=120_000)
-            expect(status).to_contain_text("ETA")
-            shown = drawn(page, "reward")
-            line = shown["lines"]["browser-run|reward"]
-            on_disk = {r["step"]: r for r in map(json.loads, (work_dir / "runs" / "browser-run" / "metrics.jsonl")
-                                                   .read_text().splitlines())}
-            tolerance = (shown["ymax"] - shown["ymin"]) * 0.002  # two decimals of a pixel on a 190 px plot
-            for step, value in line["points"]:
-                assert round(step) in on_disk and abs(step - round(step)) < 0.05
-                assert value == pytest.approx(on_disk[round(step)]["reward"], abs=tolerance)
-            assert len(line["points"]) >= 8
-            assert page.locator("#curve-reward polygon.band").count() == 1  # the ±std band
+    # Wait for a reward line with some history (the page refreshes every 2 s).
+    page.wait_for_function("""() => { const l = document.querySelector('#curve-reward polyline.line');
+                                      return l && l.getAttribute('points').trim().split(/\\s+/).length >= 8; }""",
+                           timeout=120_000)
+    expect(status).to_contain_text("ETA")
+    shown = drawn(page, "reward")
+    line = shown["lines"]["browser-run|reward"]
+    on_disk = {r["step"]: r for r in map(json.loads, (work_dir / "runs" / "browser-run" / "metrics.jsonl")
+                                           .read_text().splitlines())}
+    tolerance = (shown["ymax"] - shown["ymin"]) * 0.002  # two decimals of a pixel on a 190 px plot
+    for step, value in line["points"]:
+        assert round(step) in on_disk and abs(step - round(step)) < 0.05
+        assert value == pytest.approx(on_disk[round(step)]["reward"], abs=tolerance)
+    assert len(line["points"]) >= 8
+    assert page.locator("#curve-reward polygon.band").count() == 1  # the ±std band
 
-            # The legend is inside its panel, and the colours do not change on the next redraw.
-            # (measured in one go in the page: a redraw between two calls would replace the elements)
-            panels, outside = page.evaluate("""() => { const figures = [...document.querySelectorAll('#curve-grid figure')];
-              return [figures.length, figures.filter(f => { const b = f.getBoundingClientRect(),
-                l = f.querySelector('.legend').getBoundingClientRect();
-                return l.bottom > b.bottom + 1 || l.right > b.right + 1; }).map(f => f.id)]; }""")
-            assert panels >= 10 and outside == []
-            strokes = {k: v["stroke"] for k, v in drawn(page, "length")["lines"].items()}
-            page.wait_for_function("(n) => document.querySelector('#curve-reward polyline.line')"
-                                   ".getAttribute('points').trim().split(/\\s+/).length > n", arg=len(line["points"]))
-            assert {k: v["stroke"] for k, v in drawn(page, "length")["lines"].items()} == strokes
-            assert len(set(strokes.values())) == 3  # mean, min, max: three colours
+    # The legend is inside its panel, and the colours do not change on the next redraw.
+    # (measured in one go in the page: a redraw between two calls would replace the elements)
+    panels, outside = page.evaluate("""() => { const figures = [...document.querySelectorAll('#curve-grid figure')];
+      return [figures.length, figures.filter(f => { const b = f.getBoundingClientRect(),
+        l = f.querySelector('.legend').getBoundingClientRect();
+        return l.bottom > b.bottom + 1 || l.right > b.right + 1; }).map(f => f.id)]; }""")
+    assert panels >= 10 and outside == []
+    strokes = {k: v["stroke"] for k, v in drawn(page, "length")["lines"].items()}
+    page.wait_for_function("(n) => document.querySelector('#curve-reward polyline.line')"
+                           ".getAttribute('points').trim().split(/\\s+/).length > n", arg=len(line["points"]))
+    assert {k: v["stroke"] for k, v in drawn(page, "length")["lines"].items()} == strokes
+    assert len(set(strokes.values())) == 3  # mean, min, max: three colours
 
-            # Values on hover.
-            page.locator("#curve-reward svg").hover()
-            expect(page.locator("#curve-reward .tip")).to_contain_text("step")
+    # Values on hover.
+    page.locator("#curve-reward svg").hover()
+    expect(page.locator("#curve-reward .tip")).to_contain_text("step")
 
-            page.wait_for_timeout(700)
-            screenshot(page, "app.png", tmp_path, full_page=True)
+    page.wait_for_timeout(700)
+    screenshot(page, "app.png", tmp_path, full_page=True)
 
-            page.locator("#stop").click()
-            expect(page.locator("#job-message")).to_contain_text("Stop requested")
-            expect(status).to_contain_text("stopped", timeout=60_000)
-            expect(page.locator("#checkpoints")).to_contain_text("checkpoint-", timeout=10_000)
-            expect(page.locator("#stop")).to_be_disabled()
-            expect(page.locator("#resume")).to_be_enabled(timeout=30_000)  # once the trainer process has exited
-        finally:
-            browser.close()
+    page.locator("#stop").click()
+    expect(page.locator("#job-message")).to_contain_text("Stop requested")
+    expect(status).to_contain_text("stopped", timeout=60_000)
+    expect(page.locator("#checkpoints")).to_contain_text("checkpoint-", timeout=10_000)
+    expect(page.locator("#stop")).to_be_disabled()
+    expect(page.locator("#resume")).to_be_enabled(timeout=30_000)  # once the trainer process has exited
 
 
 def _seed_run(runs: Path, name: str, rewards: list[float], **extra) -> None:
@@ -244,79 +256,123 @@ def seeded(work_dir):
     _seed_run(work_dir / "runs", "climbing", [i / 20 for i in range(20)])
 
 
-def test_narrow_page_overlay_health_browser_workbench(seeded, app_url, tmp_path):
+def test_narrow_page_overlay_health_browser_workbench(seeded, open_page, tmp_path):
     """#12: the 420 px layout stacks; overlays, the health warning, the completions browser, the
     workbench; #3 (log end), #4 (buttons), #5 (preview), #6 (field errors), #13 (contrast)."""
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 420, "height": 900})
-            page.set_default_timeout(30_000)
-            page.goto(app_url)
+    page = open_page(420)
 
-            # Every tab name is on screen (none hidden in an overflow menu).
-            for name in ("Set up", "Train and watch", "Runs", "Completions", "Try rewards", "Use the adapter"):
-                expect(page.get_by_role("tab", name=name)).to_be_visible()
+    # Every tab name is on screen (none hidden in an overflow menu).
+    for name in ("Set up", "Train and watch", "Runs", "Completions", "Try rewards", "Use the adapter"):
+        expect(page.get_by_role("tab", name=name)).to_be_visible()
 
-            # #5: a preset whose dataset is on the hub empties the previous preview.
-            sums = re.compile(r"\d\+\d=")  # builtin:arith's rows
-            expect(page.locator("#preview")).to_contain_text(sums, timeout=30_000)
-            choose(page, "Preset", "qwen2.5-0.5b-gsm8k")
-            expect(page.locator("#preview-message")).to_contain_text("Press Preview")
-            expect(page.locator("#preview")).not_to_contain_text(sums)
+    # #5: a preset whose dataset is on the hub empties the previous preview.
+    sums = re.compile(r"\d\+\d=")  # builtin:arith's rows
+    expect(page.locator("#preview")).to_contain_text(sums, timeout=30_000)
+    choose(page, "Preset", "qwen2.5-0.5b-gsm8k")
+    expect(page.locator("#preview-message")).to_contain_text("Press Preview")
+    expect(page.locator("#preview")).not_to_contain_text(sums)
 
-            # #6: a field error is readable and marks its field.
-            page.get_by_label("Steps").fill("0")
-            page.locator("#check").click()
-            error = page.locator("#error-max_steps")
-            expect(error).to_contain_text("max_steps")
-            assert float(error.locator("p").first.evaluate("e => parseFloat(getComputedStyle(e).fontSize)")) >= 12
-            shadow = page.locator("#field-max_steps").evaluate("e => getComputedStyle(e).boxShadow")
-            assert shadow and shadow != "none", shadow
+    # #6: a field error is readable and marks its field.
+    page.get_by_label("Steps").fill("0")
+    page.locator("#check").click()
+    error = page.locator("#error-max_steps")
+    expect(error).to_contain_text("max_steps")
+    assert float(error.locator("p").first.evaluate("e => parseFloat(getComputedStyle(e).fontSize)")) >= 12
+    shadow = page.locator("#field-max_steps").evaluate("e => getComputedStyle(e).boxShadow")
+    assert shadow and shadow != "none", shadow
 
-            # #13: help text contrast.
-            assert contrast(page, "#field-dataset [data-testid='block-info'], #field-dataset .info, "
-                                  "#field-dataset span") >= 4.5
+    # #13: help text contrast.
+    assert contrast(page, "#field-dataset [data-testid='block-info'], #field-dataset .info, "
+                          "#field-dataset span") >= 4.5
 
-            page.get_by_role("tab", name="Train and watch").click()
-            expect(page.locator("#run-status")).to_contain_text("finished")
-            # The newest run is selected; compare the other one with it.
-            page.locator("#compare input").click()
-            page.get_by_role("option", name="stuck", exact=True).click()
-            page.keyboard.press("Escape")
-            page.wait_for_function("() => document.querySelectorAll('#curve-reward polyline.line').length == 2")
-            lines = drawn(page, "reward")["lines"]
-            assert [v[1] for v in lines["stuck|reward"]["points"]] == pytest.approx([0.0] * 20, abs=1e-3)
-            assert lines["climbing|reward"]["stroke"] != lines["stuck|reward"]["stroke"]
+    page.get_by_role("tab", name="Train and watch").click()
+    expect(page.locator("#run-status")).to_contain_text("finished")
+    # The newest run is selected; compare the other one with it.
+    page.locator("#compare input").click()
+    page.get_by_role("option", name="stuck", exact=True).click()
+    page.keyboard.press("Escape")
+    page.wait_for_function("() => document.querySelectorAll('#curve-reward polyline.line').length == 2")
+    lines = drawn(page, "reward")["lines"]
+    assert [v[1] for v in lines["stuck|reward"]["points"]] == pytest.approx([0.0] * 20, abs=1e-3)
+    assert lines["climbing|reward"]["stroke"] != lines["stuck|reward"]["stroke"]
 
-            # #12: the curve panels stack at 420 px, each the page's width.
-            boxes = [f.bounding_box() for f in page.locator("#curve-grid figure").all()[:3]]
-            assert len({round(b["x"]) for b in boxes}) == 1 and all(b["width"] > 300 for b in boxes)
-            screenshot(page, "app-narrow.png", tmp_path)
+    # #12: the curve panels stack at 420 px, each the page's width.
+    boxes = [f.bounding_box() for f in page.locator("#curve-grid figure").all()[:3]]
+    assert len({round(b["x"]) for b in boxes}) == 1 and all(b["width"] > 300 for b in boxes)
+    screenshot(page, "app-narrow.png", tmp_path)
 
-            # Health: a run with no learning signal says so, naming the metric.
-            page.locator("#run-choice input").click()
-            page.get_by_role("option", name="stuck", exact=True).click()
-            expect(page.locator("#health")).to_contain_text("frac_reward_zero_std", timeout=20_000)
-            expect(page.locator("#more-steps")).to_be_enabled()
-            expect(page.locator("#stop")).to_be_disabled()
+    # Health: a run with no learning signal says so, naming the metric.
+    page.locator("#run-choice input").click()
+    page.get_by_role("option", name="stuck", exact=True).click()
+    expect(page.locator("#health")).to_contain_text("frac_reward_zero_std", timeout=20_000)
+    expect(page.locator("#more-steps")).to_be_enabled()
+    expect(page.locator("#stop")).to_be_disabled()
 
-            # #3: the log box shows its end: a traceback's last line is in view.
-            log = page.locator("#log pre")
-            expect(log).to_contain_text("RuntimeError: the last line")
-            assert log.evaluate("p => p.scrollHeight > p.clientHeight")  # it does overflow
-            assert log.evaluate("p => p.scrollTop + p.clientHeight >= p.scrollHeight - 2")
+    # #3: the log box shows its end: a traceback's last line is in view.
+    log = page.locator("#log pre")
+    expect(log).to_contain_text("RuntimeError: the last line")
+    assert log.evaluate("p => p.scrollHeight > p.clientHeight")  # it does overflow
+    assert log.evaluate("p => p.scrollTop + p.clientHeight >= p.scrollHeight - 2")
 
-            # Completions browser.
-            page.get_by_role("tab", name="Completions").click()
-            page.locator("#browse").click()
-            expect(page.locator("#browse-message")).to_contain_text("20 of 20")
+    # Completions browser.
+    page.get_by_role("tab", name="Completions").click()
+    page.locator("#browse").click()
+    expect(page.locator("#browse-message")).to_contain_text("20 of 20")
 
-            # Reward workbench.
-            page.get_by_role("tab", name="Try rewards").click()
-            page.locator("#wb-score").click()
-            # The first scoring imports every reward function (math-verify among them): seconds, not ms.
-            expect(page.locator("#wb-message")).to_contain_text("scored as one group", timeout=60_000)
-            expect(page.locator("#wb-table")).to_contain_text("advantage")
-        finally:
-            browser.close()
+    # Reward workbench.
+    page.get_by_role("tab", name="Try rewards").click()
+    page.locator("#wb-score").click()
+    # The first scoring imports every reward function (math-verify among them): seconds, not ms.
+    expect(page.locator("#wb-message")).to_contain_text("scored as one group", timeout=60_000)
+    expect(page.locator("#wb-table")).to_contain_text("advantage")
+
+
+def ema(values: list[float], weight: float) -> list[float]:
+    """TensorBoard's debiased exponential moving average: what the smoothing slider draws."""
+    out, last, norm = [], 0.0, 0.0
+    for v in values:
+        last, norm = last * weight + (1 - weight) * v, norm * weight + (1 - weight)
+        out.append(last / norm)
+    return out
+
+
+ZIGZAG = [0.5 + 0.4 * (-1) ** i + i / 50 for i in range(30)]  # a noisy reward: smoothing shows
+
+
+@pytest.fixture
+def noisy(work_dir):
+    _seed_run(work_dir / "runs", "noisy", ZIGZAG)
+
+
+def test_smoothing_slider_draws_the_smoothed_reward(noisy, open_page):
+    """Moving the smoothing slider redraws the reward line as the smoothed rewards of
+    metrics.jsonl (drawn points mapped back through the axes), and back to the raw ones at 0."""
+    page = open_page(1280)
+    page.get_by_role("tab", name="Train and watch").click()
+    page.wait_for_function("""() => { const l = document.querySelector('#curve-reward polyline.line');
+                                      return l && l.getAttribute('points').trim().split(/\\s+/).length == 30; }""")
+
+    def reward_line():
+        shown = drawn(page, "reward")
+        points = shown["lines"]["noisy|reward"]["points"]
+        assert [round(step) for step, _ in points] == list(range(1, 31))
+        return [value for _, value in points], (shown["ymax"] - shown["ymin"]) * 0.002
+
+    values, tolerance = reward_line()
+    assert values == pytest.approx(ZIGZAG, abs=tolerance)
+
+    number, knob = page.locator("#smoothing input[type=number]"), page.locator("#smoothing input[type=range]")
+    for weight in (0.6, 0.99, 0.0):
+        expected = ema(ZIGZAG, weight)
+        if weight == 0.99:  # the slider's knob moved to its end with the keyboard
+            knob.press("End")
+        else:  # a value typed into the slider's box
+            number.fill(str(weight))
+            number.press("Enter")
+        deadline = time.time() + 10  # the redraw follows the slider's change event
+        values, tolerance = reward_line()
+        while values != pytest.approx(expected, abs=tolerance) and time.time() < deadline:
+            page.wait_for_timeout(100)
+            values, tolerance = reward_line()
+        assert values == pytest.approx(expected, abs=tolerance), weight
+    assert max(abs(a - b) for a, b in zip(ema(ZIGZAG, 0.6), ZIGZAG)) > 0.3  # smoothed lines are other lines
