@@ -5,8 +5,9 @@ user's first run: pick a preset, upload a 50-row JSONL dataset, start, and check
 reward line is metrics.jsonl's values (points mapped back through the plot's axes, not counted),
 then stop. The second opens the page at 420 px on a work directory holding finished runs (made
 by hand, no training) and checks the overlay, the health warning, the completions browser, the
-reward workbench, field errors and text contrast. LOWVRAM_GRPO_UPDATE_SCREENSHOT=1 refreshes the
-README's screenshots (docs/app.png, docs/app-*.png).
+reward workbench, field errors and text contrast. The third moves the smoothing slider on such a
+run and checks the redrawn reward line against the smoothed values of metrics.jsonl.
+LOWVRAM_GRPO_UPDATE_SCREENSHOT=1 refreshes the README's screenshots (docs/app.png, docs/app-*.png).
 
 Without /usr/bin/chromium the test is skipped locally but fails under CI (CI=1): a browser test
 that silently skips in CI would hide a broken page.
