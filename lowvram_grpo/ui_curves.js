@@ -95,7 +95,12 @@ function niceTicks(lo, hi, minStep = 0, count = 5) {
 }
 
 function domain(lo, hi) {
-  if (!(hi > lo)) { const pad = Math.abs(lo) * 0.1 || 1; return [lo - pad, hi + pad]; }
+  // A span below a billionth of the values is a flat line: a smoothed constant wobbles in its
+  // last digits, and ticks spaced that finely would never reach the top (i * step stops growing).
+  if (!(hi - lo > Math.max(Math.abs(lo), Math.abs(hi)) * 1e-9)) {
+    const pad = Math.abs(lo) * 0.1 || 1;
+    return [lo - pad, hi + pad];
+  }
   const pad = (hi - lo) * 0.05;
   return [lo - pad, hi + pad];
 }

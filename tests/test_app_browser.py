@@ -347,7 +347,9 @@ def noisy(work_dir):
 
 def test_smoothing_slider_draws_the_smoothed_reward(noisy, open_page):
     """Moving the smoothing slider redraws the reward line as the smoothed rewards of
-    metrics.jsonl (drawn points mapped back through the axes), and back to the raw ones at 0."""
+    metrics.jsonl (drawn points mapped back through the axes), and back to the raw ones at 0.
+    The run's loss is constant: smoothed, it wobbles in its last digits and must still draw
+    (it once sent the axis ticks into an endless loop that stopped every redraw)."""
     page = open_page(1280)
     page.get_by_role("tab", name="Train and watch").click()
     page.wait_for_function("""() => { const l = document.querySelector('#curve-reward polyline.line');
@@ -376,4 +378,6 @@ def test_smoothing_slider_draws_the_smoothed_reward(noisy, open_page):
             page.wait_for_timeout(100)
             values, tolerance = reward_line()
         assert values == pytest.approx(expected, abs=tolerance), weight
+        loss = drawn(page, "loss")["lines"]["noisy|loss"]["points"]
+        assert [value for _, value in loss] == pytest.approx([0.1] * 30, abs=1e-6)
     assert max(abs(a - b) for a, b in zip(ema(ZIGZAG, 0.6), ZIGZAG)) > 0.3  # smoothed lines are other lines
