@@ -84,7 +84,8 @@ function niceTicks(lo, hi, minStep = 0, count = 5) {
   const factor = error >= Math.sqrt(50) ? 10 : error >= Math.sqrt(10) ? 5 : error >= Math.sqrt(2) ? 2 : 1;
   const step = Math.max(minStep, factor * power);
   const values = [];
-  for (let i = Math.ceil(lo / step); i * step <= hi + step * 1e-9; i++) values.push(i * step);
+  // Bounded as well as by `hi`: where step is lost in lo's last digits, i + 1 == i.
+  for (let i = Math.ceil(lo / step); i * step <= hi + step * 1e-9 && values.length < 4 * count; i++) values.push(i * step);
   const magnitude = Math.max(Math.abs(lo), Math.abs(hi));
   const stepDigit = Math.floor(Math.log10(step) + 1e-9);
   if (magnitude < 1e-3 || magnitude >= 1e5) {  // 5.0e-4, 1.05e-3: as many digits as the spacing shows
