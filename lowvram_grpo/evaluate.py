@@ -49,7 +49,8 @@ DEFAULT_FALLBACK_PROMPTS = 100
 
 
 def evaluate(policy, tokenizer, rows: list[dict], reward_functions: list[RewardFunction] | None,
-             config: TrainConfig, max_prompts: int | None = None, adapter: bool = True) -> dict[str, float]:
+             config: TrainConfig, max_prompts: int | None = None, adapter: bool = True,
+             completions: list[str] | None = None) -> dict[str, float]:
     """Greedy-decode one completion per prompt of `rows` and score it; returns `eval/*` metrics.
 
     Args:
@@ -60,6 +61,8 @@ def evaluate(policy, tokenizer, rows: list[dict], reward_functions: list[RewardF
             chunk size (`generation_chunk_size` prompts are generated at a time).
         max_prompts: evaluate only the first N rows.
         adapter: False evaluates the base model (adapter disabled), True the trained policy.
+        completions: a list that receives each prompt's greedy completion (this process's
+            prompts only, when several processes share the work), to show examples.
 
     The policy is left in the train/eval mode it was in, with its adapter enabled.
     """
@@ -70,12 +73,14 @@ def evaluate(policy, tokenizer, rows: list[dict], reward_functions: list[RewardF
         reward_functions = load_reward_functions(config.rewards, RewardContext(config, policy, tokenizer))
     if not adapter:
         with reference_model(policy):
-            return evaluate(policy, tokenizer, rows, reward_functions, config, adapter=True)
+            return evaluate(policy, tokenizer, rows, reward_functions, config, adapter=True, completions=completions)
 
     # With several processes (see distributed.py) each decodes every W-th prompt and the
     # per-prompt results are gathered: the metrics are one process's, in 1/W of the time.
-    total, per_function, lengths, clipped = (distributed.all_gather_tensor(t) for t in _greedy_scores(
-        policy, tokenizer, distributed.strided_share(rows), reward_functions, config))
+    texts, *scores = _greedy_scores(policy, tokenizer, distributed.strided_share(rows), reward_functions, config)
+    total, per_function, lengths, clipped = (distributed.all_gather_tensor(t) for t in scores)
+    if completions is not None:
+        completions.extend(texts)
 
     result = {"eval/reward": _nanmean(total)}
     for i, reward in enumerate(reward_functions):
@@ -94,10 +99,11 @@ def evaluate(policy, tokenizer, rows: list[dict], reward_functions: list[RewardF
 
 
 def _greedy_scores(policy, tokenizer, rows: list[dict], reward_functions: list[RewardFunction],
-                   config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per prompt: total reward, each function's reward, completion length, clipped or not."""
+                   config: TrainConfig) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per prompt: the completion, total reward, each function's reward, completion length,
+    clipped or not."""
     if not rows:  # a process with no share still takes part in the gathers
-        return (torch.empty(0), torch.empty(0, len(reward_functions)), torch.empty(0),
+        return ([], torch.empty(0), torch.empty(0, len(reward_functions)), torch.empty(0),
                 torch.empty(0, dtype=torch.bool))
     # Greedy: one completion per prompt is enough, and the result is deterministic.
     # (Generation leaves the policy in the train/eval mode it found it in.)
@@ -106,18 +112,21 @@ def _greedy_scores(policy, tokenizer, rows: list[dict], reward_functions: list[R
                               max_prompt_length=config.max_prompt_length,
                               max_new_tokens=config.max_completion_length)
     scores = score_rows(reward_functions, rows, rollout.completions, rollout.completion_token_lists())
-    return scores.total, scores.per_function, rollout.completion_mask.sum(1).float(), rollout.is_clipped
+    return (rollout.completions, scores.total, scores.per_function, rollout.completion_mask.sum(1).float(),
+            rollout.is_clipped)
 
 
 def compare(config: TrainConfig, adapter_path: str | Path, max_prompts: int | None = None,
-            log: Callable[[str], None] | None = None) -> tuple[dict[str, float], dict[str, float]]:
+            log: Callable[[str], None] | None = None,
+            examples: list[dict] | None = None) -> tuple[dict[str, float], dict[str, float]]:
     """Evaluate the base model and base + adapter on the eval split: returns (before, after).
 
     The model is loaded once, with the adapter from `adapter_path`; "before" is the same weights
     with the adapter disabled, so both use exactly the same (possibly 4-bit) base. Prompts are
     the eval split (`eval_fraction` or `eval_dataset`); without one, the first `max_prompts`
     (default 100) training prompts, and `log` says so, since the adapter may have trained on
-    them. `log` receives progress notes (default: printed to stderr).
+    them. `log` receives progress notes (default: printed to stderr). `examples`, when given,
+    receives one {"prompt", "answer", "base", "adapter"} per prompt: the two greedy completions.
     """
     from lowvram_grpo.export import read_adapter_config
 
@@ -139,19 +148,25 @@ def compare(config: TrainConfig, adapter_path: str | Path, max_prompts: int | No
         log(f"note: no eval split (set eval_fraction or eval_dataset), so evaluating the first "
             f"{len(rows)} training prompts, which the adapter may have trained on")
     reward_functions = load_reward_functions(config.rewards, RewardContext(config, policy, tokenizer))
-    before = evaluate(policy, tokenizer, rows, reward_functions, config, adapter=False)
-    after = evaluate(policy, tokenizer, rows, reward_functions, config, adapter=True)
+    base, tuned = [], []
+    before = evaluate(policy, tokenizer, rows, reward_functions, config, adapter=False, completions=base)
+    after = evaluate(policy, tokenizer, rows, reward_functions, config, adapter=True, completions=tuned)
+    if examples is not None:
+        examples.extend({"prompt": row["prompt"], "answer": row.get("answer"), "base": b, "adapter": a}
+                        for row, b, a in zip(distributed.strided_share(rows), base, tuned))
     return before, after
+
+
+def comparison_rows(before: dict[str, float], after: dict[str, float]) -> list[tuple[str, float, float, float]]:
+    """(metric, base, adapter, delta) per metric, without the `eval/` prefix and the prompt count."""
+    return [(key.removeprefix("eval/"), before.get(key, float("nan")), after[key],
+             after[key] - before.get(key, float("nan"))) for key in after if key != "eval/num_prompts"]
 
 
 def format_comparison(before: dict[str, float], after: dict[str, float]) -> str:
     """A small text table: metric, base, adapter, delta (one row per metric, counts left out)."""
     rows = [("metric", "base", "adapter", "delta")]
-    for key in after:
-        if key == "eval/num_prompts":
-            continue
-        b, a = before.get(key, float("nan")), after[key]
-        rows.append((key.removeprefix("eval/"), f"{b:.4f}", f"{a:.4f}", f"{a - b:+.4f}"))
+    rows += [(name, f"{b:.4f}", f"{a:.4f}", f"{d:+.4f}") for name, b, a, d in comparison_rows(before, after)]
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = [row[0].ljust(widths[0]) + "  " + "  ".join(cell.rjust(w) for cell, w in zip(row[1:], widths[1:]))
              for row in rows]

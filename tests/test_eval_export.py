@@ -127,13 +127,18 @@ def test_format_comparison_has_metric_base_adapter_delta():
 def test_compare_uses_the_held_out_split(setup):
     _, _, _, adapter_dir = setup
     config = load_config(preset="tiny-cpu", overrides={"eval_fraction": 0.01})  # 10 of 1000 rows
-    messages = []
-    before, after = compare(config, adapter_dir, log=messages.append)
+    messages, examples = [], []
+    before, after = compare(config, adapter_dir, log=messages.append, examples=examples)
     assert before["eval/num_prompts"] == after["eval/num_prompts"] == 10
     assert set(before) == set(after) and "eval/accuracy" in after
     assert any("held-out" in m for m in messages)
     # The adapter changes the greedy completions, so the two passes really differ.
     assert before != after
+    # The examples are the evaluated prompts with both greedy answers, which the metrics score.
+    assert len(examples) == 10 and [e["base"] for e in examples] != [e["adapter"] for e in examples]
+    for key, metrics in (("base", before), ("adapter", after)):
+        right = [e[key].strip() == e["answer"] for e in examples]
+        assert metrics["eval/accuracy"] == pytest.approx(sum(right) / 10)
 
 
 # The eval CLI runs in-process (main() is what the console script calls): a subprocess would
