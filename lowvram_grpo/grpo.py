@@ -143,6 +143,16 @@ def normalize_then_sum_advantages(
     return torch.nan_to_num(advantages, nan=0.0), batch_std
 
 
+def step_advantages(per_function: torch.Tensor, total: torch.Tensor, weights: torch.Tensor, num_generations: int,
+                    aggregation: str = "sum_then_normalize", scale_rewards: str = "group"
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A step's advantages as `multi_objective_aggregation` asks: normalise each function first
+    (normalize_then_sum_advantages) or the weighted total (group_advantages, with scale_rewards)."""
+    if aggregation == "normalize_then_sum":
+        return normalize_then_sum_advantages(per_function, weights, num_generations)
+    return group_advantages(total, num_generations, scale_rewards)
+
+
 # ---------------------------------------------------------------------------------------------
 # Log-probabilities
 # ---------------------------------------------------------------------------------------------

@@ -463,11 +463,9 @@ def grpo_step(learner: Learner, rows: list[dict], sampler: PromptSampler, step: 
     #    scale_rewards="batch" needs the std of the whole step: so gather the rewards of every
     #    process, normalise them exactly as one process would, and keep this process's rows.
     all_scores = _gather_scores(scores)
-    if config.multi_objective_aggregation == "normalize_then_sum":
-        weights = torch.tensor([r.weight for r in learner.reward_functions], dtype=torch.float32)
-        all_advantages, reward_std = grpo.normalize_then_sum_advantages(all_scores.per_function, weights, G)
-    else:
-        all_advantages, reward_std = grpo.group_advantages(all_scores.total, G, config.scale_rewards)
+    weights = torch.tensor([r.weight for r in learner.reward_functions], dtype=torch.float32)
+    all_advantages, reward_std = grpo.step_advantages(all_scores.per_function, all_scores.total, weights, G,
+                                                      config.multi_objective_aggregation, config.scale_rewards)
     advantages = _own_rows(all_advantages, rollout.num_sequences)
 
     # What the update trains on: without truncated completions' tokens if asked; the loss is
