@@ -196,6 +196,8 @@ def form_values(form: dict[str, Any]) -> dict[str, Any]:
         value = form.get(key)
         values[key] = from_text(key, value.strip() if isinstance(value, str) and key in FORM_TYPED else value)
     values["answer_column"] = values["answer_column"] or None
+    # The page's number field cannot be empty: it sends 0, which means "not set" (0 GB plans nothing).
+    values["vram_gb"] = values["vram_gb"] or None
     return values
 
 

@@ -303,6 +303,15 @@ def test_a_model_without_downloaded_weights_is_not_valid_offline(handlers, tmp_p
     assert app_setup.missing_weights("someone/half-cached") is None
 
 
+def test_an_empty_memory_field_means_not_set(handlers):
+    """The page sends 0 for the empty "GPU memory" number field: that is "what the GPU has free",
+    not a 0 GB budget that fails the check."""
+    form = app_setup.preset_form_values("tiny-cpu")
+    form.update(vram_gb=0)
+    config, errors = app_setup.form_to_config(form, handlers.ctx, check_data=False, check_model=False)
+    assert errors == {} and config.vram_gb is None
+
+
 def test_check_shows_the_cli_command_and_config_yaml(handlers):
     """#9: what Start will run is shown before Start."""
     form = app_setup.preset_form_values("tiny-cpu")
