@@ -8,10 +8,12 @@ dashboard.py (what is shown about runs).
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
+import queue
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import gradio as gr
 import gradio.utils
@@ -24,18 +26,24 @@ from lowvram_grpo.config import ConfigError, RewardSpec
 from lowvram_grpo.data import DatasetError
 from lowvram_grpo.health import check_health
 from lowvram_grpo.jobs import LOG_NAME, JobError, JobManager, run_state, tail
+from lowvram_grpo.playground import AdapterPlayground
 from lowvram_grpo.rundir import RunDir
 
 LIKELY_PROMPT = ("prompt", "question", "problem", "instruction", "input", "query")
 LIKELY_ANSWER = ("answer", "solution", "target", "label")
+EXAMPLES_SHOWN = 5  # prompts of the eval shown with both answers
+GPU_BUSY = "training is using the GPU: {what} when it has stopped or finished"
+
+# Model work (eval, merge) runs here so that its handler can show progress notes meanwhile.
+_model_work = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="model-work")
 
 
 def error_updates(found: dict[str, str]) -> list:
     return [gr.update(value=f"⚠ {found[k]}" if k in found else "", visible=k in found) for k in ERROR_FIELDS]
 
 
-def problems_markdown(found: dict[str, str]) -> str:
-    return f"**Fix {len(found)} problem{'s' * (len(found) > 1)} first:**\n" + "\n".join(
+def problems_markdown(found: dict[str, str], where: str = "") -> str:
+    return f"**Fix {len(found)} problem{'s' * (len(found) > 1)}{where} first:**\n" + "\n".join(
         f"- {message}" for message in found.values())
 
 
@@ -44,11 +52,37 @@ def health_markdown(records: list[dict], samples: list[dict]) -> str:
     return "\n".join(f"⚠ **Run health:** {w.message} (metric `{w.metric}`, step {w.step})" for w in warnings)
 
 
+def with_notes(work: Callable[[Callable[[str], None]], Any]) -> Iterator[str]:
+    """Run `work(log)` in a worker thread and yield each note it logs as it comes; the
+    generator's return value is work's result (its exception is raised here)."""
+    notes: queue.Queue[str] = queue.Queue()
+    future = _model_work.submit(work, notes.put)
+    while not (future.done() and notes.empty()):
+        try:
+            yield notes.get(timeout=0.2)
+        except queue.Empty:
+            continue
+    return future.result()
+
+
 class Handlers:
-    def __init__(self, ctx: AppContext, jobs: JobManager, playground):
-        self.ctx, self.jobs, self.playground = ctx, jobs, playground
+    def __init__(self, ctx: AppContext, jobs: JobManager, playground: AdapterPlayground | None = None):
+        from lowvram_grpo.workbench import BaseSampler
+
+        self.ctx, self.jobs = ctx, jobs
+        self.playground = playground or AdapterPlayground()
+        # The workbench's base model shares the playground's slot: one model in the process.
+        self.sampler = BaseSampler(self.playground.models)
         self._seq = itertools.count(1)
         self.live = dashboard.LiveRuns()  # the watched runs' files, read a few new lines per refresh
+
+    def gpu_busy(self, what: str) -> str | None:
+        """Why model work must wait: a training on the GPU needs all of its memory."""
+        import torch
+
+        if self.jobs.running() is not None and torch.cuda.is_available():
+            return "⚠ " + GPU_BUSY.format(what=what)
+        return None
 
     # --- runs ----------------------------------------------------------------------------------
 
@@ -313,6 +347,50 @@ class Handlers:
             f"{len(table)} completions scored as one group with {', '.join(s.name for s in specs)}; advantages "
             f"with scale_rewards={scale or 'group'}.")
 
+    def workbench_base(self, *values):
+        """Sample G completions of the form's model (no adapter) for each of the dataset's first
+        `num_rows` rows and score them with the form's rewards, one group per row. A generator:
+        the page shows a note while the model loads and generates."""
+        *form_values, num_rows = values
+        from lowvram_grpo.rewards import RewardFunctionError
+        from lowvram_grpo.workbench import check_num_rows
+
+        rows = int(num_rows or 0)
+        try:
+            check_num_rows(rows)
+        except ValueError as err:
+            yield gr.skip(), f"⚠ {err}"
+            return
+        busy = self.gpu_busy("sample the base model")
+        if busy:
+            yield gr.skip(), busy
+            return
+        form = self.form_dict(form_values)
+        # The run name is not used here, and the form often still holds the name of a run just
+        # started, which the check would refuse as taken.
+        config, found = setup.form_to_config({**form, "run_name": ""}, self.ctx)
+        if config is None:
+            yield gr.skip(), problems_markdown(found, " on Set up")
+            return
+        yield gr.skip(), (f"⏳ Sampling {config.num_generations} completions for each of the first {rows} rows "
+                          f"with `{config.model_name_or_path}` (the model loads on the first click)…")
+        try:
+            groups = self.sampler.sample(config, rows)
+        except (ValueError, ConfigError, DatasetError, RewardFunctionError) as err:
+            yield gr.skip(), f"⚠ {err}"
+            return
+        except Exception as err:  # a load or generation failure shows on the page, never crashes it
+            yield gr.skip(), f"⚠ {type(err).__name__}: {err}"
+            return
+        zero = groups.zero_std_groups
+        signal = (f" {zero} of {groups.num_rows} groups got the same reward for every completion: no learning "
+                  "signal there." if zero else " Every group's rewards differ: each gives a learning signal.")
+        yield pd.DataFrame(groups.table, columns=groups.columns), (
+            f"The base model `{config.model_name_or_path}` (no adapter), {groups.num_generations} completions for each "
+            f"of the first {groups.num_rows} rows (temperature {config.temperature:g}, up to "
+            f"{config.max_completion_length} tokens), scored as the first training step would: mean reward "
+            f"{groups.mean_reward:.3f}.{signal}")
+
     # --- use the adapter -----------------------------------------------------------------------
 
     def adapters(self, name):
@@ -337,10 +415,9 @@ class Handlers:
             return "", "", "⚠ choose a run first"
         if not prompt:
             return "", "", "⚠ type a prompt"
-        import torch
-
-        if self.jobs.running() is not None and torch.cuda.is_available():
-            return "", "", "⚠ training is using the GPU: try the adapter when it has stopped or finished"
+        busy = self.gpu_busy("try the adapter")
+        if busy:
+            return "", "", busy
         source = dashboard.pick_adapter(run_dir, adapter)
         if source is None:
             return "", "", "⚠ this run has no adapter yet: wait for the first checkpoint"
@@ -349,6 +426,89 @@ class Handlers:
         except Exception as err:  # show any load/generation failure on the page, never crash it
             return "", "", f"⚠ {type(err).__name__}: {err}"
         return base, tuned, f"Adapter: `{source.name}`, greedy decoding."
+
+    def evaluate(self, name, adapter, max_prompts):
+        """Base model vs base + adapter on the run's held-out prompts (evaluate.compare): the
+        metrics side by side and a few prompts with both answers. A generator: progress notes
+        show while it runs."""
+        from lowvram_grpo.evaluate import compare, comparison_rows
+        from lowvram_grpo.rewards import completion_text
+
+        empty = pd.DataFrame()
+        run_dir = self.run_dir(name)
+        source = dashboard.pick_adapter(run_dir, adapter) if run_dir else None
+        problem = ("⚠ choose a run first" if run_dir is None else
+                   "⚠ this run has no adapter yet: wait for the first checkpoint" if source is None else
+                   self.gpu_busy("evaluate"))
+        if problem:
+            yield problem, empty, empty
+            return
+        try:
+            config = RunDir(run_dir).read_config({"gradient_checkpointing": False}, key="run")
+        except ConfigError as err:
+            yield f"⚠ {err}", empty, empty
+            return
+        limit = int(max_prompts) if max_prompts else None
+        notes, examples = [], []
+        yield f"⏳ Loading `{config.model_name_or_path}` with `{source.name}`…", empty, empty
+
+        def work(log):
+            with self.playground.models.lock:  # the cached model goes first: this loads its own
+                self.playground.models.clear()
+                return compare(config, source, limit, log=log, examples=examples)
+
+        try:
+            progress = with_notes(work)
+            while True:
+                notes.append(next(progress))
+                yield f"⏳ {notes[-1]}…", empty, empty
+        except StopIteration as done:
+            before, after = done.value
+        except Exception as err:  # a load or generation failure shows on the page, never crashes it
+            yield f"⚠ {type(err).__name__}: {err}", empty, empty
+            return
+        table = pd.DataFrame([[metric, round(b, 4), round(a, 4), round(d, 4)]
+                              for metric, b, a, d in comparison_rows(before, after)],
+                             columns=["metric", "base model", "with the adapter", "change"])
+        shown = pd.DataFrame([[completion_text(e["prompt"]), "" if e["answer"] is None else str(e["answer"]),
+                               e["base"], e["adapter"]] for e in examples[:EXAMPLES_SHOWN]],
+                             columns=["prompt", "answer", "base model", "with the adapter"])
+        change = after["eval/reward"] - before["eval/reward"]
+        yield (f"`{source.name}` on {int(after['eval/num_prompts'])} prompts, greedy: mean reward "
+               f"{before['eval/reward']:.3f} (base) → {after['eval/reward']:.3f} (adapter), {change:+.3f}. "
+               + " ".join(f"_{n}_" for n in notes)), table, shown
+
+    def merge(self, name, adapter, directory, dtype):
+        """Merge the adapter into its base model (16-bit, on the CPU) and save it to the
+        directory the user names (export.merge_adapter). A generator: a note shows meanwhile."""
+        from lowvram_grpo.export import GGUF_HINT, merge_adapter
+
+        run_dir = self.run_dir(name)
+        source = dashboard.pick_adapter(run_dir, adapter) if run_dir else None
+        if run_dir is None or source is None:
+            yield "⚠ choose a run first" if run_dir is None else "⚠ this run has no adapter yet"
+            return
+        try:
+            dest = setup.merge_destination(directory, self.ctx)
+            config = RunDir(run_dir).read_config(key="run")
+        except (ValueError, ConfigError) as err:
+            yield f"⚠ {err}"
+            return
+        yield f"⏳ Merging `{source.name}` into `{config.model_name_or_path}` ({dtype or 'float16'}, on the CPU)…"
+        try:
+            # The run's own model name: an adapter records its base as a local path, which for
+            # builtin:tiny is a cache directory that may have moved.
+            out = merge_adapter(source, dest, base_model=config.model_name_or_path, dtype=dtype or "float16",
+                                trust_remote_code=config.trust_remote_code)
+        except ConfigError as err:  # ExportError: e.g. the directory filled up meanwhile
+            yield f"⚠ {err}"
+            return
+        except Exception as err:  # a load failure shows on the page, never crashes it
+            yield f"⚠ {type(err).__name__}: {err}"
+            return
+        size = sum(p.stat().st_size for p in out.iterdir() if p.is_file()) / 2**20
+        yield (f"Saved the merged model to `{out}` ({size:,.1f} MB): load it with "
+               f"`AutoModelForCausalLM.from_pretrained(\"{out}\")`.\n\n```\n{GGUF_HINT.format(out=out)}\n```")
 
 
 def _optional_number(value) -> float | None:

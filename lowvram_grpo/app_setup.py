@@ -400,6 +400,24 @@ def save_upload(uploaded: str, dest_dir: Path, suffixes: list[str], upload_root:
     return dest
 
 
+def merge_destination(text: str, ctx: AppContext) -> Path:
+    """Where the merged model goes: a relative path is under the app's exports/ folder; any other
+    path only in a local app (a shared one writes nowhere else on the server). Raises ValueError
+    with the page's one-line message; an existing non-empty directory is never overwritten."""
+    exports = ctx.subdir("exports")
+    if not (text or "").strip():
+        raise ValueError(f"give a directory for the merged model, e.g. my-model (saved under {exports})")
+    dest = (exports / Path(text.strip()).expanduser()).resolve()  # an absolute path stays itself
+    if not ctx.allow_local_paths and not inside(dest, exports):
+        raise ValueError(f"this app is shared, so it saves only under {exports}: give a directory name such as "
+                         "my-model")
+    if dest.exists() and not dest.is_dir():
+        raise ValueError(f"{dest} is a file: give a directory")
+    if dest.is_dir() and any(dest.iterdir()):
+        raise ValueError(f"{dest} already exists and is not empty: choose another directory (nothing is overwritten)")
+    return dest
+
+
 def preview_rows(source: str, n: int = 5) -> tuple[list[str], list[list[str]]]:
     """Columns and first rows of a dataset as text; raises DatasetError (also for a slow hub
     download)."""

@@ -1,26 +1,57 @@
-"""The app's "try it": one adapter's model, loaded into the app's process on demand (cached),
-generating greedily with the adapter off (the base model) and on, for side-by-side comparison."""
+"""The app's models: the one model its process holds (`ModelSlot`), and "try it" (`AdapterPlayground`):
+one adapter's model, loaded on demand, generating greedily with the adapter off (the base
+model) and on, for side-by-side comparison."""
 
 from __future__ import annotations
 
+import gc
 import threading
 from pathlib import Path
+from typing import Any, Callable, Hashable
 
 from lowvram_grpo.rundir import RunDir
 
 
-class AdapterPlayground:
+class ModelSlot:
+    """The one model the app's process keeps loaded between clicks (try-it, the workbench's
+    sampling). Loading another frees the previous one first, and the eval and merge free it
+    before they load their own: on one consumer GPU two models at once may not fit.
+
+    Hold `lock` for as long as the model is used: another click must not free it meanwhile."""
+
     def __init__(self):
-        self._lock = threading.Lock()
-        self._key: tuple | None = None
-        self._loaded: tuple | None = None  # (policy, tokenizer, config)
+        self.lock = threading.RLock()
+        self._key: Hashable | None = None
+        self._value: Any = None
+
+    def get(self, key: Hashable, load: Callable[[], Any]) -> Any:
+        """The loaded value for `key`, loading it (after freeing the previous one) when it differs."""
+        with self.lock:
+            if key != self._key:
+                self.clear()
+                self._value, self._key = load(), key
+            return self._value
+
+    def clear(self) -> None:
+        import torch
+
+        with self.lock:
+            self._key = self._value = None
+            gc.collect()  # the model's tensors go now, not whenever the collector runs
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+
+class AdapterPlayground:
+    def __init__(self, models: ModelSlot | None = None):
+        self.models = models or ModelSlot()
 
     def generate(self, run_dir: Path, adapter: Path, prompt: str, max_new_tokens: int) -> tuple[str, str]:
         from lowvram_grpo.model import reference_model
         from lowvram_grpo.prompts import with_system_prompt
         from lowvram_grpo.rollout import generate_greedy
 
-        with self._lock:
+        with self.models.lock:
             policy, tokenizer, config = self._load(run_dir, adapter)
             messages = with_system_prompt(prompt, config.system_prompt)  # as the run's training prompts
 
@@ -38,13 +69,13 @@ class AdapterPlayground:
         from lowvram_grpo.model import load_policy
 
         weights = adapter / "adapter_model.safetensors"
-        key = (str(adapter), weights.stat().st_mtime if weights.exists() else 0)
-        if key != self._key:
-            self._loaded = self._key = None  # free the previous model before loading the next
+
+        def load():
             config = RunDir(run_dir).read_config({"adapter_path": str(adapter), "gradient_checkpointing": False})
             if config.cpu_threads and not torch.cuda.is_available():
                 torch.set_num_threads(config.cpu_threads)
             policy, tokenizer = load_policy(config)
             policy.eval()
-            self._loaded, self._key = (policy, tokenizer, config), key
-        return self._loaded
+            return policy, tokenizer, config
+
+        return self.models.get(("adapter", str(adapter), weights.stat().st_mtime if weights.exists() else 0), load)

@@ -14,7 +14,7 @@ Layout of the app's work directory (`--work-dir`, default `runs/app`):
     runs/<name>/  one run directory per run (config.yaml, status.json, metrics.jsonl, train.log, ...)
     uploads/      uploaded datasets (copied here; the browser's file names are never used as paths)
     rewards/      uploaded reward files (only with --allow-custom-code)
-    exports/      adapter zips offered for download
+    exports/      adapter zips offered for download; merged models saved under a name
 
 Safety: the app listens on 127.0.0.1 unless --host or --share say otherwise; --auth-file (or
 --auth, or $LOWVRAM_GRPO_AUTH) adds a login. Reward functions are Python code, so uploading them (or naming any reward that is
@@ -36,9 +36,10 @@ from lowvram_grpo.app_handlers import Handlers
 from lowvram_grpo.app_setup import (CHUNK_KEYS, DATASET_SUFFIXES, ERROR_FIELDS, FORM_KEYS, MAX_UPLOAD_MB, REWARD_FIELDS,
                                     REWARD_SLOTS, TEXT_KEYS, AppContext, config_groups, preset_form_values)
 from lowvram_grpo.config import LOSS_TYPES, SCALE_REWARDS, list_presets
+from lowvram_grpo.export import DTYPES
 from lowvram_grpo.jobs import JobManager
-from lowvram_grpo.playground import AdapterPlayground
 from lowvram_grpo.rewards import BUILTIN_REWARDS
+from lowvram_grpo.workbench import MAX_SAMPLE_ROWS
 
 DEFAULT_WORK_DIR = "runs/app"
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -90,8 +91,12 @@ def _named_inputs(fn, names: list[str]):
     """Give a `*values` handler named parameters, so the API (gradio_client) shows and accepts
     the form's field names: client.predict(preset="tiny-cpu", ..., api_name="/start")."""
 
-    def wrapper(*values):
-        return fn(*values)
+    if inspect.isgeneratorfunction(fn):  # gradio streams a generator's updates only if it sees one
+        def wrapper(*values):
+            yield from fn(*values)
+    else:
+        def wrapper(*values):
+            return fn(*values)
 
     wrapper.__signature__ = inspect.Signature(
         [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in names])
@@ -115,7 +120,7 @@ def build_app(work_dir: str | Path = DEFAULT_WORK_DIR, allow_custom_code: bool =
     ctx = AppContext(Path(work_dir).resolve(), allow_custom_code, allow_local_paths, allow_code_execution)
     ctx.runs_dir.mkdir(parents=True, exist_ok=True)
     jobs = JobManager(ctx.work_dir)
-    on = Handlers(ctx, jobs, AdapterPlayground())
+    on = Handlers(ctx, jobs)
     presets = list_presets()
     initial = preset_form_values("tiny-cpu" if "tiny-cpu" in presets else None)
     builtin_rewards = [""] + sorted(n for n in BUILTIN_REWARDS if n != "code_tests" or allow_code_execution) \
@@ -291,9 +296,9 @@ def build_app(work_dir: str | Path = DEFAULT_WORK_DIR, allow_custom_code: bool =
                                               interactive=False, wrap=True, max_height=600, elem_id="completions")
 
             with gr.Tab("Try rewards", id="workbench"):
-                gr.Markdown("Score completions with the reward functions chosen on **Set up**, as one GRPO group: "
-                            "per-function rewards, the weighted total and each completion's advantage. No model, "
-                            "no GPU.")
+                gr.Markdown("Score completions with the reward functions chosen on **Set up**, as GRPO groups: "
+                            "per-function rewards, the weighted total and each completion's advantage, before "
+                            "any training. Paste completions (no model, no GPU), or sample the base model's own.")
                 with gr.Row():
                     wb_prompt = gr.Textbox(label="Prompt", value="3+5=", elem_id="wb-prompt")
                     wb_answer = gr.Textbox(label="Answer (the answer column's value)", value="8", elem_id="wb-answer")
@@ -304,6 +309,16 @@ def build_app(work_dir: str | Path = DEFAULT_WORK_DIR, allow_custom_code: bool =
                 wb_message = gr.Markdown(elem_id="wb-message")
                 wb_table = gr.Dataframe(label="Rewards and advantages", interactive=False, wrap=True,
                                         elem_id="wb-table")
+                gr.Markdown("**The base model's completions**: the model, dataset, rewards and generation settings "
+                            "of **Set up** (G completions per row, no adapter), for the dataset's first rows. The "
+                            "model loads into this app's process on the first click and stays for the next.")
+                with gr.Row():
+                    wb_rows = gr.Number(2, label="Rows (from the dataset's start)", precision=0, minimum=1,
+                                        maximum=MAX_SAMPLE_ROWS, elem_id="wb-rows")
+                    wb_sample_button = gr.Button("Sample the base model and score", elem_id="wb-sample")
+                wb_sample_message = gr.Markdown(elem_id="wb-sample-message")
+                wb_sample_table = gr.Dataframe(label="The base model's groups: rewards and advantages",
+                                               interactive=False, wrap=True, max_height=600, elem_id="wb-sample-table")
 
             with gr.Tab("Use the adapter", id="use"):
                 with gr.Row():
@@ -322,6 +337,29 @@ def build_app(work_dir: str | Path = DEFAULT_WORK_DIR, allow_custom_code: bool =
                     base_out = gr.Textbox(label="Base model (adapter off)", interactive=False)
                     tuned_out = gr.Textbox(label="With the adapter", interactive=False)
                 use_message = gr.Markdown()
+
+                gr.Markdown("### Base model vs adapter on held-out prompts\nGreedy answers of the base model "
+                            "(adapter off) and with the adapter, scored with the run's rewards, on the run's eval "
+                            "split (`eval_fraction` or `eval_dataset`; without one, its first training prompts).")
+                with gr.Row():
+                    eval_prompts = gr.Number(20, label="Prompts (at most)", precision=0, minimum=1,
+                                             elem_id="eval-prompts")
+                    eval_button = gr.Button("Evaluate", elem_id="eval")
+                eval_message = gr.Markdown(elem_id="eval-message")
+                eval_table = gr.Dataframe(label="Metrics", interactive=False, elem_id="eval-table")
+                eval_examples = gr.Dataframe(label="Examples", interactive=False, wrap=True,
+                                             elem_id="eval-examples")
+
+                gr.Markdown("### Merge into the base model\nA standalone model (transformers format, 16-bit, "
+                            "merged on the CPU) for vLLM, TGI, SGLang or a GGUF conversion.")
+                with gr.Row():
+                    merge_dir = gr.Textbox(label="Save to directory", placeholder="my-model",
+                                           info=f"a name is saved under {ctx.subdir('exports')}"
+                                                + ("; an absolute path anywhere" if allow_local_paths else ""),
+                                           elem_id="merge-dir")
+                    merge_dtype = gr.Dropdown(list(DTYPES), value="float16", label="dtype", elem_id="merge-dtype")
+                    merge_button = gr.Button("Merge and save", elem_id="merge")
+                merge_message = gr.Markdown(elem_id="merge-message")
 
         timer = gr.Timer(REFRESH_EVERY_S)
         sent = gr.State({})  # rows of each run's curves this page already has
@@ -379,10 +417,18 @@ def build_app(work_dir: str | Path = DEFAULT_WORK_DIR, allow_custom_code: bool =
 
         wb_button.click(on.workbench, [*(fields[k] for k in REWARD_FIELDS), wb_prompt, wb_answer, wb_completions,
                                        wb_scale], [wb_table, wb_message], api_name="score_rewards")
+        # Model work (sampling, try-it, eval, merge) runs one at a time: one GPU, one model in memory.
+        model_work = {"concurrency_limit": 1, "concurrency_id": "model"}
+        wb_sample_button.click(_named_inputs(on.workbench_base, [*FORM_KEYS, "num_rows"]), [*form_inputs, wb_rows],
+                               [wb_sample_table, wb_sample_message], api_name="score_base_model", **model_work)
 
         zip_button.click(on.zip, [use_run, use_adapter], [adapter_file, use_message], api_name="zip_adapter")
         try_button.click(on.try_it, [use_run, use_adapter, try_prompt, try_tokens], [base_out, tuned_out, use_message],
-                         api_name="try_it")
+                         api_name="try_it", **model_work)
+        eval_button.click(on.evaluate, [use_run, use_adapter, eval_prompts], [eval_message, eval_table, eval_examples],
+                          api_name="evaluate_adapter", **model_work)
+        merge_button.click(on.merge, [use_run, use_adapter, merge_dir, merge_dtype], merge_message,
+                           api_name="merge_adapter", **model_work)
     demo.jobs = jobs  # for tests and shutdown hooks
     demo.app_context = ctx
     demo.handlers = on

@@ -4,7 +4,7 @@ One app for the module, served in this process on a free localhost port, with it
 directory; training runs as a real subprocess on the tiny-cpu preset. Checks: validation errors
 come back next to their fields, the memory plan (and its failure) shows as text, Start trains in
 a subprocess whose curves grow (sent as updates of only the new rows), a second Start is refused, a reload reattaches, Stop leaves state
-"stopped" and a checkpoint, Resume continues, and the adapter can be zipped and tried.
+"stopped" and a checkpoint, Resume continues, and the adapter can be zipped, tried and evaluated.
 """
 
 import json
@@ -223,6 +223,13 @@ def test_use_the_adapter(app):
     base, tuned, message = client.predict(RUN, None, "3+5=", 4, api_name="/try_it")
     assert "checkpoint-" in message, message
     assert isinstance(base, str) and isinstance(tuned, str) and tuned
+
+    # The long model work streams progress notes on the page; a script gets the final result.
+    message, metrics, examples = client.predict(RUN, None, 2, api_name="/evaluate_adapter")
+    assert "on 2 prompts" in message and "reward" in [row[0] for row in metrics["data"]]
+    assert len(examples["data"]) == 2
+    groups, message = client.predict(**form(), num_rows=1, api_name="/score_base_model")
+    assert len(groups["data"]) == 8 and "mean reward" in message  # G = 8 completions of the first row
 
 
 def test_failed_and_killed_runs_say_so(tmp_path):

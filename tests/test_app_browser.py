@@ -6,7 +6,9 @@ reward line is metrics.jsonl's values (points mapped back through the plot's axe
 then stop. The second opens the page at 420 px on a work directory holding finished runs (made
 by hand, no training) and checks the overlay, the health warning, the completions browser, the
 reward workbench, field errors and text contrast. The third moves the smoothing slider on such a
-run and checks the redrawn reward line against the smoothed values of metrics.jsonl.
+run and checks the redrawn reward line against the smoothed values of metrics.jsonl. The fourth
+reads the base model's rewards and advantages off the workbench's table, then evaluates and
+merges an adapter on the Use tab.
 LOWVRAM_GRPO_UPDATE_SCREENSHOT=1 refreshes the README's screenshots (docs/app.png, docs/app-*.png).
 
 Without /usr/bin/chromium the test is skipped locally but fails under CI (CI=1): a browser test
@@ -381,3 +383,58 @@ def test_smoothing_slider_draws_the_smoothed_reward(noisy, open_page):
         loss = drawn(page, "loss")["lines"]["noisy|loss"]["points"]
         assert [value for _, value in loss] == pytest.approx([0.1] * 30, abs=1e-6)
     assert max(abs(a - b) for a, b in zip(ema(ZIGZAG, 0.6), ZIGZAG)) > 0.3  # smoothed lines are other lines
+
+
+@pytest.fixture
+def tuned(work_dir):
+    """A finished run whose final/ adapter changes the tiny model's answers (random LoRA B, no training)."""
+    import torch
+
+    from lowvram_grpo.config import load_config
+    from lowvram_grpo.model import load_policy
+
+    _seed_run(work_dir / "runs", "tuned", [i / 10 for i in range(10)])
+    policy, _ = load_policy(load_config(preset="tiny-cpu"), torch.device("cpu"))
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+    policy.save_pretrained(work_dir / "runs" / "tuned" / "final")
+
+
+def test_workbench_base_model_groups_and_use_tab_eval_and_merge(tuned, open_page, work_dir, tmp_path):
+    """The workbench's base-model groups show each completion's reward and advantage; the Use
+    tab's eval shows base vs adapter, and the merge says where the model went (or why not)."""
+    page = open_page(1280)
+
+    page.get_by_role("tab", name="Try rewards").click()
+    page.locator("#wb-sample").click()
+    message = page.locator("#wb-sample-message")
+    expect(message).to_contain_text("mean reward", timeout=90_000)
+    rows = page.evaluate("""() => [...document.querySelectorAll('#wb-sample-table [role=row]')].slice(1).map(
+        r => [...r.querySelectorAll('[role=gridcell]')].map(c => c.innerText.trim()))""")
+    header = page.evaluate("""() => [...document.querySelectorAll('#wb-sample-table thead th')].map(
+        th => th.innerText.trim()).filter(t => t)""")
+    assert header[:7] == ["row", "prompt", "answer", "completion", "arith_answer", "total", "advantage"]
+    assert len(rows) == 16  # 2 rows x G = 8
+    for _, _, answer, completion, reward, total, _ in (r[:7] for r in rows):
+        assert float(reward) == (1.0 if completion.strip() == answer else 0.0) == float(total)
+    mean = sum(float(r[5]) for r in rows) / len(rows)
+    expect(message).to_contain_text(f"mean reward {mean:.3f}")
+
+    page.get_by_role("tab", name="Use the adapter").click()
+    expect(page.locator("#use-adapter input")).to_have_value("final")
+    page.locator("#eval-prompts input").fill("4")
+    page.locator("#eval").click()
+    expect(page.locator("#eval-message")).to_contain_text("final on 4 prompts", timeout=90_000)
+    expect(page.locator("#eval-table")).to_contain_text("rewards/arith_answer/mean")
+    expect(page.locator("#eval-examples")).to_contain_text("with the adapter")
+
+    page.locator("#merge-dir input, #merge-dir textarea").first.fill("my-model")
+    page.locator("#merge").click()
+    out = work_dir / "exports" / "my-model"
+    expect(page.locator("#merge-message")).to_contain_text(f"Saved the merged model to {out}", timeout=90_000)
+    assert (out / "config.json").is_file()
+    page.locator("#merge").click()
+    expect(page.locator("#merge-message")).to_contain_text("already exists and is not empty")
+    screenshot(page, "app-use.png", tmp_path, full_page=True)

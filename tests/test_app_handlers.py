@@ -501,3 +501,148 @@ def test_health_warning_in_the_cli_log(tiny_cache, tmp_path, capsys):
     train(config, progress=False)
     warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: run health")]
     assert len(warnings) == 1 and "[frac_reward_zero_std]" in warnings[0]
+
+
+# --- the tiny model: the workbench's base-model groups, the Use tab's eval and merge -------------
+
+
+def last(updates):
+    """A generator handler's final outputs, after checking that it showed progress first."""
+    updates = list(updates)
+    first_message = next(u for u in updates[0] if isinstance(u, str))
+    assert len(updates) >= 2 and first_message.startswith("⏳"), updates[0]
+    return updates[-1]
+
+
+@pytest.fixture(scope="module")
+def tiny_adapter(tiny_cache, tmp_path_factory):
+    """A tiny-cpu adapter that changes the model's answers (random LoRA B; no training)."""
+    import torch
+
+    from lowvram_grpo.config import load_config
+    from lowvram_grpo.model import load_policy
+
+    policy, _ = load_policy(load_config(preset="tiny-cpu"), torch.device("cpu"))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    adapter = tmp_path_factory.mktemp("adapter") / "final"
+    policy.save_pretrained(adapter)
+    return adapter
+
+
+def tiny_run(handlers, adapter: Path, **config) -> Path:
+    import shutil
+
+    from lowvram_grpo.config import load_config
+
+    run = handlers.ctx.runs_dir / "tiny"
+    run.mkdir()
+    save_config(load_config(preset="tiny-cpu", overrides={"output_dir": str(run), **config}), run / "config.yaml")
+    shutil.copytree(adapter, run / "final")
+    return run
+
+
+def test_workbench_scores_the_base_models_groups(handlers, tiny_cache, monkeypatch):
+    """Before any training: G completions of the form's model for each of the dataset's first
+    rows, each with the reward arith_answer gives it and its group advantage; the model loads once."""
+    import statistics
+
+    import lowvram_grpo.model
+    from lowvram_grpo.grpo import ADVANTAGE_EPS
+    from lowvram_grpo.data import read_table
+    from lowvram_grpo.rewards import arith_answer
+
+    loads = []
+    real_load = lowvram_grpo.model.load_policy
+    monkeypatch.setattr(lowvram_grpo.model, "load_policy", lambda *a, **k: loads.append(1) or real_load(*a, **k))
+    form = app_setup.preset_form_values("tiny-cpu")
+    form["run_name"] = "taken"
+    (handlers.ctx.runs_dir / "taken").mkdir()  # the name of a run just started is no problem here
+    table, message = last(handlers.workbench_base(*[form[k] for k in FORM_KEYS], 2))
+    assert list(table.columns) == ["row", "prompt", "answer", "completion", "arith_answer", "total", "advantage"]
+    assert list(table["row"]) == [1] * 8 + [2] * 8  # G = the form's num_generations
+    first_rows = read_table("builtin:arith")[:2]  # as the Set-up preview shows them
+    assert list(table["prompt"][::8]) == [r["prompt"] for r in first_rows]
+    assert list(table["answer"][::8]) == [r["answer"] for r in first_rows]
+    for _, group in table.groupby("row"):
+        expected = arith_answer(list(group["prompt"]), list(group["completion"]), answer=list(group["answer"]))
+        assert list(group["arith_answer"]) == pytest.approx(expected) and list(group["total"]) == pytest.approx(expected)
+        rewards = list(group["total"])
+        spread = statistics.stdev(rewards)
+        advantages = [(r - statistics.mean(rewards)) / (spread + ADVANTAGE_EPS) for r in rewards]
+        assert list(group["advantage"]) == pytest.approx(advantages, abs=1e-3)
+    assert f"mean reward {table['total'].mean():.3f}" in message and "`builtin:tiny` (no adapter)" in message
+
+    table, _ = last(handlers.workbench_base(*[form[k] for k in FORM_KEYS], 1))
+    assert len(table) == 8 and len(loads) == 1  # the second click reuses the loaded model
+
+    assert list(handlers.workbench_base(*[form[k] for k in FORM_KEYS], 0))[-1][1] == \
+        "⚠ rows: give 1 to 8 (each row gets G completions)"
+    form["temperature"] = "-1"
+    _, message = list(handlers.workbench_base(*[form[k] for k in FORM_KEYS], 2))[-1]
+    assert "on Set up first" in message and "temperature" in message
+
+
+def test_model_slot_holds_one_model():
+    from lowvram_grpo.playground import ModelSlot
+
+    slot, loads = ModelSlot(), []
+    assert slot.get("a", lambda: loads.append("a") or "model a") == "model a"
+    assert slot.get("a", lambda: loads.append("a") or "again") == "model a"
+    assert slot.get("b", lambda: loads.append("b") or "model b") == "model b"
+    assert loads == ["a", "b"]
+    slot.clear()
+    assert slot.get("b", lambda: loads.append("b") or "model b") == "model b" and loads == ["a", "b", "b"]
+
+
+def test_use_tab_evaluates_base_vs_adapter_on_held_out_prompts(handlers, tiny_adapter):
+    from lowvram_grpo.data import load_prompt_data
+    from lowvram_grpo.rewards import arith_answer
+
+    run = tiny_run(handlers, tiny_adapter, eval_fraction=0.01)  # 10 of builtin:arith's 1000 rows
+    message, table, examples = last(handlers.evaluate("tiny", "final", 4))
+    assert "`final` on 4 prompts" in message and "held-out" in message
+    metrics = table.set_index("metric")
+    assert {"reward", "rewards/arith_answer/mean", "accuracy"} <= set(metrics.index)
+    assert list(examples.columns) == ["prompt", "answer", "base model", "with the adapter"]
+    held_out = load_prompt_data(RunDirConfig(run)).eval[:4]
+    assert list(examples["prompt"]) == [r["prompt"] for r in held_out]
+    # The metrics are those of the answers shown (all 4 prompts are shown).
+    for column in ("base model", "with the adapter"):
+        rewards = arith_answer(list(examples["prompt"]), list(examples[column]), answer=list(examples["answer"]))
+        assert metrics.loc["rewards/arith_answer/mean", column] == pytest.approx(sum(rewards) / 4, abs=1e-4)
+    assert list(examples["base model"]) != list(examples["with the adapter"])  # the adapter matters
+    row = metrics.loc["reward"]
+    assert row["change"] == pytest.approx(row["with the adapter"] - row["base model"], abs=1e-3)
+    assert f"{row['base model']:.3f} (base) → {row['with the adapter']:.3f} (adapter)" in message
+
+    assert "choose a run" in list(handlers.evaluate("nope", None, 4))[-1][0]
+
+
+def RunDirConfig(run: Path):
+    from lowvram_grpo.rundir import RunDir
+
+    return RunDir(run).read_config()
+
+
+def test_use_tab_merges_the_adapter_into_a_directory(handlers, tiny_adapter, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tiny_run(handlers, tiny_adapter)
+    message = last([[m] for m in handlers.merge("tiny", "final", "my-model", "float32")])[0]
+    out = handlers.ctx.work_dir / "exports" / "my-model"
+    assert f"Saved the merged model to `{out}`" in message and "convert_hf_to_gguf.py" in message
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert merged.dtype == torch.float32 and not any("lora" in n for n, _ in merged.named_parameters())
+
+    again = list(handlers.merge("tiny", "final", "my-model", "float32"))
+    assert len(again) == 1 and again[0] == f"⚠ {out} already exists and is not empty: choose another directory " \
+                                           "(nothing is overwritten)"
+    assert "give a directory" in list(handlers.merge("tiny", "final", " ", "float16"))[0]
+    shared = Handlers(AppContext(handlers.ctx.work_dir, allow_local_paths=False), handlers.jobs)
+    refused = list(shared.merge("tiny", "final", str(tmp_path / "elsewhere"), "float16"))[0]
+    assert "this app is shared" in refused and not (tmp_path / "elsewhere").exists()
