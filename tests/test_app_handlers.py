@@ -2,7 +2,8 @@
 
 Each test names the problem of issue #16 it guards against (#1 ... #14). A fake run directory
 (config.yaml, status.json, metrics.jsonl, completions.jsonl, checkpoints) stands in for a
-training, so these run in seconds.
+training, so these run in seconds; the workbench's base-model groups and the Use tab's eval and
+merge run the built-in tiny model (a few seconds more).
 """
 
 import json
@@ -551,8 +552,8 @@ def test_workbench_scores_the_base_models_groups(handlers, tiny_cache, monkeypat
     import statistics
 
     import lowvram_grpo.model
-    from lowvram_grpo.grpo import ADVANTAGE_EPS
     from lowvram_grpo.data import read_table
+    from lowvram_grpo.grpo import ADVANTAGE_EPS
     from lowvram_grpo.rewards import arith_answer
 
     loads = []
@@ -601,6 +602,7 @@ def test_model_slot_holds_one_model():
 def test_use_tab_evaluates_base_vs_adapter_on_held_out_prompts(handlers, tiny_adapter):
     from lowvram_grpo.data import load_prompt_data
     from lowvram_grpo.rewards import arith_answer
+    from lowvram_grpo.rundir import RunDir
 
     run = tiny_run(handlers, tiny_adapter, eval_fraction=0.01)  # 10 of builtin:arith's 1000 rows
     message, table, examples = last(handlers.evaluate("tiny", "final", 4))
@@ -608,7 +610,7 @@ def test_use_tab_evaluates_base_vs_adapter_on_held_out_prompts(handlers, tiny_ad
     metrics = table.set_index("metric")
     assert {"reward", "rewards/arith_answer/mean", "accuracy"} <= set(metrics.index)
     assert list(examples.columns) == ["prompt", "answer", "base model", "with the adapter"]
-    held_out = load_prompt_data(RunDirConfig(run)).eval[:4]
+    held_out = load_prompt_data(RunDir(run).read_config()).eval[:4]
     assert list(examples["prompt"]) == [r["prompt"] for r in held_out]
     # The metrics are those of the answers shown (all 4 prompts are shown).
     for column in ("base model", "with the adapter"):
@@ -620,12 +622,6 @@ def test_use_tab_evaluates_base_vs_adapter_on_held_out_prompts(handlers, tiny_ad
     assert f"{row['base model']:.3f} (base) → {row['with the adapter']:.3f} (adapter)" in message
 
     assert "choose a run" in list(handlers.evaluate("nope", None, 4))[-1][0]
-
-
-def RunDirConfig(run: Path):
-    from lowvram_grpo.rundir import RunDir
-
-    return RunDir(run).read_config()
 
 
 def test_use_tab_merges_the_adapter_into_a_directory(handlers, tiny_adapter, tmp_path):
