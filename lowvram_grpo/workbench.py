@@ -119,8 +119,11 @@ class BaseSampler:
             row = rows[i // G]
             shown = [i // G + 1, completion_text(row["prompt"])] + ([_text(row.get("answer"))] if with_answer else [])
             table.append([*shown, completion, *values[i]])
+        # Highest minus lowest reward of each group, leaving out unscorable completions (NaN).
         groups = scores.total.view(-1, G)
-        spread = torch.nan_to_num(groups.max(1).values - groups.min(1).values, nan=0.0)
+        unscored = groups.isnan()
+        spread = (groups.masked_fill(unscored, -math.inf).max(1).values
+                  - groups.masked_fill(unscored, math.inf).min(1).values)
         return SampledGroups(
             columns=["row", "prompt", *(["answer"] if with_answer else []), "completion", *columns],
             table=table, num_rows=len(rows), num_generations=G,

@@ -570,7 +570,7 @@ def test_workbench_scores_the_base_models_groups(handlers, tiny_cache, monkeypat
     assert list(table["answer"][::8]) == [r["answer"] for r in first_rows]
     for _, group in table.groupby("row"):
         expected = arith_answer(list(group["prompt"]), list(group["completion"]), answer=list(group["answer"]))
-        assert list(group["arith_answer"]) == pytest.approx(expected) and list(group["total"]) == pytest.approx(expected)
+        assert list(group["arith_answer"]) == list(group["total"]) == pytest.approx(expected)
         rewards = list(group["total"])
         spread = statistics.stdev(rewards)
         advantages = [(r - statistics.mean(rewards)) / (spread + ADVANTAGE_EPS) for r in rewards]
