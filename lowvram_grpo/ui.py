@@ -397,12 +397,14 @@ def build_app(work_dir: str | Path = DEFAULT_WORK_DIR, allow_custom_code: bool =
             selector.change(on.refresh, [run_choice, compare, sent], watch_outputs, show_progress="hidden",
                             api_visibility="private")
         smoothing.change(None, smoothing, None, js="(v) => { window.lvgCurves && window.lvgCurves.setSmooth(v); }")
-        run_choice.change(lambda name: (name, on.adapters(name)), run_choice, [use_run, use_adapter],
-                          api_visibility="private")
+        use_selected = ([run_choice], [use_run, use_adapter])  # the Use tab follows the watched run
+        run_choice.change(lambda name: (name, on.adapters(name)), *use_selected, api_visibility="private")
         use_run.change(on.adapters, use_run, use_adapter, api_name="adapters")
 
-        demo.load(on.on_load, None, [run_choice, job_message, *form_inputs], api_name="on_load").then(
-            on.auto_preview, *preview_io, api_visibility="private")
+        loaded = demo.load(on.on_load, None, [run_choice, job_message, *form_inputs], api_name="on_load")
+        loaded.then(on.auto_preview, *preview_io, api_visibility="private")
+        # Also when the run selected on load is the one the page was built with (no change event).
+        loaded.then(lambda name: (name, on.adapters(name)), *use_selected, api_visibility="private")
 
         runs_outputs = [runs_df, table_run, compare]
         runs_refresh.click(on.runs_table, None, runs_outputs, api_name="runs")

@@ -423,6 +423,7 @@ def test_workbench_base_model_groups_and_use_tab_eval_and_merge(tuned, open_page
     expect(message).to_contain_text(f"mean reward {mean:.3f}")
 
     page.get_by_role("tab", name="Use the adapter").click()
+    # The run was there when the app started: the adapter picker is filled all the same.
     expect(page.locator("#use-adapter input")).to_have_value("final")
     page.locator("#eval-prompts input").fill("4")
     page.locator("#eval").click()
