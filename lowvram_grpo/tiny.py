@@ -25,8 +25,9 @@ import torch
 
 from lowvram_grpo import toy
 
-# Bump when the recipe below changes, so stale cached models are rebuilt.
-TINY_VERSION = 2
+# Bump when the recipe below changes, so stale cached models are rebuilt. (3: built on one
+# thread, so that every machine and every caller builds the same weights.)
+TINY_VERSION = 3
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<unk>"]
 # A minimal chat format, so conversational datasets can be tried offline too.
 CHAT_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -74,9 +75,17 @@ def build_tiny_model(path: str | Path, seed: int = 0) -> Path:
     path = Path(path)
     # A private RNG: building the model on first use must not change the random stream of
     # the training run that triggered it (resumed and fresh runs must sample the same).
+    # One thread: the warm-up's float sums, split across threads, round differently with each
+    # thread count, and after a few hundred updates the weights differ by up to 0.2, so the demo's
+    # curve depended on how many threads the process that first built the model happened to have.
+    threads = torch.get_num_threads()
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return _build_and_save(path)
+        torch.set_num_threads(1)
+        try:
+            return _build_and_save(path)
+        finally:
+            torch.set_num_threads(threads)
 
 
 def _build_and_save(path: Path) -> Path:

@@ -150,3 +150,21 @@ def test_rollout_mask_truncated_select_and_concat():
     assert both.prompt_mask.tolist() == [[1, 1, 1], [0, 0, 1]], "prompts re-padded on the left"
     assert both.completion_mask.tolist() == [[1, 0, 0, 0], [1, 1, 0, 0]], "completions re-padded on the right"
     assert both.num_prompts_truncated == 2
+
+
+def test_the_tiny_model_is_the_same_whatever_the_callers_thread_count(tiny_path, tmp_path):
+    """The offline demo's curve must not depend on how many threads the process that first
+    built the tiny model had (its warm-up's sums rounded differently with each count)."""
+    from safetensors.torch import load_file
+
+    from lowvram_grpo.tiny import build_tiny_model
+
+    threads = torch.get_num_threads()  # what the session's tiny model was built under
+    torch.set_num_threads(threads + 1)
+    try:
+        rebuilt = build_tiny_model(tmp_path / "tiny")
+    finally:
+        torch.set_num_threads(threads)
+    first, second = load_file(tiny_path / "model.safetensors"), load_file(rebuilt / "model.safetensors")
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[name], second[name]) for name in first)
