@@ -65,6 +65,11 @@ def with_notes(work: Callable[[Callable[[str], None]], Any]) -> Iterator[str]:
     return future.result()
 
 
+# The Use tab's evaluation tables (also their headers before the first evaluation).
+EVAL_COLUMNS = ["metric", "base model", "with the adapter", "change"]
+EXAMPLE_COLUMNS = ["prompt", "answer", "base model", "with the adapter"]
+
+
 class Handlers:
     def __init__(self, ctx: AppContext, jobs: JobManager, playground: AdapterPlayground | None = None):
         from lowvram_grpo.workbench import BaseSampler
@@ -469,10 +474,10 @@ class Handlers:
             return
         table = pd.DataFrame([[metric, round(b, 4), round(a, 4), round(d, 4)]
                               for metric, b, a, d in comparison_rows(before, after)],
-                             columns=["metric", "base model", "with the adapter", "change"])
+                             columns=EVAL_COLUMNS)
         shown = pd.DataFrame([[completion_text(e["prompt"]), "" if e["answer"] is None else str(e["answer"]),
                                e["base"], e["adapter"]] for e in examples[:EXAMPLES_SHOWN]],
-                             columns=["prompt", "answer", "base model", "with the adapter"])
+                             columns=EXAMPLE_COLUMNS)
         change = after["eval/reward"] - before["eval/reward"]
         yield (f"`{source.name}` on {int(after['eval/num_prompts'])} prompts, greedy: mean reward "
                f"{before['eval/reward']:.3f} (base) → {after['eval/reward']:.3f} (adapter), {change:+.3f}. "

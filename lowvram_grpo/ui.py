@@ -32,7 +32,8 @@ from pathlib import Path
 
 import gradio as gr
 
-from lowvram_grpo.app_handlers import Handlers
+from lowvram_grpo import dashboard
+from lowvram_grpo.app_handlers import EVAL_COLUMNS, EXAMPLE_COLUMNS, Handlers
 from lowvram_grpo.app_setup import (CHUNK_KEYS, DATASET_SUFFIXES, ERROR_FIELDS, FORM_KEYS, MAX_UPLOAD_MB, REWARD_FIELDS,
                                     REWARD_SLOTS, TEXT_KEYS, AppContext, config_groups, preset_form_values)
 from lowvram_grpo.config import LOSS_TYPES, SCALE_REWARDS, list_presets
@@ -272,7 +273,8 @@ def build_app(work_dir: str | Path = DEFAULT_WORK_DIR, allow_custom_code: bool =
                                   label="Log (train.log)", elem_id="log")
 
             with gr.Tab("Runs", id="runs"):
-                runs_df = gr.Dataframe(label="Runs", interactive=False, elem_id="runs-table")
+                runs_df = gr.Dataframe(label="Runs", headers=dashboard.RUN_TABLE_COLUMNS, interactive=False,
+                                       elem_id="runs-table")
                 with gr.Row():
                     runs_refresh = gr.Button("Refresh", size="sm")
                     table_run = gr.Dropdown(on.runs(), label="Run", allow_custom_value=True, elem_id="table-run")
@@ -293,6 +295,7 @@ def build_app(work_dir: str | Path = DEFAULT_WORK_DIR, allow_custom_code: bool =
                 browse_button = gr.Button("Show", elem_id="browse")
                 browse_message = gr.Markdown(elem_id="browse-message")
                 completions_df = gr.Dataframe(label="Logged completions (completions.jsonl), newest first",
+                                              headers=dashboard.COMPLETION_COLUMNS,
                                               interactive=False, wrap=True, max_height=600, elem_id="completions")
 
             with gr.Tab("Try rewards", id="workbench"):
@@ -307,7 +310,8 @@ def build_app(work_dir: str | Path = DEFAULT_WORK_DIR, allow_custom_code: bool =
                                             value="8\n---\n9\n---\nThe answer is 8\n---\n", elem_id="wb-completions")
                 wb_button = gr.Button("Score", variant="primary", elem_id="wb-score")
                 wb_message = gr.Markdown(elem_id="wb-message")
-                wb_table = gr.Dataframe(label="Rewards and advantages", interactive=False, wrap=True,
+                wb_table = gr.Dataframe(label="Rewards and advantages", headers=["completion", "total", "advantage"],
+                                        interactive=False, wrap=True,
                                         elem_id="wb-table")
                 gr.Markdown("**The base model's completions**: the model, dataset, rewards and generation settings "
                             "of **Set up** (G completions per row, no adapter), for the dataset's first rows. The "
@@ -318,6 +322,7 @@ def build_app(work_dir: str | Path = DEFAULT_WORK_DIR, allow_custom_code: bool =
                     wb_sample_button = gr.Button("Sample the base model and score", elem_id="wb-sample")
                 wb_sample_message = gr.Markdown(elem_id="wb-sample-message")
                 wb_sample_table = gr.Dataframe(label="The base model's groups: rewards and advantages",
+                                               headers=["row", "prompt", "answer", "completion", "total", "advantage"],
                                                interactive=False, wrap=True, max_height=600, elem_id="wb-sample-table")
 
             with gr.Tab("Use the adapter", id="use"):
@@ -346,8 +351,9 @@ def build_app(work_dir: str | Path = DEFAULT_WORK_DIR, allow_custom_code: bool =
                                              elem_id="eval-prompts")
                     eval_button = gr.Button("Evaluate", elem_id="eval")
                 eval_message = gr.Markdown(elem_id="eval-message")
-                eval_table = gr.Dataframe(label="Metrics", interactive=False, elem_id="eval-table")
-                eval_examples = gr.Dataframe(label="Examples", interactive=False, wrap=True,
+                eval_table = gr.Dataframe(label="Metrics", headers=EVAL_COLUMNS, interactive=False,
+                                          elem_id="eval-table")
+                eval_examples = gr.Dataframe(label="Examples", headers=EXAMPLE_COLUMNS, interactive=False, wrap=True,
                                              elem_id="eval-examples")
 
                 gr.Markdown("### Merge into the base model\nA standalone model (transformers format, 16-bit, "

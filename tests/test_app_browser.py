@@ -147,6 +147,27 @@ def drawn(page, curve_id: str):
     return page.evaluate(DRAWN, f"curve-{curve_id}")
 
 
+def settled(page, selector: str) -> None:
+    """Waits until gradio has finished updating the element, and no other update follows within
+    half a second (every tab switch queues one for the runs table): meanwhile gradio draws it at
+    20% opacity, which a screenshot would keep."""
+    page.wait_for_function("""(sel) => {
+      let idle = !document.querySelector(sel + ' .pending');
+      for (let e = document.querySelector(sel); e; e = e.parentElement)
+        if (parseFloat(getComputedStyle(e).opacity) < 1) idle = false;
+      const since = (window.__idleSince ??= {});
+      if (!idle) { delete since[sel]; return false; }
+      since[sel] ??= performance.now();
+      return performance.now() - since[sel] > 500;
+    }""", arg=selector)
+
+
+def table_cells(page, selector: str) -> list[list[str]]:
+    """The text of each body row's cells in a gradio Dataframe, as a person reads them."""
+    return page.evaluate("""(sel) => [...document.querySelectorAll(sel + ' [role=row]')].slice(1).map(
+        r => [...r.querySelectorAll('[role=gridcell]')].map(c => c.innerText.trim()))""", selector)
+
+
 def contrast(page, selector: str) -> float:
     """WCAG contrast of an element's text colour with the page background."""
     return page.evaluate("""(sel) => {
@@ -329,6 +350,31 @@ def test_narrow_page_overlay_health_browser_workbench(seeded, open_page, tmp_pat
     expect(page.locator("#wb-message")).to_contain_text("scored as one group", timeout=60_000)
     expect(page.locator("#wb-table")).to_contain_text("advantage")
 
+    # The runs table and the completions browser at desktop width, as the README shows them.
+    page.set_viewport_size({"width": 1280, "height": 800})
+    page.get_by_role("tab", name="Runs").click()
+    expect(page.locator("#runs-table")).to_contain_text("climbing")
+    runs = {row[0]: row for row in table_cells(page, "#runs-table")}
+    assert runs["climbing"][1:5] == ["finished", "builtin:tiny", "builtin:arith", "20 / 20"]
+    assert float(runs["climbing"][5]) == float(runs["climbing"][6]) == 0.95  # last and best reward
+    assert runs["stuck"][1] == "finished" and float(runs["stuck"][6]) == 0.0
+    settled(page, "#runs-table")
+    screenshot(page, "app-runs.png", tmp_path)
+
+    page.get_by_role("tab", name="Train and watch").click()
+    page.locator("#run-choice input").click()
+    page.get_by_role("option", name="climbing", exact=True).click()
+    expect(page.locator("#run-status")).to_contain_text("climbing")
+    page.get_by_role("tab", name="Completions").click()
+    page.get_by_label("Reward at least").fill("0.5")
+    page.locator("#browse").click()
+    expect(page.locator("#browse-message")).to_contain_text("10 of 20")  # climbing's steps 11-20
+    shown = table_cells(page, "#completions")
+    assert [int(row[0]) for row in shown] == list(range(20, 10, -1))  # newest first
+    assert all(float(row[1]) >= 0.5 for row in shown)
+    settled(page, "#completions")
+    screenshot(page, "app-completions.png", tmp_path)
+
 
 def ema(values: list[float], weight: float) -> list[float]:
     """TensorBoard's debiased exponential moving average: what the smoothing slider draws."""
@@ -411,8 +457,7 @@ def test_workbench_base_model_groups_and_use_tab_eval_and_merge(tuned, open_page
     page.locator("#wb-sample").click()
     message = page.locator("#wb-sample-message")
     expect(message).to_contain_text("mean reward", timeout=90_000)
-    rows = page.evaluate("""() => [...document.querySelectorAll('#wb-sample-table [role=row]')].slice(1).map(
-        r => [...r.querySelectorAll('[role=gridcell]')].map(c => c.innerText.trim()))""")
+    rows = table_cells(page, "#wb-sample-table")
     header = page.evaluate("""() => [...document.querySelectorAll('#wb-sample-table thead th')].map(
         th => th.innerText.trim()).filter(t => t)""")
     assert header[:7] == ["row", "prompt", "answer", "completion", "arith_answer", "total", "advantage"]
@@ -421,6 +466,10 @@ def test_workbench_base_model_groups_and_use_tab_eval_and_merge(tuned, open_page
         assert float(reward) == (1.0 if completion.strip() == answer else 0.0) == float(total)
     mean = sum(float(r[5]) for r in rows) / len(rows)
     expect(message).to_contain_text(f"mean reward {mean:.3f}")
+    page.locator("#wb-score").click()  # the pasted completions too, for the screenshot
+    expect(page.locator("#wb-message")).to_contain_text("scored as one group", timeout=60_000)
+    settled(page, "#wb-table")
+    screenshot(page, "app-workbench.png", tmp_path, full_page=True)
 
     page.get_by_role("tab", name="Use the adapter").click()
     # The run was there when the app started: the adapter picker is filled all the same.
