@@ -3,7 +3,7 @@
 The same checks feed the app's page (over metrics.jsonl and completions.jsonl) and the CLI
 log (`HealthMonitor`, fed step by step by the trainer). Most compare the recent steps with the
 first ones, the KL check with the steps just before, so they need some history and say nothing
-before that. Their thresholds are set against healthy runs (tests/data holds the tiny-cpu
+before that. Their thresholds are set against healthy runs (tests/data holds two of the tiny-cpu
 demo's): noise that a healthy run shows, such as one step's jump in the KL estimate, is no
 warning.
 """
@@ -16,6 +16,8 @@ from typing import Any
 
 MIN_STEPS = 8  # history needed before comparing "recent" with "early"
 WINDOW = 10  # steps in each of the early and recent windows (fewer for short runs)
+RISE = 0.25  # a reward that gained this much from the early to the recent window is rising
+ZERO_STD_SHARE = 0.8  # this share of zero-std groups leaves little learning signal
 
 # KL spikes. A single step's KL says little: the k3 estimate averages exp(d) - d - 1 over the
 # sampled tokens, so one token the base model likes far more than the policy makes it jump
@@ -85,12 +87,18 @@ def check_health(records: list[dict], samples: list[dict] | None = None) -> list
                 f"completion length collapsing: {before:.0f} -> {now:.0f} tokens (a reward may favour empty "
                 "answers)"))
 
+    # A group whose completions all got the same reward is all right or all wrong. Once the
+    # reward has climbed they are mostly all right: the task is being learned (the healthy demo
+    # ends with most of its groups solved), which is no warning.
     zero_std = _values(recent, "frac_reward_zero_std")
-    if zero_std and _mean(zero_std) >= 0.8:
+    reward_early, reward_recent = _values(early, "reward"), _values(recent, "reward")
+    learned = bool(reward_early and reward_recent) and _mean(reward_recent) >= _mean(reward_early) + RISE
+    if zero_std and _mean(zero_std) >= ZERO_STD_SHARE and not learned:
         found.append(HealthWarning(
             "zero-std", "frac_reward_zero_std", step,
             f"{_mean(zero_std):.0%} of groups got the same reward for every completion: no learning signal "
-            "(make the task easier or the reward finer, or raise num_generations)"))
+            "(if all wrong, make the task easier or the reward finer; if all right, use harder prompts; or "
+            "raise num_generations)"))
 
     spike = _kl_spike(_values(records, "kl"))
     if spike:
@@ -110,7 +118,7 @@ def check_health(records: list[dict], samples: list[dict] | None = None) -> list
         before, now = _values(early, key), _values(recent, key)
         if before and now:
             change[key] = _mean(now) - _mean(before)
-    rising = [k for k, d in change.items() if d >= 0.25]
+    rising = [k for k, d in change.items() if d >= RISE]
     flat = [k for k, d in change.items() if abs(d) < 0.05 and len(set(_values(records, k))) > 1]
     if rising and flat:
         found.append(HealthWarning(
