@@ -401,8 +401,8 @@ def estimate_memory(model_config: Any, train_config: TrainConfig, *,
     micro = micro_batch_size or c.micro_batch_size
     lp_chunk = logprob_chunk_size or c.logprob_chunk_size
     db = _dtype_bytes(c)
-    H, I, L, V = shape.hidden_size, shape.intermediate_size, shape.num_layers, shape.vocab_size
-    q_width, kv_width = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    H, L, V = shape.hidden_size, shape.num_layers, shape.vocab_size
+    kv_width = shape.num_kv_heads * shape.head_dim
     prompt, completion = c.max_prompt_length, c.max_completion_length
     seq = prompt + completion  # worst case: every completion runs to max_completion_length
     sequences = c.sequences_per_step
