@@ -95,8 +95,13 @@ class Handlers:
         return dashboard.list_runs(self.ctx.runs_dir)
 
     def run_dir(self, name: str | None) -> Path | None:
-        """A run directory from a name the browser sent: only names of existing runs are accepted."""
-        return self.ctx.runs_dir / name if name and name in self.runs() else None
+        """A run directory from a name the browser sent: only names of existing runs are accepted
+        (a directory right under runs_dir holding a config.yaml, as dashboard.list_runs lists them;
+        checked on that one path, not by listing every run on each 2-second refresh)."""
+        if not name or Path(name).name != name or name == "..":  # one directory name, right under runs_dir
+            return None
+        candidate = self.ctx.runs_dir / name
+        return candidate if candidate.is_dir() and RunDir(candidate).config_file.is_file() else None
 
     # --- set up --------------------------------------------------------------------------------
 
@@ -275,11 +280,11 @@ class Handlers:
     # --- runs table ----------------------------------------------------------------------------
 
     def runs_table(self):
+        choices = self.runs()
         rows = []
-        for name in self.runs():
+        for name in choices:
             run_dir = self.ctx.runs_dir / name
             rows.append(dashboard.run_row(run_dir, run_state(run_dir, self.jobs), RunDir(run_dir).metrics()))
-        choices = self.runs()
         return (pd.DataFrame(rows, columns=dashboard.RUN_TABLE_COLUMNS), gr.update(choices=choices),
                 gr.update(choices=choices))
 

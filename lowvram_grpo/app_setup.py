@@ -151,8 +151,7 @@ def preset_form_values(preset: str | None) -> dict[str, Any]:
 
 def clone_form_values(config_file: Path) -> dict[str, Any]:
     """The form's values for a run's config.yaml, to start a similar run (under a new name)."""
-    values = {**TrainConfig().to_dict(), **build_config(read_yaml(config_file)).to_dict()}
-    return config_to_form(values)
+    return config_to_form(build_config(read_yaml(config_file)).to_dict())
 
 
 # --- form -> config ----------------------------------------------------------------------------

@@ -186,16 +186,15 @@ class Buttons:
     stop: bool
     resume: bool
     more_steps: bool
-    delete: bool
 
 
 def buttons_for(state: str, has_checkpoint: bool, job_running: bool) -> Buttons:
     """Stop only while the run trains; Resume only for a run that ended early with a checkpoint;
-    "continue for N more steps" only for a finished run; delete only what is not running."""
+    "continue for N more steps" only for a finished run."""
     active = state in ACTIVE
     ended_early = state in ("stopped", "died", "failed") and has_checkpoint
     return Buttons(stop=active, resume=ended_early and not job_running,
-                   more_steps=state == "finished" and not job_running, delete=not active)
+                   more_steps=state == "finished" and not job_running)
 
 
 # --- runs --------------------------------------------------------------------------------------

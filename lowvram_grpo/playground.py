@@ -42,6 +42,24 @@ class ModelSlot:
                 torch.cuda.empty_cache()
 
 
+def load_for_inference(config):
+    """The policy for generating in the app's process (base + the config's adapter_path, or a
+    fresh LoRA): loaded as training loads it (4-bit when the run is), without gradient
+    checkpointing, on the config's CPU threads, in eval mode."""
+    from dataclasses import replace
+
+    import torch
+
+    from lowvram_grpo.model import default_device, load_policy
+
+    config = replace(config, gradient_checkpointing=False)
+    if config.cpu_threads and default_device().type == "cpu":
+        torch.set_num_threads(config.cpu_threads)
+    policy, tokenizer = load_policy(config)
+    policy.eval()
+    return policy, tokenizer
+
+
 class AdapterPlayground:
     def __init__(self, models: ModelSlot | None = None):
         self.models = models or ModelSlot()
@@ -64,18 +82,10 @@ class AdapterPlayground:
             return base, run()
 
     def _load(self, run_dir: Path, adapter: Path):
-        import torch
-
-        from lowvram_grpo.model import load_policy
-
         weights = adapter / "adapter_model.safetensors"
 
         def load():
-            config = RunDir(run_dir).read_config({"adapter_path": str(adapter), "gradient_checkpointing": False})
-            if config.cpu_threads and not torch.cuda.is_available():
-                torch.set_num_threads(config.cpu_threads)
-            policy, tokenizer = load_policy(config)
-            policy.eval()
-            return policy, tokenizer, config
+            config = RunDir(run_dir).read_config({"adapter_path": str(adapter)})
+            return (*load_for_inference(config), config)
 
         return self.models.get(("adapter", str(adapter), weights.stat().st_mtime if weights.exists() else 0), load)

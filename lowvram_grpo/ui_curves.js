@@ -151,19 +151,20 @@ function draw(tries = 0) {
     if (tries < 50) setTimeout(() => draw(tries + 1), 100);
     return;
   }
-  const html = [];
+  const html = [], drawn = [];  // drawn: each figure's lines, for its hover (smoothed once)
   for (const curve of store.curves) {
     const lines = linesOf(curve);
     if (!lines.length && curve.id !== "reward") continue;  // a metric this run does not log
+    drawn.push(lines);
     const legend = lines.map(l => `<span class="key"><i style="background:${l.color}"></i>${esc(l.name)}</span>`).join("");
     html.push(`<figure class="curve" id="curve-${curve.id}"><figcaption>${esc(curve.title)}</figcaption>` +
       (lines.length ? svgFor(curve, lines) : `<p class="empty">No steps yet: the curve starts after the first step.</p>`) +
       `<div class="legend">${legend}</div><div class="tip" hidden></div></figure>`);
   }
   root.innerHTML = html.join("") || "<p class='empty'>No run selected.</p>";
-  root.querySelectorAll("figure.curve").forEach(fig => {
-    const curve = store.curves.find(c => "curve-" + c.id === fig.id), svg = fig.querySelector("svg");
-    if (svg) hover(fig, svg, linesOf(curve));
+  root.querySelectorAll("figure.curve").forEach((fig, i) => {
+    const svg = fig.querySelector("svg");
+    if (svg) hover(fig, svg, drawn[i]);
   });
 }
 

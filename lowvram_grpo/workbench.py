@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from lowvram_grpo.config import RewardSpec, TrainConfig
-from lowvram_grpo.playground import ModelSlot
+from lowvram_grpo.playground import ModelSlot, load_for_inference
 
 SEPARATOR = "---"  # a line of its own between pasted completions
 MAX_SAMPLE_ROWS = 8  # rows sampled at once: G completions each, on the app's own process
@@ -150,12 +150,4 @@ def _base_key(config: TrainConfig) -> tuple:
 def _load_base(config: TrainConfig):
     from dataclasses import replace
 
-    from lowvram_grpo.model import default_device, load_policy
-
-    # Loaded as training loads it (4-bit when the run is), with a fresh LoRA that stays off.
-    config = replace(config, adapter_path=None, gradient_checkpointing=False)
-    if config.cpu_threads and default_device().type == "cpu":
-        torch.set_num_threads(config.cpu_threads)
-    policy, tokenizer = load_policy(config)
-    policy.eval()
-    return policy, tokenizer
+    return load_for_inference(replace(config, adapter_path=None))  # a fresh LoRA, kept off
