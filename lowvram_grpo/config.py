@@ -297,7 +297,6 @@ class TrainConfig:
         need(bool(self.rewards), "rewards", "at least one reward function is needed")
         for spec in self.rewards:
             need(bool(spec.name), "rewards", "every reward needs a name")
-        for spec in self.rewards:
             name = spec.name if isinstance(spec.name, str) else ""
             if name.startswith("judge:"):
                 target = name.removeprefix("judge:")

@@ -585,12 +585,9 @@ def _informative_groups(scores: RewardScores, num_generations: int, aggregation:
     policy gradient. Summing first, that is where the summed rewards differ (TRL's nonzero
     std); normalising each function first, where some function's rewards differ. A group with
     fewer than two scorable completions has no spread either."""
-    if aggregation == "normalize_then_sum":
-        values = scores.per_function.view(-1, num_generations, scores.per_function.size(1))
-        std = grpo._nanstd(values, dim=1)
-        return (~torch.isnan(std) & ~torch.isclose(std, torch.zeros_like(std))).any(dim=1)
-    std = grpo._nanstd(scores.total.view(-1, num_generations), dim=1)
-    return ~torch.isnan(std) & ~torch.isclose(std, torch.zeros_like(std))
+    values = scores.per_function if aggregation == "normalize_then_sum" else scores.total.unsqueeze(1)
+    std = grpo._nanstd(values.view(-1, num_generations, values.size(1)), dim=1)  # (groups, columns)
+    return (~torch.isnan(std) & ~torch.isclose(std, torch.zeros_like(std))).any(dim=1)
 
 
 def _informative_rows(scores: RewardScores, num_generations: int, aggregation: str) -> list[int]:
@@ -660,7 +657,7 @@ def _logged_metrics(scores: RewardScores) -> dict[str, float]:
 def _gather_scores(scores: RewardScores) -> RewardScores:
     """The rewards of the whole step, every process's in rank order (the step's prompt order)."""
     return RewardScores(names=scores.names, per_function=distributed.all_gather_tensor(scores.per_function),
-                        total=distributed.all_gather_tensor(scores.total), logged=scores.logged)
+                        total=distributed.all_gather_tensor(scores.total))
 
 
 def _update(learner: Learner, rollout: Rollout, advantages: torch.Tensor, ref_logps: torch.Tensor | None,
