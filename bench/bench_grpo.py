@@ -50,6 +50,7 @@ from pathlib import Path
 
 from bench import common
 from bench.common import GIB, Settings
+from lowvram_grpo.rundir import read_jsonl
 
 TRAINERS = ("ours", "trl")
 LABELS = {"ours": "lowvram-grpo", "trl": "TRL GRPOTrainer"}
@@ -285,7 +286,7 @@ def run_child(trainer: str, settings: Settings, work_dir: Path, run: int, timeou
     if status != "ok":
         log = work_dir / f"{name}.log"
         print(f"{LABELS[trainer]} {status}; log {log}:\n{common.log_tail(log)}", file=sys.stderr, flush=True)
-    return {"status": status, "steps": common.read_jsonl(steps_path),
+    return {"status": status, "steps": read_jsonl(steps_path),
             "final": json.loads(result_path.read_text()) if result_path.is_file() else {},
             # Other work on the machine skews timings; the load average says whether there was any.
             "load_average_before": load}

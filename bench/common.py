@@ -252,19 +252,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """The complete lines of a JSONL file that a killed process may have left half-written."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return rows
-
-
 # --- subprocesses with a time limit --------------------------------------------------------------
 
 

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from bench import common
 from bench.common import GIB, Settings
+from lowvram_grpo.rundir import read_jsonl
 
 REPORT_RESERVE_S = 10  # kept back from --deadline to write the report
 # Everything in one chunk: what the cap makes impossible.
@@ -221,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
          "--cap-gb", repr(cap_gb), "--work-dir", str(work)], work / "train.log",
         None if left is None else left - REPORT_RESERVE_S)
     print(common.log_tail(work / "train.log", 15 if status == "ok" else 40))
-    records = common.read_jsonl(work / "steps.jsonl")
+    records = read_jsonl(work / "steps.jsonl")
     if status == "ok":
         optimizer_steps = json.loads((work / "run" / "optimizer_steps.json").read_text())
         problems = check_run(records, optimizer_steps, settings.total_steps, cap_gb)
