@@ -7,6 +7,7 @@
 - `fixed_step`: one GRPO step's inputs made once, for tests of the update on fixed rollouts.
 """
 
+import json
 import os
 
 import pytest
@@ -64,3 +65,33 @@ def fixed_step(config, num_prompts: int, num_generations: int):
     with reference_model(policy):
         ref_logps = frozen_logprobs(policy, rollout, resolve_chunking(config, cpu), config.temperature, cpu)
     return policy, rollout, rewards, advantages, ref_logps
+
+
+def sgd_learner(config, policy, start: dict, tokenizer=None, reward_functions=()):
+    """A trainer Learner whose LoRA weights are reset to `start` (name -> tensor), with plain SGD
+    (lr 1, constant) so that one update's weight change is the gradient itself."""
+    from lowvram_grpo.planner import resolve_chunking
+    from lowvram_grpo.trainer import Learner
+
+    params = [p for p in policy.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if p.requires_grad:
+                p.copy_(start[name])
+    optimizer = torch.optim.SGD(params, lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    cpu = torch.device("cpu")
+    return Learner(config, resolve_chunking(config, cpu), policy, tokenizer, optimizer, scheduler, None, cpu,
+                   list(reward_functions))
+
+
+def apply_curve_delta(store: dict, delta_text: str) -> dict:
+    """What ui_curves.js does with the app's curve update: rows per run, appended at `start`
+    (0 when the run is sent again from its first step). Returns the update."""
+    delta = json.loads(delta_text)
+    for name, part in delta["runs"].items():
+        rows = store.setdefault(name, [])
+        assert part["start"] in (0, len(rows))
+        del rows[part["start"]:]
+        rows.extend(dict(zip(part["keys"], row)) for row in part["rows"])
+    return delta

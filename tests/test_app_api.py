@@ -25,6 +25,8 @@ pytest.importorskip("gradio")
 
 from lowvram_grpo import app_setup, dashboard, ui  # noqa: E402
 
+from conftest import apply_curve_delta  # noqa: E402
+
 # gradio's own pandas calls warn under pandas 3; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:gradio.queueing")
 
@@ -77,10 +79,7 @@ def refresh(client):
     # (the buttons' updates are not among an API client's outputs)
     status, health, curves, log, checkpoints = client.predict(RUN, [], api_name="/refresh")
     if isinstance(curves, str) and curves:  # only the rows this session does not have yet (else a skip)
-        for name, part in json.loads(curves)["runs"].items():
-            rows = CURVES.setdefault(name, [])
-            del rows[part["start"]:]
-            rows.extend(dict(zip(part["keys"], row)) for row in part["rows"])
+        apply_curve_delta(CURVES, curves)
     return {"status": status, "rows": list(CURVES.get(RUN, [])), "log": log, "checkpoints": checkpoints}
 
 

@@ -18,6 +18,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 pytest.importorskip("gradio")
 
 from lowvram_grpo import app_setup, dashboard, health, rundir  # noqa: E402
+
+from conftest import apply_curve_delta  # noqa: E402
 from lowvram_grpo.app_handlers import Handlers  # noqa: E402
 from lowvram_grpo.app_setup import ERROR_FIELDS, FORM_KEYS, AppContext  # noqa: E402
 from lowvram_grpo.config import ConfigError, TrainConfig, build_config, save_config  # noqa: E402
@@ -58,17 +60,6 @@ def handlers(tmp_path):
     return Handlers(ctx, JobManager(ctx.work_dir), playground=None)
 
 
-def apply(store: dict, delta_text: str) -> dict:
-    """What ui_curves.js does with an update: rows per run, appended at `start`."""
-    delta = json.loads(delta_text)
-    for name, part in delta["runs"].items():
-        rows = store.setdefault(name, [])
-        assert part["start"] in (0, len(rows))
-        del rows[part["start"]:]
-        rows.extend(dict(zip(part["keys"], row)) for row in part["rows"])
-    return delta
-
-
 # --- curves -------------------------------------------------------------------------------------
 
 
@@ -77,14 +68,14 @@ def test_reward_curve_of_a_run_that_had_no_metrics_when_the_page_loaded(handlers
     run = make_run(handlers.ctx.runs_dir, "first", [], state="running")
     out = handlers.refresh("first", [], {})
     store = {}
-    apply(store, out[2])
+    apply_curve_delta(store, out[2])
     assert store == {"first": []}
     sent = out[-1]
     for step in range(1, 6):
         with (run / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(step_record(step)) + "\n")
         out = handlers.refresh("first", [], sent)
-        apply(store, out[2])
+        apply_curve_delta(store, out[2])
         sent = out[-1]
     assert [r["reward"] for r in store["first"]] == pytest.approx([0.1 * s for s in range(1, 6)])
     assert [r["step"] for r in store["first"]] == [1, 2, 3, 4, 5]
@@ -109,7 +100,7 @@ def test_overlay_sends_each_compared_run(handlers):
     make_run(handlers.ctx.runs_dir, "a", [step_record(s) for s in range(1, 4)])
     make_run(handlers.ctx.runs_dir, "b", [step_record(s, reward=1.0) for s in range(1, 6)])
     store = {}
-    delta = apply(store, handlers.refresh("a", ["b", "not-a-run"], {})[2])
+    delta = apply_curve_delta(store, handlers.refresh("a", ["b", "not-a-run"], {})[2])
     assert delta["selected"] == ["a", "b"]
     assert len(store["a"]) == 3 and [r["reward"] for r in store["b"]] == [1.0] * 5
 
@@ -121,11 +112,11 @@ def test_resumed_run_is_sent_again_from_its_first_step(handlers):
     run = make_run(handlers.ctx.runs_dir, "r", [step_record(s) for s in range(1, 11)], state="running")
     store = {}
     out = handlers.refresh("r", [], {})
-    apply(store, out[2])
+    apply_curve_delta(store, out[2])
     rundir.truncate_jsonl_after_step(run / "metrics.jsonl", 5)
     with (run / "metrics.jsonl").open("a") as f:
         f.write("".join(json.dumps(step_record(s, reward=-1.0)) + "\n" for s in range(6, 13)))
-    delta = apply(store, handlers.refresh("r", [], out[-1])[2])
+    delta = apply_curve_delta(store, handlers.refresh("r", [], out[-1])[2])
     assert delta["runs"]["r"]["start"] == 0
     assert [r["step"] for r in store["r"]] == list(range(1, 13))
     assert [r["reward"] for r in store["r"]] == pytest.approx([0.1 * s for s in range(1, 6)] + [-1.0] * 7)
@@ -194,7 +185,7 @@ def test_continue_a_finished_run_for_more_steps(handlers, tiny_cache):
     out = handlers.refresh("done", [], {})
     assert "finished" in out[0] and "step 5 / 5" in out[0]
     store = {}
-    apply(store, out[2])
+    apply_curve_delta(store, out[2])
     assert [r["step"] for r in store["done"]] == [1, 2, 3, 4, 5]
     assert out[7]["interactive"] is True  # it can be continued again
 

@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from lowvram_grpo import distributed, grpo, rundir
 from lowvram_grpo.config import ConfigError, load_config
 
-from conftest import fixed_step
+from conftest import fixed_step, sgd_learner
 
 WORLD_SIZE = 2
 NUM_PROMPTS, G = 4, 4  # 16 sequences: 8 per process, 2 micro-batches of 4 each
@@ -120,21 +120,6 @@ UPDATES = {"adaptive_entropy": 2}
 RATIO_STATISTIC = {"cispo": "cispo_clip_ratio", "vespo": "vespo/phi_seq_mean", "sapo": None}
 
 
-def _sgd_learner(config, policy, params: dict, lora: dict):
-    """A Learner whose LoRA weights are reset to `lora`, with plain SGD (lr 1) so that the
-    weight change is the gradient itself."""
-    from lowvram_grpo import trainer
-    from lowvram_grpo.planner import resolve_chunking
-
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(lora[name])
-    optimizer = torch.optim.SGD(list(params.values()), lr=1.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    cpu = torch.device("cpu")
-    return trainer.Learner(config, resolve_chunking(config, cpu), policy, None, optimizer, scheduler, None, cpu, [])
-
-
 def _updates(data_path):
     """For each case (loss_type and settings), from the same LoRA weights: one `trainer._update`
     (UPDATES: more) on this process's share of the fixed step, with plain SGD so the weight
@@ -152,7 +137,7 @@ def _updates(data_path):
     out = {}
     for case, settings in CASES.items():
         config = dataclasses.replace(data["config"], **settings)
-        learner = _sgd_learner(config, policy, params, data["lora"])
+        learner = sgd_learner(config, policy, data["lora"])
         for _ in range(UPDATES.get(case, 1)):
             stats = trainer._update(learner, rollout, data["advantages"][rows], data["ref_logps"][rows],
                                     data["old_logps"][rows])
@@ -194,7 +179,7 @@ def _skip_steps(data_path):
             for loss_type in SKIP_LOSS_TYPES:
                 config = dataclasses.replace(data["config"], loss_type=loss_type, beta=0.0, zero_std_groups="skip",
                                              num_generations=G, prompts_per_step=NUM_PROMPTS)
-                learner = _sgd_learner(config, policy, params, data["lora"])
+                learner = sgd_learner(config, policy, data["lora"])
                 record, _ = trainer.grpo_step(learner, [], trainer.PromptSampler(NUM_PROMPTS, 0), step=1)
                 out[case, loss_type] = {"weights": {k: p.detach().clone() for k, p in params.items()},
                                         "record": record}

@@ -13,8 +13,9 @@ from lowvram_grpo.config import RewardSpec, load_config
 from lowvram_grpo.data import load_prompt_data
 from lowvram_grpo.model import load_policy
 from lowvram_grpo.rewards import load_reward_functions
-from lowvram_grpo.planner import resolve_chunking
-from lowvram_grpo.trainer import Learner, PromptSampler, grpo_step, seed_everything
+from lowvram_grpo.trainer import PromptSampler, grpo_step, seed_everything
+
+from conftest import sgd_learner
 
 CPU = torch.device("cpu")
 
@@ -45,13 +46,7 @@ def _setup(tmp_path, reward=odd_length_if_even_answer, **overrides):
 def _one_step(config, policy, tokenizer, rows, reward_functions, start):
     """One grpo_step from the LoRA weights `start`, with SGD(lr=1): the weight change is the gradient."""
     params = {n: p for n, p in policy.named_parameters() if p.requires_grad}
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(start[name])
-    optimizer = torch.optim.SGD(list(params.values()), lr=1.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    learner = Learner(config, resolve_chunking(config, CPU), policy, tokenizer, optimizer, scheduler, None, CPU,
-                      reward_functions)
+    learner = sgd_learner(config, policy, start, tokenizer, reward_functions)
     seed_everything(1)  # the same rollouts for every mode
     record, _ = grpo_step(learner, rows, PromptSampler(len(rows), 0), step=1)
     return record, {n: (p.detach() - start[n]) for n, p in params.items()}
