@@ -138,7 +138,7 @@ def compare(config: TrainConfig, adapter_path: str | Path, max_prompts: int | No
     device = default_device()
     if device.type == "cpu" and config.cpu_threads:
         torch.set_num_threads(config.cpu_threads)
-    policy, tokenizer = load_policy(config, device)
+    policy, tokenizer = load_policy(config, device, inference_only=True)
     data = load_prompt_data(config, tokenizer)
     if data.eval:
         rows = data.eval[:max_prompts] if max_prompts else data.eval

@@ -16,6 +16,7 @@ from typing import Iterator
 import torch
 
 from lowvram_grpo.config import TrainConfig
+from lowvram_grpo.quantization import nf4_config, set_cpu_inference_packing
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_TINY = "builtin:tiny"
@@ -124,21 +125,18 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template_kwa
     return tokenizer
 
 
-def load_policy(config: TrainConfig, device: torch.device | None = None):
-    """Load base model (4-bit unless quantization=none) + LoRA; returns (peft_model, tokenizer)."""
+def load_policy(config: TrainConfig, device: torch.device | None = None, inference_only: bool = False):
+    """Load base model (4-bit unless quantization=none) + LoRA; returns (peft_model, tokenizer).
+    `inference_only`: the model will only generate, never train (evaluation, the app's try-it)."""
     from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     device = device or default_device()
     dtype = compute_dtype(config, device)
     path = resolve_model_path(config.model_name_or_path)
     tokenizer = load_tokenizer(path, config.trust_remote_code, config.chat_template_kwargs)
 
-    quantization_config = None
-    if config.quantization == "nf4":
-        quantization_config = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
+    quantization_config = nf4_config(dtype) if config.quantization == "nf4" else None
     try:
         base = AutoModelForCausalLM.from_pretrained(
             path, quantization_config=quantization_config, dtype=dtype, device_map={"": device},
@@ -150,6 +148,9 @@ def load_policy(config: TrainConfig, device: torch.device | None = None):
             "(builtin:tiny works offline).") from err
 
     if quantization_config is not None:
+        # Training generates (eval mode, no gradients) and then trains: a model that trains must
+        # never switch to bitsandbytes' CPU inference layout (see quantization.py).
+        set_cpu_inference_packing(base, inference_only=inference_only)
         _warn_about_unquantised_experts(base, dtype)
 
     # Only LoRA weights train. We do not call peft's prepare_model_for_kbit_training: it casts

@@ -55,7 +55,7 @@ def load_for_inference(config):
     config = replace(config, gradient_checkpointing=False)
     if config.cpu_threads and default_device().type == "cpu":
         torch.set_num_threads(config.cpu_threads)
-    policy, tokenizer = load_policy(config)
+    policy, tokenizer = load_policy(config, inference_only=True)
     policy.eval()
     return policy, tokenizer
 

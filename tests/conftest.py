@@ -1,5 +1,6 @@
 """Shared test setup.
 
+- bitsandbytes imported without its run-time kernel lookup (see lowvram_grpo/quantization.py).
 - One thread for torch: on small CPU machines, handing the tiny models' small matrices
   between threads costs far more than the arithmetic (seen: 16 ms instead of 30 us per matmul).
 - One built-in tiny model for the whole session, in a temporary cache that subprocesses
@@ -13,7 +14,11 @@ import os
 import pytest
 import torch
 
+from lowvram_grpo.quantization import import_bitsandbytes
+
 torch.set_num_threads(1)
+# Before any test module imports bitsandbytes: imported bare, it asks the Hub for a CPU kernel.
+import_bitsandbytes()
 
 
 @pytest.fixture(scope="session")

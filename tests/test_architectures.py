@@ -27,11 +27,12 @@ import bitsandbytes as bnb
 import pytest
 import torch
 from architectures import ARCHITECTURES, build_tiny_arch
-from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from lowvram_grpo import grpo
 from lowvram_grpo.config import load_config
 from lowvram_grpo.model import load_policy, reference_model
+from lowvram_grpo.quantization import nf4_config, set_cpu_inference_packing
 from lowvram_grpo.rollout import generate_rollouts, left_pad
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -153,13 +154,13 @@ def test_chunked_logprobs_equal_the_models_own_logits(arch):
 def test_adapter_off_is_the_plain_base_model(arch):
     name, path, policy, tokenizer = arch
     ids, mask = _scored_batch(policy, tokenizer)
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                      bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32)
     with torch.no_grad():
         with reference_model(policy):
             reference, _ = grpo.sequence_logprobs(policy, ids, mask, 6)
         adapted, _ = grpo.sequence_logprobs(policy, ids, mask, 6)
-        base = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization, dtype=torch.float32)
+        base = AutoModelForCausalLM.from_pretrained(path, quantization_config=nf4_config(torch.float32),
+                                                    dtype=torch.float32)
+        set_cpu_inference_packing(base, inference_only=False)  # the float32 path the policy takes
         plain = _full_logprobs(base, ids, mask, 6)
     torch.testing.assert_close(reference, plain, atol=1e-5, rtol=0)
     assert (adapted - reference).abs().max() > 1e-3, "the adapter should change the log-probs"

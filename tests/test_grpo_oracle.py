@@ -454,6 +454,8 @@ def test_4bit_base_with_adapter_disabled_matches_naive_logprobs(tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Qwen2Config, Qwen2ForCausalLM
 
+    from lowvram_grpo.quantization import set_cpu_inference_packing
+
     torch.manual_seed(0)
     Qwen2ForCausalLM(Qwen2Config(**TINY)).save_pretrained(tmp_path)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -462,6 +464,7 @@ def test_4bit_base_with_adapter_disabled_matches_naive_logprobs(tmp_path):
         warnings.simplefilter("ignore")
         base = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quant, dtype=torch.float32)
     assert type(base.model.layers[0].mlp.up_proj).__name__ == "Linear4bit", "the base must really be 4-bit"
+    set_cpu_inference_packing(base, inference_only=False)
     model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
 
     input_ids = torch.randint(3, 64, (3, 12), generator=torch.Generator().manual_seed(2))

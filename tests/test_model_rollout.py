@@ -2,11 +2,12 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM
 
 from lowvram_grpo import grpo
 from lowvram_grpo.config import load_config
 from lowvram_grpo.model import load_policy, reference_model
+from lowvram_grpo.quantization import nf4_config, set_cpu_inference_packing
 from lowvram_grpo.rollout import Rollout, completion_mask_from_eos, concat_rollouts, generate_rollouts, left_pad
 
 PROMPTS = ["3+5=", "12+7=", "9+9=", "1+1+1+1="]  # different lengths: left padding matters
@@ -50,9 +51,9 @@ def test_reference_logprobs_equal_the_plain_base_model(policy_and_tokenizer, tin
         with reference_model(policy):
             reference, _ = grpo.sequence_logprobs(policy, ids, mask, 2)
         with_adapter, _ = grpo.sequence_logprobs(policy, ids, mask, 2)
-        base = AutoModelForCausalLM.from_pretrained(tiny_path, quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32), dtype=torch.float32)
+        base = AutoModelForCausalLM.from_pretrained(tiny_path, quantization_config=nf4_config(torch.float32),
+                                                    dtype=torch.float32)
+        set_cpu_inference_packing(base, inference_only=False)  # the float32 path the policy takes
         logits = base(input_ids=ids, attention_mask=mask).logits[:, -3:-1].float()
         plain = torch.log_softmax(logits, -1).gather(-1, ids[:, -2:, None]).squeeze(-1)
     torch.testing.assert_close(reference, plain, atol=1e-5, rtol=0)
