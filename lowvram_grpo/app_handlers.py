@@ -403,10 +403,11 @@ class Handlers:
 
     # --- use the adapter -----------------------------------------------------------------------
 
-    def adapters(self, name):
+    def adapters(self, name, current=None):
+        """The run's adapters, newest first; the one picked stays picked while it exists."""
         run_dir = self.run_dir(name)
         choices = dashboard.adapter_choices(run_dir) if run_dir else []
-        return gr.update(choices=choices, value=choices[0] if choices else None)
+        return gr.update(choices=choices, value=current if current in choices else choices[0] if choices else None)
 
     def zip(self, name, adapter):
         run_dir = self.run_dir(name)

@@ -7,7 +7,7 @@ take the page down). It runs
     python -m lowvram_grpo train --resume RUN_DIR --no-progress
 
 with stdout and stderr going to RUN_DIR/train.log, and from then on only reads the run
-directory (status.json, metrics.jsonl, completions.jsonl, checkpoints). Stop sends SIGTERM: the
+directory (status.json, metrics.jsonl, completions.jsonl, checkpoints). Stop sends SIGTERM (CTRL_BREAK on Windows): the
 trainer saves a checkpoint of its last finished step and exits with state "stopped" (within
 seconds, even in the middle of generation or of a reward call). Should it not, Stop pressed
 again after FORCE_STOP_AFTER seconds kills it, and the run is marked stopped at its last
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -31,6 +30,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from lowvram_grpo.config import TrainConfig
+from lowvram_grpo.processes import ask_to_stop, kill_group, own_group_options, pid_alive
 from lowvram_grpo.rundir import RunDir, read_status, write_json_atomic
 
 LOG_NAME = "train.log"
@@ -57,23 +57,6 @@ class Job:
     @property
     def log_path(self) -> Path:
         return Path(self.run_dir) / LOG_NAME
-
-
-def pid_alive(pid: int | None) -> bool:
-    """True if `pid` is a live process (a zombie, finished but not yet reaped, is not)."""
-    if not pid or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    try:  # Linux: a zombie still answers kill(0)
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        return state != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def _is_trainer(pid: int) -> bool:
@@ -175,7 +158,7 @@ class JobManager:
             self.kill(job, f"killed by a second Stop, {waited:.0f} s after the first went unanswered")
             return (f"The trainer did not stop within {waited:.0f} s: ended it. Resume continues from its last "
                     "checkpoint.")
-        os.kill(job.pid, signal.SIGTERM)
+        ask_to_stop(job.pid)
         job.stop_requested = time.time()
         self._save(job)
         return (f"Stop requested for run '{Path(job.run_dir).name}': the trainer finishes its step, "
@@ -188,7 +171,7 @@ class JobManager:
         if job is None:
             return
         if not job.stop_requested:
-            os.kill(job.pid, signal.SIGTERM)
+            ask_to_stop(job.pid)
         deadline = time.time() + timeout
         while self.is_alive(job) and time.time() < deadline:
             time.sleep(0.2)
@@ -199,10 +182,7 @@ class JobManager:
         """SIGKILL the job's whole process group (it leads its own session, so data-parallel
         workers it launched go too), and say so in status.json: a killed trainer cannot, and
         the file would say "running" for ever."""
-        try:
-            os.killpg(job.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        kill_group(job.pid)
         child = self._children.get(job.pid)
         if child is not None:
             child.wait(10)
@@ -233,7 +213,7 @@ class JobManager:
             # Own session: Ctrl-C in the app's terminal does not interrupt the training, and the
             # page can reattach to it after the app restarts. Never shell=True.
             child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=env, start_new_session=True)
+                                     env=env, **own_group_options())
         self._children[child.pid] = child
         job = Job(pid=child.pid, run_dir=str(run_dir.resolve()), command=command)
         self._save(job)

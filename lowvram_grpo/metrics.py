@@ -8,7 +8,6 @@ its numbers are computed, in trainer.grpo_step.
 
 from __future__ import annotations
 
-import resource
 import sys
 from typing import Any
 
@@ -16,11 +15,40 @@ import torch
 
 
 def peak_memory_gb(device: torch.device) -> float:
-    """Peak GPU memory allocated by torch on CUDA; peak resident memory of the process on CPU."""
+    """Peak GPU memory allocated by torch on CUDA; peak resident memory of the process on CPU
+    (NaN where the platform cannot say)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
+    return peak_resident_bytes() / 2**30
+
+
+def peak_resident_bytes() -> float:
+    """The process's peak resident memory: getrusage on POSIX (`resource` does not exist on
+    native Windows), the peak working set there, NaN elsewhere."""
+    try:
+        import resource
+    except ImportError:
+        return _windows_peak_working_set() if sys.platform == "win32" else float("nan")
     kilobytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kilobytes / (2**30 if sys.platform == "darwin" else 2**20)
+    return kilobytes * (1 if sys.platform == "darwin" else 1024)  # macOS reports bytes, Linux KiB
+
+
+def _windows_peak_working_set() -> float:
+    import ctypes
+    from ctypes import wintypes
+
+    class Counters(ctypes.Structure):  # PROCESS_MEMORY_COUNTERS
+        _fields_ = [("cb", wintypes.DWORD), ("PageFaultCount", wintypes.DWORD),
+                    ("PeakWorkingSetSize", ctypes.c_size_t), ("WorkingSetSize", ctypes.c_size_t),
+                    ("QuotaPeakPagedPoolUsage", ctypes.c_size_t), ("QuotaPagedPoolUsage", ctypes.c_size_t),
+                    ("QuotaPeakNonPagedPoolUsage", ctypes.c_size_t), ("QuotaNonPagedPoolUsage", ctypes.c_size_t),
+                    ("PagefileUsage", ctypes.c_size_t), ("PeakPagefileUsage", ctypes.c_size_t)]
+
+    counters = Counters(cb=ctypes.sizeof(Counters))
+    process = ctypes.windll.kernel32.GetCurrentProcess()  # type: ignore[attr-defined]
+    if not ctypes.windll.psapi.GetProcessMemoryInfo(process, ctypes.byref(counters), counters.cb):  # type: ignore[attr-defined]
+        return float("nan")
+    return float(counters.PeakWorkingSetSize)
 
 
 def mean_over_updates(updates: list[dict[str, float]]) -> dict[str, float]:

@@ -17,6 +17,8 @@ import threading
 import time
 from typing import Any, Callable
 
+from lowvram_grpo.processes import stop_signals
+
 # How often a waiting main thread looks at the stop flag and the clock.
 POLL_SECONDS = 0.05
 
@@ -45,7 +47,7 @@ class StopRequested:
         self._previous: dict[int, Any] = {}
 
     def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in stop_signals():
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (e.g. called from a notebook thread)

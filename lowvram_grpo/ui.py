@@ -406,6 +406,8 @@ def build_app(work_dir: str | Path = DEFAULT_WORK_DIR, allow_custom_code: bool =
         use_selected = ([run_choice], [use_run, use_adapter])  # the Use tab follows the watched run
         run_choice.change(lambda name: (name, on.adapters(name)), *use_selected, api_visibility="private")
         use_run.change(on.adapters, use_run, use_adapter, api_name="adapters")
+        # Checkpoints appear while a run trains: opening a tab lists the run's adapters as they are now.
+        tabs.select(on.adapters, [use_run, use_adapter], use_adapter, api_visibility="private")
 
         loaded = demo.load(on.on_load, None, [run_choice, job_message, *form_inputs], api_name="on_load")
         loaded.then(on.auto_preview, *preview_io, api_visibility="private")

@@ -43,6 +43,19 @@ def tiny_path(tiny_cache):
     return tiny_model_path()
 
 
+@pytest.fixture(scope="session")
+def demo_run(tiny_cache, tmp_path_factory):
+    """The tiny-cpu preset exactly as users run it, trained once for every test that reads it:
+    (its config, its final adapter directory)."""
+    from lowvram_grpo.config import load_config
+    from lowvram_grpo.trainer import train
+
+    config = load_config(preset="tiny-cpu", overrides={"output_dir": str(tmp_path_factory.mktemp("demo") / "run")})
+    result = train(config, progress=False)
+    assert result.finished and result.step == config.max_steps
+    return config, result.adapter
+
+
 def fixed_step(config, num_prompts: int, num_generations: int):
     """A policy whose LoRA differs from the reference (random LoRA B, so every LoRA weight gets a
     gradient), one step's rollouts of `num_prompts` x `num_generations`, random rewards, their

@@ -18,6 +18,7 @@ that silently skips in CI would hide a broken page.
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -40,7 +41,7 @@ UPDATE_SCREENSHOT = os.environ.get("LOWVRAM_GRPO_UPDATE_SCREENSHOT") == "1"
 def _missing(reason: str):
     if os.environ.get("CI"):
         pytest.fail(f"{reason} (CI is set: the browser tests must run in CI)")
-    pytest.skip(reason)
+    pytest.skip(reason, allow_module_level=True)
 
 
 if not Path(CHROMIUM).exists():
@@ -432,20 +433,10 @@ def test_smoothing_slider_draws_the_smoothed_reward(noisy, open_page):
 
 
 @pytest.fixture
-def tuned(work_dir):
-    """A finished run whose final/ adapter changes the tiny model's answers (random LoRA B, no training)."""
-    import torch
-
-    from lowvram_grpo.config import load_config
-    from lowvram_grpo.model import load_policy
-
-    _seed_run(work_dir / "runs", "tuned", [i / 10 for i in range(10)])
-    policy, _ = load_policy(load_config(preset="tiny-cpu"), torch.device("cpu"))
-    with torch.no_grad():
-        for name, param in policy.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
-    policy.save_pretrained(work_dir / "runs" / "tuned" / "final")
+def tuned(work_dir, demo_run):
+    """The trained tiny-cpu demo run, in the app's work directory."""
+    config, _ = demo_run
+    shutil.copytree(config.output_dir, work_dir / "runs" / "tuned")
 
 
 def test_workbench_base_model_groups_and_use_tab_eval_and_merge(tuned, open_page, work_dir, tmp_path):
@@ -474,11 +465,28 @@ def test_workbench_base_model_groups_and_use_tab_eval_and_merge(tuned, open_page
     page.get_by_role("tab", name="Use the adapter").click()
     # The run was there when the app started: the adapter picker is filled all the same.
     expect(page.locator("#use-adapter input")).to_have_value("final")
-    page.locator("#eval-prompts input").fill("4")
+    page.locator("#eval-prompts input").fill("8")
     page.locator("#eval").click()
-    expect(page.locator("#eval-message")).to_contain_text("final on 4 prompts", timeout=90_000)
-    expect(page.locator("#eval-table")).to_contain_text("rewards/arith_answer/mean")
+    expect(page.locator("#eval-message")).to_contain_text("final on 8 prompts", timeout=90_000)
+    expect(page.locator("#eval-message")).not_to_contain_text("training prompts")  # the demo holds rows out
     expect(page.locator("#eval-examples")).to_contain_text("with the adapter")
+    metric_rows = {row[0]: row[1:] for row in table_cells(page, "#eval-table")}
+    base, adapter = (float(v) for v in metric_rows["rewards/arith_answer/mean"][:2])
+    assert adapter > base, f"the trained demo's adapter should score above the base model: {base} -> {adapter}"
+
+    # A run that gets its adapter while the page is open: the picker lists it once the tab is opened again.
+    (work_dir / "runs" / "later").mkdir()
+    shutil.copy(work_dir / "runs" / "tuned" / "config.yaml", work_dir / "runs" / "later" / "config.yaml")
+    page.locator("#use-run input").fill("later")
+    page.locator("#use-run input").press("Enter")
+    expect(page.locator("#use-adapter input")).to_have_value("")
+    shutil.copytree(work_dir / "runs" / "tuned" / "final", work_dir / "runs" / "later" / "final")
+    page.get_by_role("tab", name="Runs").click()
+    page.get_by_role("tab", name="Use the adapter").click()
+    expect(page.locator("#use-adapter input")).to_have_value("final")
+    page.locator("#use-run input").fill("tuned")
+    page.locator("#use-run input").press("Enter")
+    expect(page.locator("#use-adapter input")).to_have_value("final")
 
     page.locator("#merge-dir input, #merge-dir textarea").first.fill("my-model")
     page.locator("#merge").click()

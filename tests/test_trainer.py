@@ -25,15 +25,6 @@ def _config(tmp_path, name="run", **overrides):
     return load_config(preset="tiny-cpu", overrides={"output_dir": str(tmp_path / name), **overrides})
 
 
-@pytest.fixture(scope="module")
-def demo_run(tiny_cache, tmp_path_factory):
-    """The tiny-cpu preset exactly as users run it."""
-    config = _config(tmp_path_factory.mktemp("demo"))
-    result = train(config, progress=False)
-    assert result.finished and result.step == config.max_steps
-    return config, result.adapter
-
-
 def test_demo_reward_climbs(demo_run):
     config, _ = demo_run
     rewards = [r["reward"] for r in rundir.read_jsonl(f"{config.output_dir}/metrics.jsonl")]
