@@ -41,6 +41,14 @@ BUILTINS: dict[str, Callable[[], list[dict]]] = {
     "builtin:code": lambda: toy_code.code_rows(),  # Python tasks with tests, for code_tests
 }
 
+# Built-in tasks that come with a held-out split of their own, as a hub dataset has its "test":
+# evaluation uses it when neither eval_fraction nor eval_dataset is set, so a run on the demo task
+# has held-out prompts, while a user's own dataset is never evaluated on the built-in task.
+# builtin:arith has only 100 distinct sums, so its test sums also occur among the training rows.
+BUILTIN_TEST_SPLITS: dict[str, Callable[[], list[dict]]] = {
+    "builtin:arith": lambda: toy.arith_rows(100, seed=1),
+}
+
 # Roles a conversation may use; anything else is almost always a typo ("bot", "human").
 KNOWN_ROLES = ("system", "user", "assistant", "tool")
 
@@ -118,6 +126,10 @@ def read_prompt_rows(config: TrainConfig) -> PromptRows:
                 "prompt_column, answer_column and prompt_template as dataset, so its columns "
                 "must match.)") from None
         source += f"; eval: {eval_table.summary()}"
+    elif config.eval_fraction == 0 and config.dataset in BUILTIN_TEST_SPLITS:
+        test_split = _Table(BUILTIN_TEST_SPLITS[config.dataset](), config.dataset, detail="its test split")
+        eval_rows = _prepare(test_split, config, "dataset")
+        source += f"; eval: {test_split.summary()}"
     return PromptRows(train=train, eval=eval_rows, source=source)
 
 
