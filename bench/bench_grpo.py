@@ -62,14 +62,14 @@ REPORT_RESERVE_S = 10  # kept back from --deadline to write the report
 
 def prepare_toy(args, work_dir: Path) -> Settings:
     """builtin:tiny (or --model) and the toy addition task, with the tiny-cpu preset's settings."""
-    from lowvram_grpo import toy
+    from lowvram_grpo.builtin import arith
     from lowvram_grpo.config import load_config
     from lowvram_grpo.model import resolve_model_path
 
     preset = load_config(preset="tiny-cpu")
     model_dir = resolve_model_path(args.model)
     dataset = work_dir / "arith.jsonl"
-    common.write_jsonl(dataset, toy.arith_rows(1000, seed=0))
+    common.write_jsonl(dataset, arith.arith_rows(1000, seed=0))
     sequences = preset.num_generations * (args.prompts_per_step or preset.prompts_per_step)
     return Settings(
         device=args.device, model_dir=str(model_dir), model_label=args.model, dataset_path=str(dataset), reward="arith",
@@ -190,7 +190,7 @@ def run_trl(s: Settings, out_dir: Path, log: StepLog) -> dict:
     from transformers import BitsAndBytesConfig, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from lowvram_grpo import toy
+    from lowvram_grpo.rewards.builtins import arith_answer
     from lowvram_grpo.model import load_tokenizer
 
     cuda = s.device == "cuda"
@@ -222,7 +222,7 @@ def run_trl(s: Settings, out_dir: Path, log: StepLog) -> dict:
                 log.write(self.time, logs["completions/mean_length"], logs.get("reward"), self.peak)
 
     rows = [json.loads(line) for line in Path(s.dataset_path).read_text().splitlines() if line.strip()]
-    reward = toy.arith_answer if s.reward == "arith" else common.bench_reward
+    reward = arith_answer if s.reward == "arith" else common.bench_reward
     args = GRPOConfig(
         output_dir=str(out_dir), report_to=[], logging_steps=1, save_strategy="no", disable_tqdm=True,
         max_steps=s.total_steps, seed=s.seed, use_cpu=not cuda, bf16=cuda and s.dtype == "bfloat16", fp16=False,
@@ -388,7 +388,7 @@ def planner_note(settings: Settings, ours: dict | None) -> str | None:
     """Our planner's estimate for these settings next to our trainer's measured peak."""
     if not ours or not settings.arch:
         return None
-    from lowvram_grpo.memory import CUDA_OVERHEAD_BYTES, estimate_memory
+    from lowvram_grpo.planning.memory import CUDA_OVERHEAD_BYTES, estimate_memory
 
     estimate = estimate_memory(settings.planner_values(), settings.train_config(Path(tempfile.gettempdir())))
     allocated = estimate.allocated_bytes / GIB
@@ -406,7 +406,7 @@ def target_note(settings: Settings, ours: dict | None, target_gb: float | None) 
     planner's 0.5 GB figure is used for it)."""
     if not ours or target_gb is None:
         return None
-    from lowvram_grpo.memory import CUDA_OVERHEAD_BYTES
+    from lowvram_grpo.planning.memory import CUDA_OVERHEAD_BYTES
 
     if settings.device == "cuda" and ours.get("peak_reserved_gb") is not None:
         on_card = ours["peak_reserved_gb"] + CUDA_OVERHEAD_BYTES / GIB

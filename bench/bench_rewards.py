@@ -24,10 +24,10 @@ import time
 from datetime import date
 
 from bench import common
-from lowvram_grpo.code_reward import CodeTests
+from lowvram_grpo.rewards.code import CodeTests
 from lowvram_grpo.config import TrainConfig
-from lowvram_grpo.reward_model import reward_model_memory
-from lowvram_grpo.sandbox import SandboxLimits, default_workers, describe_isolation, isolation_report, run_program
+from lowvram_grpo.rewards.reward_model import reward_model_memory
+from lowvram_grpo.rewards.sandbox import SandboxLimits, default_workers, describe_isolation, isolation_report, run_program
 
 DOCS_KEY = "rewards"
 COMMAND = "python -m bench.bench_rewards"

@@ -44,9 +44,9 @@ def shipped_architectures() -> list[str]:
 
 
 def arch_values(arch: str, tiny: bool = False, num_hidden_layers: int | None = None) -> dict:
-    """A shipped architecture's config values (what `lowvram_grpo.memory` plans with), or its
+    """A shipped architecture's config values (what `lowvram_grpo.planning.memory` plans with), or its
     tiny stand-in, optionally with fewer decoder layers."""
-    from lowvram_grpo.memory import load_arch
+    from lowvram_grpo.planning.memory import load_arch
 
     values = load_arch(arch)
     if tiny:
@@ -65,7 +65,7 @@ class Settings:
     model_dir: str
     model_label: str
     dataset_path: str  # JSONL with prompt (and answer) columns
-    reward: str  # "arith" (toy.arith_answer) or "bench" (bench_reward below)
+    reward: str  # "arith" (rewards.builtins.arith_answer) or "bench" (bench_reward below)
     num_generations: int
     prompts_per_step: int
     micro_batch_size: int

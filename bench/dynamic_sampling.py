@@ -41,7 +41,8 @@ def base_eval_reward(config) -> float:
     from lowvram_grpo.data import load_prompt_data
     from lowvram_grpo.evaluate import evaluate
     from lowvram_grpo.model import load_policy
-    from lowvram_grpo.rewards import RewardContext, load_reward_functions
+    from lowvram_grpo.rewards.base import RewardContext
+    from lowvram_grpo.rewards.loading import load_reward_functions
     from lowvram_grpo.trainer import seed_everything
 
     seed_everything(config.seed)

@@ -92,8 +92,8 @@ def optimizer_step_count(run_dir: Path) -> int:
 def planner_estimates(settings: Settings) -> tuple[float, float]:
     """(smallest, configured) chunking: the planner's GB allocated by torch, without the CUDA
     context, which the allocator cap does not cover."""
-    from lowvram_grpo.chunking import Chunking
-    from lowvram_grpo.memory import estimate_memory
+    from lowvram_grpo.planning.chunking import Chunking
+    from lowvram_grpo.planning.memory import estimate_memory
 
     arch = settings.planner_values()
     config = settings.train_config(Path(tempfile.gettempdir()))

@@ -10,7 +10,7 @@ hidden size, heads and MLP width), loaded the way training loads it (4-bit NF4 +
 two GRPO steps with G=8, prompt 32 + completion 16 tokens (random weights never stop early, so
 every completion has the full length the planner assumes). A TorchDispatchMode counts the bytes
 of every tensor storage alive, and the peak of each phase of the second step (the optimizer's
-states exist from the first) is set against `lowvram_grpo.memory.estimate_memory` for the same
+states exist from the first) is set against `lowvram_grpo.planning.memory.estimate_memory` for the same
 settings, without the CUDA context (which no tensor holds) and, for the phases without gradients,
 without the dequantised 4-bit weight that bitsandbytes 0.50 does not materialise there on the CPU.
 
@@ -46,12 +46,12 @@ DEFAULT_ARCHS = ("qwen2.5-0.5b", "llama-3.2-3b", "qwen2.5-7b", "qwen3-0.6b", "ge
 def check_architecture(arch: str, layers: int, work: Path) -> dict:
     """Measured and estimated bytes for one architecture: static, and each phase's peak."""
     from lowvram_grpo import trainer
-    from lowvram_grpo.chunking import GENERATION, LOGPROBS, PHASES, UPDATE
+    from lowvram_grpo.planning.chunking import GENERATION, LOGPROBS, PHASES, UPDATE
     from lowvram_grpo.data import load_prompt_data
-    from lowvram_grpo.memory import CUDA_OVERHEAD_BYTES, DEQUANT_TERM, estimate_memory
+    from lowvram_grpo.planning.memory import CUDA_OVERHEAD_BYTES, DEQUANT_TERM, estimate_memory
     from lowvram_grpo.model import load_policy
-    from lowvram_grpo.planner import resolve_chunking
-    from lowvram_grpo.rewards import load_reward_functions
+    from lowvram_grpo.planning.planner import resolve_chunking
+    from lowvram_grpo.rewards.loading import load_reward_functions
 
     model_dir = common.build_random_model(arch, work / f"{arch}-{layers}-layers", num_hidden_layers=layers)
     dataset = work / "prompts.jsonl"
@@ -129,7 +129,7 @@ def format_results(results: list[dict]) -> str:
         return (f"{part['measured'] / 2**20:.0f} / {part['estimated'] / 2**20:.0f} MiB "
                 f"({error(part['measured'], part['estimated'])})")
 
-    from lowvram_grpo.chunking import PHASES as phases
+    from lowvram_grpo.planning.chunking import PHASES as phases
     totals = ["architecture (layers)", "weights + LoRA, loaded", "+ optimizer states", "generation peak",
               "reference log-probs peak", "update peak"]
     added = ["architecture (layers)", "generation adds", "reference log-probs add", "update adds"]
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             "Each cell: measured / estimated (error of the estimate). Measured = the peak bytes of tensor "
             "storages alive during that phase of the second step (a TorchDispatchMode counts every storage "
             "created; the optimizer's states exist from the first step); estimated = "
-            "`lowvram_grpo.memory.estimate_memory` for the same settings without the CUDA context and, in "
+            "`lowvram_grpo.planning.memory.estimate_memory` for the same settings without the CUDA context and, in "
             "generation and reference log-probs, without the whole dequantised 4-bit weight (bitsandbytes 0.50 "
             "runs matmuls without gradients through its gemm_4bit op, which on the CPU never holds one; with "
             "gradients it dequantises the whole weight on every device; whether its CUDA kernel holds one is for "

@@ -27,7 +27,7 @@ _EXPORTS = {
     "generate_greedy": "rollout",
     "evaluate": "evaluate", "compare": "evaluate", "format_comparison": "evaluate",
     "merge_adapter": "export",
-    "estimate_memory": "memory", "plan": "planner", "format_plan": "planner",
+    "estimate_memory": "planning.memory", "plan": "planning.planner", "format_plan": "planning.planner",
     "read_jsonl": "rundir", "read_status": "rundir",
 }
 

@@ -35,11 +35,11 @@ EXIT_INTERRUPTED = 130  # as a shell reports a process ended by Ctrl-C
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input rather than a bug (imported lazily: torch is slow)."""
-    from lowvram_grpo.backoff import MemoryBudgetError
+    from lowvram_grpo.planning.backoff import MemoryBudgetError
     from lowvram_grpo.data import DatasetError
-    from lowvram_grpo.memory import PlannerError
+    from lowvram_grpo.planning.memory import PlannerError
     from lowvram_grpo.model import ModelLoadError
-    from lowvram_grpo.rewards import RewardFunctionError
+    from lowvram_grpo.rewards.base import RewardFunctionError
 
     return (ConfigError, DatasetError, ModelLoadError, RewardFunctionError, MemoryBudgetError, PlannerError,
             FileNotFoundError)
@@ -150,7 +150,7 @@ def dry_run_checks(config) -> None:
     and models not in the local cache are noted; training checks them before the model loads."""
     from lowvram_grpo.data import is_hub_id, read_prompt_rows
     from lowvram_grpo.model import ModelNotDownloaded, check_model_available
-    from lowvram_grpo.rewards import load_reward_functions
+    from lowvram_grpo.rewards.loading import load_reward_functions
 
     load_reward_functions(config.rewards)
     hub_data = [source for source in (config.dataset, config.eval_dataset) if source and is_hub_id(source)]
@@ -199,7 +199,8 @@ def _target_memory(name: str) -> str:
 
 def cmd_rewards(_: argparse.Namespace) -> int:
     """Every kind of reward, one line each: the built-ins, then the other kinds."""
-    from lowvram_grpo.rewards import BUILTIN_REWARDS, REWARD_KINDS
+    from lowvram_grpo.rewards.base import BUILTIN_REWARDS
+    from lowvram_grpo.rewards.loading import REWARD_KINDS
 
     lines = [(name, (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "")
              for name, fn in sorted(BUILTIN_REWARDS.items())]
@@ -245,8 +246,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     """Print the memory breakdown; exit 0 if the run fits in --vram-gb, 1 (saying what to
     reduce) if even one sequence at a time does not."""
-    from lowvram_grpo.memory import PlannerError
-    from lowvram_grpo.planner import format_plan, plan
+    from lowvram_grpo.planning.memory import PlannerError
+    from lowvram_grpo.planning.planner import format_plan, plan
 
     if args.vram_gb <= 0:
         raise ConfigError(f"--vram-gb: must be more than 0, got {args.vram_gb:g}")
@@ -322,7 +323,7 @@ def ui_logins(args: argparse.Namespace) -> list[tuple[str, str]] | None:
 def cmd_ui(args: argparse.Namespace) -> int:
     auth = ui_logins(args)
     try:
-        from lowvram_grpo.ui import launch
+        from lowvram_grpo.app.ui import launch
     except ImportError as err:
         raise ConfigError(f"the web app needs gradio ({err}); "
                           "install it with: pip install 'lowvram-grpo[ui]'") from None

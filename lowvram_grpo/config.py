@@ -22,7 +22,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from lowvram_grpo.chunking import Chunking
+from lowvram_grpo.planning.chunking import Chunking
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 

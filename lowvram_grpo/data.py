@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from lowvram_grpo import toy, toy_code
+from lowvram_grpo.builtin import arith
+from lowvram_grpo.builtin import code_tasks
 from lowvram_grpo.config import TrainConfig
 from lowvram_grpo.errors import DatasetError, clip, names, one_line, type_name
 from lowvram_grpo.prompts import fill_template, prompt_lengths, with_system_prompt
@@ -37,8 +38,8 @@ SUPPORTED = TEXT_FORMATS + (".parquet",)
 SUPPORTED_HINT = ".jsonl, .json, .csv, .tsv, .parquet, or a gzipped text format such as .jsonl.gz"
 
 BUILTINS: dict[str, Callable[[], list[dict]]] = {
-    "builtin:arith": lambda: toy.arith_rows(1000, seed=0),
-    "builtin:code": lambda: toy_code.code_rows(),  # Python tasks with tests, for code_tests
+    "builtin:arith": lambda: arith.arith_rows(1000, seed=0),
+    "builtin:code": lambda: code_tasks.code_rows(),  # Python tasks with tests, for code_tests
 }
 
 # Built-in tasks that come with a held-out split of their own, as a hub dataset has its "test":

@@ -34,7 +34,10 @@ from lowvram_grpo import distributed
 from lowvram_grpo.config import AUTO, TrainConfig
 from lowvram_grpo.data import load_prompt_data
 from lowvram_grpo.model import default_device, load_policy, reference_model, resolve_model_path
-from lowvram_grpo.rewards import BUILTIN_REWARDS, RewardContext, RewardFunction, load_reward_functions, score_rows
+from lowvram_grpo.rewards.base import RewardContext, RewardFunction
+from lowvram_grpo.rewards.builtins import BUILTIN_REWARDS
+from lowvram_grpo.rewards.loading import load_reward_functions
+from lowvram_grpo.rewards.scoring import score_rows
 from lowvram_grpo.rollout import generate_greedy
 
 # Built-in rewards that mean "the answer is right" (1.0) or "wrong" (0.0).

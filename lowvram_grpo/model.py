@@ -33,7 +33,7 @@ class ModelNotDownloaded(ModelLoadError):
 def resolve_model_path(name: str) -> str:
     """`builtin:tiny` -> the locally built tiny model's directory; anything else unchanged."""
     if name == BUILTIN_TINY:
-        from lowvram_grpo.tiny import tiny_model_path
+        from lowvram_grpo.builtin.tiny_model import tiny_model_path
 
         return str(tiny_model_path())
     if name.startswith(BUILTIN_PREFIX):

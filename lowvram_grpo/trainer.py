@@ -32,20 +32,21 @@ import numpy as np
 import torch
 
 from lowvram_grpo import distributed, grpo, metrics
-from lowvram_grpo.backoff import retry_on_oom
+from lowvram_grpo.planning.backoff import retry_on_oom
 from lowvram_grpo.checkpoint import (load_checkpoint, read_trainer_state, restore_rng_state, rng_state, save_adapter,
                                      save_checkpoint, set_rng_state)
-from lowvram_grpo.chunking import GENERATION, LOGPROBS, UPDATE, Chunking
+from lowvram_grpo.planning.chunking import GENERATION, LOGPROBS, UPDATE, Chunking
 from lowvram_grpo.config import ConfigError, TrainConfig
 from lowvram_grpo.data import PromptRows, finish_prompt_data, read_prompt_rows
 from lowvram_grpo.entropy_control import EntropyControl
 from lowvram_grpo.evaluate import evaluate
 from lowvram_grpo.health import HealthMonitor
 from lowvram_grpo.model import check_model_available, compute_dtype, load_policy, reference_model, resolve_model_path
-from lowvram_grpo.planner import resolve_chunking
+from lowvram_grpo.planning.planner import resolve_chunking
 from lowvram_grpo.reporting import make_reporters
-from lowvram_grpo.rewards import (RewardContext, RewardFunction, RewardFunctionError, RewardScores,
-                                  load_reward_functions, score_rows)
+from lowvram_grpo.rewards.base import RewardContext, RewardFunction, RewardFunctionError
+from lowvram_grpo.rewards.scoring import RewardScores, score_rows
+from lowvram_grpo.rewards.loading import load_reward_functions
 from lowvram_grpo.rollout import Rollout, concat_rollouts, generate_rollouts
 from lowvram_grpo.rundir import RunDir, TrainResult
 from lowvram_grpo.stopping import StepInterrupted, StopRequested

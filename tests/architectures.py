@@ -92,7 +92,7 @@ def build_tiny_arch(name: str, path: Path) -> Path:
     """Save a tiny random `name` model with the tiny character tokenizer to `path`."""
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
-    from lowvram_grpo.tiny import build_tokenizer
+    from lowvram_grpo.builtin.tiny_model import build_tokenizer
 
     arch = ARCHITECTURES[name]
     tokenizer = build_tokenizer()
@@ -118,6 +118,6 @@ def build_tiny_arch(name: str, path: Path) -> Path:
 def distinct_characters(prompts, completions, **kwargs) -> list[float]:
     """A reward that differs between random completions (the toy task's exact answer would be
     0 for all of them, leaving GRPO nothing to learn from): distinct characters used."""
-    from lowvram_grpo.rewards import completion_text
+    from lowvram_grpo.rewards.base import completion_text
 
     return [float(len(set(completion_text(c)))) for c in completions]

@@ -26,7 +26,7 @@ def tiny_cache(tmp_path_factory):
     cache = tmp_path_factory.mktemp("lowvram_grpo_cache")
     previous = os.environ.get("LOWVRAM_GRPO_CACHE")
     os.environ["LOWVRAM_GRPO_CACHE"] = str(cache)
-    from lowvram_grpo.tiny import tiny_model_path
+    from lowvram_grpo.builtin.tiny_model import tiny_model_path
 
     tiny_model_path()  # build once, before any test or subprocess needs it
     yield cache
@@ -38,7 +38,7 @@ def tiny_cache(tmp_path_factory):
 
 @pytest.fixture
 def tiny_path(tiny_cache):
-    from lowvram_grpo.tiny import tiny_model_path
+    from lowvram_grpo.builtin.tiny_model import tiny_model_path
 
     return tiny_model_path()
 
@@ -63,7 +63,7 @@ def fixed_step(config, num_prompts: int, num_generations: int):
     from lowvram_grpo import grpo
     from lowvram_grpo.data import load_prompt_data
     from lowvram_grpo.model import load_policy, reference_model
-    from lowvram_grpo.planner import resolve_chunking
+    from lowvram_grpo.planning.planner import resolve_chunking
     from lowvram_grpo.rollout import generate_rollouts
     from lowvram_grpo.trainer import frozen_logprobs, seed_everything
 
@@ -88,7 +88,7 @@ def fixed_step(config, num_prompts: int, num_generations: int):
 def sgd_learner(config, policy, start: dict, tokenizer=None, reward_functions=()):
     """A trainer Learner whose LoRA weights are reset to `start` (name -> tensor), with plain SGD
     (lr 1, constant) so that one update's weight change is the gradient itself."""
-    from lowvram_grpo.planner import resolve_chunking
+    from lowvram_grpo.planning.planner import resolve_chunking
     from lowvram_grpo.trainer import Learner
 
     params = [p for p in policy.parameters() if p.requires_grad]

@@ -23,7 +23,8 @@ gradio_client = pytest.importorskip("gradio_client")
 import gradio_client.exceptions  # noqa: E402
 pytest.importorskip("gradio")
 
-from lowvram_grpo import app_setup, dashboard, ui  # noqa: E402
+from lowvram_grpo.app import dashboard, ui  # noqa: E402
+from lowvram_grpo.app import setup as app_setup  # noqa: E402
 
 from conftest import apply_curve_delta  # noqa: E402
 
@@ -233,7 +234,7 @@ def test_use_the_adapter(app):
 
 def test_failed_and_killed_runs_say_so(tmp_path):
     """What the page shows comes from status.json, plus the process check the file cannot do."""
-    from lowvram_grpo.jobs import run_state, tail
+    from lowvram_grpo.app.jobs import run_state, tail
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()

@@ -17,14 +17,16 @@ import pytest
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 pytest.importorskip("gradio")
 
-from lowvram_grpo import app_setup, dashboard, health, rundir  # noqa: E402
+from lowvram_grpo import health, rundir  # noqa: E402
+from lowvram_grpo.app import dashboard  # noqa: E402
+from lowvram_grpo.app import setup as app_setup  # noqa: E402
 
 from conftest import apply_curve_delta  # noqa: E402
-from lowvram_grpo.app_handlers import Handlers  # noqa: E402
-from lowvram_grpo.app_setup import ERROR_FIELDS, FORM_KEYS, AppContext  # noqa: E402
+from lowvram_grpo.app.handlers import Handlers  # noqa: E402
+from lowvram_grpo.app.setup import ERROR_FIELDS, FORM_KEYS, AppContext  # noqa: E402
 from lowvram_grpo.config import ConfigError, TrainConfig, build_config, save_config  # noqa: E402
 from lowvram_grpo.errors import DatasetError  # noqa: E402
-from lowvram_grpo.jobs import Job, JobError, JobManager  # noqa: E402
+from lowvram_grpo.app.jobs import Job, JobError, JobManager  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -192,7 +194,7 @@ def test_continue_a_finished_run_for_more_steps(handlers, tiny_cache):
 
 def test_log_is_shown_in_a_pre_the_page_scrolls_to_its_end(handlers):
     """#3: the log box is an element the page scrolls to its end on every update (LOG_JS)."""
-    from lowvram_grpo import ui
+    from lowvram_grpo.app import ui
 
     run = make_run(handlers.ctx.runs_dir, "r", [])
     (run / "train.log").write_text("".join(f"line {i}\n" for i in range(100)) + "Traceback <last>\n")
@@ -224,7 +226,7 @@ def test_every_config_key_is_in_the_form_and_round_trips(handlers):
 
 def test_errors_carry_their_key_and_mark_their_field(handlers):
     """Errors name the key they are about (no message parsing in the app); #6: the page marks the field."""
-    from lowvram_grpo import ui
+    from lowvram_grpo.app import ui
 
     assert ConfigError("temperature: must be > 0").key == "temperature"
     assert ConfigError("override 'x': expected key=value").key == "config"
@@ -261,7 +263,7 @@ def test_reload_during_training_restores_the_form(handlers, monkeypatch):
 def test_memory_headline_describes_the_chunk_sizes_the_run_uses(handlers):
     """#8: fixed chunk sizes are the ones planned; "auto" ones are the planner's choice, which the
     run makes for the same vram_gb."""
-    from lowvram_grpo.planner import plan
+    from lowvram_grpo.planning.planner import plan
 
     form = app_setup.preset_form_values("tiny-cpu")
     form.update(vram_gb=8, generation_chunk_size="2", micro_batch_size="4")
@@ -317,7 +319,7 @@ def test_check_shows_the_cli_command_and_config_yaml(handlers):
 
 def test_theme_text_contrast_is_at_least_4_5(tmp_path):
     """#13: help text and other subdued text at >= 4.5:1 on the white background (WCAG AA)."""
-    from lowvram_grpo import ui
+    from lowvram_grpo.app import ui
 
     def resolve(value: str) -> str:
         while value.startswith("*"):
@@ -549,7 +551,7 @@ def test_workbench_scores_the_base_models_groups(handlers, tiny_cache, monkeypat
     import lowvram_grpo.model
     from lowvram_grpo.data import read_table
     from lowvram_grpo.grpo import ADVANTAGE_EPS
-    from lowvram_grpo.rewards import arith_answer
+    from lowvram_grpo.rewards.builtins import arith_answer
 
     loads = []
     real_load = lowvram_grpo.model.load_policy
@@ -583,7 +585,7 @@ def test_workbench_scores_the_base_models_groups(handlers, tiny_cache, monkeypat
 
 
 def test_model_slot_holds_one_model():
-    from lowvram_grpo.playground import ModelSlot
+    from lowvram_grpo.app.playground import ModelSlot
 
     slot, loads = ModelSlot(), []
     assert slot.get("a", lambda: loads.append("a") or "model a") == "model a"
@@ -596,7 +598,7 @@ def test_model_slot_holds_one_model():
 
 def test_use_tab_evaluates_base_vs_adapter_on_held_out_prompts(handlers, tiny_adapter):
     from lowvram_grpo.data import load_prompt_data
-    from lowvram_grpo.rewards import arith_answer
+    from lowvram_grpo.rewards.builtins import arith_answer
     from lowvram_grpo.rundir import RunDir
 
     run = tiny_run(handlers, tiny_adapter, eval_fraction=0.01)  # 10 of builtin:arith's 1000 rows

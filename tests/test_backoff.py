@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from lowvram_grpo import grpo, trainer
-from lowvram_grpo.backoff import MemoryBudgetError, retry_on_oom
-from lowvram_grpo.chunking import Chunking
+from lowvram_grpo.planning.backoff import MemoryBudgetError, retry_on_oom
+from lowvram_grpo.planning.chunking import Chunking
 from lowvram_grpo.config import load_config
 from lowvram_grpo.trainer import train
 
@@ -144,8 +144,8 @@ def test_demo_checks_pass_on_a_backed_off_run_and_fail_without_an_oom(oom_demo, 
 def test_auto_budget_on_a_gpu_is_what_is_free_now(monkeypatch):
     """Without vram_gb, a 12 GiB card with 5.5 GiB held by a display or another job plans with
     the 6.5 GiB free (plus the CUDA context the planner counts itself), never more than the card."""
-    from lowvram_grpo.memory import CUDA_OVERHEAD_BYTES
-    from lowvram_grpo.planner import device_memory_gb
+    from lowvram_grpo.planning.memory import CUDA_OVERHEAD_BYTES
+    from lowvram_grpo.planning.planner import device_memory_gb
 
     gib = 2**30
     cuda = torch.device("cuda", 0)

@@ -87,7 +87,7 @@ def _config(tmp_path):
 def _fixed_step(config, path):
     """One step's rollouts, advantages and log-probs, made once and saved: every process loads
     the same, so sampling randomness plays no part in the comparison."""
-    from lowvram_grpo.planner import resolve_chunking
+    from lowvram_grpo.planning.planner import resolve_chunking
     from lowvram_grpo.trainer import frozen_logprobs
 
     cpu = torch.device("cpu")
@@ -158,7 +158,7 @@ def _skip_steps(data_path):
     process's share) standing in for generation and scoring, with plain SGD."""
     from lowvram_grpo import trainer
     from lowvram_grpo.model import load_policy
-    from lowvram_grpo.rewards import RewardScores
+    from lowvram_grpo.rewards.scoring import RewardScores
 
     data = torch.load(data_path, weights_only=False)
     w = distributed.world()
@@ -210,7 +210,7 @@ def _evaluation(data_path):
 
 def _helper_checks(data_path):
     """The collectives the trainer relies on, with results only right if they really gathered."""
-    from lowvram_grpo.rewards import RewardScores
+    from lowvram_grpo.rewards.scoring import RewardScores
     from lowvram_grpo.trainer import _gather_scores
 
     w = distributed.world()
@@ -371,7 +371,7 @@ def test_two_process_run_writes_one_run_directory(two_process_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from lowvram_grpo.tiny import tiny_model_path
+    from lowvram_grpo.builtin.tiny_model import tiny_model_path
 
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_path()), run / "final")
     final = load_file(run / "final" / "adapter_model.safetensors")

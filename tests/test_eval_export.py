@@ -14,15 +14,17 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from lowvram_grpo import toy
+from lowvram_grpo.builtin import arith
 from lowvram_grpo.cli import main
 from lowvram_grpo.config import RewardSpec, load_config
 from lowvram_grpo.evaluate import compare, evaluate, format_comparison
 from lowvram_grpo.export import ExportError, merge_adapter
 from lowvram_grpo.model import load_policy, reference_model
-from lowvram_grpo.rewards import RewardFunction, load_reward_functions, tag_count
+from lowvram_grpo.rewards.base import RewardFunction
+from lowvram_grpo.rewards.loading import load_reward_functions
+from lowvram_grpo.rewards.builtins import tag_count
 
-ROWS = toy.all_arith_rows()[::7]  # 15 distinct problems
+ROWS = arith.all_arith_rows()[::7]  # 15 distinct problems
 
 
 @pytest.fixture(scope="module")

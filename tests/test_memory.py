@@ -1,4 +1,4 @@
-"""Tests for lowvram_grpo.memory: the planner's arithmetic, its choices, the shipped
+"""Tests for lowvram_grpo.planning.memory: the planner's arithmetic, its choices, the shipped
 architecture configs and the `lowvram-grpo plan` command.
 
 Everything is computed from configs: no weights are loaded and no GPU is needed. The shipped
@@ -13,11 +13,12 @@ import json
 import pytest
 import torch
 
-from lowvram_grpo import memory, planner
+from lowvram_grpo.planning import memory
+from lowvram_grpo.planning import planner
 from lowvram_grpo.config import TrainConfig
-from lowvram_grpo.memory import (GIB, PlannerError, count_parameters, estimate_memory, load_arch, resolve_model_config,
+from lowvram_grpo.planning.memory import (GIB, PlannerError, count_parameters, estimate_memory, load_arch, resolve_model_config,
                                  shipped_architectures)
-from lowvram_grpo.planner import format_plan, plan
+from lowvram_grpo.planning.planner import format_plan, plan
 
 # Published sizes (model cards / Hub "Model size") of the shipped architectures.
 PUBLISHED_PARAMS = {

@@ -158,7 +158,7 @@ def test_the_tiny_model_is_the_same_whatever_the_callers_thread_count(tiny_path,
     built the tiny model had (its warm-up's sums rounded differently with each count)."""
     from safetensors.torch import load_file
 
-    from lowvram_grpo.tiny import build_tiny_model
+    from lowvram_grpo.builtin.tiny_model import build_tiny_model
 
     threads = torch.get_num_threads()  # what the session's tiny model was built under
     torch.set_num_threads(threads + 1)

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from lowvram_grpo.config import list_presets, load_config, preset_path
-from lowvram_grpo.rewards import load_reward_functions, resolve_reward, score_completions
+from lowvram_grpo.rewards.loading import load_reward_functions, resolve_reward
+from lowvram_grpo.rewards.scoring import score_completions
 
 PRESETS = list_presets()
 GPU_PRESETS = [name for name in PRESETS if name != "tiny-cpu"]
@@ -121,7 +122,7 @@ def test_thinking_model_presets_switch_the_templates_thinking_off(name):
 @pytest.mark.parametrize("name", [n for n in EXPECTED if any(line.startswith("# plan:") for line in header_lines(n))])
 def test_preset_header_states_the_planners_estimate_offline(name):
     """The header's "plan: ~X GB" is what `plan` computes now, offline, and it fits the target."""
-    from lowvram_grpo.planner import plan
+    from lowvram_grpo.planning.planner import plan
 
     line = next(line for line in header_lines(name) if line.startswith("# plan:"))
     stated = float(re.search(r"~([\d.]+) GB", line).group(1))

@@ -19,10 +19,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lowvram_grpo import rundir, toy
+from lowvram_grpo import rundir
+from lowvram_grpo.builtin import arith
 from lowvram_grpo.config import ConfigError, load_config
 from lowvram_grpo.data import DatasetError, read_prompt_rows
-from lowvram_grpo.rewards import RewardFunction, RewardFunctionError, score_completions
+from lowvram_grpo.rewards.base import RewardFunction, RewardFunctionError
+from lowvram_grpo.rewards.scoring import score_completions
 from lowvram_grpo.stopping import StepInterrupted, call_with_deadline
 from lowvram_grpo.metrics import mean_over_updates
 from lowvram_grpo.trainer import train
@@ -137,7 +139,7 @@ def test_nan_anywhere_in_a_record_is_written_as_null(tmp_path):
 
 
 def test_training_on_prompts_with_line_separators_keeps_completions_across_resume(tiny_cache, tmp_path):
-    rows = [{**row, "prompt": row["prompt"] + "\u2028"} for row in toy.arith_rows(64, seed=0)]
+    rows = [{**row, "prompt": row["prompt"] + "\u2028"} for row in arith.arith_rows(64, seed=0)]
     dataset = _write_jsonl(tmp_path / "data.jsonl", rows)
     config = _config(tmp_path, dataset=str(dataset), max_steps=3, log_completions_every=1,
                      num_completions_to_log=2)
@@ -156,7 +158,7 @@ HANGING_REWARDS = '''
 import os
 import time
 
-from lowvram_grpo.toy import arith_answer
+from lowvram_grpo.rewards.builtins import arith_answer
 
 calls = 0
 
@@ -328,7 +330,7 @@ def test_a_hub_model_that_is_not_downloaded_is_reported_before_anything_loads(tm
 
 
 def test_the_app_check_says_a_model_is_not_downloaded(tmp_path, monkeypatch):
-    from lowvram_grpo.app_setup import AppContext, form_to_config
+    from lowvram_grpo.app.setup import AppContext, form_to_config
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
@@ -431,8 +433,8 @@ def test_a_failed_run_leaves_the_process_group_it_created(tmp_path, monkeypatch)
 
 
 def test_a_second_stop_kills_a_trainer_that_does_not_stop_and_marks_the_run(tmp_path, monkeypatch):
-    from lowvram_grpo import jobs as jobs_module
-    from lowvram_grpo.jobs import JobManager
+    from lowvram_grpo.app import jobs as jobs_module
+    from lowvram_grpo.app.jobs import JobManager
 
     # A trainer stuck where no signal reaches it (say, C code that holds the interpreter lock).
     ignores_sigterm = [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "

@@ -8,15 +8,16 @@ import pytest
 import torch
 
 from lowvram_grpo.config import TrainConfig, load_config
-from lowvram_grpo.memory import estimate_memory, resolve_model_config
-from lowvram_grpo.planner import format_plan, plan
-from lowvram_grpo.rewards import RewardContext, RewardFunctionError, load_reward_functions, resolve_reward
+from lowvram_grpo.planning.memory import estimate_memory, resolve_model_config
+from lowvram_grpo.planning.planner import format_plan, plan
+from lowvram_grpo.rewards.base import RewardContext, RewardFunctionError
+from lowvram_grpo.rewards.loading import load_reward_functions, resolve_reward
 
 
 def build_classifier(path, num_labels: int = 1, chat_template: bool = True) -> str:
     from transformers import Qwen2Config, Qwen2ForSequenceClassification
 
-    from lowvram_grpo.tiny import build_tokenizer
+    from lowvram_grpo.builtin.tiny_model import build_tokenizer
 
     tokenizer = build_tokenizer()
     if not chat_template:

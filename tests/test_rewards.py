@@ -10,21 +10,11 @@ import pytest
 import torch
 
 from lowvram_grpo.config import RewardSpec
-from lowvram_grpo.rewards import (
-    BUILTIN_REWARDS,
-    DEFAULT_MAX_LENGTH,
-    DEFAULT_TARGET_LENGTH,
-    RewardFunction,
-    RewardFunctionError,
-    completion_text,
-    extract_number,
-    load_reward_functions,
-    numeric_answer,
-    register_reward,
-    resolve_reward,
-    score_completions,
-)
-from lowvram_grpo.toy import arith_answer
+from lowvram_grpo.rewards.base import RewardFunction, RewardFunctionError, completion_text
+from lowvram_grpo.rewards.builtins import (BUILTIN_REWARDS, DEFAULT_MAX_LENGTH, DEFAULT_TARGET_LENGTH, arith_answer,
+                                          extract_number, numeric_answer, register_reward)
+from lowvram_grpo.rewards.loading import load_reward_functions, resolve_reward
+from lowvram_grpo.rewards.scoring import score_completions
 
 
 def chat(text: str) -> list[dict]:

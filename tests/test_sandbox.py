@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from lowvram_grpo.code_reward import CodeTests, extract_code, outputs_match
-from lowvram_grpo.rewards import RewardFunctionError, resolve_reward
-from lowvram_grpo.sandbox import SANDBOX_UID_BASE, SandboxLimits, isolation_report, run_many
+from lowvram_grpo.rewards.code import CodeTests, extract_code, outputs_match
+from lowvram_grpo.rewards.base import RewardFunctionError
+from lowvram_grpo.rewards.loading import resolve_reward
+from lowvram_grpo.rewards.sandbox import SANDBOX_UID_BASE, SandboxLimits, isolation_report, run_many
 
 LIMITS = SandboxLimits(wall_seconds=3.0, cpu_seconds=2, memory_bytes=256 * 2**20)
 CONFINED = isolation_report()
@@ -272,8 +273,8 @@ def test_programs_run_in_parallel_bounded_by_the_workers():
 
 NON_ROOT_CHECK = """
 import json, os
-from lowvram_grpo.code_reward import CodeTests
-from lowvram_grpo.sandbox import SandboxLimits, isolation_report
+from lowvram_grpo.rewards.code import CodeTests
+from lowvram_grpo.rewards.sandbox import SandboxLimits, isolation_report
 attacks = {
     "network": "import socket\\ndef f():\\n    socket.create_connection(('127.0.0.1', 22), timeout=1)\\n    return 1",
     "write": "def f():\\n    open(%r, 'w').write('x')\\n    return 1",
@@ -311,7 +312,7 @@ def test_a_python_installed_under_tmp_stays_visible_to_the_program(tmp_path):
     venv = tmp_path / "venv"  # pytest's tmp_path is under /tmp
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    script = ("import sys; sys.path.insert(0, sys.argv[1]); from lowvram_grpo.sandbox import run_program; "
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); from lowvram_grpo.rewards.sandbox import run_program; "
               "r = run_program({'a.py': 'print(6 * 7)'}, ['a.py']); print(r.stdout.strip(), r.returncode)")
     result = subprocess.run([str(venv / "bin" / "python"), "-c", script, repo], capture_output=True, text=True,
                             timeout=120)

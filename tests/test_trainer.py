@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from lowvram_grpo import grpo, rundir, toy
 from lowvram_grpo.config import load_config
-from lowvram_grpo.rewards import RewardFunctionError
+from lowvram_grpo.rewards.base import RewardFunctionError
 from lowvram_grpo.trainer import PromptSampler, train
 
 from conftest import fixed_step
@@ -309,7 +309,7 @@ def _fp16_step(tmp_path):
 
 
 def _learner(config, policy, optimizer, scheduler=None, scaler=None):
-    from lowvram_grpo.planner import resolve_chunking
+    from lowvram_grpo.planning.planner import resolve_chunking
     from lowvram_grpo.trainer import Learner
 
     cpu = torch.device("cpu")

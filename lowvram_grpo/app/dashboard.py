@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lowvram_grpo.rewards import completion_text
+from lowvram_grpo.rewards.base import completion_text
 from lowvram_grpo.rundir import JsonlFollower, RunDir
 
 # The curves, in page order. "series" are metric keys; "prefix"/"suffix" pick every matching

@@ -32,15 +32,15 @@ from pathlib import Path
 
 import gradio as gr
 
-from lowvram_grpo import dashboard
-from lowvram_grpo.app_handlers import EVAL_COLUMNS, EXAMPLE_COLUMNS, Handlers
-from lowvram_grpo.app_setup import (CHUNK_KEYS, DATASET_SUFFIXES, ERROR_FIELDS, FORM_KEYS, MAX_UPLOAD_MB, REWARD_FIELDS,
+from lowvram_grpo.app import dashboard
+from lowvram_grpo.app.handlers import EVAL_COLUMNS, EXAMPLE_COLUMNS, Handlers
+from lowvram_grpo.app.setup import (CHUNK_KEYS, DATASET_SUFFIXES, ERROR_FIELDS, FORM_KEYS, MAX_UPLOAD_MB, REWARD_FIELDS,
                                     REWARD_SLOTS, TEXT_KEYS, AppContext, config_groups, preset_form_values)
 from lowvram_grpo.config import LOSS_TYPES, SCALE_REWARDS, list_presets
 from lowvram_grpo.export import DTYPES
-from lowvram_grpo.jobs import JobManager
-from lowvram_grpo.rewards import BUILTIN_REWARDS
-from lowvram_grpo.workbench import MAX_SAMPLE_ROWS
+from lowvram_grpo.app.jobs import JobManager
+from lowvram_grpo.rewards.builtins import BUILTIN_REWARDS
+from lowvram_grpo.app.workbench import MAX_SAMPLE_ROWS
 
 DEFAULT_WORK_DIR = "runs/app"
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")

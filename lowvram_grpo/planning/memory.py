@@ -40,11 +40,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lowvram_grpo.chunking import GENERATION, LOGPROBS, UPDATE
+from lowvram_grpo.planning.chunking import GENERATION, LOGPROBS, UPDATE
 from lowvram_grpo.config import TrainConfig
 
 GIB = 2**30
-ARCH_DIR = Path(__file__).parent / "arch"
+ARCH_DIR = Path(__file__).resolve().parents[1] / "arch"  # lowvram_grpo/arch/
 
 # --- constants, each with its reason -----------------------------------------------------------
 
@@ -517,7 +517,7 @@ def estimate_memory(model_config: Any, train_config: TrainConfig, *,
     phases = {GENERATION: generation, LOGPROBS: reference, f"{UPDATE}: LM head": update_head,
               f"{UPDATE}: layers": update_layers}
     # model: rewards stay loaded for the whole run and run between generation and update.
-    from lowvram_grpo.reward_model import reward_model_memory
+    from lowvram_grpo.rewards.reward_model import reward_model_memory
 
     reward_static, reward_phase = reward_model_memory(c, db)
     static.update(reward_static)

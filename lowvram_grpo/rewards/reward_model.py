@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from lowvram_grpo.config import TrainConfig
-from lowvram_grpo.rewards import RewardFunctionError, completion_text
+from lowvram_grpo.rewards.base import RewardFunctionError, completion_text
 
 
 class RewardModel:
@@ -148,7 +148,7 @@ def reward_model_memory(train_config: TrainConfig, dtype_bytes: int) -> tuple[di
     forward of `reward_model_batch_size` sequences at the longest length, the widest layer at a
     time, plus the dequantised largest linear; reward models are scored one after the other.
     """
-    from lowvram_grpo import memory
+    from lowvram_grpo.planning import memory
 
     static, phase = {}, {}
     batch = train_config.reward_model_batch_size

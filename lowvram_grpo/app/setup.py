@@ -28,7 +28,7 @@ import yaml
 from lowvram_grpo.config import ConfigError, TrainConfig, build_config, preset_path, read_yaml
 from lowvram_grpo.data import SUPPORTED, DatasetError, _looks_like_path, load_prompt_data, preview
 from lowvram_grpo.model import ModelLoadError, check_model_available
-from lowvram_grpo.rewards import BUILTIN_REWARDS
+from lowvram_grpo.rewards.builtins import BUILTIN_REWARDS
 
 MAX_UPLOAD_MB = 200
 DATASET_SUFFIXES = list(SUPPORTED) + [ext + ".gz" for ext in SUPPORTED if ext != ".parquet"]
@@ -349,7 +349,7 @@ def memory_plan(config: TrainConfig) -> tuple[str, str]:
         return "", "Give the GPU memory (GB) to plan for."
 
     def compute():
-        from lowvram_grpo.planner import plan
+        from lowvram_grpo.planning.planner import plan
 
         return plan(config, float(vram_gb))
 
@@ -360,7 +360,7 @@ def memory_plan(config: TrainConfig) -> tuple[str, str]:
                     f"{PLAN_TIMEOUT_S} s (offline?). A local directory or a shipped architecture name works offline.")
     except Exception as err:  # the planner is an estimate: its failure must never break the page
         return "", f"No memory plan: {err}"
-    from lowvram_grpo.planner import format_plan
+    from lowvram_grpo.planning.planner import format_plan
 
     return plan_headline(p), format_plan(p)
 

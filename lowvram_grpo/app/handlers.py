@@ -19,14 +19,14 @@ import gradio as gr
 import gradio.utils
 import pandas as pd
 
-from lowvram_grpo import app_setup as setup
-from lowvram_grpo import dashboard
-from lowvram_grpo.app_setup import ERROR_FIELDS, FORM_KEYS, REWARD_SLOTS, AppContext
+from lowvram_grpo.app import setup
+from lowvram_grpo.app import dashboard
+from lowvram_grpo.app.setup import ERROR_FIELDS, FORM_KEYS, REWARD_SLOTS, AppContext
 from lowvram_grpo.config import ConfigError, RewardSpec
 from lowvram_grpo.data import DatasetError
 from lowvram_grpo.health import check_health
-from lowvram_grpo.jobs import LOG_NAME, JobError, JobManager, run_state, tail
-from lowvram_grpo.playground import AdapterPlayground
+from lowvram_grpo.app.jobs import LOG_NAME, JobError, JobManager, run_state, tail
+from lowvram_grpo.app.playground import AdapterPlayground
 from lowvram_grpo.rundir import RunDir
 
 LIKELY_PROMPT = ("prompt", "question", "problem", "instruction", "input", "query")
@@ -72,7 +72,7 @@ EXAMPLE_COLUMNS = ["prompt", "answer", "base model", "with the adapter"]
 
 class Handlers:
     def __init__(self, ctx: AppContext, jobs: JobManager, playground: AdapterPlayground | None = None):
-        from lowvram_grpo.workbench import BaseSampler
+        from lowvram_grpo.app.workbench import BaseSampler
 
         self.ctx, self.jobs = ctx, jobs
         self.playground = playground or AdapterPlayground()
@@ -335,8 +335,8 @@ class Handlers:
     def workbench(self, *values):
         """Score pasted completions with the form's reward functions, as one group."""
         *reward_values, prompt, answer, pasted, scale = values
-        from lowvram_grpo import workbench
-        from lowvram_grpo.rewards import RewardFunctionError
+        from lowvram_grpo.app import workbench
+        from lowvram_grpo.rewards.base import RewardFunctionError
 
         specs = []
         for i in range(REWARD_SLOTS):
@@ -362,8 +362,8 @@ class Handlers:
         `num_rows` rows and score them with the form's rewards, one group per row. A generator:
         the page shows a note while the model loads and generates."""
         *form_values, num_rows = values
-        from lowvram_grpo.rewards import RewardFunctionError
-        from lowvram_grpo.workbench import check_num_rows
+        from lowvram_grpo.rewards.base import RewardFunctionError
+        from lowvram_grpo.app.workbench import check_num_rows
 
         rows = int(num_rows or 0)
         try:
@@ -443,7 +443,7 @@ class Handlers:
         metrics side by side and a few prompts with both answers. A generator: progress notes
         show while it runs."""
         from lowvram_grpo.evaluate import compare, comparison_rows
-        from lowvram_grpo.rewards import completion_text
+        from lowvram_grpo.rewards.base import completion_text
 
         empty = pd.DataFrame()
         run_dir = self.run_dir(name)

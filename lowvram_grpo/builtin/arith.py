@@ -27,9 +27,3 @@ def all_arith_rows() -> list[dict[str, str]]:
     """Each of the 100 distinct problems once (used for the tiny model's warm-up)."""
     return [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(10) for b in range(10)]
 
-
-def arith_answer(prompts, completions, answer, **kwargs) -> list[float]:
-    """1.0 when the completion (stripped of spaces) is exactly the sum, else 0.0."""
-    from lowvram_grpo.rewards import completion_text  # here: rewards.py imports this module
-
-    return [1.0 if completion_text(c).strip() == str(a).strip() else 0.0 for c, a in zip(completions, answer)]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from lowvram_grpo import toy
+from lowvram_grpo.builtin import arith
 
 # Bump when the recipe below changes, so stale cached models are rebuilt. (3: built on one
 # thread, so that every machine and every caller builds the same weights.)
@@ -56,7 +56,7 @@ def build_tokenizer():
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + list(toy.ALPHABET) + CHAT_TOKENS)}
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + list(arith.ALPHABET) + CHAT_TOKENS)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     # One token per character; decoding glues them back together without spaces. The chat
     # markers are special tokens, matched whole before the split.
@@ -119,7 +119,7 @@ def _warm_up(model, tokenizer) -> None:
     """Supervised training on `a+b=` -> answer[stray digit]<eos>, loss on the completion only."""
     rng = random.Random(0)
     rows = []
-    for row in toy.all_arith_rows():
+    for row in arith.all_arith_rows():
         rows.append(row)
         rows += [{**row, "answer": row["answer"] + str(rng.randrange(10))} for _ in range(WARMUP_COPIES - 1)]
     prompts = [tokenizer(r["prompt"])["input_ids"] for r in rows]

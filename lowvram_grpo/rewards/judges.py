@@ -29,7 +29,7 @@ import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-from lowvram_grpo.rewards import TRAINER_KEYWORDS, RewardFunctionError, completion_text
+from lowvram_grpo.rewards.base import TRAINER_KEYWORDS, RewardFunctionError, completion_text
 
 DEFAULT_JUDGE_TEMPLATE = (
     "Rate how well the response answers the request, from 0 (not at all) to 10 (perfectly).\n\n"

@@ -24,8 +24,8 @@ import re
 import secrets
 from dataclasses import dataclass, field
 
-from lowvram_grpo.rewards import RewardFunctionError, completion_text, register_reward
-from lowvram_grpo.sandbox import SandboxError, SandboxLimits, describe_isolation, isolation_report, run_many
+from lowvram_grpo.rewards.base import RewardFunctionError, completion_text
+from lowvram_grpo.rewards.sandbox import SandboxError, SandboxLimits, describe_isolation, isolation_report, run_many
 
 _FENCE_RE = re.compile(r"```([\w+-]*)[^\n]*\n(.*?)```", re.DOTALL)
 
@@ -173,5 +173,3 @@ def code_tests_from_config(config) -> CodeTests:
                                           memory_bytes=int(config.code_memory_mb) * 2**20),
                      workers=config.code_workers or None, column=config.code_tests_column)
 
-
-register_reward("code_tests")(CodeTests())

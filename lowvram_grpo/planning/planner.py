@@ -15,9 +15,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from lowvram_grpo.chunking import MIN_LOGPROB_CHUNK, Chunking
+from lowvram_grpo.planning.chunking import MIN_LOGPROB_CHUNK, Chunking
 from lowvram_grpo.config import AUTO, TrainConfig
-from lowvram_grpo.memory import (CUDA_OVERHEAD_BYTES, GIB, MemoryEstimate, ModelShape, billions,
+from lowvram_grpo.planning.memory import (CUDA_OVERHEAD_BYTES, GIB, MemoryEstimate, ModelShape, billions,
                                  arch_for_model_name, estimate_memory, resolve_model_config)
 
 # plan() keeps this fraction of the card free: allocator fragmentation and estimate error.
@@ -222,7 +222,7 @@ def resolve_chunking(config: TrainConfig, device, announce: bool = True) -> Chun
     given = {key: getattr(config, key) for key in Chunking.keys() if key not in auto}
     if not auto:
         return Chunking(**given)
-    from lowvram_grpo.backoff import MemoryBudgetError
+    from lowvram_grpo.planning.backoff import MemoryBudgetError
 
     budget = config.vram_gb or device_memory_gb(device)
     chosen = plan(config, budget)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from lowvram_grpo.config import RewardSpec, TrainConfig
-from lowvram_grpo.playground import ModelSlot, load_for_inference
+from lowvram_grpo.app.playground import ModelSlot, load_for_inference
 
 SEPARATOR = "---"  # a line of its own between pasted completions
 MAX_SAMPLE_ROWS = 8  # rows sampled at once: G completions each, on the app's own process
@@ -41,7 +41,7 @@ def _score_columns(functions, rows: list[dict], completions: list[str], completi
     same advantages). Returns the columns [*functions, total, advantage], one row of them per
     completion, the RewardScores and the advantages."""
     from lowvram_grpo.grpo import step_advantages
-    from lowvram_grpo.rewards import score_rows
+    from lowvram_grpo.rewards.scoring import score_rows
 
     scores = score_rows(functions, rows, completions, completion_ids, num_generations=num_generations)
     weights = torch.tensor([f.weight for f in functions], dtype=torch.float32)
@@ -57,7 +57,7 @@ def score_group(rewards: list[RewardSpec], row: dict[str, Any], completions: lis
     """Each completion's per-function rewards, weighted total and group advantage, scored as one
     group for the dataset `row` (its prompt and columns such as the answer). Returns the column
     names and one row per completion. A failing reward function raises RewardFunctionError."""
-    from lowvram_grpo.rewards import load_reward_functions
+    from lowvram_grpo.rewards.loading import load_reward_functions
 
     if not completions:
         raise ValueError("paste at least one completion (separate several with a line of ---)")
@@ -89,8 +89,9 @@ class BaseSampler:
     def sample(self, config: TrainConfig, num_rows: int) -> SampledGroups:
         from lowvram_grpo.data import read_prompt_rows
         from lowvram_grpo.model import default_device, reference_model
-        from lowvram_grpo.planner import resolve_chunking
-        from lowvram_grpo.rewards import RewardContext, completion_text, load_reward_functions
+        from lowvram_grpo.planning.planner import resolve_chunking
+        from lowvram_grpo.rewards.base import RewardContext, completion_text
+        from lowvram_grpo.rewards.loading import load_reward_functions
         from lowvram_grpo.rollout import generate_rollouts
 
         check_num_rows(num_rows)

@@ -15,7 +15,7 @@ from typing import Callable, TypeVar
 
 import torch
 
-from lowvram_grpo.chunking import Chunking
+from lowvram_grpo.planning.chunking import Chunking
 
 T = TypeVar("T")
 
