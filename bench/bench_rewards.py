@@ -26,7 +26,7 @@ from datetime import date
 from bench import common
 from lowvram_grpo.rewards.code import CodeTests
 from lowvram_grpo.config import TrainConfig
-from lowvram_grpo.rewards.reward_model import reward_model_memory
+from lowvram_grpo.planning.memory import reward_model_memory
 from lowvram_grpo.rewards.sandbox import SandboxLimits, default_workers, describe_isolation, isolation_report, run_program
 
 DOCS_KEY = "rewards"

@@ -46,7 +46,7 @@ def shipped_architectures() -> list[str]:
 def arch_values(arch: str, tiny: bool = False, num_hidden_layers: int | None = None) -> dict:
     """A shipped architecture's config values (what `lowvram_grpo.planning.memory` plans with), or its
     tiny stand-in, optionally with fewer decoder layers."""
-    from lowvram_grpo.planning.memory import load_arch
+    from lowvram_grpo.planning.model_shape import load_arch
 
     values = load_arch(arch)
     if tiny:

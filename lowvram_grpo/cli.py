@@ -37,7 +37,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input rather than a bug (imported lazily: torch is slow)."""
     from lowvram_grpo.planning.backoff import MemoryBudgetError
     from lowvram_grpo.data import DatasetError
-    from lowvram_grpo.planning.memory import PlannerError
+    from lowvram_grpo.planning.model_shape import PlannerError
     from lowvram_grpo.model import ModelLoadError
     from lowvram_grpo.rewards.base import RewardFunctionError
 
@@ -246,7 +246,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     """Print the memory breakdown; exit 0 if the run fits in --vram-gb, 1 (saying what to
     reduce) if even one sequence at a time does not."""
-    from lowvram_grpo.planning.memory import PlannerError
+    from lowvram_grpo.planning.model_shape import PlannerError
     from lowvram_grpo.planning.planner import format_plan, plan
 
     if args.vram_gb <= 0:

@@ -236,7 +236,7 @@ def write_support_table():
 def test_the_planner_counts_what_training_loads_or_refuses(arch):
     """For the architectures the planner models, its parameter and LoRA counts are those of the
     model training loads; the others are refused with a reason, never estimated wrongly."""
-    from lowvram_grpo.planning.memory import UNMODELLED, PlannerError, count_parameters, lora_parameters
+    from lowvram_grpo.planning.model_shape import UNMODELLED, PlannerError, count_parameters, lora_parameters
 
     name, path, policy, _ = arch
     config = json.loads((path / "config.json").read_text())

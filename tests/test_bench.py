@@ -78,7 +78,7 @@ def test_bench_tokenizer_round_trips_prompts_for_qwen_and_llama(tmp_path):
     transformers picks for each model type (Qwen2Tokenizer for qwen2)."""
     import json
 
-    from lowvram_grpo.planning.memory import load_arch
+    from lowvram_grpo.planning.model_shape import load_arch
     from lowvram_grpo.model import load_tokenizer
 
     for arch in ("qwen2.5-0.5b", "llama-3.2-3b"):

@@ -13,11 +13,11 @@ import json
 import pytest
 import torch
 
-from lowvram_grpo.planning import memory
-from lowvram_grpo.planning import planner
+from lowvram_grpo.planning import memory, model_shape, planner
 from lowvram_grpo.config import TrainConfig
-from lowvram_grpo.planning.memory import (GIB, PlannerError, count_parameters, estimate_memory, load_arch, resolve_model_config,
-                                 shipped_architectures)
+from lowvram_grpo.planning.memory import GIB, estimate_memory
+from lowvram_grpo.planning.model_shape import (PlannerError, count_parameters, load_arch, resolve_model_config,
+                                               shipped_architectures)
 from lowvram_grpo.planning.planner import format_plan, plan
 
 # Published sizes (model cards / Hub "Model size") of the shipped architectures.
@@ -66,7 +66,7 @@ def test_arch_json_is_a_transformers_config_with_the_published_size(arch):
 
 def test_arch_files_carry_the_keys_the_planner_and_bench_need():
     for arch in shipped_architectures():
-        raw = json.loads((memory.ARCH_DIR / f"{arch}.json").read_text())
+        raw = json.loads((model_shape.ARCH_DIR / f"{arch}.json").read_text())
         for key in ("architectures", "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads", "num_key_value_heads", "vocab_size", "tie_word_embeddings",
                     "max_position_embeddings", "rope_theta"):
@@ -152,12 +152,12 @@ def test_nf4_bytes_per_param_spelled_out():
 
 def test_lora_parameters_for_all_linear_and_a_subset():
     values = load_arch("qwen2.5-7b")
-    lora_all, _ = memory.lora_parameters(values, config(lora_r=16))
+    lora_all, _ = model_shape.lora_parameters(values, config(lora_r=16))
     # per layer: r * (in + out) summed over q, k, v, o, gate, up, down; 28 layers
     H, I, kv = 3584, 18944, 512
     per_layer = 16 * ((H + H) + 2 * (H + kv) + (H + H) + 2 * (H + I) + (I + H))
     assert lora_all == 28 * per_layer
-    lora_qv, notes = memory.lora_parameters(values, config(lora_r=16, lora_target_modules=["q_proj", "v_proj"]))
+    lora_qv, notes = model_shape.lora_parameters(values, config(lora_r=16, lora_target_modules=["q_proj", "v_proj"]))
     assert lora_qv == 28 * 16 * ((H + H) + (H + kv)) and not notes
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from lowvram_grpo.config import TrainConfig, load_config
-from lowvram_grpo.planning.memory import estimate_memory, resolve_model_config
+from lowvram_grpo.planning.memory import estimate_memory
+from lowvram_grpo.planning.model_shape import resolve_model_config
 from lowvram_grpo.planning.planner import format_plan, plan
 from lowvram_grpo.rewards.base import RewardContext, RewardFunctionError
 from lowvram_grpo.rewards.loading import load_reward_functions, resolve_reward

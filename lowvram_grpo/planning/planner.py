@@ -17,8 +17,8 @@ from typing import Any
 
 from lowvram_grpo.planning.chunking import MIN_LOGPROB_CHUNK, Chunking
 from lowvram_grpo.config import AUTO, TrainConfig
-from lowvram_grpo.planning.memory import (CUDA_OVERHEAD_BYTES, GIB, MemoryEstimate, ModelShape, billions,
-                                 arch_for_model_name, estimate_memory, resolve_model_config)
+from lowvram_grpo.planning.memory import CUDA_OVERHEAD_BYTES, GIB, MemoryEstimate, estimate_memory
+from lowvram_grpo.planning.model_shape import ModelShape, arch_for_model_name, billions, resolve_model_config
 
 # plan() keeps this fraction of the card free: allocator fragmentation and estimate error.
 SAFETY_MARGIN = 0.10

@@ -12,13 +12,12 @@ It loads on first use, on the policy's device: in 4-bit NF4 on a GPU (unless
 `reward_model_quantization=none`), in the compute dtype otherwise, and never with the model's
 own code unless `reward_model_trust_remote_code=true`. It scores `reward_model_batch_size`
 sequences per forward pass, sorted by length so batches carry little padding; the planner
-(`lowvram-grpo plan`) counts its weights and that batch (`reward_model_memory`).
+(`lowvram-grpo plan`) counts its weights and that batch (`planning.memory.reward_model_memory`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -133,45 +132,3 @@ def reward_model(name_or_path: str, context) -> RewardModel:
     if not name_or_path.strip():
         raise RewardFunctionError("reward 'model:' needs a reward model: model:<hub id or local directory>")
     return RewardModel(name_or_path.strip(), context.config or TrainConfig(), context)
-
-
-def reward_model_names(config: TrainConfig) -> list[str]:
-    return [spec.name.removeprefix("model:") for spec in config.rewards
-            if isinstance(spec.name, str) and spec.name.startswith("model:")]
-
-
-def reward_model_memory(train_config: TrainConfig, dtype_bytes: int) -> tuple[dict[str, int], dict[str, int]]:
-    """(static parts, "reward model" phase parts) in bytes for the config's `model:` rewards.
-
-    Static: the weights, as loaded (NF4 linears on a GPU by default, everything else 16-bit);
-    a sequence classifier has no LM head, only a one-label score head. Phase: one no-grad
-    forward of `reward_model_batch_size` sequences at the longest length, the widest layer at a
-    time, plus the dequantised largest linear; reward models are scored one after the other.
-    """
-    from lowvram_grpo.planning import memory
-
-    static, phase = {}, {}
-    batch = train_config.reward_model_batch_size
-    tokens = batch * (train_config.max_prompt_length + train_config.max_completion_length + 128)
-    for name in reward_model_names(train_config):
-        try:
-            model_config: Any = memory.resolve_model_config(name)
-            shape = memory.ModelShape.from_config(model_config)
-        except memory.PlannerError as err:
-            raise memory.PlannerError(f"rewards: model:{name}: {err}") from None
-        counts = memory.count_parameters(shape)
-        rest = counts.embedding + counts.other + shape.hidden_size  # + the score head
-        if train_config.reward_model_quantization == "nf4":
-            weights = round(counts.linear * memory.NF4_BYTES_PER_PARAM) + rest * dtype_bytes
-            largest = max(i * o for i, o in shape.linear_shapes().values()) * dtype_bytes
-        else:
-            weights, largest = (counts.linear + rest) * dtype_bytes, 0
-        label = Path(name.rstrip("/")).name
-        static[f"reward model {label} weights ({memory.billions(counts.total - counts.lm_head)} params)"] = weights
-        forward = tokens * (memory._nograd_layer_bytes_per_token(shape, dtype_bytes) + shape.hidden_size * dtype_bytes)
-        phase_bytes = forward + largest
-        if phase_bytes > sum(phase.values()):  # one model at a time: the largest one counts
-            phase = {f"reward model {label} forward ({batch} seq, one layer at a time)": forward}
-            if largest:
-                phase[memory.DEQUANT_TERM] = largest
-    return static, phase
