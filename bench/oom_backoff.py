@@ -80,7 +80,7 @@ def optimizer_step_count(run_dir: Path) -> int:
     """AdamW's own step counter in the newest checkpoint: how many updates were applied."""
     import torch
 
-    from lowvram_grpo.checkpoint import STATE_FILE, latest_checkpoint
+    from lowvram_grpo.rundir import STATE_FILE, latest_checkpoint
 
     state = torch.load(latest_checkpoint(run_dir) / STATE_FILE, weights_only=False)
     counters = {int(s["step"]) for s in state["optimizer"]["state"].values()}

@@ -15,7 +15,6 @@ any moment leaves the previous checkpoint or the new one, never a torn one.
 from __future__ import annotations
 
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -23,24 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-STATE_FILE = "trainer_state.pt"
-
-
-def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir()
-             if (m := CHECKPOINT_PATTERN.match(p.name)) and (p / STATE_FILE).is_file()]
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    dirs = checkpoint_dirs(run_dir)
-    return dirs[-1] if dirs else None
-
+from lowvram_grpo.rundir import STATE_FILE, checkpoint_dirs, checkpoint_name
 
 def rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -71,8 +53,8 @@ def save_checkpoint(run_dir: Path, step: int, policy, trainer_state: dict[str, A
 
     `rng_states`: with several processes, every process's `rng_state()` in rank order.
     """
-    final = run_dir / f"checkpoint-{step:06d}"
-    tmp = run_dir / f".checkpoint-{step:06d}.tmp"
+    final = run_dir / checkpoint_name(step)
+    tmp = run_dir / f".{checkpoint_name(step)}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     policy.save_pretrained(tmp)
     state = {"step": step, "rng": rng_state(), **trainer_state}

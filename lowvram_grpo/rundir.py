@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,30 @@ from typing import Any
 
 STATES = ("running", "stopping", "stopped", "finished", "failed")
 FINAL = "final"
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "trainer_state.pt"  # in each checkpoint: what checkpoint.py saves to resume exactly
+
+
+# --- checkpoint directories (checkpoint.py writes and reads what is inside) ------------------------
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint-{step:06d}"
+
+
+def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir()
+             if (m := CHECKPOINT_PATTERN.match(p.name)) and (p / STATE_FILE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    dirs = checkpoint_dirs(run_dir)
+    return dirs[-1] if dirs else None
 
 
 # --- files: atomic JSON, whole-line JSONL ---------------------------------------------------------
@@ -252,8 +277,6 @@ class RunDir:
 
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
-        from lowvram_grpo.checkpoint import checkpoint_dirs
-
         return checkpoint_dirs(self.path)
 
     def latest_checkpoint(self) -> Path | None:

@@ -177,6 +177,13 @@ def test_no_import_cycle():
     assert not cycles, "\n\n".join(_describe(c, found) for c in cycles)
 
 
+def test_the_run_directory_module_needs_only_the_config():
+    """rundir.py owns every file name of the contract between engine and front ends, so the
+    front ends read a run without loading the engine (checkpoint.py imports rundir, not back)."""
+    targets = {i.target for i in imports(PACKAGE_DIR) if i.importer == "lowvram_grpo.rundir"}
+    assert targets <= {"lowvram_grpo.config"}
+
+
 def test_the_engine_never_imports_the_app():
     bad = app_imports_from_outside(imports(PACKAGE_DIR))
     assert not bad, "\n".join(f"{i.importer} imports {i.target} (line {i.line})" for i in bad)
