@@ -27,22 +27,11 @@ from pathlib import Path
 import yaml
 
 from lowvram_grpo.config import ConfigError, list_presets, load_config, parse_overrides, preset_path, read_yaml
+from lowvram_grpo.errors import UserError
 from lowvram_grpo.rundir import RunDir
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # as a shell reports a process ended by Ctrl-C
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean bad input rather than a bug (imported lazily: torch is slow)."""
-    from lowvram_grpo.planning.backoff import MemoryBudgetError
-    from lowvram_grpo.data import DatasetError
-    from lowvram_grpo.planning.model_shape import PlannerError
-    from lowvram_grpo.model import ModelLoadError
-    from lowvram_grpo.rewards.base import RewardFunctionError
-
-    return (ConfigError, DatasetError, ModelLoadError, RewardFunctionError, MemoryBudgetError, PlannerError,
-            FileNotFoundError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,7 +188,7 @@ def _target_memory(name: str) -> str:
 
 def cmd_rewards(_: argparse.Namespace) -> int:
     """Every kind of reward, one line each: the built-ins, then the other kinds."""
-    from lowvram_grpo.rewards.base import BUILTIN_REWARDS
+    from lowvram_grpo.rewards.builtins import BUILTIN_REWARDS
     from lowvram_grpo.rewards.loading import REWARD_KINDS
 
     lines = [(name, (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "")
@@ -353,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except _user_errors() as err:
+    except (UserError, FileNotFoundError) as err:  # bad input, not a bug: one line, no traceback
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:  # a second Ctrl-C during training: quit without a traceback

@@ -22,6 +22,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from lowvram_grpo.errors import UserError
 from lowvram_grpo.planning.chunking import Chunking
 
 PRESETS_DIR = Path(__file__).parent / "presets"
@@ -39,7 +40,7 @@ AUTO = "auto"
 DEFAULT_REWARD_TIMEOUT = 300.0
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad preset, config file or override; the message says which key and how to fix it.
 
     `key` is the offending config key (the app marks that field), taken from the message's

@@ -1,7 +1,11 @@
 """Errors as users see them: one line that names the problem and, where we know it, the fix.
 
-The CLI prints any of the package's error types (ConfigError, DatasetError,
-RewardFunctionError, ModelLoadError, ...) as `error: <message>`, without a traceback. The
+Every error a user can cause (bad input rather than a bug) derives from `UserError`:
+ConfigError (config.py), DatasetError (here), ModelLoadError (model.py), RewardFunctionError
+(rewards/base.py), PlannerError (planning/model_shape.py) and MemoryBudgetError
+(planning/backoff.py). The CLI prints any of them as `error: <message>`, without a traceback,
+and catches them by this one class, without importing the modules that raise them. Each also
+keeps its built-in base (ValueError, RuntimeError), so `except ValueError` still sees it. The
 helpers below describe values and other libraries' errors inside such a message.
 """
 
@@ -12,7 +16,11 @@ from typing import Any
 MAX_DETAIL = 300  # characters of a value or a library's message quoted inside ours
 
 
-class DatasetError(ValueError):
+class UserError(Exception):
+    """Bad input rather than a bug: the message names the problem and the fix, in one line."""
+
+
+class DatasetError(UserError, ValueError):
     """A dataset problem; the message names the file, row and fix in one paragraph. `key` is
     the config key to change (the app marks that field): dataset, prompt_column, answer_column..."""
 

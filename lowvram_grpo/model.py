@@ -16,13 +16,14 @@ from typing import Iterator
 import torch
 
 from lowvram_grpo.config import TrainConfig
+from lowvram_grpo.errors import UserError
 from lowvram_grpo.quantization import nf4_config, set_cpu_inference_packing
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_TINY = "builtin:tiny"
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """The model or adapter could not be loaded; the message says why and what to do."""
 
 

@@ -15,12 +15,13 @@ from typing import Callable, TypeVar
 
 import torch
 
+from lowvram_grpo.errors import UserError
 from lowvram_grpo.planning.chunking import Chunking
 
 T = TypeVar("T")
 
 
-class MemoryBudgetError(RuntimeError):
+class MemoryBudgetError(UserError, RuntimeError):
     """Out of memory even at the smallest chunk sizes; the message says what to reduce."""
 
 

@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from lowvram_grpo.config import TrainConfig
+from lowvram_grpo.errors import UserError
 
 ARCH_DIR = Path(__file__).resolve().parents[1] / "arch"  # lowvram_grpo/arch/
 
 
-class PlannerError(ValueError):
+class PlannerError(UserError, ValueError):
     """The planner cannot describe this model (unknown name, unsupported architecture)."""
 
 

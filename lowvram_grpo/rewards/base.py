@@ -17,8 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from lowvram_grpo.errors import UserError
 
-class RewardFunctionError(RuntimeError):
+
+class RewardFunctionError(UserError, RuntimeError):
     """A reward function that cannot be loaded or misbehaved; the message names it and the fix."""
 
 

@@ -41,10 +41,10 @@ def register_reward(name: str) -> Callable:
     return decorator
 
 
+# The reward of the offline arithmetic task (builtin:arith, see builtin/arith.py).
 @register_reward("arith_answer")
 def arith_answer(prompts, completions, answer, **kwargs) -> list[float]:
-    """The offline arithmetic task's reward (builtin:arith): 1.0 when the completion (stripped
-    of spaces) is exactly the sum, else 0.0."""
+    """1.0 when the completion (stripped of spaces) is exactly the sum, else 0.0."""
     return [1.0 if completion_text(c).strip() == str(a).strip() else 0.0 for c, a in zip(completions, answer)]
 
 
