@@ -1,7 +1,7 @@
 """How much the app's live refresh sends, and how long it takes, for a long run.
 
 A run directory with STEPS steps of metrics (every key the trainer logs, four reward
-functions) is made by hand; then the app's refresh handler (app_handlers.Handlers.refresh,
+functions) is made by hand; then the app's refresh handler (app.handlers.Handlers.refresh,
 what the page's 2-second timer calls) is timed for
   - the first page that opens on the run after the app started (the server reads the whole
     metrics.jsonl once, the page gets the whole history once),

@@ -15,11 +15,13 @@ inside them.
 from __future__ import annotations
 
 import ast
+import re
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1] / "lowvram_grpo"
+README = PACKAGE_DIR.parent / "README.md"
 APP = "lowvram_grpo.app"
 # The one way in from outside: `lowvram-grpo ui` launches the app (a deferred import).
 APP_ENTRY_POINTS = {("lowvram_grpo.cli", "lowvram_grpo.app.ui")}
@@ -182,6 +184,18 @@ def test_the_run_directory_module_needs_only_the_config():
     front ends read a run without loading the engine (checkpoint.py imports rundir, not back)."""
     targets = {i.target for i in imports(PACKAGE_DIR) if i.importer == "lowvram_grpo.rundir"}
     assert targets <= {"lowvram_grpo.config"}
+
+
+def test_the_readme_layout_table_names_every_module():
+    """The README's Layout table is the tree: every module in it, and nothing that is not."""
+    section = README.read_text(encoding="utf-8").split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1] for line in section.splitlines() if line.startswith("| `")]
+    named = {name for row in rows for name in re.findall(r"`([^`]+)`", row)}
+    on_disk = {str(p.relative_to(PACKAGE_DIR)) for p in PACKAGE_DIR.rglob("*") if p.suffix in (".py", ".js")
+               and p.name != "__init__.py" and "__pycache__" not in p.parts}
+    assert len(on_disk) > 40
+    assert sorted(on_disk - named) == [], "modules the README's Layout table does not name"
+    assert sorted(named - on_disk) == [], "names in the README's Layout table that are not modules"
 
 
 def test_the_engine_never_imports_the_app():

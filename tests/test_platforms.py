@@ -33,7 +33,7 @@ def test_engine_and_cli_import_and_run_without_posix_only_modules():
         for name in ("resource", "fcntl", "pwd", "grp", "termios"):
             sys.modules[name] = None
         del os.killpg, os.setsid
-        import lowvram_grpo.cli, lowvram_grpo.trainer, lowvram_grpo.jobs, lowvram_grpo.metrics, lowvram_grpo.evaluate
+        import lowvram_grpo.cli, lowvram_grpo.trainer, lowvram_grpo.app.jobs, lowvram_grpo.metrics, lowvram_grpo.evaluate
         sys.exit(lowvram_grpo.cli.main(["presets"]))
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)

@@ -2,7 +2,7 @@
 
 ui.py lays out the page and wires each component to a method here; the methods take the
 components' values and return their new values (gradio updates), so tests call them directly,
-without a browser or a server. Gradio-free logic lives in app_setup.py (the form) and
+without a browser or a server. Gradio-free logic lives in setup.py (the form) and
 dashboard.py (what is shown about runs).
 """
 

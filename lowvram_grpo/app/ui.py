@@ -1,6 +1,6 @@
 """The web app: set up a GRPO run, start it, watch it, compare runs, browse completions, try
 rewards, use the adapter (`lowvram-grpo ui`). This module is the page's layout and wiring only:
-what each event does is in app_handlers.py, the form in app_setup.py, what is shown about runs
+what each event does is in handlers.py, the form in setup.py, what is shown about runs
 in dashboard.py, the curves' drawing in ui_curves.js.
 
 The page never trains in its own process. Start writes the resolved config into the run
@@ -19,7 +19,7 @@ Layout of the app's work directory (`--work-dir`, default `runs/app`):
 Safety: the app listens on 127.0.0.1 unless --host or --share say otherwise; --auth-file (or
 --auth, or $LOWVRAM_GRPO_AUTH) adds a login. Reward functions are Python code, so uploading them (or naming any reward that is
 not a built-in) is refused unless the app was started with --allow-custom-code. The code_tests
-reward runs the model's code (in the sandbox, see sandbox.py): only with --allow-code-execution.
+reward runs the model's code (in the sandbox, see rewards/sandbox.py): only with --allow-code-execution.
 Reward models and judge:self run nobody's code; a judge URL only in a local app. Datasets on the
 server's disk can be named by path only when the app is local (127.0.0.1, no --share); otherwise
 only uploads, built-ins and hub ids are accepted.

@@ -1,6 +1,6 @@
 """The offline toy task: single-digit addition ("3+5=" -> "8").
 
-Small enough that the built-in tiny model (see `tiny.py`) can learn it on two CPU cores in a
+Small enough that the built-in tiny model (see `tiny_model.py`) can learn it on two CPU cores in a
 minute or two, and with a reward that is exact and cheap to check, so the demo's reward curve
 means something. The prompts are generated on the fly: nothing is downloaded.
 """
