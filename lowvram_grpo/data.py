@@ -47,7 +47,7 @@ BUILTINS: dict[str, Callable[[], list[dict]]] = {
 # has held-out prompts, while a user's own dataset is never evaluated on the built-in task.
 # builtin:arith has only 100 distinct sums, so its test sums also occur among the training rows.
 BUILTIN_TEST_SPLITS: dict[str, Callable[[], list[dict]]] = {
-    "builtin:arith": lambda: toy.arith_rows(100, seed=1),
+    "builtin:arith": lambda: arith.arith_rows(100, seed=1),
 }
 
 # Roles a conversation may use; anything else is almost always a typo ("bot", "human").

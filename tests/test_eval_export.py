@@ -160,7 +160,7 @@ def test_eval_cli_prints_the_comparison(setup, capsys):
 def test_eval_without_an_eval_split_says_it_uses_training_prompts(setup, tmp_path, capsys):
     _, _, _, adapter_dir = setup
     data = tmp_path / "sums.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in toy.arith_rows(20, seed=3)))
+    data.write_text("".join(json.dumps(row) + "\n" for row in arith.arith_rows(20, seed=3)))
     assert main(["eval", "--preset", "tiny-cpu", "--adapter", str(adapter_dir), "--max-prompts", "4",
                  f"dataset={data}"]) == 0
     assert "no eval split" in capsys.readouterr().err  # falls back to training prompts, and says so

@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lowvram_grpo import grpo, rundir, toy
+from lowvram_grpo import grpo, rundir
+from lowvram_grpo.builtin import arith
 from lowvram_grpo.config import load_config
 from lowvram_grpo.rewards.base import RewardFunctionError
 from lowvram_grpo.trainer import PromptSampler, train
@@ -253,7 +254,7 @@ def test_eval_every_logs_eval_metrics(tiny_cache, tmp_path):
     from lowvram_grpo.config import ConfigError
 
     data = tmp_path / "sums.jsonl"  # a user's dataset: no split of its own, unlike builtin:arith
-    data.write_text("".join(json.dumps(row) + "\n" for row in toy.arith_rows(20, seed=3)))
+    data.write_text("".join(json.dumps(row) + "\n" for row in arith.arith_rows(20, seed=3)))
     with pytest.raises(ConfigError, match="eval_every: there is no eval split"):
         train(_config(tmp_path, name="no-eval", max_steps=2, eval_every=1, dataset=str(data)), progress=False)
 
