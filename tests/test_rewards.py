@@ -384,3 +384,38 @@ def test_score_with_builtins_end_to_end_on_conversational_completions():
     assert scores.names == ["numeric_answer", "format_soft"]
     assert scores.total.tolist() == [1.5, 0.0]
     assert not math.isnan(scores.total.sum().item())
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"name": "overlong_penalty", "args": {"soft_punish_cache": -5}},
+     "overlong_penalty's soft_punish_cache must be a whole number of tokens > 0 and at most max_completion_len"),
+    ({"name": "overlong_penalty", "args": {"soft_punish_cache": 999}},
+     "overlong_penalty's soft_punish_cache must be a whole number of tokens > 0 and at most max_completion_len"),
+    ({"name": "overlong_penalty", "args": {"soft_punish_cahce": 8}},
+     "overlong_penalty has no argument 'soft_punish_cahce'; it takes only max_completion_len, soft_punish_cache. "
+     "Did you mean 'soft_punish_cache'?"),
+    ({"name": "overlong_penalty", "args": {"max_completion_len": 0}},
+     "overlong_penalty's max_completion_len must be a whole number of tokens > 0"),
+    ({"name": "numeric_answer", "args": {"rel_tol": "small"}}, "numeric_answer's rel_tol must be a number >= 0"),
+    ({"name": "length_target", "args": {"target_length": 100}},
+     "length_target has no argument 'target_length'; it takes no args (it reads dataset columns)"),
+])
+def test_bound_arguments_of_built_in_rewards_are_checked_like_config_keys(entry, message):
+    from lowvram_grpo.config import load_config
+    from lowvram_grpo.rewards.base import RewardContext
+
+    config = load_config(preset="tiny-cpu", overrides={"rewards": [entry], "max_completion_length": 64})
+    with pytest.raises(RewardFunctionError) as caught:
+        load_reward_functions(config.rewards, RewardContext(config))
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_valid_bound_arguments_still_bind():
+    from lowvram_grpo.config import load_config
+    from lowvram_grpo.rewards.base import RewardContext
+
+    config = load_config(preset="tiny-cpu", overrides={"max_completion_length": 10, "rewards": [
+        {"name": "overlong_penalty", "args": {"soft_punish_cache": 5}}, {"name": "numeric_answer", "args": {"rel_tol": 0.1}}]})
+    overlong, numeric = load_reward_functions(config.rewards, RewardContext(config))
+    assert overlong.fn(["p"] * 3, ["a"] * 3, completion_ids=[[1] * 5, [1] * 8, [1] * 12]) == [0.0, -0.6, -1.0]
+    assert numeric.fn(["p"], ["105"], answer=["100"]) == [1.0]

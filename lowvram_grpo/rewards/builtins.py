@@ -4,6 +4,7 @@ and the text helpers they share, and `code_tests` (defined in code.py), all regi
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 import threading
@@ -39,6 +40,46 @@ def register_reward(name: str) -> Callable:
         return fn
 
     return decorator
+
+
+def _whole_number(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# What a built-in reward takes from its config entry (`args: {...}`): each argument with its
+# check (given the value and all of the entry's arguments) and a description of a valid value.
+# Checked when the rewards load, before the model does, like config keys. Every other built-in
+# reads its inputs from dataset columns only and takes no arguments.
+BUILTIN_ARGS: dict[str, dict[str, tuple[Callable[[Any, dict], bool], str]]] = {
+    "numeric_answer": {
+        "rel_tol": (lambda v, _: _number(v) and v >= 0, "a number >= 0, such as 1e-6"),
+    },
+    "overlong_penalty": {
+        "max_completion_len": (lambda v, _: _whole_number(v) and v > 0, "a whole number of tokens > 0"),
+        "soft_punish_cache": (lambda v, args: _whole_number(v) and 0 < v <= args.get("max_completion_len", v),
+                              "a whole number of tokens > 0 and at most max_completion_len"),
+    },
+}
+
+
+def check_builtin_args(name: str, args: dict) -> None:
+    """Raise RewardFunctionError, naming the reward, the argument and a valid value, for an
+    argument the built-in reward `name` does not take or a value it cannot use."""
+    allowed = BUILTIN_ARGS.get(name, {})
+    for key, value in args.items():
+        if key not in allowed:
+            takes = f"takes only {', '.join(allowed)}" if allowed else "takes no args (it reads dataset columns)"
+            close = difflib.get_close_matches(str(key), list(allowed), n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise RewardFunctionError(f"rewards: {name} has no argument '{key}'; it {takes}.{hint}")
+        check, valid = allowed[key]
+        if not check(value, args):
+            raise RewardFunctionError(f"rewards: {name}'s {key} must be {valid}; got {value!r} "
+                                      f"(args: {args})")
 
 
 # The reward of the offline arithmetic task (builtin:arith, see builtin/arith.py).

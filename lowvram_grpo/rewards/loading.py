@@ -21,7 +21,7 @@ from typing import Callable
 from lowvram_grpo.config import RewardSpec
 from lowvram_grpo.errors import one_line
 from lowvram_grpo.rewards.base import RewardContext, RewardFunction, RewardFunctionError
-from lowvram_grpo.rewards.builtins import BUILTIN_REWARDS, overlong_penalty
+from lowvram_grpo.rewards.builtins import BUILTIN_REWARDS, check_builtin_args, overlong_penalty
 from lowvram_grpo.rewards.code import code_tests_from_config
 
 def resolve_reward(name: str, context: RewardContext | None = None) -> Callable:
@@ -164,6 +164,8 @@ def load_reward_functions(specs: list[RewardSpec], context: RewardContext | None
         args = dict(getattr(spec, "args", None) or {})
         if fn is overlong_penalty and context is not None and context.config is not None:
             args.setdefault("max_completion_len", context.config.max_completion_length)
+        if isinstance(spec.name, str) and spec.name in BUILTIN_REWARDS:
+            check_builtin_args(spec.name, args)
         if args:
             fn = functools.partial(fn, **args)
         base = spec.name if isinstance(spec.name, str) and spec.name in BUILTIN_REWARDS else _function_name(fn)
