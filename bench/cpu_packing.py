@@ -1,10 +1,11 @@
 """Is bitsandbytes' CPU inference repacking worth keeping for pure inference?
 
 On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit layer's weight into an inference layout
-on its first eval-mode, no-grad forward. lowvram-grpo turns that off (quantization.py) because
-training after it is wrong; this measures what pure inference (evaluation, the app's try-it)
-would lose by keeping it off too: greedy generation with the repacking off and on, on a random
-Qwen2-shaped model, and whether the two give the same tokens.
+on its first eval-mode, no-grad forward. lowvram-grpo turns that off for every model that trains
+(quantization.py), because training after it is wrong; this measures what pure inference
+(evaluation, the app's try-it) would lose if it were off there too, and so why inference-only
+loads keep it: greedy generation with the repacking off and on, on a random Qwen2-shaped model,
+and whether the two give the same tokens.
 
     python -m bench.cpu_packing [--hidden 1024 --layers 4 --new-tokens 64 --batch 4]
 """
@@ -66,7 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     same_tokens = torch.equal(runs[False][0][1], runs[True][0][1])
     packed = runs[True][0][2]
     tokens = args.batch * args.new_tokens
-    rows = [f"| repacking {'on' if packing else 'off (what lowvram-grpo does)'} | {best[packing]:.2f} s | "
+    rows = [f"| repacking {'on (inference-only loads)' if packing else 'off (a model that trains)'} | "
+            f"{best[packing]:.2f} s | "
             f"{tokens / best[packing]:.0f} |" for packing in (False, True)]
     body = f"""## bitsandbytes' CPU inference repacking: CPU
 
