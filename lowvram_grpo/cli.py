@@ -7,6 +7,7 @@
     lowvram-grpo train --preset X --num-processes 2        (data-parallel, one process per GPU)
     lowvram-grpo presets
     lowvram-grpo rewards
+    lowvram-grpo keys
     lowvram-grpo plan --preset X --vram-gb 16 [key=value ...]
     lowvram-grpo eval --preset X --adapter runs/x/final [--max-prompts N]
     lowvram-grpo export --adapter runs/x/final --merge out/model [--dtype float16]
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("presets", help="list the presets")
     commands.add_parser("rewards", help="list the kinds of reward: built-ins, reward models, judges, your own")
+    commands.add_parser("keys", help="list every config key with its type, default, group and help")
 
     plan = commands.add_parser(
         "plan", help="estimate GPU memory from the model's config and choose chunk sizes that fit")
@@ -200,6 +202,13 @@ def cmd_rewards(_: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(_: argparse.Namespace) -> int:
+    from lowvram_grpo.config_docs import keys_text
+
+    print(keys_text(), end="")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from lowvram_grpo.evaluate import compare, format_comparison
     from lowvram_grpo.export import read_adapter_config
@@ -321,7 +330,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "presets": cmd_presets, "rewards": cmd_rewards, "eval": cmd_eval,
+COMMANDS = {"train": cmd_train, "presets": cmd_presets, "rewards": cmd_rewards, "keys": cmd_keys, "eval": cmd_eval,
             "export": cmd_export, "plan": cmd_plan, "ui": cmd_ui}
 
 

@@ -5,11 +5,14 @@ once, here, so the rest of the engine can trust the values it is given. Every pr
 `ConfigError` whose message names the offending key and says how to fix it.
 
 The keys deliberately match TRL's `GRPOConfig` where the idea is the same (num_generations,
-beta, epsilon, loss_type, scale_rewards, ...) so users' habits and blog posts carry over.
+beta, epsilon, loss_type, scale_rewards, ...) so users' habits and blog posts carry over. Each
+key's help and group live in its field's metadata (`key(...)`, TRL's `metadata={"help": ...}`):
+the one source of the app's form, `lowvram-grpo keys` and the README's key table (config_docs.py).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -68,156 +71,191 @@ class RewardSpec:
     args: dict[str, Any] = field(default_factory=dict)
 
 
+# The groups of keys, in the order the app's form, `lowvram-grpo keys` and the README show them.
+MODEL, DATA, REWARDS, GENERATION, OBJECTIVE, OPTIMISATION, OUTPUT = (
+    "model", "data", "rewards", "generation (rollouts)", "GRPO objective", "optimisation", "output")
+
+
+def key(default: Any, group: str, help: str) -> Any:
+    """A TrainConfig field whose metadata holds its group and help: the one description of a key,
+    which the app's form, `lowvram-grpo keys` and the README's key table all show. The same as
+    `field(default=..., metadata={"help": ..., "group": ...})` (TRL's style); a list or dict
+    default is copied for each config, as `default_factory` would."""
+    metadata = {"help": help, "group": group}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class TrainConfig:
-    # --- model -------------------------------------------------------------------------------
-    # Hub id or local directory; "builtin:tiny" is a small model the package builds offline.
-    model_name_or_path: str = "builtin:tiny"
-    quantization: Literal["nf4", "none"] = "nf4"
-    # Compute dtype: auto = bf16 on GPUs that support it, fp16 on older ones (T4; the loss is
-    # then scaled, see trainer.build_loss_scaler), fp32 on CPU.
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    trust_remote_code: bool = False
-    # Extra variables for the model's chat template, passed to every apply_chat_template call:
-    # e.g. {enable_thinking: false} makes Qwen3's and SmolLM3's templates skip the <think> block.
-    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
-    gradient_checkpointing: bool = True
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    # "all-linear" or a list of module names such as [q_proj, v_proj].
-    lora_target_modules: Union[str, list[str]] = "all-linear"
-    # Whole modules trained (and saved with the adapter) next to LoRA, e.g. [lm_head]: costs
-    # memory for a real model's vocabulary; the tiny demo uses it so it can sharpen quickly.
-    lora_modules_to_save: list[str] = field(default_factory=list)
-    # Continue training from an existing PEFT adapter directory.
-    adapter_path: str | None = None
+    """Every key a run can set. Help and group live in each field's metadata (see `key`)."""
 
-    # --- data --------------------------------------------------------------------------------
-    # Local file/folder, hub dataset id, or "builtin:arith" (the offline toy task).
-    dataset: str = "builtin:arith"
-    dataset_config: str | None = None
-    dataset_split: str = "train"
-    prompt_column: str = "prompt"
-    answer_column: str | None = "answer"
-    system_prompt: str | None = None
-    # e.g. "{question}\nThink step by step." (placeholders are dataset columns).
-    prompt_template: str | None = None
-    # Held-out prompts for evaluation: a fraction of `dataset`, or a separate file/id. A hub
-    # eval_dataset is read from eval_split (it may be `dataset` itself with another split,
-    # e.g. openai/gsm8k's test split; dataset_config then applies to it too).
-    eval_fraction: float = 0.0
-    eval_dataset: str | None = None
-    eval_split: str = "test"
+    model_name_or_path: str = key(
+        "builtin:tiny", MODEL, "Hub id or local directory; builtin:tiny is a small model the package builds offline.")
+    quantization: Literal["nf4", "none"] = key("nf4", MODEL, "nf4 loads the base model in 4 bits (bitsandbytes).")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = key(
+        "auto", MODEL, "Compute dtype: auto = bf16 on GPUs that support it, fp16 on older ones (T4; the loss is then "
+        "scaled), fp32 on CPU.")
+    trust_remote_code: bool = key(False, MODEL, "Run the policy model's own code from the Hub (only if you trust it).")
+    chat_template_kwargs: dict[str, Any] = key(
+        {}, MODEL, "Extra variables for the model's chat template, passed to every apply_chat_template call: e.g. "
+        "{enable_thinking: false} makes Qwen3's and SmolLM3's templates skip the <think> block.")
+    gradient_checkpointing: bool = key(True, MODEL, "Recompute activations in the backward pass: far less memory.")
+    lora_r: int = key(16, MODEL, "LoRA rank.")
+    lora_alpha: int = key(32, MODEL, "LoRA scaling numerator (the update is scaled by lora_alpha / lora_r).")
+    lora_dropout: float = key(0.05, MODEL, "Dropout on the LoRA input.")
+    lora_target_modules: Union[str, list[str]] = key(
+        "all-linear", MODEL, "Modules that get LoRA: all-linear or a list of names such as [q_proj, v_proj].")
+    lora_modules_to_save: list[str] = key(
+        [], MODEL, "Whole modules trained (and saved with the adapter) next to LoRA, e.g. [lm_head]: costs memory "
+        "for a real model's vocabulary; the tiny demo uses it so it can sharpen quickly.")
+    adapter_path: str | None = key(None, MODEL, "Continue training from an existing PEFT adapter directory.")
 
-    # --- rewards -----------------------------------------------------------------------------
-    rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec("arith_answer")])
-    # Seconds one reward function may take for one step's completions; a call that takes longer
-    # (a loop that never ends, a server that never answers) stops the run with an error naming
-    # it. "none" = no limit.
-    reward_timeout: Union[float, Literal["none"], None] = DEFAULT_REWARD_TIMEOUT
-    # code_tests: the column of tests, each sandboxed program's wall-time (CPU time is the
-    # same, rounded up) and memory limits, and how many run at once (0 = the CPU cores).
-    code_tests_column: str = "tests"  # the dataset column with each row's tests (MBPP: test_list)
-    code_timeout_s: float = 10.0
-    code_memory_mb: int = 512
-    code_workers: int = 0
-    # model:<hub id or dir> rewards: loaded in 4 bits on a GPU (nf4) or in the compute dtype
-    # (none); sequences per forward pass (the planner counts that batch); their custom code
-    # runs only if this says so (separate from trust_remote_code, which is the policy's).
-    reward_model_quantization: Literal["nf4", "none"] = "nf4"
-    reward_model_batch_size: int = 8
-    reward_model_trust_remote_code: bool = False
-    # judge:self and judge:<url>: the judge's prompt ({prompt}, {completion} and the dataset's
-    # columns as placeholders; None = a 0-10 score for how well the completion answers the
-    # prompt), the most tokens of its answer, and for endpoints: the model name sent, the
-    # environment variable that holds the API key, requests at once, timeout and retries.
-    judge_template: str | None = None
-    judge_max_tokens: int = 16
-    judge_model: str = "default"
-    judge_api_key_env: str = "OPENAI_API_KEY"
-    judge_concurrency: int = 4
-    judge_timeout_s: float = 60.0
-    judge_retries: int = 2
+    dataset: str = key(
+        "builtin:arith", DATA, "Local file or folder, hub dataset id, or builtin:arith (the offline toy task).")
+    dataset_config: str | None = key(None, DATA, "The hub dataset's configuration (subset), e.g. main for gsm8k.")
+    dataset_split: str = key("train", DATA, "The split to train on.")
+    prompt_column: str = key("prompt", DATA, "The column with the prompt (text or a list of chat messages).")
+    answer_column: str | None = key(
+        "answer", DATA, "The column with the reference answer, passed to reward functions as `answer`; null if none.")
+    system_prompt: str | None = key(None, DATA, "A system message put before every prompt.")
+    prompt_template: str | None = key(
+        None, DATA, "Builds the prompt from the row, e.g. \"{question}\\nThink step by step.\" (placeholders are "
+        "dataset columns).")
+    eval_fraction: float = key(0.0, DATA, "Hold out this fraction of `dataset` for evaluation.")
+    eval_dataset: str | None = key(
+        None, DATA, "Held-out prompts from a separate file or hub id; a hub eval_dataset is read from eval_split (it "
+        "may be `dataset` itself with another split, e.g. openai/gsm8k's test; dataset_config then applies to it too).")
+    eval_split: str = key("test", DATA, "The split of a hub eval_dataset.")
 
-    # --- generation (rollouts) ---------------------------------------------------------------
-    num_generations: int = 8  # G: completions per prompt, normalised as one group
-    # Memory-bound chunking: a number, or "auto" to let the planner choose for `vram_gb`.
-    # The trainer also halves them on an out-of-memory error and redoes the work.
-    generation_chunk_size: Union[int, Literal["auto"]] = 8  # sequences generated at once
-    max_prompt_length: int = 256  # longer prompts are dropped when the data loads (and counted)
-    max_completion_length: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
+    rewards: list[RewardSpec] = key(
+        [RewardSpec("arith_answer")], REWARDS, "Reward functions and their weights: names, or {name, weight, args} "
+        "(`lowvram-grpo rewards` lists every kind).")
+    reward_timeout: Union[float, Literal["none"], None] = key(
+        DEFAULT_REWARD_TIMEOUT, REWARDS, "Seconds one reward function may take for one step's completions; a call that "
+        "takes longer (a loop that never ends, a server that never answers) stops the run with an error naming it. "
+        "none = no limit.")
+    code_tests_column: str = key(
+        "tests", REWARDS, "code_tests: the dataset column with each row's tests (MBPP: test_list).")
+    code_timeout_s: float = key(
+        10.0, REWARDS, "code_tests: each sandboxed program's wall time in seconds (CPU time is the same, rounded up).")
+    code_memory_mb: int = key(512, REWARDS, "code_tests: each sandboxed program's memory limit in MB.")
+    code_workers: int = key(0, REWARDS, "code_tests: programs run at once (0 = the CPU cores).")
+    reward_model_quantization: Literal["nf4", "none"] = key(
+        "nf4", REWARDS, "model: rewards are loaded in 4 bits on a GPU (nf4) or in the compute dtype (none).")
+    reward_model_batch_size: int = key(
+        8, REWARDS, "model: rewards: sequences per forward pass (the planner counts that batch).")
+    reward_model_trust_remote_code: bool = key(
+        False, REWARDS, "model: rewards: run the reward model's custom code (separate from trust_remote_code, which is "
+        "the policy's).")
+    judge_template: str | None = key(
+        None, REWARDS, "judge: rewards: the judge's prompt, with {prompt}, {completion} and the dataset's columns as "
+        "placeholders; null = a 0-10 score for how well the completion answers the prompt.")
+    judge_max_tokens: int = key(16, REWARDS, "judge: rewards: the most tokens of the judge's answer.")
+    judge_model: str = key("default", REWARDS, "judge:<URL>: the model name sent to the endpoint.")
+    judge_api_key_env: str = key(
+        "OPENAI_API_KEY", REWARDS, "judge:<URL>: the environment variable that holds the API key (the key itself "
+        "never goes in the config).")
+    judge_concurrency: int = key(4, REWARDS, "judge:<URL>: requests at once.")
+    judge_timeout_s: float = key(60.0, REWARDS, "judge:<URL>: seconds one request may take.")
+    judge_retries: int = key(2, REWARDS, "judge:<URL>: retries of a failed request.")
 
-    # --- GRPO objective ----------------------------------------------------------------------
-    # Names and meanings are TRL 1.16's GRPOConfig's (README: "Choosing the objective").
-    loss_type: Literal[LOSS_TYPES] = "dapo"
-    beta: float = 0.04  # KL weight; the reference is free here (adapter off), so on by default
-    use_bias_correction_kl: bool = True  # KL term times the ratio (unbiased gradient), as TRL
-    epsilon: float = 0.2  # lower clip: ratio >= 1 - epsilon
-    # upper clip; None = epsilon (DAPO suggests 0.28). For cispo: the cap on the ratio (ScaleRL: 5.0)
-    epsilon_high: float | None = None
-    delta: float | None = None  # two-sided clipping (INTELLECT-2): cap the ratio at delta (> 1 + epsilon_high)
-    importance_sampling_level: Literal[IMPORTANCE_SAMPLING_LEVELS] = "token"  # sequence = GSPO
-    sapo_temperature_pos: float = 1.0  # sapo's gate temperature for positive advantages
-    sapo_temperature_neg: float = 1.05  # ... and for the others
-    vespo_k_pos: float = 2.0  # vespo's weight shape phi(w) = e^lambda w^k e^(-lambda w), A >= 0
-    vespo_lambda_pos: float = 3.0
-    vespo_k_neg: float = 3.0  # ... and for A < 0
-    vespo_lambda_neg: float = 2.0
-    mask_truncated_completions: bool = False  # completions cut off by max_completion_length get no loss
-    top_entropy_quantile: float = 1.0  # train only on the top quantile of tokens by entropy (0.2 suggested)
-    entropy_coef: float = 0.0  # entropy bonus: loss -= entropy_coef * mean token entropy
-    # Adaptive entropy control (Skywork-OR1, see entropy_control.py): entropy_coef is the starting
-    # value, moved by entropy_coef_delta after each update towards keeping the mean token
-    # entropy above entropy_target (nats), within [entropy_coef_min, entropy_coef_max].
-    use_adaptive_entropy: bool = False
-    entropy_coef_min: float = 0.0
-    entropy_coef_max: float = 1.0
-    entropy_coef_delta: float = 0.005
-    entropy_target: float = 0.2
-    off_policy_mask_threshold: float | None = None  # drop A<0 sequences whose policy drifted more (DeepSeek-V3.2)
-    scale_rewards: Literal[SCALE_REWARDS] = "group"  # "none" = Dr. GRPO
-    # How several reward functions combine: sum then normalise per group, or (GDPO) normalise
-    # each function per group, sum, then normalise over the batch (scale_rewards is then unused).
-    multi_objective_aggregation: Literal[MULTI_OBJECTIVE_AGGREGATIONS] = "sum_then_normalize"
-    num_iterations: int = 1  # policy updates per batch of rollouts (>1 needs old log-probs)
-    # Groups whose rewards are all equal have advantage 0: no policy gradient, only cost (DAPO's
-    # dynamic sampling). keep: train on them anyway (TRL); skip: leave them out of the
-    # log-prob and backward passes; resample: generate for fresh prompts until prompts_per_step
-    # groups are informative or max_resample_rounds extra rounds have run.
-    zero_std_groups: Literal["keep", "skip", "resample"] = "keep"
-    max_resample_rounds: int = 3
+    num_generations: int = key(8, GENERATION, "G: completions per prompt, normalised as one group.")
+    generation_chunk_size: Union[int, Literal["auto"]] = key(
+        8, GENERATION, "Sequences generated at once: a number, or auto = the planner's choice for vram_gb. Halved "
+        "on an out-of-memory error, and the work redone.")
+    max_prompt_length: int = key(256, GENERATION, "Longer prompts are dropped when the data loads (and counted).")
+    max_completion_length: int = key(256, GENERATION, "The most tokens generated per completion.")
+    temperature: float = key(1.0, GENERATION, "Sampling temperature (log-probs use the same).")
+    top_p: float = key(1.0, GENERATION, "Nucleus sampling: keep the smallest set of tokens with this probability.")
+    top_k: int = key(0, GENERATION, "Sample among the k most likely tokens (0 = off).")
 
-    # --- optimisation ------------------------------------------------------------------------
-    max_steps: int = 100
-    prompts_per_step: int = 4  # prompts per optimizer step; each brings G completions
-    micro_batch_size: Union[int, Literal["auto"]] = 4  # sequences per forward/backward
-    logprob_chunk_size: Union[int, Literal["auto"]] = 256  # positions per LM-head chunk
-    vram_gb: float | None = None  # memory budget for "auto" settings; None = what the GPU has free
-    learning_rate: float = 1e-5
-    lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    # paged_adamw_8bit (bitsandbytes) saves optimizer memory on GPU; adamw works everywhere.
-    optimizer: Literal["adamw", "paged_adamw_8bit"] = "adamw"
-    seed: int = 42
-    # CPU threads for torch (0 = torch's default). Tiny models run faster on 1: for their small
-    # matrices, handing work between threads costs more than the work itself.
-    cpu_threads: int = 0
+    loss_type: Literal[LOSS_TYPES] = key(
+        "dapo", OBJECTIVE, "The per-token term and how tokens are averaged, as TRL's (README: \"Choosing the "
+        "objective\").")
+    beta: float = key(
+        0.04, OBJECTIVE, "KL weight; the reference is free here (the adapter off), so it is on by default.")
+    use_bias_correction_kl: bool = key(True, OBJECTIVE, "KL term times the ratio (an unbiased gradient), as TRL.")
+    epsilon: float = key(0.2, OBJECTIVE, "Lower clip: ratio >= 1 - epsilon.")
+    epsilon_high: float | None = key(
+        None, OBJECTIVE, "Upper clip; null = epsilon (DAPO suggests 0.28). For cispo: the cap on the ratio "
+        "(ScaleRL: 5.0).")
+    delta: float | None = key(
+        None, OBJECTIVE, "Two-sided clipping (INTELLECT-2): also cap the ratio of negative-advantage tokens at delta "
+        "(> 1 + epsilon_high).")
+    importance_sampling_level: Literal[IMPORTANCE_SAMPLING_LEVELS] = key(
+        "token", OBJECTIVE, "sequence = GSPO: one ratio per completion, steadier for sequence-level rewards.")
+    sapo_temperature_pos: float = key(1.0, OBJECTIVE, "sapo's gate temperature for positive advantages.")
+    sapo_temperature_neg: float = key(1.05, OBJECTIVE, "sapo's gate temperature for the other advantages.")
+    vespo_k_pos: float = key(
+        2.0, OBJECTIVE, "vespo's weight shape phi(w) = e^lambda w^k e^(-lambda w): k for A >= 0.")
+    vespo_lambda_pos: float = key(3.0, OBJECTIVE, "vespo: lambda for A >= 0.")
+    vespo_k_neg: float = key(3.0, OBJECTIVE, "vespo: k for A < 0.")
+    vespo_lambda_neg: float = key(2.0, OBJECTIVE, "vespo: lambda for A < 0.")
+    mask_truncated_completions: bool = key(
+        False, OBJECTIVE, "No loss for completions cut off by max_completion_length (DAPO).")
+    top_entropy_quantile: float = key(
+        1.0, OBJECTIVE, "Train only on the top quantile of tokens by entropy (0.2 suggested; 1 = every token).")
+    entropy_coef: float = key(
+        0.0, OBJECTIVE, "Entropy bonus: the loss minus entropy_coef times the mean token entropy; with "
+        "use_adaptive_entropy, the starting value.")
+    use_adaptive_entropy: bool = key(
+        False, OBJECTIVE, "Adaptive entropy control (Skywork-OR1): after each update, move entropy_coef by "
+        "entropy_coef_delta towards keeping the mean token entropy above entropy_target.")
+    entropy_coef_min: float = key(0.0, OBJECTIVE, "use_adaptive_entropy: the lowest coefficient.")
+    entropy_coef_max: float = key(1.0, OBJECTIVE, "use_adaptive_entropy: the highest coefficient.")
+    entropy_coef_delta: float = key(0.005, OBJECTIVE, "use_adaptive_entropy: the coefficient's step per update.")
+    entropy_target: float = key(
+        0.2, OBJECTIVE, "use_adaptive_entropy: the mean token entropy (nats) to stay above; set it near the entropy "
+        "logged in the first steps.")
+    off_policy_mask_threshold: float | None = key(
+        None, OBJECTIVE, "Drop negative-advantage completions the policy has drifted away from by more than this "
+        "(DeepSeek-V3.2); null = off.")
+    scale_rewards: Literal[SCALE_REWARDS] = key(
+        "group", OBJECTIVE, "Divide advantages by the reward std of the group, of the batch, or none (Dr. GRPO).")
+    multi_objective_aggregation: Literal[MULTI_OBJECTIVE_AGGREGATIONS] = key(
+        "sum_then_normalize", OBJECTIVE, "How several reward functions combine: sum then normalise per group, or "
+        "(GDPO) normalise each function per group, sum, then normalise over the batch (scale_rewards is then unused).")
+    num_iterations: int = key(1, OBJECTIVE, "Policy updates per batch of rollouts (> 1 needs old log-probs).")
+    zero_std_groups: Literal["keep", "skip", "resample"] = key(
+        "keep", OBJECTIVE, "Groups whose rewards are all equal (advantage 0): keep = train on them (TRL); skip = "
+        "leave them out of the log-prob and backward passes; resample = generate for fresh prompts (DAPO's "
+        "dynamic sampling).")
+    max_resample_rounds: int = key(
+        3, OBJECTIVE, "zero_std_groups: resample: the most extra rounds of generation per step.")
 
-    # --- output ------------------------------------------------------------------------------
-    output_dir: str = "runs/latest"
-    save_every: int = 50  # checkpoint every N steps (and always at the end)
-    keep_checkpoints: int = 2  # older checkpoints are deleted; 0 keeps all
-    log_completions_every: int = 10  # append sampled completions to completions.jsonl
-    num_completions_to_log: int = 4
-    eval_every: int = 0  # evaluate on the eval split every N steps (0 = never); logs eval/* metrics
-    # Also send metrics to these tools when installed: tensorboard, wandb, trackio.
-    report_to: list[Literal["tensorboard", "wandb", "trackio"]] = field(default_factory=list)
+    max_steps: int = key(100, OPTIMISATION, "Optimizer steps.")
+    prompts_per_step: int = key(4, OPTIMISATION, "Prompts per optimizer step; each brings G completions.")
+    micro_batch_size: Union[int, Literal["auto"]] = key(
+        4, OPTIMISATION, "Sequences per forward/backward: a number, or auto = the planner's choice for vram_gb.")
+    logprob_chunk_size: Union[int, Literal["auto"]] = key(
+        256, OPTIMISATION, "Positions per LM-head chunk: a number, or auto = the planner's choice for vram_gb.")
+    vram_gb: float | None = key(
+        None, OPTIMISATION, "Memory budget for the auto settings; null = what the GPU has free at the start.")
+    learning_rate: float = key(1e-5, OPTIMISATION, "Peak learning rate (alias: lr).")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = key(
+        "cosine", OPTIMISATION, "Learning-rate schedule after the warm-up.")
+    warmup_steps: int = key(0, OPTIMISATION, "Steps of linear warm-up.")
+    weight_decay: float = key(0.0, OPTIMISATION, "AdamW's weight decay.")
+    max_grad_norm: float = key(1.0, OPTIMISATION, "Clip the gradient norm to this.")
+    optimizer: Literal["adamw", "paged_adamw_8bit"] = key(
+        "adamw", OPTIMISATION, "paged_adamw_8bit (bitsandbytes) saves optimizer memory on a GPU; adamw works "
+        "everywhere.")
+    seed: int = key(42, OPTIMISATION, "Seed of the prompt order, the sampling and the LoRA initialisation.")
+    cpu_threads: int = key(
+        0, OPTIMISATION, "CPU threads for torch (0 = torch's default). Tiny models run faster on 1: for their small "
+        "matrices, handing work between threads costs more than the work itself.")
+
+    output_dir: str = key("runs/latest", OUTPUT, "The run directory.")
+    save_every: int = key(50, OUTPUT, "Checkpoint every N steps (and always at the end).")
+    keep_checkpoints: int = key(2, OUTPUT, "Older checkpoints are deleted; 0 keeps all.")
+    log_completions_every: int = key(10, OUTPUT, "Append sampled completions to completions.jsonl every N steps.")
+    num_completions_to_log: int = key(4, OUTPUT, "Completions sampled each time.")
+    eval_every: int = key(
+        0, OUTPUT, "Evaluate on the eval split every N steps (0 = never); logs eval/* metrics.")
+    report_to: list[Literal["tensorboard", "wandb", "trackio"]] = key(
+        [], OUTPUT, "Also send metrics to these tools when installed: tensorboard, wandb, trackio.")
 
     def __post_init__(self) -> None:
         self.rewards = [_as_reward_spec(r) for r in self.rewards]

@@ -17,7 +17,7 @@ import pytest
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 pytest.importorskip("gradio")
 
-from lowvram_grpo import health, rundir  # noqa: E402
+from lowvram_grpo import config_docs, health, rundir  # noqa: E402
 from lowvram_grpo.app import dashboard  # noqa: E402
 from lowvram_grpo.app import setup as app_setup  # noqa: E402
 
@@ -210,7 +210,7 @@ def test_every_config_key_is_in_the_form_and_round_trips(handlers):
     """#9: every setting can be seen and changed; the form gives back the config it was filled from."""
     keys = {f for f in TrainConfig.__dataclass_fields__} - {"rewards", "output_dir"}
     assert keys <= set(FORM_KEYS)
-    groups = dict(app_setup.config_groups())
+    groups = dict(config_docs.key_groups())
     assert "temperature" in groups["generation (rollouts)"] and "prompts_per_step" in groups["optimisation"]
     values = {**TrainConfig().to_dict(), "system_prompt": "Answer with a number.", "temperature": 0.7,
               "prompts_per_step": 2, "lr_scheduler": "linear", "eval_fraction": 0.1, "eval_every": 5,

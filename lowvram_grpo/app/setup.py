@@ -4,7 +4,8 @@
 The form holds every TrainConfig key but `rewards` (three name + weight slots) and
 `output_dir` (the run name), so nothing a run can use is hidden from the page. Keys with a
 typed widget on the page are FORM_TYPED; every other key is a text field holding YAML
-(`0.9`, `null`, `[q_proj, v_proj]`, `auto`), grouped as config.py groups them.
+(`0.9`, `null`, `[q_proj, v_proj]`, `auto`), in the groups and with the help that config.py
+declares for each key.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import ast
 import concurrent.futures
 import dataclasses
-import inspect
 import json
 import re
 import shlex
@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from lowvram_grpo.config import ConfigError, TrainConfig, build_config, preset_path, read_yaml
+from lowvram_grpo.config_docs import key_groups
 from lowvram_grpo.data import SUPPORTED, DatasetError, _looks_like_path, load_prompt_data, preview
 from lowvram_grpo.model import ModelLoadError, check_model_available
 from lowvram_grpo.rewards.builtins import BUILTIN_REWARDS
@@ -47,23 +48,8 @@ CHUNK_KEYS = ("generation_chunk_size", "micro_batch_size", "logprob_chunk_size")
 _background = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="lookup")
 
 
-def config_groups() -> list[tuple[str, list[str]]]:
-    """TrainConfig's keys in the groups its source marks with `# --- name ---` comments."""
-    groups: list[tuple[str, list[str]]] = []
-    for line in inspect.getsource(TrainConfig).splitlines():
-        title = re.match(r"\s*# --- (.+?) -+\s*$", line)
-        key = re.match(r"    (\w+): ", line)
-        if title:
-            groups.append((title.group(1), []))
-        elif key and groups and key.group(1) in _FIELDS:
-            groups[-1][1].append(key.group(1))
-    return groups
-
-
-_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _HINTS = typing.get_type_hints(TrainConfig)
-CONFIG_KEYS = [key for _, keys in config_groups() for key in keys if key not in NOT_IN_FORM]
-CONFIG_KEYS += [key for key in _FIELDS if key not in CONFIG_KEYS and key not in NOT_IN_FORM]  # ungrouped
+CONFIG_KEYS = [key for _, keys in key_groups() for key in keys if key not in NOT_IN_FORM]
 TEXT_KEYS = [key for key in CONFIG_KEYS if key not in FORM_TYPED]
 REWARD_FIELDS = [f"{kind}_{i}" for i in range(1, REWARD_SLOTS + 1) for kind in ("reward", "weight")]
 # The form, in the order the /check and /start endpoints take their inputs.

@@ -34,9 +34,10 @@ import gradio as gr
 
 from lowvram_grpo.app import dashboard
 from lowvram_grpo.app.handlers import EVAL_COLUMNS, EXAMPLE_COLUMNS, Handlers
-from lowvram_grpo.app.setup import (CHUNK_KEYS, DATASET_SUFFIXES, ERROR_FIELDS, FORM_KEYS, MAX_UPLOAD_MB, REWARD_FIELDS,
-                                    REWARD_SLOTS, TEXT_KEYS, AppContext, config_groups, preset_form_values)
+from lowvram_grpo.app.setup import (DATASET_SUFFIXES, ERROR_FIELDS, FORM_KEYS, MAX_UPLOAD_MB, REWARD_FIELDS,
+                                    REWARD_SLOTS, TEXT_KEYS, AppContext, preset_form_values)
 from lowvram_grpo.config import LOSS_TYPES, SCALE_REWARDS, list_presets
+from lowvram_grpo.config_docs import key_groups, key_help
 from lowvram_grpo.export import DTYPES
 from lowvram_grpo.app.jobs import JobManager
 from lowvram_grpo.rewards.builtins import BUILTIN_REWARDS
@@ -108,12 +109,6 @@ def _named_inputs(fn, names: list[str]):
 LABELS = {"num_generations": "G (completions per prompt)", "max_prompt_length": "Max prompt tokens",
           "max_completion_length": "Max completion tokens", "max_steps": "Steps", "lora_r": "LoRA rank",
           "learning_rate": "Learning rate", "beta": "beta (KL weight)", "loss_type": "Loss type"}
-
-
-def _setting_info(key: str) -> str | None:
-    if key in CHUNK_KEYS:
-        return "a number, or auto = the planner's choice for the GPU memory (below)"
-    return None
 
 
 def build_app(work_dir: str | Path = DEFAULT_WORK_DIR, allow_custom_code: bool = False,
@@ -216,9 +211,9 @@ def build_app(work_dir: str | Path = DEFAULT_WORK_DIR, allow_custom_code: bool =
                     with gr.Column(min_width=140):
                         form_field("run_name", gr.Textbox("", label="Run name", placeholder="automatic"))
 
-                gr.Markdown("### All settings\nEvery config key, grouped as in `config.py`; values are YAML "
-                            "(`0.9`, `null`, `[q_proj, v_proj]`, `auto`). Empty means null.")
-                for title, keys in config_groups():
+                gr.Markdown("### All settings\nEvery config key, with the groups and help of `lowvram-grpo keys`; "
+                            "values are YAML (`0.9`, `null`, `[q_proj, v_proj]`, `auto`). Empty means null.")
+                for title, keys in key_groups():
                     shown = [k for k in keys if k in TEXT_KEYS]
                     if not shown:
                         continue
@@ -226,7 +221,7 @@ def build_app(work_dir: str | Path = DEFAULT_WORK_DIR, allow_custom_code: bool =
                         with gr.Row():
                             for key in shown:
                                 with gr.Column(min_width=200):
-                                    form_field(key, gr.Textbox(initial[key], label=key, info=_setting_info(key),
+                                    form_field(key, gr.Textbox(initial[key], label=key, info=key_help(key),
                                                                lines=2 if key in ("system_prompt", "prompt_template")
                                                                else 1))
 
