@@ -16,11 +16,14 @@
 
 Bad input (an unknown key, a missing file, a broken reward function) ends with one line that
 names the problem and the fix, and exit status 2; a traceback means a bug in lowvram-grpo.
+The package's warnings (each module's `logging.getLogger(__name__)`) are `warning: ...` lines
+on stderr, from the main process only.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -334,6 +337,41 @@ COMMANDS = {"train": cmd_train, "presets": cmd_presets, "rewards": cmd_rewards, 
             "export": cmd_export, "plan": cmd_plan, "ui": cmd_ui}
 
 
+class WarningLines(logging.StreamHandler):
+    """The package's warnings as `warning: ...` lines on stderr (the app and the tests read them
+    in train.log), shown by the main process only: with several processes (distributed.py) each
+    would print the same warning. Writes to whatever sys.stderr is at the time (tests swap it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setLevel(logging.WARNING)
+        self.addFilter(lambda record: _on_main_process())
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _) -> None:
+        pass
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {record.getMessage()}"
+
+
+def _on_main_process() -> bool:
+    from lowvram_grpo import distributed  # torch: loaded only once there is something to show
+
+    return distributed.is_main_process()
+
+
+def show_warnings() -> None:
+    """Install WarningLines on the package's logger, once per process."""
+    logger = logging.getLogger("lowvram_grpo")
+    if not any(isinstance(handler, WarningLines) for handler in logger.handlers):
+        logger.addHandler(WarningLines())
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """argparse, with `key=value` overrides accepted anywhere on the line: argparse alone takes
     them only in one run, so `train --preset X lr=1e-3 --dry-run max_steps=2` would fail."""
@@ -349,6 +387,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    show_warnings()
     try:
         return COMMANDS[args.command](args)
     except (UserError, FileNotFoundError) as err:  # bad input, not a bug: one line, no traceback

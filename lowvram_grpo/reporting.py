@@ -22,14 +22,15 @@ Where each one writes:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 from lowvram_grpo.config import ConfigError
 
+logger = logging.getLogger(__name__)
 PROJECT = "lowvram-grpo"
 INSTALL = {"tensorboard": "pip install tensorboard", "wandb": "pip install wandb",
            "trackio": "pip install trackio"}
@@ -163,7 +164,7 @@ class Reporters:
             try:
                 backend.close()
             except Exception as err:  # closing is best effort; the run itself is finished
-                print(f"warning: closing {backend.name} failed: {err}", file=sys.stderr)
+                logger.warning(f"closing {backend.name} failed: {err}")
         self.backends = []
 
     def __enter__(self) -> "Reporters":
@@ -177,9 +178,8 @@ class Reporters:
             try:
                 getattr(backend, method)(*args)
             except Exception as err:
-                print(f"warning: {backend.name} logging failed ({type(err).__name__}: {err}); "
-                      f"{backend.name} is off for the rest of this run (metrics.jsonl still has "
-                      "everything)", file=sys.stderr, flush=True)
+                logger.warning(f"{backend.name} logging failed ({type(err).__name__}: {err}); {backend.name} is "
+                               "off for the rest of this run (metrics.jsonl still has everything)")
                 self.backends.remove(backend)
 
 

@@ -20,6 +20,7 @@ only rank 0 writes the run directory. One process runs exactly the loop above.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import random
@@ -50,6 +51,8 @@ from lowvram_grpo.rewards.loading import load_reward_functions
 from lowvram_grpo.rollout import Rollout, concat_rollouts, generate_rollouts
 from lowvram_grpo.rundir import RunDir, TrainResult
 from lowvram_grpo.stopping import StepInterrupted, StopRequested
+
+logger = logging.getLogger(__name__)
 
 
 # --- data order ------------------------------------------------------------------------------
@@ -403,15 +406,15 @@ def _train(config: TrainConfig, inputs: RunInputs, run: RunDir, resume: bool, pr
             return end("stopped", step - 1)
         if main and not warned_no_reward and math.isnan(record["reward"]):
             warned_no_reward = True
-            print(f"warning: step {step}: no reward function ({', '.join(r.name for r in learner.reward_functions)}) "
-                  "returned a reward for any completion (all None), so this step taught nothing; check that "
-                  "the reward functions fit this dataset (e.g. its answer column). Shown once.", flush=True)
+            logger.warning(f"step {step}: no reward function ({', '.join(r.name for r in learner.reward_functions)}) "
+                           "returned a reward for any completion (all None), so this step taught nothing; check "
+                           "that the reward functions fit this dataset (e.g. its answer column). Shown once.")
         if config.eval_every and (step % config.eval_every == 0 or step == config.max_steps):
             record.update(evaluate(policy, tokenizer, data.eval, learner.reward_functions, config))
         if main:
             run.append_step(record, samples)
             for warning in health.update(record, samples):
-                print(f"warning: run health: {warning}", flush=True)
+                logger.warning(f"run health: {warning}")
             reporters.log(record, step)
             if samples:
                 reporters.log_completions(samples, step)
@@ -744,8 +747,8 @@ def _update(learner: Learner, rollout: Rollout, advantages: torch.Tensor, ref_lo
             print(f"note: fp16 gradients overflowed; this update was skipped and the loss scale lowered to "
                   f"{scaler.get_scale():g} (normal now and then with fp16)", flush=True)
         else:
-            print(f"warning: non-finite loss ({loss_total}) or gradient norm ({grad_norm}); "
-                  "this update was skipped, not applied", flush=True)
+            logger.warning(f"non-finite loss ({loss_total}) or gradient norm ({grad_norm}); "
+                           "this update was skipped, not applied")
     return result
 
 

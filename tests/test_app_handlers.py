@@ -487,7 +487,7 @@ def test_health_warning_shows_on_the_page(handlers):
     assert "Run health" in shown and "frac_reward_zero_std" in shown
 
 
-def test_health_warning_in_the_cli_log(tiny_cache, tmp_path, capsys):
+def test_health_warning_in_the_cli_log(tiny_cache, tmp_path, caplog):
     """A real run whose reward never differs within a group (format_strict: the tiny model never
     writes <answer> tags) warns in its log, once, naming frac_reward_zero_std."""
     from lowvram_grpo.config import load_config
@@ -497,7 +497,8 @@ def test_health_warning_in_the_cli_log(tiny_cache, tmp_path, capsys):
         "output_dir": str(tmp_path / "run"), "max_steps": health.MIN_STEPS + 1, "save_every": 100,
         "rewards": [{"name": "format_strict", "weight": 1.0}]})
     train(config, progress=False)
-    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: run health")]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"
+                and r.getMessage().startswith("run health")]
     assert len(warnings) == 1 and "[frac_reward_zero_std]" in warnings[0]
 
 

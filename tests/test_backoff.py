@@ -14,7 +14,7 @@ from lowvram_grpo.config import load_config
 from lowvram_grpo.trainer import train
 
 
-def test_retry_halves_the_phase_setting_until_it_fits():
+def test_retry_halves_the_phase_setting_until_it_fits(caplog):
     chunking = Chunking(generation_chunk_size=8, micro_batch_size=4, logprob_chunk_size=256)
     sizes, events = [], []
 
@@ -26,6 +26,12 @@ def test_retry_halves_the_phase_setting_until_it_fits():
 
     assert retry_on_oom("generation", chunking, generate, events) == "done"
     assert sizes == [8, 4, 2] and len(events) == 2
+    # Each back-off is a warning, through logging (the CLI shows it as a `warning:` line).
+    assert [(r.name, r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("lowvram_grpo.planning.backoff", "WARNING",
+         "out of memory during generation; generation_chunk_size 8 -> 4; redoing it"),
+        ("lowvram_grpo.planning.backoff", "WARNING",
+         "out of memory during generation; generation_chunk_size 4 -> 2; redoing it")]
 
 
 def test_update_shrinks_micro_batch_then_logprob_chunk_then_gives_up():

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lowvram_grpo import rundir
+from lowvram_grpo import cli, rundir
 from lowvram_grpo.builtin import arith
 from lowvram_grpo.config import ConfigError, load_config
 from lowvram_grpo.data import DatasetError, read_prompt_rows
@@ -410,12 +410,28 @@ def test_metrics_of_several_iterations_are_aggregated_and_skips_counted():
 
 
 def test_a_step_where_every_reward_is_none_is_warned_about_once(tiny_cache, tmp_path, capsys):
+    """Warnings go through logging; the CLI shows them as `warning: ...` lines on stderr (train.log)."""
     reward_file = tmp_path / "never.py"
     reward_file.write_text("def never_applies(prompts, completions, **kw):\n    return [None] * len(completions)\n")
-    config = _config(tmp_path, max_steps=3, rewards=[f"{reward_file}:never_applies"])
-    train(config, progress=False)
-    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert cli.main(["train", "--preset", "tiny-cpu", "--output-dir", str(tmp_path / "run"), "--no-progress",
+                     "max_steps=3", "save_every=100", f"rewards=[{reward_file}:never_applies]"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "never_applies" in warnings[0] and "all None" in warnings[0]
+    assert warnings[0].startswith("warning: step 1: no reward function (")
+
+
+def test_cli_warnings_show_on_the_main_process_only(monkeypatch, capsys):
+    """With several processes every rank would log the same warning: only rank 0 shows it."""
+    from lowvram_grpo import distributed
+    from lowvram_grpo.planning import backoff
+
+    cli.show_warnings()
+    cli.show_warnings()  # once per process, however often main() runs
+    monkeypatch.setattr(distributed, "is_main_process", lambda: False)
+    backoff.logger.warning("from rank 1")
+    monkeypatch.setattr(distributed, "is_main_process", lambda: True)
+    backoff.logger.warning("from rank 0")
+    assert capsys.readouterr().err == "warning: from rank 0\n"
 
 
 def test_a_failed_run_leaves_the_process_group_it_created(tmp_path, monkeypatch):

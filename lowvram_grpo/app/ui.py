@@ -28,6 +28,7 @@ only uploads, built-ins and hub ids are accepted.
 from __future__ import annotations
 
 import inspect
+import logging
 from pathlib import Path
 
 import gradio as gr
@@ -43,6 +44,7 @@ from lowvram_grpo.app.jobs import JobManager
 from lowvram_grpo.rewards.builtins import BUILTIN_REWARDS
 from lowvram_grpo.app.workbench import MAX_SAMPLE_ROWS
 
+logger = logging.getLogger(__name__)
 DEFAULT_WORK_DIR = "runs/app"
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 REFRESH_EVERY_S = 2.0
@@ -448,8 +450,8 @@ def launch(host: str = "127.0.0.1", port: int | None = None, share: bool = False
     prevent_thread_lock=True). Local by default: --host, --share and --auth are explicit opt-ins."""
     local = host in LOCAL_HOSTS and not share
     if not local and auth is None:
-        print("warning: the app is reachable from other machines without a login; anyone who can open it can "
-              "start training and read its runs. Add --auth-file FILE (USER:PASS lines) or --auth user:pass.", flush=True)
+        logger.warning("the app is reachable from other machines without a login; anyone who can open it can "
+                       "start training and read its runs. Add --auth-file FILE (USER:PASS lines) or --auth user:pass.")
     demo = build_app(work_dir, allow_custom_code=allow_custom_code, allow_local_paths=local,
                      allow_code_execution=allow_code_execution)
     demo.queue(default_concurrency_limit=2)

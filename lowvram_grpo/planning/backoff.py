@@ -11,6 +11,7 @@ The smaller setting is kept for the rest of the run.
 from __future__ import annotations
 
 import gc
+import logging
 from typing import Callable, TypeVar
 
 import torch
@@ -19,6 +20,7 @@ from lowvram_grpo.errors import UserError
 from lowvram_grpo.planning.chunking import Chunking
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 
 class MemoryBudgetError(UserError, RuntimeError):
@@ -46,4 +48,4 @@ def retry_on_oom(phase: str, chunking: Chunking, attempt: Callable[[], T], event
                 "max_completion_length, max_prompt_length or num_generations, or use a smaller model "
                 "(`lowvram-grpo plan` estimates what fits)")
         events.append(f"out of memory during {phase}: {change}")
-        print(f"warning: out of memory during {phase}; {change}; redoing it", flush=True)
+        logger.warning(f"out of memory during {phase}; {change}; redoing it")
