@@ -2,8 +2,9 @@
 
 Layout of `checkpoint-000050/`:
     adapter_model.safetensors, adapter_config.json   loadable with PeftModel.from_pretrained
-    trainer_state.pt                                  step, optimizer, scheduler, RNG, data position,
-                                                      adaptive entropy coefficient (entropy_control.py)
+    trainer_state.pt                                  the resume state: step, optimizer, scheduler, RNG,
+                                                      data position, adaptive entropy coefficient
+                                                      (entropy_control.py)
 
 A run of N processes (see distributed.py) saves one checkpoint, from rank 0, with the random
 state of every process in it ("rng_per_rank"); it resumes with the same number of processes.
@@ -47,17 +48,19 @@ def save_adapter(policy, directory: Path) -> None:
     replace_dir(tmp, directory)
 
 
-def save_checkpoint(run_dir: Path, step: int, policy, trainer_state: dict[str, Any],
+def save_checkpoint(run_dir: Path, step: int, policy, resume_state: dict[str, Any],
                     keep: int = 0, rng_states: list[dict[str, Any]] | None = None) -> Path:
     """Write checkpoint-<step>/ atomically, then delete all but the newest `keep` (0 = keep all).
 
+    `resume_state`: the trainer's part of the resume state (`Learner.resume_state`: optimizer,
+    scheduler, data position, ...); the step and the random state are added here.
     `rng_states`: with several processes, every process's `rng_state()` in rank order.
     """
     final = run_dir / checkpoint_name(step)
     tmp = run_dir / f".{checkpoint_name(step)}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     policy.save_pretrained(tmp)
-    state = {"step": step, "rng": rng_state(), **trainer_state}
+    state = {"step": step, "rng": rng_state(), **resume_state}
     if rng_states is not None and len(rng_states) > 1:
         state.update(rng=rng_states[0], rng_per_rank=rng_states, world_size=len(rng_states))
     torch.save(state, tmp / STATE_FILE)
@@ -68,8 +71,8 @@ def save_checkpoint(run_dir: Path, step: int, policy, trainer_state: dict[str, A
     return final
 
 
-def read_trainer_state(path: Path, world_size: int = 1) -> dict[str, Any]:
-    """The trainer state of checkpoint `path`, refused if it was saved by a different number of
+def read_resume_state(path: Path, world_size: int = 1) -> dict[str, Any]:
+    """The resume state of checkpoint `path`, refused if it was saved by a different number of
     processes: each process's random state is part of it, so only the same number resumes exactly."""
     from lowvram_grpo.config import ConfigError
 
@@ -84,13 +87,13 @@ def read_trainer_state(path: Path, world_size: int = 1) -> dict[str, Any]:
 
 
 def restore_rng_state(state: dict[str, Any], rank: int = 0) -> None:
-    """Apply this process's random state from a checkpoint's trainer state."""
+    """Apply this process's random state from a checkpoint's resume state."""
     set_rng_state(state["rng_per_rank"][rank] if "rng_per_rank" in state else state["rng"])
 
 
 def load_checkpoint(path: Path, policy, state: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Load the adapter weights into `policy` and return the trainer state (RNG not yet applied).
-    `state`: the trainer state if already read (`read_trainer_state`)."""
+    """Load the adapter weights into `policy` and return the resume state (RNG not yet applied).
+    `state`: the resume state if already read (`read_resume_state`)."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 

@@ -437,8 +437,8 @@ def grpo_loss(
 
     kl = None
     if ref_logps is not None:
-        delta_ref = torch.where(valid, ref_logps - logps, 0.0)
-        kl = torch.exp(delta_ref) - delta_ref - 1  # k3: >= 0, and exactly 0 where policy == reference
+        ref_log_ratio = torch.where(valid, ref_logps - logps, 0.0)  # log(pi_ref / pi) per token
+        kl = torch.exp(ref_log_ratio) - ref_log_ratio - 1  # k3: >= 0, and exactly 0 where policy == reference
         if use_bias_correction_kl:
             kl = kl * coef_1
 

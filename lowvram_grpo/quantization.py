@@ -95,7 +95,7 @@ def set_cpu_inference_packing(model: torch.nn.Module, *, inference_only: bool) -
 
     A model that trains (`inference_only=False`) is never repacked, so gradients always flow
     through its frozen 4-bit weights. A model that only generates (evaluation, the app's try-it
-    and workbench) keeps bitsandbytes' choice, ~4x faster greedy generation on the CPUs that
+    and Try rewards) keeps bitsandbytes' choice, ~4x faster greedy generation on the CPUs that
     have the feature, except in layers the packed layout cannot hold (an output width that is
     not a multiple of its 32-row block: Gemma 4, Qwen3.5 and Granite 4 have some)."""
     bnb = import_bitsandbytes()

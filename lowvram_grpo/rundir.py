@@ -5,7 +5,7 @@
       status.json          {"state", "step", "total_steps", "pid", "error", ...}
       metrics.jsonl        one JSON object per step
       completions.jsonl    sampled prompts, completions and rewards every N steps
-      checkpoint-000050/   adapter + trainer state (see checkpoint.py)
+      checkpoint-000050/   adapter + resume state (see checkpoint.py)
       final/               the finished adapter (PEFT format)
 
 The trainer writes it; the CLI, the app, its job manager and the notebook only read it (the

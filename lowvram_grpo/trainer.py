@@ -34,7 +34,7 @@ import torch
 
 from lowvram_grpo import distributed, grpo, metrics
 from lowvram_grpo.planning.backoff import retry_on_oom
-from lowvram_grpo.checkpoint import (load_checkpoint, read_trainer_state, restore_rng_state, rng_state, save_adapter,
+from lowvram_grpo.checkpoint import (load_checkpoint, read_resume_state, restore_rng_state, rng_state, save_adapter,
                                      save_checkpoint, set_rng_state)
 from lowvram_grpo.planning.chunking import GENERATION, LOGPROBS, UPDATE, Chunking
 from lowvram_grpo.config import ConfigError, TrainConfig
@@ -294,14 +294,14 @@ class Learner:
         if self.entropy_control is None:
             self.entropy_control = EntropyControl.from_config(self.config)
 
-    def trainer_state(self, sampler: PromptSampler) -> dict[str, Any]:
+    def resume_state(self, sampler: PromptSampler) -> dict[str, Any]:
         """What a checkpoint needs besides the adapter weights and the random state."""
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "loss_scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "sampler": sampler.state_dict(), "chunking": self.chunking.as_dict(),
                 "entropy_control": self.entropy_control.state_dict()}
 
-    def load_trainer_state(self, state: dict[str, Any]) -> None:
+    def load_resume_state(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("loss_scaler"):
@@ -327,7 +327,7 @@ def _train(config: TrainConfig, inputs: RunInputs, run: RunDir, resume: bool, pr
     checkpoint = run.latest_checkpoint() if resume else None
     if resume and checkpoint is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {run.path}; start it without --resume")
-    state = read_trainer_state(checkpoint, world.world_size) if checkpoint is not None else None
+    state = read_resume_state(checkpoint, world.world_size) if checkpoint is not None else None
     if main:
         run.save_config(config)  # as the user gave it ("auto" stays "auto")
     chunking = resolve_chunking(config, device, announce=main)
@@ -356,7 +356,7 @@ def _train(config: TrainConfig, inputs: RunInputs, run: RunDir, resume: bool, pr
     start_step = 0
     if checkpoint is not None:
         load_checkpoint(checkpoint, policy, state)
-        learner.load_trainer_state(state)
+        learner.load_resume_state(state)
         sampler = PromptSampler(len(data.train), config.seed, **state["sampler"])
         restore_rng_state(state, world.rank)
         start_step = state["step"]
@@ -366,7 +366,7 @@ def _train(config: TrainConfig, inputs: RunInputs, run: RunDir, resume: bool, pr
     def checkpoint_now(step: int) -> None:
         rng_states = distributed.gather_objects(rng_state())  # every process's, to resume each
         if main:
-            save_checkpoint(run.path, step, policy, learner.trainer_state(sampler), keep=config.keep_checkpoints,
+            save_checkpoint(run.path, step, policy, learner.resume_state(sampler), keep=config.keep_checkpoints,
                             rng_states=rng_states)
 
     def end(state: str, step: int) -> TrainResult:
@@ -483,13 +483,13 @@ def grpo_step(learner: Learner, rows: list[dict], sampler: PromptSampler, step: 
         # Groups whose rewards are all equal have advantage 0: no policy gradient. Leave them
         # out of the log-prob and backward passes (with "resample" only the few that are left
         # when max_resample_rounds ran out).
-        keep_rows = _informative_rows(scores, G, config.multi_objective_aggregation)
+        informative_indices = _informative_sequence_indices(scores, G, config.multi_objective_aggregation)
         skipped = distributed.all_reduce_sum({
-            "groups": (trained.num_sequences - len(keep_rows)) // G,
-            "tokens": float(trained.completion_mask.sum() - trained.completion_mask[keep_rows].sum())})
+            "groups": (trained.num_sequences - len(informative_indices)) // G,
+            "tokens": float(trained.completion_mask.sum() - trained.completion_mask[informative_indices].sum())})
         dynamic["dynamic_sampling/skipped_groups"] = skipped["groups"]
         dynamic["dynamic_sampling/skipped_token_fraction"] = skipped["tokens"] / max(step_counts[1], 1.0)
-        trained, trained_advantages = trained.select(keep_rows), advantages[keep_rows]
+        trained, trained_advantages = trained.select(informative_indices), advantages[informative_indices]
 
     # 5. Frozen log-probs: reference (adapter off) for the KL, old policy for the ratio.
     def logprobs_now() -> torch.Tensor:
@@ -594,7 +594,8 @@ def _informative_groups(scores: RewardScores, num_generations: int, aggregation:
     return (~torch.isnan(std) & ~torch.isclose(std, torch.zeros_like(std))).any(dim=1)
 
 
-def _informative_rows(scores: RewardScores, num_generations: int, aggregation: str) -> list[int]:
+def _informative_sequence_indices(scores: RewardScores, num_generations: int, aggregation: str) -> list[int]:
+    """The indices of the sequences (completions) of the groups that carry a policy gradient."""
     groups = _informative_groups(scores, num_generations, aggregation).nonzero().flatten().tolist()
     return [g * num_generations + j for g in groups for j in range(num_generations)]
 
@@ -628,10 +629,10 @@ def _resample_until_informative(config: TrainConfig, first_round, sample_round, 
     kept_rows, kept_rollouts, kept_scores = [], [], []
     for r, (batch, rollout, scores, _) in enumerate(rounds):
         mine = [g - offset for g in range(offset, offset + local) if (r, g) in chosen]
-        rows = [g * G + j for g in mine for j in range(G)]
+        sequence_indices = [g * G + j for g in mine for j in range(G)]
         kept_rows += [batch[g] for g in mine]
-        kept_rollouts.append(rollout.select(rows))
-        kept_scores.append(scores.select(rows))
+        kept_rollouts.append(rollout.select(sequence_indices))
+        kept_scores.append(scores.select(sequence_indices))
     generated = distributed.all_reduce_sum(sum(float(r[1].completion_mask.sum()) for r in rounds))
     dynamic = {"dynamic_sampling/resample_rounds": len(rounds) - 1,
                "dynamic_sampling/resampled_groups": (len(rounds) - 1) * config.prompts_per_step,

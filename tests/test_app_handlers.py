@@ -2,7 +2,7 @@
 
 Each test names the problem of issue #16 it guards against (#1 ... #14). A fake run directory
 (config.yaml, status.json, metrics.jsonl, completions.jsonl, checkpoints) stands in for a
-training, so these run in seconds; the workbench's base-model groups and the Use tab's eval and
+training, so these run in seconds; Try rewards' base-model groups and the Use tab's eval and
 merge run the built-in tiny model (a few seconds more).
 """
 
@@ -59,7 +59,7 @@ def step_record(step: int, **values) -> dict:
 def handlers(tmp_path):
     ctx = AppContext(tmp_path / "work")
     ctx.runs_dir.mkdir(parents=True)
-    return Handlers(ctx, JobManager(ctx.work_dir), playground=None)
+    return Handlers(ctx, JobManager(ctx.work_dir), try_it=None)
 
 
 # --- curves -------------------------------------------------------------------------------------
@@ -338,7 +338,7 @@ def test_theme_text_contrast_is_at_least_4_5(tmp_path):
         assert ratio >= 4.5, f"{name} = {colour}: contrast {ratio:.2f}"
 
 
-# --- runs, completions, adapters, workbench -----------------------------------------------------
+# --- runs, completions, adapters, try rewards ---------------------------------------------------
 
 
 def test_runs_table_clone_and_delete(handlers, monkeypatch):
@@ -383,14 +383,14 @@ def test_adapter_picker(handlers, tmp_path):
     assert dashboard.pick_adapter(run, "../../etc") == run / "checkpoint-000020"  # only the run's own adapters
 
 
-def test_reward_workbench_scores_a_group(handlers):
+def test_try_rewards_scores_pasted_completions_as_a_group(handlers):
     columns_in = ["arith_answer", 1.0, "", 1.0, "", 1.0]
-    table, message = handlers.workbench(*columns_in, "3+5=", "8", "8\n---\n9\n---\n", "group")
+    table, message = handlers.score_rewards(*columns_in, "3+5=", "8", "8\n---\n9\n---\n", "group")
     assert list(table.columns) == ["completion", "arith_answer", "total", "advantage"]
     assert list(table["completion"]) == ["8", "9"]
     right, wrong = table["advantage"]
     assert table["arith_answer"][0] > table["arith_answer"][1] and right > 0 > wrong
-    assert "⚠" in handlers.workbench("my.py:fn", 1.0, "", 1.0, "", 1.0, "p", "a", "x", "group")[1]
+    assert "⚠" in handlers.score_rewards("my.py:fn", 1.0, "", 1.0, "", 1.0, "p", "a", "x", "group")[1]
 
 
 # --- run health ---------------------------------------------------------------------------------
@@ -502,7 +502,7 @@ def test_health_warning_in_the_cli_log(tiny_cache, tmp_path, caplog):
     assert len(warnings) == 1 and "[frac_reward_zero_std]" in warnings[0]
 
 
-# --- the tiny model: the workbench's base-model groups, the Use tab's eval and merge -------------
+# --- the tiny model: Try rewards' base-model groups, the Use tab's eval and merge ----------------
 
 
 def last(updates):
@@ -544,7 +544,7 @@ def tiny_run(handlers, adapter: Path, **config) -> Path:
     return run
 
 
-def test_workbench_scores_the_base_models_groups(handlers, tiny_cache, monkeypatch):
+def test_try_rewards_scores_the_base_models_groups(handlers, tiny_cache, monkeypatch):
     """Before any training: G completions of the form's model for each of the dataset's first
     rows, each with the reward arith_answer gives it and its group advantage; the model loads once."""
     import statistics
@@ -560,7 +560,7 @@ def test_workbench_scores_the_base_models_groups(handlers, tiny_cache, monkeypat
     form = app_setup.preset_form_values("tiny-cpu")
     form["run_name"] = "taken"
     (handlers.ctx.runs_dir / "taken").mkdir()  # the name of a run just started is no problem here
-    table, message = last(handlers.workbench_base(*[form[k] for k in FORM_KEYS], 2))
+    table, message = last(handlers.score_base_model(*[form[k] for k in FORM_KEYS], 2))
     assert list(table.columns) == ["row", "prompt", "answer", "completion", "arith_answer", "total", "advantage"]
     assert list(table["row"]) == [1] * 8 + [2] * 8  # G = the form's num_generations
     first_rows = read_table("builtin:arith")[:2]  # as the Set-up preview shows them
@@ -575,18 +575,18 @@ def test_workbench_scores_the_base_models_groups(handlers, tiny_cache, monkeypat
         assert list(group["advantage"]) == pytest.approx(advantages, abs=1e-3)
     assert f"mean reward {table['total'].mean():.3f}" in message and "`builtin:tiny` (no adapter)" in message
 
-    table, _ = last(handlers.workbench_base(*[form[k] for k in FORM_KEYS], 1))
+    table, _ = last(handlers.score_base_model(*[form[k] for k in FORM_KEYS], 1))
     assert len(table) == 8 and len(loads) == 1  # the second click reuses the loaded model
 
-    assert list(handlers.workbench_base(*[form[k] for k in FORM_KEYS], 0))[-1][1] == \
+    assert list(handlers.score_base_model(*[form[k] for k in FORM_KEYS], 0))[-1][1] == \
         "⚠ rows: give 1 to 8 (each row gets G completions)"
     form["temperature"] = "-1"
-    _, message = list(handlers.workbench_base(*[form[k] for k in FORM_KEYS], 2))[-1]
+    _, message = list(handlers.score_base_model(*[form[k] for k in FORM_KEYS], 2))[-1]
     assert "on Set up first" in message and "temperature" in message
 
 
 def test_model_slot_holds_one_model():
-    from lowvram_grpo.app.playground import ModelSlot
+    from lowvram_grpo.app.use_adapter import ModelSlot
 
     slot, loads = ModelSlot(), []
     assert slot.get("a", lambda: loads.append("a") or "model a") == "model a"

@@ -26,7 +26,7 @@ from lowvram_grpo.config import ConfigError, RewardSpec
 from lowvram_grpo.data import DatasetError
 from lowvram_grpo.health import check_health
 from lowvram_grpo.app.jobs import LOG_NAME, JobError, JobManager, run_state, tail
-from lowvram_grpo.app.playground import AdapterPlayground
+from lowvram_grpo.app.use_adapter import AdapterTryIt
 from lowvram_grpo.rundir import RunDir
 
 LIKELY_PROMPT = ("prompt", "question", "problem", "instruction", "input", "query")
@@ -71,13 +71,13 @@ EXAMPLE_COLUMNS = ["prompt", "answer", "base model", "with the adapter"]
 
 
 class Handlers:
-    def __init__(self, ctx: AppContext, jobs: JobManager, playground: AdapterPlayground | None = None):
-        from lowvram_grpo.app.workbench import BaseSampler
+    def __init__(self, ctx: AppContext, jobs: JobManager, try_it: AdapterTryIt | None = None):
+        from lowvram_grpo.app.try_rewards import BaseSampler
 
         self.ctx, self.jobs = ctx, jobs
-        self.playground = playground or AdapterPlayground()
-        # The workbench's base model shares the playground's slot: one model in the process.
-        self.sampler = BaseSampler(self.playground.models)
+        self.try_it = try_it or AdapterTryIt()
+        # Try rewards' base model shares try-it's slot: one model in the process.
+        self.sampler = BaseSampler(self.try_it.models)
         self._seq = itertools.count(1)
         self.live = dashboard.LiveRuns()  # the watched runs' files, read a few new lines per refresh
 
@@ -330,12 +330,12 @@ class Handlers:
         return (pd.DataFrame(rows, columns=dashboard.COMPLETION_COLUMNS),
                 gr.update(choices=["", *functions], value=function if function in functions else ""), message)
 
-    # --- reward workbench ----------------------------------------------------------------------
+    # --- try rewards ---------------------------------------------------------------------------
 
-    def workbench(self, *values):
+    def score_rewards(self, *values):
         """Score pasted completions with the form's reward functions, as one group."""
         *reward_values, prompt, answer, pasted, scale = values
-        from lowvram_grpo.app import workbench
+        from lowvram_grpo.app import try_rewards
         from lowvram_grpo.rewards.base import RewardFunctionError
 
         specs = []
@@ -350,20 +350,21 @@ class Handlers:
             return pd.DataFrame(), "⚠ pick at least one reward function on the Set up tab"
         row = {"prompt": prompt or "", "answer": answer or ""}
         try:
-            columns, table = workbench.score_group(specs, row, workbench.split_completions(pasted), scale or "group")
+            columns, table = try_rewards.score_group(specs, row, try_rewards.split_completions(pasted),
+                                                     scale or "group")
         except (ValueError, RewardFunctionError) as err:
             return pd.DataFrame(), f"⚠ {err}"
         return pd.DataFrame(table, columns=columns), (
             f"{len(table)} completions scored as one group with {', '.join(s.name for s in specs)}; advantages "
             f"with scale_rewards={scale or 'group'}.")
 
-    def workbench_base(self, *values):
+    def score_base_model(self, *values):
         """Sample G completions of the form's model (no adapter) for each of the dataset's first
         `num_rows` rows and score them with the form's rewards, one group per row. A generator:
         the page shows a note while the model loads and generates."""
         *form_values, num_rows = values
         from lowvram_grpo.rewards.base import RewardFunctionError
-        from lowvram_grpo.app.workbench import check_num_rows
+        from lowvram_grpo.app.try_rewards import check_num_rows
 
         rows = int(num_rows or 0)
         try:
@@ -433,7 +434,7 @@ class Handlers:
         if source is None:
             return "", "", "⚠ this run has no adapter yet: wait for the first checkpoint"
         try:
-            base, tuned = self.playground.generate(run_dir, source, prompt, int(max_new_tokens or 32))
+            base, tuned = self.try_it.generate(run_dir, source, prompt, int(max_new_tokens or 32))
         except Exception as err:  # show any load/generation failure on the page, never crash it
             return "", "", f"⚠ {type(err).__name__}: {err}"
         return base, tuned, f"Adapter: `{source.name}`, greedy decoding."
@@ -464,8 +465,8 @@ class Handlers:
         yield f"⏳ Loading `{config.model_name_or_path}` with `{source.name}`…", empty, empty
 
         def work(log):
-            with self.playground.models.lock:  # the cached model goes first: this loads its own
-                self.playground.models.clear()
+            with self.try_it.models.lock:  # the cached model goes first: this loads its own
+                self.try_it.models.clear()
                 return compare(config, source, limit, log=log, examples=examples)
 
         try:

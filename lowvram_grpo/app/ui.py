@@ -42,7 +42,7 @@ from lowvram_grpo.config_docs import key_groups, key_help
 from lowvram_grpo.export import DTYPES
 from lowvram_grpo.app.jobs import JobManager
 from lowvram_grpo.rewards.builtins import BUILTIN_REWARDS
-from lowvram_grpo.app.workbench import MAX_SAMPLE_ROWS
+from lowvram_grpo.app.try_rewards import MAX_SAMPLE_ROWS
 
 logger = logging.getLogger(__name__)
 DEFAULT_WORK_DIR = "runs/app"
@@ -295,7 +295,7 @@ def build_app(work_dir: str | Path = DEFAULT_WORK_DIR, allow_custom_code: bool =
                                               headers=dashboard.COMPLETION_COLUMNS,
                                               interactive=False, wrap=True, max_height=600, elem_id="completions")
 
-            with gr.Tab("Try rewards", id="workbench"):
+            with gr.Tab("Try rewards", id="try-rewards"):
                 gr.Markdown("Score completions with the reward functions chosen on **Set up**, as GRPO groups: "
                             "per-function rewards, the weighted total and each completion's advantage, before "
                             "any training. Paste completions (no model, no GPU), or sample the base model's own.")
@@ -422,11 +422,11 @@ def build_app(work_dir: str | Path = DEFAULT_WORK_DIR, allow_custom_code: bool =
         browse_button.click(on.completions, browse_inputs, [completions_df, function, browse_message],
                             api_name="completions")
 
-        wb_button.click(on.workbench, [*(fields[k] for k in REWARD_FIELDS), wb_prompt, wb_answer, wb_completions,
+        wb_button.click(on.score_rewards, [*(fields[k] for k in REWARD_FIELDS), wb_prompt, wb_answer, wb_completions,
                                        wb_scale], [wb_table, wb_message], api_name="score_rewards")
         # Model work (sampling, try-it, eval, merge) runs one at a time: one GPU, one model in memory.
         model_work = {"concurrency_limit": 1, "concurrency_id": "model"}
-        wb_sample_button.click(_named_inputs(on.workbench_base, [*FORM_KEYS, "num_rows"]), [*form_inputs, wb_rows],
+        wb_sample_button.click(_named_inputs(on.score_base_model, [*FORM_KEYS, "num_rows"]), [*form_inputs, wb_rows],
                                [wb_sample_table, wb_sample_message], api_name="score_base_model", **model_work)
 
         zip_button.click(on.zip, [use_run, use_adapter], [adapter_file, use_message], api_name="zip_adapter")

@@ -1,5 +1,5 @@
-"""The app's models: the one model its process holds (`ModelSlot`), and "try it" (`AdapterPlayground`):
-one adapter's model, loaded on demand, generating greedily with the adapter off (the base
+"""The "Use the adapter" tab's models: the one model the app's process holds (`ModelSlot`), and
+"try it" (`AdapterTryIt`): one adapter's model, loaded on demand, generating greedily with the adapter off (the base
 model) and on, for side-by-side comparison."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from lowvram_grpo.rundir import RunDir
 
 
 class ModelSlot:
-    """The one model the app's process keeps loaded between clicks (try-it, the workbench's
+    """The one model the app's process keeps loaded between clicks (try-it, Try rewards'
     sampling). Loading another frees the previous one first, and the eval and merge free it
     before they load their own: on one consumer GPU two models at once may not fit.
 
@@ -60,7 +60,7 @@ def load_for_inference(config):
     return policy, tokenizer
 
 
-class AdapterPlayground:
+class AdapterTryIt:
     def __init__(self, models: ModelSlot | None = None):
         self.models = models or ModelSlot()
 

@@ -1,4 +1,4 @@
-"""The reward workbench: see the rewards and group advantages GRPO would give, before any GPU
+"""The "Try rewards" tab: see the rewards and group advantages GRPO would give, before any GPU
 time is spent on training. Either for completions a user pastes (`score_group`), or for the
 base model's own completions of the dataset's first rows (`BaseSampler`), sampled as the first
 training step would sample them."""
@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from lowvram_grpo.config import RewardSpec, TrainConfig
-from lowvram_grpo.app.playground import ModelSlot, load_for_inference
+from lowvram_grpo.app.use_adapter import ModelSlot, load_for_inference
 
 SEPARATOR = "---"  # a line of its own between pasted completions
 MAX_SAMPLE_ROWS = 8  # rows sampled at once: G completions each, on the app's own process
