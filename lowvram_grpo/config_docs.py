@@ -44,12 +44,17 @@ def describe_keys() -> list[KeyDoc]:
     return docs
 
 
-def key_groups() -> list[tuple[str, list[str]]]:
+def grouped_keys() -> dict[str, list[KeyDoc]]:
     """The groups in the order their first key is declared, each with its keys."""
-    groups: dict[str, list[str]] = {}
+    groups: dict[str, list[KeyDoc]] = {}
     for doc in describe_keys():
-        groups.setdefault(doc.group, []).append(doc.name)
-    return list(groups.items())
+        groups.setdefault(doc.group, []).append(doc)
+    return groups
+
+
+def key_groups() -> list[tuple[str, list[str]]]:
+    """(group, key names) in that order: the app's form."""
+    return [(group, [doc.name for doc in docs]) for group, docs in grouped_keys().items()]
 
 
 def key_help(name: str) -> str:
@@ -83,10 +88,9 @@ def default_text(value: Any) -> str:
 def keys_text(width: int = 100) -> str:
     """`lowvram-grpo keys`: each group, then each key with its type, default and help."""
     lines = []
-    docs = describe_keys()
-    for group, names in key_groups():
+    for group, docs in grouped_keys().items():
         lines.append(f"{group}:")
-        for doc in (d for d in docs if d.name in names):
+        for doc in docs:
             lines.append(f"  {doc.name} ({doc.type}, default {doc.default})")
             lines += textwrap.wrap(doc.help, width, initial_indent=" " * 6, subsequent_indent=" " * 6)
         lines.append("")
@@ -95,11 +99,10 @@ def keys_text(width: int = 100) -> str:
 
 def keys_markdown() -> str:
     """The README's key table: one table per group."""
-    docs = describe_keys()
     parts = []
-    for group, names in key_groups():
+    for group, docs in grouped_keys().items():
         rows = [f"| `{d.name}` | {_cell(d.type)} | `{_cell(d.default, code=True)}` | {_cell(d.help)} |"
-                for d in docs if d.name in names]
+                for d in docs]
         parts.append("\n".join([f"**{group}**", "", "| key | type | default | what it does |",
                                 "| --- | --- | --- | --- |", *rows]))
     return "\n\n".join(parts) + "\n"

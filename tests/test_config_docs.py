@@ -64,8 +64,9 @@ def test_the_app_groups_hold_every_key_exactly_once():
     groups = config_docs.key_groups()
     grouped = [name for _, names in groups for name in names]
     assert sorted(grouped) == sorted(FIELDS) and len(grouped) == len(set(grouped))
-    assert [title for title, _ in groups] == ["model", "data", "rewards", "generation (rollouts)",
-                                              "GRPO objective", "optimisation", "output"]
+    titles = [title for title, _ in groups]
+    known = ["model", "data", "rewards", "generation (rollouts)", "GRPO objective", "optimisation", "output"]
+    assert [title for title in titles if title in known] == known  # in declaration order; new groups may join
     # The form shows each of them once (the rewards slots and the run name stand for two keys).
     assert sorted(app_setup.CONFIG_KEYS) == sorted(set(FIELDS) - set(app_setup.NOT_IN_FORM))
 
