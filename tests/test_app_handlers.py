@@ -59,7 +59,7 @@ def step_record(step: int, **values) -> dict:
 def handlers(tmp_path):
     ctx = AppContext(tmp_path / "work")
     ctx.runs_dir.mkdir(parents=True)
-    return Handlers(ctx, JobManager(ctx.work_dir), try_it=None)
+    return Handlers(ctx, JobManager(ctx.work_dir), adapter_try_it=None)
 
 
 # --- curves -------------------------------------------------------------------------------------

@@ -71,13 +71,13 @@ EXAMPLE_COLUMNS = ["prompt", "answer", "base model", "with the adapter"]
 
 
 class Handlers:
-    def __init__(self, ctx: AppContext, jobs: JobManager, try_it: AdapterTryIt | None = None):
+    def __init__(self, ctx: AppContext, jobs: JobManager, adapter_try_it: AdapterTryIt | None = None):
         from lowvram_grpo.app.try_rewards import BaseSampler
 
         self.ctx, self.jobs = ctx, jobs
-        self.try_it = try_it or AdapterTryIt()
+        self.adapter_try_it = adapter_try_it or AdapterTryIt()
         # Try rewards' base model shares try-it's slot: one model in the process.
-        self.sampler = BaseSampler(self.try_it.models)
+        self.sampler = BaseSampler(self.adapter_try_it.models)
         self._seq = itertools.count(1)
         self.live = dashboard.LiveRuns()  # the watched runs' files, read a few new lines per refresh
 
@@ -434,7 +434,7 @@ class Handlers:
         if source is None:
             return "", "", "⚠ this run has no adapter yet: wait for the first checkpoint"
         try:
-            base, tuned = self.try_it.generate(run_dir, source, prompt, int(max_new_tokens or 32))
+            base, tuned = self.adapter_try_it.generate(run_dir, source, prompt, int(max_new_tokens or 32))
         except Exception as err:  # show any load/generation failure on the page, never crash it
             return "", "", f"⚠ {type(err).__name__}: {err}"
         return base, tuned, f"Adapter: `{source.name}`, greedy decoding."
@@ -465,8 +465,8 @@ class Handlers:
         yield f"⏳ Loading `{config.model_name_or_path}` with `{source.name}`…", empty, empty
 
         def work(log):
-            with self.try_it.models.lock:  # the cached model goes first: this loads its own
-                self.try_it.models.clear()
+            with self.adapter_try_it.models.lock:  # the cached model goes first: this loads its own
+                self.adapter_try_it.models.clear()
                 return compare(config, source, limit, log=log, examples=examples)
 
         try:
