@@ -72,8 +72,9 @@ class RewardSpec:
 
 
 # The groups of keys, in the order the app's form, `lowvram-grpo keys` and the README show them.
-MODEL, DATA, REWARDS, GENERATION, OBJECTIVE, OPTIMISATION, OUTPUT = (
-    "model", "data", "rewards", "generation (rollouts)", "GRPO objective", "optimisation", "output")
+MODEL, DATA, REWARDS, GENERATION, TOOLS, OBJECTIVE, OPTIMISATION, OUTPUT = (
+    "model", "data", "rewards", "generation (rollouts)", "tools and environments", "GRPO objective", "optimisation",
+    "output")
 
 
 def key(default: Any, group: str, help: str) -> Any:
@@ -170,6 +171,23 @@ class TrainConfig:
     temperature: float = key(1.0, GENERATION, "Sampling temperature (log-probs use the same).")
     top_p: float = key(1.0, GENERATION, "Nucleus sampling: keep the smallest set of tokens with this probability.")
     top_k: int = key(0, GENERATION, "Sample among the k most likely tokens (0 = off).")
+
+    tools: list[str] = key(
+        [], TOOLS, "Functions the model may call while it answers: python (the built-in, run in the code sandbox), "
+        "path/to/file.py:function or package.module.function; each needs type hints and a Google-style docstring "
+        "(TRL's convention).")
+    tool_timeout: float = key(
+        30.0, TOOLS, "Seconds one tool call may take; a call that takes longer is abandoned and the model gets an "
+        "error result (counted in tools/failure_frequency).")
+    max_tool_calling_iterations: int | None = key(
+        None, TOOLS, "Most rounds of tool calls per completion (null: until the model stops calling tools or "
+        "max_completion_length, which counts the whole trajectory, is reached).")
+    environment_factory: str | None = key(
+        None, TOOLS, "A class (my_env.py:MyEnv) made once per rollout: reset(**row) returns text added to the prompt "
+        "(or None), its public methods are the tools, an optional get_reward() is a reward.")
+    rollout_func: str | None = key(
+        None, TOOLS, "Your own rollout loop (my_loop.py:rollout), TRL's signature: rollout_func(prompts, trainer) -> "
+        "{prompt_ids, completion_ids, logprobs, env_mask?, ...extra fields for the rewards}.")
 
     loss_type: Literal[LOSS_TYPES] = key(
         "dapo", OBJECTIVE, "The per-token term and how tokens are averaged, as TRL's (README: \"Choosing the "
@@ -333,7 +351,8 @@ class TrainConfig:
         need(self.max_grad_norm > 0, "max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
         need(self.reward_timeout is None or self.reward_timeout > 0, "reward_timeout",
              f"must be a number of seconds > 0, or none for no limit; got {self.reward_timeout}")
-        need(bool(self.rewards), "rewards", "at least one reward function is needed")
+        need(bool(self.rewards) or bool(self.environment_factory), "rewards",
+             "at least one reward function is needed (or an environment_factory whose class has get_reward)")
         for spec in self.rewards:
             need(bool(spec.name), "rewards", "every reward needs a name")
             name = spec.name if isinstance(spec.name, str) else ""
@@ -346,6 +365,14 @@ class TrainConfig:
         need(bool(self.judge_api_key_env.strip()), "judge_api_key_env",
              "the name of an environment variable (the key itself never goes in the config)")
         need(0 <= self.eval_fraction < 1, "eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
+        need(self.tool_timeout > 0, "tool_timeout", f"must be more than 0 seconds, got {self.tool_timeout}")
+        need(self.max_tool_calling_iterations is None or self.max_tool_calling_iterations >= 0,
+             "max_tool_calling_iterations", f"must be 0 or more, or null for no limit; got "
+             f"{self.max_tool_calling_iterations}")
+        for spec in self.tools:
+            need(bool(spec.strip()), "tools", "every entry names a function: python, path/to/file.py:function "
+                 "or package.module.function")
+        need(len(set(self.tools)) == len(self.tools), "tools", f"a tool is listed twice: {self.tools}")
         need(bool(self.output_dir), "output_dir", "must not be empty")
 
     def to_dict(self) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 from lowvram_grpo.builtin import arith
 from lowvram_grpo.builtin import code_tasks
+from lowvram_grpo.builtin import calculator, guess_number
 from lowvram_grpo.config import TrainConfig
 from lowvram_grpo.errors import DatasetError, clip, names, one_line, type_name
 from lowvram_grpo.prompts import fill_template, prompt_lengths, with_system_prompt
@@ -40,6 +41,8 @@ SUPPORTED_HINT = ".jsonl, .json, .csv, .tsv, .parquet, or a gzipped text format 
 BUILTINS: dict[str, Callable[[], list[dict]]] = {
     "builtin:arith": lambda: arith.arith_rows(1000, seed=0),
     "builtin:code": lambda: code_tasks.code_rows(),  # Python tasks with tests, for code_tests
+    "builtin:sums": lambda: calculator.sums_rows(1000, seed=0),  # two-digit sums, for the calculator tool demo
+    "builtin:guess-number": lambda: guess_number.guess_number_rows(1000, seed=0),  # for the GuessNumber environment
 }
 
 # Built-in tasks that come with a held-out split of their own, as a hub dataset has its "test":

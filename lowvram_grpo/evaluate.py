@@ -31,6 +31,7 @@ from typing import Callable
 import torch
 
 from lowvram_grpo import distributed
+from lowvram_grpo.agent.loop import Agent, generate_tool_rollouts
 from lowvram_grpo.config import AUTO, TrainConfig
 from lowvram_grpo.data import load_prompt_data
 from lowvram_grpo.model import default_device, load_policy, reference_model, resolve_model_path
@@ -111,11 +112,23 @@ def _greedy_scores(policy, tokenizer, rows: list[dict], reward_functions: list[R
     # Greedy: one completion per prompt is enough, and the result is deterministic.
     # (Generation leaves the policy in the train/eval mode it found it in.)
     chunk = config.generation_chunk_size if config.generation_chunk_size != AUTO else AUTO_EVAL_CHUNK_SIZE
-    rollout = generate_greedy(policy, tokenizer, [row["prompt"] for row in rows], chunk_size=chunk,
-                              max_prompt_length=config.max_prompt_length,
-                              max_new_tokens=config.max_completion_length)
-    scores = score_rows(reward_functions, rows, rollout.completions, rollout.completion_token_lists())
-    return (rollout.completions, scores.total, scores.per_function, rollout.completion_mask.sum(1).float(),
+    agent = Agent.from_config(config)
+    extra_columns = {}
+    if agent is None:
+        rollout = generate_greedy(policy, tokenizer, [row["prompt"] for row in rows], chunk_size=chunk,
+                                  max_prompt_length=config.max_prompt_length,
+                                  max_new_tokens=config.max_completion_length)
+    else:  # with tools: greedy trajectories, tool results and all, as training rolls them out
+        agent.prepare(tokenizer)
+        prompts, toolboxes, environments = agent.start(rows, num_generations=1)
+        rollout = generate_tool_rollouts(
+            policy, tokenizer, prompts, toolboxes, num_generations=1, chunk_size=chunk,
+            max_prompt_length=config.max_prompt_length, max_completion_length=config.max_completion_length,
+            max_iterations=agent.max_iterations, do_sample=False)
+        extra_columns = {"environments": environments} if environments is not None else {}
+    scores = score_rows(reward_functions, rows, rollout.completions, rollout.completion_token_lists(),
+                        completion_messages=rollout.completion_messages, extra_columns=extra_columns)
+    return (rollout.completions, scores.total, scores.per_function, rollout.loss_mask.sum(1).float(),
             rollout.is_clipped)
 
 

@@ -62,14 +62,17 @@ def mean_over_updates(updates: list[dict[str, float]]) -> dict[str, float]:
 
 
 def sample_records(step: int, prompts: list, completions: list[str], scores, advantages: torch.Tensor,
-                   config) -> list[dict[str, Any]]:
-    """The first completions of the step (one group, usually), for completions.jsonl."""
+                   config, messages: list[list[dict]] | None = None) -> list[dict[str, Any]]:
+    """The first completions of the step (one group, usually), for completions.jsonl; with
+    tools, each one's trajectory as `messages` (the completions browser shows its turns)."""
     G = config.num_generations
     records = []
     for i in range(min(config.num_completions_to_log, len(completions))):
         record = {"step": step, "prompt": prompts[i // G], "completion": completions[i],
                   "reward": float(scores.total[i]), "advantage": float(advantages[i]),
                   "rewards": {name: float(scores.per_function[i, j]) for j, name in enumerate(scores.names)}}
+        if messages is not None:
+            record["messages"] = messages[i]
         if scores.extra:  # columns reward functions gave log_extra
             record["extra"] = {column: values[i] for column, values in scores.extra.items()}
         records.append(record)

@@ -21,6 +21,7 @@ from lowvram_grpo.quantization import nf4_config, set_cpu_inference_packing
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_TINY = "builtin:tiny"
+BUILTIN_TINY_TOOLS = "builtin:tiny-tools"  # the tiny model warmed up to call a calculator (builtin/tiny_tools_model.py)
 
 
 class ModelLoadError(UserError, RuntimeError):
@@ -37,6 +38,10 @@ def resolve_model_path(name: str) -> str:
         from lowvram_grpo.builtin.tiny_model import tiny_model_path
 
         return str(tiny_model_path())
+    if name == BUILTIN_TINY_TOOLS:
+        from lowvram_grpo.builtin.tiny_tools_model import tiny_tools_model_path
+
+        return str(tiny_tools_model_path())
     if name.startswith(BUILTIN_PREFIX):
         check_model_available(name)  # an unknown built-in: refused with the same message
     return name
@@ -48,8 +53,9 @@ def check_model_available(name: str) -> None:
     the local cache while the Hub cannot be reached. Asking the Hub for config.json is the
     first thing loading would do anyway (and it lands in the cache)."""
     if name.startswith(BUILTIN_PREFIX):
-        if name != BUILTIN_TINY:
-            raise ModelLoadError(f"model_name_or_path: unknown built-in model '{name}'; the only one is {BUILTIN_TINY}")
+        if name not in (BUILTIN_TINY, BUILTIN_TINY_TOOLS):
+            raise ModelLoadError(f"model_name_or_path: unknown built-in model '{name}'; the built-in ones are "
+                                 f"{BUILTIN_TINY} and {BUILTIN_TINY_TOOLS}")
         return
     path = Path(name).expanduser()
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:

@@ -72,6 +72,15 @@ def set_chat_template_kwargs(tokenizer, kwargs: dict) -> None:
     setattr(tokenizer, _CHAT_TEMPLATE_KWARGS, dict(kwargs))
 
 
+def chat_template_kwargs(tokenizer, tools: bool = True) -> dict:
+    """The run's chat template kwargs this tokenizer carries; with `tools=False` without the
+    tools' schemas (which a run with tools adds, see agent/loop.py)."""
+    kwargs = dict(getattr(tokenizer, _CHAT_TEMPLATE_KWARGS, {}))
+    if not tools:
+        kwargs.pop("tools", None)
+    return kwargs
+
+
 def prompt_text(tokenizer, prompt: str | list[dict]) -> str:
     """The text the model actually sees: strings as-is, conversations via the chat template."""
     if isinstance(prompt, str):
@@ -84,7 +93,7 @@ def prompt_text(tokenizer, prompt: str | list[dict]) -> str:
             "prompt_template), or use a chat/instruct model that has a chat template.")
     try:
         return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True,
-                                             **getattr(tokenizer, _CHAT_TEMPLATE_KWARGS, {}))
+                                             **chat_template_kwargs(tokenizer))
     except Exception as err:  # Jinja templates raise anything; users need the reason only.
         raise DatasetError(
             f"the model's chat template failed on a prompt ({one_line(err)}). Some templates "

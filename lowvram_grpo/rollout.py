@@ -27,10 +27,24 @@ class Rollout:
     completions: list[str]  # decoded, without special tokens
     is_clipped: torch.Tensor  # (N,) True where max_completion_length cut the completion off
     num_prompts_truncated: int  # prompts shortened on the left to max_prompt_length
+    # Multi-turn rollouts with tools (agent/loop.py): (N, C) 1 for tokens the model generated, 0 for
+    # the tool results spliced in between its turns (TRL's tool_mask); None for single-turn text.
+    tool_mask: torch.Tensor | None = None
+    # The trajectory as messages (assistant turns with their tool calls, tool results), what
+    # reward functions receive as each completion; None for single-turn text.
+    completion_messages: list[list[dict]] | None = None
+    tool_counts: list | None = None  # per sequence, its tools.ToolCounts (calls, failures, turns)
 
     @property
     def num_sequences(self) -> int:
         return self.completion_ids.size(0)
+
+    @property
+    def loss_mask(self) -> torch.Tensor:
+        """(N, C) the tokens the loss, KL, entropy and length metrics count: the model's own.
+        Tool results stay in the context (completion_mask, the attention) but were not sampled
+        from the policy, so they are no part of its objective."""
+        return self.completion_mask if self.tool_mask is None else self.completion_mask * self.tool_mask
 
     def completion_token_lists(self) -> list[list[int]]:
         """Each completion's token ids without padding (what reward functions receive)."""
@@ -42,7 +56,11 @@ class Rollout:
         return dataclasses.replace(
             self, prompt_ids=self.prompt_ids[index], prompt_mask=self.prompt_mask[index],
             completion_ids=self.completion_ids[index], completion_mask=self.completion_mask[index],
-            completions=[self.completions[i] for i in rows], is_clipped=self.is_clipped[index])
+            completions=[self.completions[i] for i in rows], is_clipped=self.is_clipped[index],
+            tool_mask=None if self.tool_mask is None else self.tool_mask[index],
+            completion_messages=None if self.completion_messages is None
+            else [self.completion_messages[i] for i in rows],
+            tool_counts=None if self.tool_counts is None else [self.tool_counts[i] for i in rows])
 
     def mask_truncated(self) -> "Rollout":
         """A copy whose truncated completions (no EOS before max_completion_length) have an
@@ -56,6 +74,7 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
     """Several rollouts as one: prompts re-padded on the left, completions on the right."""
     prompt_width = max(p.prompt_ids.size(1) for p in parts)
     completion_width = max(p.completion_ids.size(1) for p in parts)
+    multi_turn = parts[0].tool_mask is not None
 
     def pad(t: torch.Tensor, width: int, value: int, left: bool) -> torch.Tensor:
         extra = width - t.size(1)
@@ -68,7 +87,15 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
         completion_mask=torch.cat([pad(p.completion_mask, completion_width, 0, False) for p in parts]),
         completions=[c for p in parts for c in p.completions],
         is_clipped=torch.cat([p.is_clipped for p in parts]),
-        num_prompts_truncated=sum(p.num_prompts_truncated for p in parts))
+        num_prompts_truncated=sum(p.num_prompts_truncated for p in parts),
+        # Padding is 1 in the tool mask, as TRL pads it: the completion mask zeroes it anyway.
+        tool_mask=torch.cat([pad(p.tool_mask, completion_width, 1, False) for p in parts]) if multi_turn else None,
+        completion_messages=_joined([p.completion_messages for p in parts]),
+        tool_counts=_joined([p.tool_counts for p in parts]))
+
+
+def _joined(lists: list[list | None]) -> list | None:
+    return None if lists[0] is None else [item for part in lists for item in part]
 
 
 def tokenize_prompts(tokenizer, prompts: list, max_prompt_length: int) -> tuple[list[list[int]], int]:
@@ -126,8 +153,28 @@ def generate_rollouts(model, tokenizer, prompts: list, *, num_generations: int,
     # Repeat each prompt G times, keeping a group's rows together.
     sequences = [ids for ids in prompt_ids for _ in range(num_generations)]
     eos_ids = eos_token_ids(model, tokenizer)
-    device = next(model.parameters()).device
+    completion_ids = generate_completions(
+        model, tokenizer, sequences, chunk_size=chunk_size, max_new_tokens=max_completion_length, eos_ids=eos_ids,
+        temperature=temperature, top_p=top_p, top_k=top_k, do_sample=do_sample, should_stop=should_stop)
+    completion_mask = completion_mask_from_eos(completion_ids, eos_ids)
+    has_eos = torch.isin(completion_ids, torch.tensor(eos_ids)).any(dim=1)
+    # Tokens after the first EOS are padding, whatever generate() put there.
+    completion_ids = completion_ids.masked_fill(completion_mask == 0, tokenizer.pad_token_id)
+    all_prompt_ids, all_prompt_mask = left_pad(sequences, tokenizer.pad_token_id)
+    completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    return Rollout(
+        prompt_ids=all_prompt_ids, prompt_mask=all_prompt_mask, completion_ids=completion_ids,
+        completion_mask=completion_mask, completions=completions, is_clipped=~has_eos,
+        num_prompts_truncated=num_truncated)
 
+
+@torch.no_grad()
+def generate_completions(model, tokenizer, sequences: list[list[int]], *, chunk_size: int, max_new_tokens: int,
+                         eos_ids: list[int], temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                         do_sample: bool = True, should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
+    """(N, W) new tokens after each of `sequences` (right-padded; what follows the first EOS is
+    whatever generate() put there), `chunk_size` sequences per generate() call."""
+    device = next(model.parameters()).device
     # Gradient checkpointing is only active in training mode; eval mode also turns LoRA
     # dropout off. Together with use_cache=True this keeps generation linear in length:
     # with the cache off every new token would re-run the whole sequence.
@@ -142,7 +189,7 @@ def generate_rollouts(model, tokenizer, prompts: list, *, num_generations: int,
             ids, mask = left_pad(sequences[start:start + chunk_size], tokenizer.pad_token_id)
             output = model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device),
-                max_new_tokens=max_completion_length, do_sample=do_sample,
+                max_new_tokens=max_new_tokens, do_sample=do_sample,
                 temperature=temperature if do_sample else None,
                 top_p=top_p if do_sample else None, top_k=top_k if do_sample else None,
                 use_cache=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids,
@@ -152,20 +199,9 @@ def generate_rollouts(model, tokenizer, prompts: list, *, num_generations: int,
             raise StepInterrupted()  # the last chunk may have been cut short
     finally:
         model.train(was_training)
-
     width = max(c.size(1) for c in chunks)
-    completion_ids = torch.cat(
-        [torch.nn.functional.pad(c, (0, width - c.size(1)), value=tokenizer.pad_token_id) for c in chunks])
-    completion_mask = completion_mask_from_eos(completion_ids, eos_ids)
-    has_eos = torch.isin(completion_ids, torch.tensor(eos_ids)).any(dim=1)
-    # Tokens after the first EOS are padding, whatever generate() put there.
-    completion_ids = completion_ids.masked_fill(completion_mask == 0, tokenizer.pad_token_id)
-    all_prompt_ids, all_prompt_mask = left_pad(sequences, tokenizer.pad_token_id)
-    completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    return Rollout(
-        prompt_ids=all_prompt_ids, prompt_mask=all_prompt_mask, completion_ids=completion_ids,
-        completion_mask=completion_mask, completions=completions, is_clipped=~has_eos,
-        num_prompts_truncated=num_truncated)
+    return torch.cat([torch.nn.functional.pad(c, (0, width - c.size(1)), value=tokenizer.pad_token_id)
+                      for c in chunks])
 
 
 def generate_greedy(model, tokenizer, prompts: list, *, max_new_tokens: int, max_prompt_length: int,

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from lowvram_grpo import distributed, grpo, metrics
+from lowvram_grpo.agent.loop import Agent, call_rollout_func, generate_tool_rollouts, tool_metrics
 from lowvram_grpo.planning.backoff import retry_on_oom
 from lowvram_grpo.checkpoint import (load_checkpoint, read_resume_state, restore_rng_state, rng_state, save_adapter,
                                      save_checkpoint, set_rng_state)
@@ -133,7 +134,7 @@ def build_loss_scaler(config: TrainConfig, device: torch.device) -> torch.amp.Gr
 class MicroBatch:
     input_ids: torch.Tensor  # prompt + completion, trimmed to this micro-batch's widths
     attention_mask: torch.Tensor
-    completion_mask: torch.Tensor  # (B, C) float
+    completion_mask: torch.Tensor  # (B, C) float: the tokens the loss counts (Rollout.loss_mask)
     rows: slice  # which rows of the step's rollout these are
 
     @property
@@ -149,6 +150,7 @@ def micro_batches(rollout: Rollout, size: int, device: torch.device) -> list[Mic
         rows = slice(start, min(start + size, rollout.num_sequences))
         prompt_mask = rollout.prompt_mask[rows]
         completion_mask = rollout.completion_mask[rows]
+        loss_mask = rollout.loss_mask[rows]
         first_prompt_col = int((prompt_mask.sum(0) > 0).nonzero()[0]) if prompt_mask.any() else prompt_mask.size(1) - 1
         completion_width = max(int(completion_mask.sum(1).max()), 1)
         prompt_ids = rollout.prompt_ids[rows, first_prompt_col:]
@@ -156,7 +158,7 @@ def micro_batches(rollout: Rollout, size: int, device: torch.device) -> list[Mic
         batches.append(MicroBatch(
             input_ids=torch.cat([prompt_ids, completion_ids], 1).to(device),
             attention_mask=torch.cat([prompt_mask[:, first_prompt_col:], completion_mask[:, :completion_width]], 1).to(device),
-            completion_mask=completion_mask[:, :completion_width].float().to(device),
+            completion_mask=loss_mask[:, :completion_width].float().to(device),
             rows=rows))
     return batches
 
@@ -238,6 +240,7 @@ class RunInputs:
     prompts: PromptRows
     # What judges and reward models use from the run; the policy joins it once it has loaded.
     reward_context: RewardContext
+    agent: Agent | None = None  # the tools and environment of multi-turn rollouts (None: single-turn)
 
 
 def check_inputs(config: TrainConfig, check_model: bool = True) -> RunInputs:
@@ -248,10 +251,20 @@ def check_inputs(config: TrainConfig, check_model: bool = True) -> RunInputs:
         check_model_available(config.model_name_or_path)
     reward_context = RewardContext(config)
     reward_functions = load_reward_functions(config.rewards, reward_context, timeout=config.reward_timeout)
+    agent = Agent.from_config(config)
+    if agent is not None:
+        reward_functions += agent.reward_functions(config.reward_timeout)
+    if not reward_functions:
+        raise ConfigError(f"rewards: none given, and environment_factory {config.environment_factory} has no "
+                          "get_reward(); add a reward function or a get_reward method")
     prompts = read_prompt_rows(config)
     if config.eval_every and not prompts.eval and not config.eval_fraction:
         raise ConfigError("eval_every: there is no eval split; set eval_fraction (e.g. 0.05) or eval_dataset")
-    return RunInputs(reward_functions=reward_functions, prompts=prompts, reward_context=reward_context)
+    if agent is not None and prompts.train and isinstance(prompts.train[0]["prompt"], str):
+        key = "tools" if config.tools else "environment_factory"
+        raise ConfigError(f"{key}: the prompts are plain text, but tools are shown to the model through the chat "
+                          "template: use conversational prompts (a dataset of message lists, or set system_prompt)")
+    return RunInputs(reward_functions=reward_functions, prompts=prompts, reward_context=reward_context, agent=agent)
 
 
 def _write_failure(run: RunDir, config: TrainConfig, err: BaseException, world) -> None:
@@ -289,6 +302,7 @@ class Learner:
     on_phase: Callable[[str], ContextManager] = lambda phase: contextlib.nullcontext()
     # The entropy bonus's coefficient; adaptive, it changes after every update. None: from the config.
     entropy_control: EntropyControl | None = None
+    agent: Agent | None = None  # tools and environment: multi-turn rollouts (agent/loop.py)
 
     def __post_init__(self) -> None:
         if self.entropy_control is None:
@@ -335,6 +349,8 @@ def _train(config: TrainConfig, inputs: RunInputs, run: RunDir, resume: bool, pr
     with distributed.main_process_first():  # a model to build or download: once, not per process
         resolve_model_path(config.model_name_or_path)
     policy, tokenizer = load_policy(config, device)
+    if inputs.agent is not None:  # before the length filter: the tools' schemas are part of every prompt
+        inputs.agent.prepare(tokenizer)
     if world.rank > 0:
         # Same seed as rank 0 until here (same LoRA initialisation); from here on each process
         # samples its own completions.
@@ -350,7 +366,8 @@ def _train(config: TrainConfig, inputs: RunInputs, run: RunDir, resume: bool, pr
     distributed.broadcast_parameters(params)  # every process starts from rank 0's LoRA weights
     optimizer = build_optimizer(config, params, device)
     learner = Learner(config, chunking, policy, tokenizer, optimizer, build_scheduler(config, optimizer), scaler,
-                      device, inputs.reward_functions, **({"on_phase": on_phase} if on_phase else {}))
+                      device, inputs.reward_functions, **({"on_phase": on_phase} if on_phase else {}),
+                      agent=inputs.agent)
     sampler = PromptSampler(len(data.train), config.seed)
 
     start_step = 0
@@ -477,7 +494,7 @@ def grpo_step(learner: Learner, rows: list[dict], sampler: PromptSampler, step: 
     # change the update).
     trained = rollout.mask_truncated() if config.mask_truncated_completions else rollout
     step_counts = (distributed.all_reduce_sum(trained.num_sequences),
-                   distributed.all_reduce_sum(float(trained.completion_mask.sum())))
+                   distributed.all_reduce_sum(float(trained.loss_mask.sum())))
     trained_advantages = advantages
     if config.zero_std_groups != "keep":
         # Groups whose rewards are all equal have advantage 0: no policy gradient. Leave them
@@ -486,7 +503,7 @@ def grpo_step(learner: Learner, rows: list[dict], sampler: PromptSampler, step: 
         informative_indices = _informative_sequence_indices(scores, G, config.multi_objective_aggregation)
         skipped = distributed.all_reduce_sum({
             "groups": (trained.num_sequences - len(informative_indices)) // G,
-            "tokens": float(trained.completion_mask.sum() - trained.completion_mask[informative_indices].sum())})
+            "tokens": float(trained.loss_mask.sum() - trained.loss_mask[informative_indices].sum())})
         dynamic["dynamic_sampling/skipped_groups"] = skipped["groups"]
         dynamic["dynamic_sampling/skipped_token_fraction"] = skipped["tokens"] / max(step_counts[1], 1.0)
         trained, trained_advantages = trained.select(informative_indices), advantages[informative_indices]
@@ -511,7 +528,8 @@ def grpo_step(learner: Learner, rows: list[dict], sampler: PromptSampler, step: 
         for _ in range(config.num_iterations)])
 
     # 7. Metrics (TRL's names) and samples, over the whole step (gathered from every process).
-    lengths = distributed.all_gather_tensor(rollout.completion_mask.sum(1).float())
+    # The model's own tokens: tool results are not its output (TRL counts them the same way).
+    lengths = distributed.all_gather_tensor(rollout.loss_mask.sum(1).float())
     clipped = distributed.all_gather_tensor(rollout.is_clipped)
     counts = distributed.all_reduce_sum({"num_prompts_truncated": rollout.num_prompts_truncated,
                                          "oom_retries": len(oom_events)})
@@ -527,6 +545,8 @@ def grpo_step(learner: Learner, rows: list[dict], sampler: PromptSampler, step: 
         "completions/clipped_ratio": float(clipped.float().mean()),
         **totals,
         **_logged_metrics(scores),
+        **(tool_metrics([c for part in distributed.gather_objects(rollout.tool_counts) for c in part])
+           if rollout.tool_counts is not None else {}),
         **dynamic,
         "learning_rate": learner.scheduler.get_last_lr()[0],
         "num_prompts_truncated": counts["num_prompts_truncated"],
@@ -544,7 +564,8 @@ def grpo_step(learner: Learner, rows: list[dict], sampler: PromptSampler, step: 
     samples = []
     if step % config.log_completions_every == 0 or step == 1:
         # The step's first completions, wherever they were generated.
-        local = metrics.sample_records(step, prompts, rollout.completions, scores, advantages, config)
+        local = metrics.sample_records(step, prompts, rollout.completions, scores, advantages, config,
+                                       rollout.completion_messages)
         samples = [s for part in distributed.gather_objects(local) for s in part][:config.num_completions_to_log]
     return record, samples
 
@@ -570,18 +591,42 @@ def _sample_groups(learner: Learner, rows: list[dict], sampler: PromptSampler, t
     batch = [rows[i] for i in distributed.local_share(sampler.next_indices(config.prompts_per_step))]
     # Each memory-heavy phase runs under retry_on_oom: on an out-of-memory error it halves the
     # chunk size that bounds the phase (in `chunking`) and runs the phase again.
+    extra_columns: dict[str, list] = {}
     with learner.on_phase(GENERATION):
-        rollout = retry_on_oom(GENERATION, chunking, lambda: generate_rollouts(
-            learner.policy, learner.tokenizer, [row["prompt"] for row in batch],
-            num_generations=config.num_generations, chunk_size=chunking.generation_chunk_size,
-            max_prompt_length=config.max_prompt_length, max_completion_length=config.max_completion_length,
-            temperature=config.temperature, top_p=config.top_p, top_k=config.top_k, should_stop=should_stop),
-            oom_events)
+        if learner.agent is None:
+            rollout = retry_on_oom(GENERATION, chunking, lambda: generate_rollouts(
+                learner.policy, learner.tokenizer, [row["prompt"] for row in batch],
+                num_generations=config.num_generations, chunk_size=chunking.generation_chunk_size,
+                max_prompt_length=config.max_prompt_length, max_completion_length=config.max_completion_length,
+                temperature=config.temperature, top_p=config.top_p, top_k=config.top_k, should_stop=should_stop),
+                oom_events)
+        else:
+            rollout, extra_columns = retry_on_oom(GENERATION, chunking, lambda: _tool_rollouts(
+                learner, batch, should_stop), oom_events)
     generation_time = time.perf_counter() - started
-    # TRL's calling convention, one entry per completion.
+    # TRL's calling convention, one entry per completion (with tools: the trajectory as messages,
+    # and each rollout's environment or a rollout_func's extra fields).
     scores = score_rows(learner.reward_functions, batch, rollout.completions, rollout.completion_token_lists(),
-                        config.num_generations, should_stop=should_stop, trainer_state=trainer_state)
+                        config.num_generations, should_stop=should_stop, trainer_state=trainer_state,
+                        completion_messages=rollout.completion_messages, extra_columns=extra_columns)
     return batch, rollout, scores, generation_time
+
+
+def _tool_rollouts(learner: Learner, batch: list[dict], should_stop: Callable[[], bool] | None):
+    """Multi-turn rollouts of `batch` with the run's tools (or its rollout_func), and the extra
+    columns rewards get with them: each rollout's environment, or what rollout_func returned.
+    Every attempt starts fresh episodes: after an out-of-memory retry (a smaller chunk), no
+    trajectory continues from a half-played one, and no step is lost or counted twice."""
+    config, agent = learner.config, learner.agent
+    if agent.rollout_func is not None:
+        return call_rollout_func(agent.rollout_func, learner, batch)
+    prompts, toolboxes, environments = agent.start(batch, config.num_generations, should_stop)
+    rollout = generate_tool_rollouts(
+        learner.policy, learner.tokenizer, prompts, toolboxes, num_generations=config.num_generations,
+        chunk_size=learner.chunking.generation_chunk_size, max_prompt_length=config.max_prompt_length,
+        max_completion_length=config.max_completion_length, max_iterations=agent.max_iterations,
+        temperature=config.temperature, top_p=config.top_p, top_k=config.top_k, should_stop=should_stop)
+    return rollout, {"environments": environments} if environments is not None else {}
 
 
 def _informative_groups(scores: RewardScores, num_generations: int, aggregation: str) -> torch.Tensor:
@@ -633,7 +678,7 @@ def _resample_until_informative(config: TrainConfig, first_round, sample_round, 
         kept_rows += [batch[g] for g in mine]
         kept_rollouts.append(rollout.select(sequence_indices))
         kept_scores.append(scores.select(sequence_indices))
-    generated = distributed.all_reduce_sum(sum(float(r[1].completion_mask.sum()) for r in rounds))
+    generated = distributed.all_reduce_sum(sum(float(r[1].loss_mask.sum()) for r in rounds))
     dynamic = {"dynamic_sampling/resample_rounds": len(rounds) - 1,
                "dynamic_sampling/resampled_groups": (len(rounds) - 1) * config.prompts_per_step,
                "dynamic_sampling/informative_groups": len(informative),
@@ -687,7 +732,7 @@ def _update(learner: Learner, rollout: Rollout, advantages: torch.Tensor, ref_lo
     # retry on one process never meets a collective the others are not in.
     if step_counts is None:
         step_counts = (rollout.num_sequences * world_size,
-                       distributed.all_reduce_sum(float(rollout.completion_mask.sum())))
+                       distributed.all_reduce_sum(float(rollout.loss_mask.sum())))
     num_sequences, num_tokens = max(step_counts[0], 1), step_counts[1]
     with learner.on_phase(UPDATE):
         sums, extremes = retry_on_oom(UPDATE, learner.chunking, lambda: _accumulate_gradients(

@@ -394,11 +394,59 @@ def noisy(work_dir):
     _seed_run(work_dir / "runs", "noisy", ZIGZAG)
 
 
-def test_smoothing_slider_draws_the_smoothed_reward(noisy, open_page):
+TRAJECTORY = [
+    {"role": "assistant", "content": "Let me use the calculator.",
+     "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {"a": 37, "b": 48}}}]},
+    {"role": "tool", "name": "add", "content": "85"},
+    {"role": "assistant", "content": "85"},
+]
+
+
+@pytest.fixture
+def agent_run(work_dir):
+    """A finished run with tools: tool metrics in metrics.jsonl, trajectories in completions.jsonl."""
+    run = work_dir / "runs" / "agent"
+    _seed_run(work_dir / "runs", "agent", [0.5, 0.7, 0.9], **{"tools/call_frequency": 0.5,
+                                                             "tools/failure_frequency": 0.1})
+    (run / "completions.jsonl").write_text(json.dumps(
+        {"step": 3, "prompt": [{"role": "user", "content": "37+48="}], "completion": "85", "reward": 1.0,
+         "advantage": 0.5, "rewards": {"arith_answer": 1.0}, "messages": TRAJECTORY}) + "\n")
+    time.sleep(0.05)  # older than the runs seeded after it: the page opens on theirs
+
+
+def check_trajectory_turns(page) -> None:
+    """On run "agent": a multi-turn completion reads as turns: the model's text, the tool call
+    with its arguments, the tool's result, each a visibly different block; the tool curves are
+    drawn."""
+    page.get_by_role("tab", name="Train and watch").click()
+    page.locator("#run-choice input").click()
+    page.get_by_role("option", name="agent", exact=True).click()
+    page.wait_for_function("() => document.querySelectorAll('#curve-tools polyline.line').length >= 2")
+    assert {key.split("|")[1] for key in drawn(page, "tools")["lines"]} >= {"tools/call_frequency",
+                                                                                "tools/failure_frequency"}
+
+    page.get_by_role("tab", name="Completions").click()
+    page.locator("#browse").click()
+    expect(page.locator("#browse-message")).to_contain_text("1 of 1")
+    turns = page.locator("#trajectories .turn")
+    expect(turns).to_have_count(4)
+    shown = [(t.get_attribute("class").split()[-1], t.locator(".turn-label").inner_text(),
+              t.locator(".turn-content").inner_text()) for t in turns.all()]
+    assert shown == [("turn-assistant", "model", "Let me use the calculator."),
+                     ("turn-call", "calls add", '{"a": 37, "b": 48}'),
+                     ("turn-tool", "add returned", "85"),
+                     ("turn-assistant", "model", "85")]
+    backgrounds = {kind: t.evaluate("e => getComputedStyle(e).backgroundColor")
+                   for (kind, _, _), t in zip(shown, turns.all())}
+    assert len(set(backgrounds.values())) == 3, backgrounds  # model, call and result look different
+
+
+def test_smoothing_slider_draws_the_smoothed_reward(agent_run, noisy, open_page):
     """Moving the smoothing slider redraws the reward line as the smoothed rewards of
     metrics.jsonl (drawn points mapped back through the axes), and back to the raw ones at 0.
     The run's loss is constant: smoothed, it wobbles in its last digits and must still draw
-    (it once sent the axis ticks into an endless loop that stopped every redraw)."""
+    (it once sent the axis ticks into an endless loop that stopped every redraw). Then a run
+    with tools: its trajectories as turns (check_trajectory_turns)."""
     page = open_page(1280)
     page.get_by_role("tab", name="Train and watch").click()
     page.wait_for_function("""() => { const l = document.querySelector('#curve-reward polyline.line');
@@ -430,6 +478,8 @@ def test_smoothing_slider_draws_the_smoothed_reward(noisy, open_page):
         loss = drawn(page, "loss")["lines"]["noisy|loss"]["points"]
         assert [value for _, value in loss] == pytest.approx([0.1] * 30, abs=1e-6)
     assert max(abs(a - b) for a, b in zip(ema(ZIGZAG, 0.6), ZIGZAG)) > 0.3  # smoothed lines are other lines
+
+    check_trajectory_turns(page)  # issue 23, on the same page (one app start fewer)
 
 
 @pytest.fixture
@@ -496,3 +546,4 @@ def test_workbench_base_model_groups_and_use_tab_eval_and_merge(tuned, open_page
     page.locator("#merge").click()
     expect(page.locator("#merge-message")).to_contain_text("already exists and is not empty")
     screenshot(page, "app-use.png", tmp_path, full_page=True)
+

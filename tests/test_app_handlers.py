@@ -364,10 +364,11 @@ def test_completions_browser_filters(handlers):
                 "reward": float(s % 2), "advantage": 0.5, "rewards": {"arith_answer": float(s % 2), "fmt": 1.0}}
                for s in range(1, 11)]
     make_run(handlers.ctx.runs_dir, "c", [step_record(1)], samples=samples)
-    table, functions, message = handlers.completions("c", 3, 8, 1.0, "arith_answer", "")
+    table, functions, message, trajectories = handlers.completions("c", 3, 8, 1.0, "arith_answer", "")
     assert list(table["step"]) == [7, 5, 3] and "3 of 10" in message
     assert functions["choices"] == ["", "arith_answer", "fmt"]
-    table, _, _ = handlers.completions("c", "", " ", "", "", "wrong")  # empty fields: no filter
+    assert trajectories == ""  # single-turn completions have no turns to show
+    table, *_ = handlers.completions("c", "", " ", "", "", "wrong")  # empty fields: no filter
     assert list(table["step"]) == [10, 8, 6, 4, 2]
     assert "arith_answer 1" in handlers.completions("c", "1", "1", None, "", "")[0]["rewards"][0]
     assert "not a number" in handlers.completions("c", "one", "", "", "", "")[2]

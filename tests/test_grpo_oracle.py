@@ -485,3 +485,69 @@ def test_4bit_base_with_adapter_disabled_matches_naive_logprobs(tmp_path):
     lora_logps.sum().backward()
     grads = [p.grad for n, p in model.named_parameters() if p.requires_grad]
     assert grads and all(g is not None and torch.isfinite(g).all() and g.abs().max() > 0 for g in grads)
+
+
+# Tool results spliced into completions (multi-turn rollouts): 0 in the tool mask. They stay in
+# the attention, but TRL leaves them out of the loss, its normalisers, the KL and the entropy.
+TOOL_RESULT_SPANS = {0: (1, 3), 1: (2, 5), 2: (0, 2), 4: (3, 6), 5: (4, 6)}
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"])
+def test_tool_masked_loss_matches_trl(trainer, rollouts, loss_type):
+    """Our update's path for a multi-turn rollout (a Rollout with a tool_mask, cut into
+    micro-batches by trainer.micro_batches, loss on Rollout.loss_mask) against TRL's
+    `_compute_loss` given the same `tool_mask`: losses, LoRA gradients, KL and entropy."""
+    from lowvram_grpo.rollout import Rollout
+    from lowvram_grpo.trainer import micro_batches
+
+    tool_mask = torch.ones_like(rollouts["completion_mask"])
+    for row, (start, end) in TOOL_RESULT_SPANS.items():
+        tool_mask[row, start:end] = 0
+    loss_mask = rollouts["completion_mask"] * tool_mask
+    options = {"epsilon_high": 1.1} if loss_type == "cispo" else {}
+    model = trainer.model
+    trainer.loss_type, trainer.beta = loss_type, 0.04
+    trainer.args.use_bias_correction_kl = True
+    _set_trl_options(trainer, options)
+    metrics = trainer._metrics["train"]
+    metrics.clear()
+    trl_inputs = {**rollouts, "tool_mask": tool_mask, "num_items_in_batch": loss_mask.sum()}
+    model.zero_grad(set_to_none=True)
+    trl_losses = []
+    for mb in MICRO_BATCHES:
+        loss = trainer._compute_loss(model, {k: (v if k == "num_items_in_batch" else v[mb]) for k, v in trl_inputs.items()})
+        loss.backward()
+        trl_losses.append(loss.item())
+    trl_grads = lora_grads(model)
+    _set_trl_options(trainer, {})
+
+    rollout = Rollout(prompt_ids=rollouts["prompt_ids"], prompt_mask=rollouts["prompt_mask"],
+                      completion_ids=rollouts["completion_ids"], completion_mask=rollouts["completion_mask"],
+                      completions=[""] * 6, is_clipped=torch.zeros(6, dtype=torch.bool), num_prompts_truncated=0,
+                      tool_mask=tool_mask)
+    model.zero_grad(set_to_none=True)
+    our_losses, our_stats = [], []
+    for mb in micro_batches(rollout, 3, torch.device("cpu")):  # the two micro-batches of MICRO_BATCHES
+        logps, entropies = sequence_logprobs(model, mb.input_ids, mb.attention_mask, mb.logits_to_keep, TEMPERATURE,
+                                             chunk_size=4, compute_entropy=True)
+        loss, stats = grpo_loss(
+            logps, rollouts["old_per_token_logps"][mb.rows, :mb.logits_to_keep],
+            rollouts["ref_per_token_logps"][mb.rows, :mb.logits_to_keep], rollouts["advantages"][mb.rows],
+            mb.completion_mask, loss_type=loss_type, beta=0.04, epsilon_low=trainer.epsilon_low,
+            max_completion_length=MAX_COMPLETION_LENGTH, num_sequences_in_step=6,
+            num_tokens_in_step=float(rollout.loss_mask.sum()), num_micro_batches=len(MICRO_BATCHES),
+            entropies=entropies, **{**DEFAULT_OPTIONS, **options})
+        loss.backward()
+        our_losses.append(loss.item())
+        our_stats.append(stats)
+    our_grads = lora_grads(model)
+    model.zero_grad(set_to_none=True)
+
+    assert our_losses == pytest.approx(trl_losses, abs=1e-5), "per-micro-batch loss differs from TRL"
+    for name, trl_grad in trl_grads.items():
+        assert trl_grad.abs().max() > 0, f"{name}: TRL gradient is zero, the comparison would be vacuous"
+        torch.testing.assert_close(our_grads[name], trl_grad, rtol=0, atol=1e-5, msg=f"gradient of {name}")
+    compare_logged_metrics(our_stats, metrics, beta=0.04)
+    # The tool results really are out of the loss: the same rollout without a tool mask differs.
+    assert sum(float(s["token_count"]) for s in our_stats) == float(loss_mask.sum()) < float(
+        rollouts["completion_mask"].sum())

@@ -367,3 +367,18 @@ def test_a_hub_id_in_the_local_cache_uses_the_checkpoints_own_config(tmp_path, m
     monkeypatch.setattr(AutoConfig, "from_pretrained", classmethod(offline))
     with pytest.raises(PlannerError, match="not in the local Hugging Face cache .*offline"):
         resolve_model_config("someone/SomeModel-3B")
+
+
+def test_with_tools_later_turns_prefill_the_trajectory_tool_results_included():
+    """Issue 23: each later turn of a multi-turn rollout prefills the prompt and the trajectory so
+    far (tool results included), not the prompt alone; the KV cache already spans the whole
+    trajectory (max_completion_length counts tool results too)."""
+    model = resolve_model_config("qwen3-4b")
+    plain = estimate_memory(model, config())
+    tools = estimate_memory(model, config(tools=["python"]))
+    prefill = lambda est: next(v for k, v in est.phases["generation"].items() if k.startswith("prefill"))
+    assert prefill(tools) == prefill(plain) * (256 + 1024) // 256
+    assert any("tool results" in k for k in tools.phases["generation"])
+    kv = lambda est: next(v for k, v in est.phases["generation"].items() if k.startswith("KV cache"))
+    assert kv(tools) == kv(plain)  # both already 256 + 1024 tokens per sequence
+    assert tools.total_bytes >= plain.total_bytes

@@ -15,9 +15,11 @@ from lowvram_grpo.rewards.loading import load_reward_functions, resolve_reward
 from lowvram_grpo.rewards.scoring import score_completions
 
 PRESETS = list_presets()
-GPU_PRESETS = [name for name in PRESETS if name != "tiny-cpu"]
+GPU_PRESETS = [name for name in PRESETS if not name.startswith("tiny-cpu")]
 GSM8K_PRESETS = [name for name in GPU_PRESETS if name.endswith("-gsm8k")]
 CODE_PRESETS = [name for name in GPU_PRESETS if name.endswith("-mbpp")]  # rewarded by running tests
+# Rewarded by their environment's get_reward(), not by reward functions.
+ENVIRONMENT_PRESETS = [name for name in GPU_PRESETS if load_config(preset=name).environment_factory]
 
 EXPECTED = {  # name -> (model, target GB): the table users pick from
     "qwen2.5-0.5b-gsm8k": ("Qwen/Qwen2.5-0.5B-Instruct", 8),
@@ -38,6 +40,10 @@ EXPECTED = {  # name -> (model, target GB): the table users pick from
     "qwen3-8b-gsm8k": ("Qwen/Qwen3-8B", 16),
     "qwen3-14b-gsm8k": ("Qwen/Qwen3-14B", 24),
     "qwen3-4b-mbpp": ("Qwen/Qwen3-4B", 12),
+    # Tools and environments (issue 23).
+    "qwen3-1.7b-gsm8k-python": ("Qwen/Qwen3-1.7B", 8),
+    "qwen3-4b-gsm8k-python": ("Qwen/Qwen3-4B", 12),
+    "qwen3-1.7b-guess-number": ("Qwen/Qwen3-1.7B", 8),
 }
 # Thinking models: their template's own thinking is off, so our <think>/<answer> format is used.
 THINKING = [name for name in EXPECTED if name.startswith(("qwen3-", "smollm3-"))]
@@ -95,7 +101,8 @@ def test_gpu_presets_follow_the_low_memory_recipe(name):
     assert config.optimizer == "paged_adamw_8bit"
     assert config.num_generations == 8
     assert config.beta == 0.04 and config.loss_type == "dapo"
-    assert config.max_prompt_length == 256
+    # With tools, the chat template lists their schemas in every prompt.
+    assert config.max_prompt_length == (512 if config.tools or config.environment_factory else 256)
     assert 256 <= config.max_completion_length <= 512
     assert 5e-6 <= config.learning_rate <= 1e-5
     assert 16 <= config.lora_r <= 32
@@ -138,7 +145,7 @@ def test_reasoning_tags_preset_uses_the_format_rewards(name):
     assert "<think>" in config.system_prompt and "<answer>" in config.system_prompt
 
 
-@pytest.mark.parametrize("name", [name for name in GPU_PRESETS if name not in CODE_PRESETS])
+@pytest.mark.parametrize("name", [name for name in GPU_PRESETS if name not in CODE_PRESETS + ENVIRONMENT_PRESETS])
 def test_a_right_answer_outscores_a_well_formatted_wrong_one(name):
     """Format rewards help the model find the answer layout, but must never outweigh correctness."""
     config = load_config(preset=name)

@@ -45,6 +45,7 @@ CURVES: list[dict[str, Any]] = [
     {"id": "tokens-per-second", "title": "Tokens per second", "series": ["tokens_per_second"]},
     {"id": "memory", "title": "Peak memory (GB)", "series": ["peak_memory_gb"]},
     {"id": "eval", "title": "Eval (held-out prompts)", "prefix": "eval/", "suffix": ""},
+    {"id": "tools", "title": "Tool use per trajectory (calls, failure rate, turns)", "prefix": "tools/", "suffix": ""},
 ]
 SIGNIFICANT_DIGITS = 6  # what the page needs to draw and show on hover; keeps updates small
 
@@ -246,6 +247,20 @@ def filter_completions(samples: list[dict], step_from: float | None = None, step
     """Logged completions, newest first, filtered by step range, reward and text. With a
     `function`, `min_reward` applies to that function's reward and rows without it are left out."""
     rows = []
+    for s in matching_completions(samples, step_from, step_to, min_reward, function, text, limit):
+        per_function = s.get("rewards") or {}
+        rewards = ", ".join(f"{k} {v:.3g}" for k, v in per_function.items() if isinstance(v, (int, float)))
+        rows.append([s.get("step") or 0, round(float(s.get("reward") or 0.0), 4),
+                     round(float(s.get("advantage") or 0.0), 4), rewards, _shown(s.get("prompt")),
+                     str(s.get("completion"))])
+    return rows
+
+
+def matching_completions(samples: list[dict], step_from: float | None = None, step_to: float | None = None,
+                         min_reward: float | None = None, function: str = "", text: str = "",
+                         limit: int = 200) -> list[dict]:
+    """The logged samples filter_completions shows, newest first."""
+    found = []
     for s in reversed(samples):
         step = s.get("step") or 0
         if step_from is not None and step < step_from or step_to is not None and step > step_to:
@@ -256,15 +271,68 @@ def filter_completions(samples: list[dict], step_from: float | None = None, step
         value = per_function.get(function) if function else s.get("reward")
         if min_reward is not None and (value is None or value < min_reward):
             continue
-        prompt, completion = _shown(s.get("prompt")), str(s.get("completion"))
-        if text and text.lower() not in (prompt + "\n" + completion).lower():
+        shown = _shown(s.get("prompt")) + "\n" + str(s.get("completion")) + "\n" + json.dumps(s.get("messages", ""))
+        if text and text.lower() not in shown.lower():
             continue
-        rewards = ", ".join(f"{k} {v:.3g}" for k, v in per_function.items() if isinstance(v, (int, float)))
-        rows.append([step, round(float(s.get("reward") or 0.0), 4), round(float(s.get("advantage") or 0.0), 4),
-                     rewards, prompt, completion])
-        if len(rows) >= limit:
+        found.append(s)
+        if len(found) >= limit:
             break
-    return rows
+    return found
+
+
+# Each kind of turn of a trajectory, told apart by colour and label (the browser test reads the classes).
+TURN_STYLES = {
+    "assistant": "background:#eef4ff;border-left:4px solid #3b6fd8",
+    "call": "background:#fff6e5;border-left:4px solid #d88b1f",
+    "tool": "background:#eaf7ee;border-left:4px solid #2f9a55",
+}
+TRAJECTORIES_SHOWN = 20
+
+
+def trajectories_html(samples: list[dict]) -> str:
+    """Multi-turn completions as turns: what the model wrote, each tool call with its arguments,
+    each tool result, one block per kind. Empty when no sample has a trajectory."""
+    blocks = []
+    for s in [s for s in samples if s.get("messages")][:TRAJECTORIES_SHOWN]:
+        turns = []
+        for message in s["messages"]:
+            if message.get("role") == "tool":
+                turns.append(_turn("tool", f"{message.get('name', 'tool')} returned", message.get("content")))
+                continue
+            if completion_text(message):
+                turns.append(_turn("assistant", "model", completion_text(message)))
+            for call in message.get("tool_calls") or []:
+                function = call.get("function", call)
+                turns.append(_turn("call", f"calls {function.get('name')}",
+                                   json.dumps(function.get("arguments"), ensure_ascii=False)))
+        blocks.append(f'<div class="trajectory" style="margin:8px 0;padding:6px;border:1px solid #ccc">'
+                      f'<div class="trajectory-head">step {escape(s.get("step"))} · reward '
+                      f'{float(s.get("reward") or 0.0):.3g} · {escape(_shown(s.get("prompt")))}</div>'
+                      f'{"".join(turns)}</div>')
+    if not blocks:
+        return ""
+    return f'<div class="trajectories"><h4>Trajectories (newest {len(blocks)})</h4>{"".join(blocks)}</div>'
+
+
+def trajectory_text(messages: list[dict]) -> str:
+    """A trajectory as plain text, one turn per line (the workbench's table cells)."""
+    lines = []
+    for message in messages:
+        if message.get("role") == "tool":
+            lines.append(f"[{message.get('name', 'tool')} returned] {message.get('content')}")
+            continue
+        if completion_text(message):
+            lines.append(completion_text(message))
+        for call in message.get("tool_calls") or []:
+            function = call.get("function", call)
+            lines.append(f"[calls {function.get('name')}] {json.dumps(function.get('arguments'), ensure_ascii=False)}")
+    return "\n".join(lines)
+
+
+def _turn(kind: str, label: str, content: Any) -> str:
+    return (f'<div class="turn turn-{kind}" style="{TURN_STYLES[kind]};margin:3px 0;padding:3px 6px">'
+            f'<b class="turn-label">{escape(label)}</b> <span class="turn-content" style="white-space:pre-wrap">'
+            f'{escape(content)}</span></div>')
 
 
 # --- adapters ----------------------------------------------------------------------------------

@@ -317,18 +317,19 @@ class Handlers:
     def completions(self, name, step_from, step_to, min_reward, function, text):
         run_dir = self.run_dir(name)
         if run_dir is None:
-            return pd.DataFrame(columns=dashboard.COMPLETION_COLUMNS), gr.update(choices=[""]), "⚠ choose a run"
+            return pd.DataFrame(columns=dashboard.COMPLETION_COLUMNS), gr.update(choices=[""]), "⚠ choose a run", ""
         try:
             bounds = [_optional_number(v) for v in (step_from, step_to, min_reward)]
         except ValueError as err:
-            return gr.skip(), gr.skip(), f"⚠ {err}"
+            return gr.skip(), gr.skip(), f"⚠ {err}", gr.skip()
         samples = RunDir(run_dir).completions()
         rows = dashboard.filter_completions(samples, *bounds, function or "", text or "")
+        shown = dashboard.trajectories_html(dashboard.matching_completions(samples, *bounds, function or "", text or ""))
         functions = dashboard.completion_functions(samples)
         message = f"{len(rows)} of {len(samples)} logged completions"
         message += " (the newest 200)" if len(rows) == 200 else ""
         return (pd.DataFrame(rows, columns=dashboard.COMPLETION_COLUMNS),
-                gr.update(choices=["", *functions], value=function if function in functions else ""), message)
+                gr.update(choices=["", *functions], value=function if function in functions else ""), message, shown)
 
     # --- try rewards ---------------------------------------------------------------------------
 

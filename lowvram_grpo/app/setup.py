@@ -218,6 +218,11 @@ def form_to_config(form: dict[str, Any], ctx: AppContext, check_data: bool = Tru
     if rewards:
         values["rewards"] = rewards
 
+    for key in ("tools", "environment_factory"):
+        problem = tool_problem(key, values.get(key), ctx)
+        if problem:
+            errors[key] = problem
+
     run_name = safe_run_name(form.get("run_name") or "")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", run_name):
         errors["run_name"] = "run name: letters, digits, '.', '_' and '-' only (at most 64)"
@@ -301,6 +306,24 @@ def reward_problem(name: str, ctx: AppContext) -> str | None:
                 return f"reward '{name}': file not found: {path}"
             if function not in reward_functions_in_file(Path(path)):
                 return f"reward '{name}': {Path(path).name} defines no top-level function '{function}'"
+    return None
+
+
+def tool_problem(key: str, value: Any, ctx: AppContext) -> str | None:
+    """Tools and environments are code that runs in the trainer: the package's own (the
+    sandboxed python tool, lowvram_grpo.* functions) is offered as rewards are; anyone else's
+    only with --allow-custom-code. The python tool runs the model's code: like code_tests, only
+    with --allow-code-execution."""
+    names = value if isinstance(value, list) else [value] if value else []
+    for name in names:
+        name = str(name)
+        if name == "python":
+            if not ctx.allow_code_execution:
+                return ("tools: the python tool runs the model's code on this machine (sandboxed); start the app "
+                        "with --allow-code-execution to offer it")
+        elif not name.startswith("lowvram_grpo.") and not ctx.allow_custom_code:
+            return (f"{key}: '{name}' is your own code; start the app with --allow-custom-code to use your own "
+                    "tools and environments")
     return None
 
 

@@ -36,14 +36,16 @@ def _rounded(value: float) -> float | None:
 
 
 def _score_columns(functions, rows: list[dict], completions: list[str], completion_ids, num_generations: int,
-                   aggregation: str, scale_rewards: str) -> tuple[list[str], list[list[Any]], Any, torch.Tensor]:
+                   aggregation: str, scale_rewards: str, completion_messages: list | None = None,
+                   extra_columns: dict | None = None) -> tuple[list[str], list[list[Any]], Any, torch.Tensor]:
     """Score `num_generations` completions per row as training does (the same reward calls, the
-    same advantages). Returns the columns [*functions, total, advantage], one row of them per
-    completion, the RewardScores and the advantages."""
+    same advantages; multi-turn ones as trajectories). Returns the columns [*functions, total,
+    advantage], one row of them per completion, the RewardScores and the advantages."""
     from lowvram_grpo.grpo import step_advantages
     from lowvram_grpo.rewards.scoring import score_rows
 
-    scores = score_rows(functions, rows, completions, completion_ids, num_generations=num_generations)
+    scores = score_rows(functions, rows, completions, completion_ids, num_generations=num_generations,
+                        completion_messages=completion_messages, extra_columns=extra_columns)
     weights = torch.tensor([f.weight for f in functions], dtype=torch.float32)
     advantages, _ = step_advantages(scores.per_function, scores.total, weights, num_generations, aggregation,
                                     scale_rewards)
@@ -87,6 +89,8 @@ class BaseSampler:
         self.models = models
 
     def sample(self, config: TrainConfig, num_rows: int) -> SampledGroups:
+        from lowvram_grpo.agent.loop import Agent, generate_tool_rollouts
+        from lowvram_grpo.app.dashboard import trajectory_text
         from lowvram_grpo.data import read_prompt_rows
         from lowvram_grpo.model import default_device, reference_model
         from lowvram_grpo.planning.planner import resolve_chunking
@@ -99,24 +103,41 @@ class BaseSampler:
         rows = read_prompt_rows(config).train[:num_rows]
         context = RewardContext(config)
         functions = load_reward_functions(config.rewards, context, timeout=config.reward_timeout)
+        agent = Agent.from_config(config)  # tools, an environment: multi-turn groups, as training rolls them out
+        if agent is not None:
+            functions += agent.reward_functions(config.reward_timeout)
         device = default_device()
         chunk_size = resolve_chunking(config, device, announce=False).generation_chunk_size
         G = config.num_generations
         with self.models.lock:
             policy, tokenizer = self.models.get(_base_key(config), lambda: _load_base(config))
             context.policy, context.tokenizer = policy, tokenizer  # for judge:self
+            extra_columns = {}
             with reference_model(policy):  # the base model exactly, whatever LoRA the slot's model has
-                rollout = generate_rollouts(
-                    policy, tokenizer, [row["prompt"] for row in rows], num_generations=G, chunk_size=chunk_size,
-                    max_prompt_length=config.max_prompt_length, max_completion_length=config.max_completion_length,
-                    temperature=config.temperature, top_p=config.top_p, top_k=config.top_k)
+                if agent is None:
+                    rollout = generate_rollouts(
+                        policy, tokenizer, [row["prompt"] for row in rows], num_generations=G, chunk_size=chunk_size,
+                        max_prompt_length=config.max_prompt_length,
+                        max_completion_length=config.max_completion_length, temperature=config.temperature,
+                        top_p=config.top_p, top_k=config.top_k)
+                else:
+                    agent.prepare(tokenizer)
+                    prompts, toolboxes, environments = agent.start(rows, G)
+                    rollout = generate_tool_rollouts(
+                        policy, tokenizer, prompts, toolboxes, num_generations=G, chunk_size=chunk_size,
+                        max_prompt_length=config.max_prompt_length,
+                        max_completion_length=config.max_completion_length, max_iterations=agent.max_iterations,
+                        temperature=config.temperature, top_p=config.top_p, top_k=config.top_k)
+                    extra_columns = {"environments": environments} if environments is not None else {}
             columns, values, scores, _ = _score_columns(
                 functions, rows, rollout.completions, rollout.completion_token_lists(), G,
-                config.multi_objective_aggregation, config.scale_rewards)
+                config.multi_objective_aggregation, config.scale_rewards, rollout.completion_messages, extra_columns)
 
         with_answer = any(row.get("answer") is not None for row in rows)
         table = []
         for i, completion in enumerate(rollout.completions):
+            if rollout.completion_messages is not None:  # the whole trajectory, turn by turn
+                completion = trajectory_text(rollout.completion_messages[i])
             row = rows[i // G]
             shown = [i // G + 1, completion_text(row["prompt"])] + ([_text(row.get("answer"))] if with_answer else [])
             table.append([*shown, completion, *values[i]])
@@ -144,8 +165,10 @@ def _base_key(config: TrainConfig) -> tuple:
     """What decides the loaded base model (the LoRA settings do not: the adapter is off)."""
     from lowvram_grpo.model import resolve_model_path
 
+    # Tools change the tokenizer (their schemas in every prompt, a response parser): their own slot.
     return ("base", resolve_model_path(config.model_name_or_path), config.quantization, config.dtype,
-            config.trust_remote_code, repr(config.chat_template_kwargs))
+            config.trust_remote_code, repr(config.chat_template_kwargs), repr(config.tools),
+            config.environment_factory)
 
 
 def _load_base(config: TrainConfig):

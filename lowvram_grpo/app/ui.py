@@ -294,6 +294,8 @@ def build_app(work_dir: str | Path = DEFAULT_WORK_DIR, allow_custom_code: bool =
                 completions_df = gr.Dataframe(label="Logged completions (completions.jsonl), newest first",
                                               headers=dashboard.COMPLETION_COLUMNS,
                                               interactive=False, wrap=True, max_height=600, elem_id="completions")
+                # Multi-turn completions (runs with tools) as turns: model text, tool calls, tool results.
+                trajectories = gr.HTML(elem_id="trajectories")
 
             with gr.Tab("Try rewards", id="try-rewards"):
                 gr.Markdown("Score completions with the reward functions chosen on **Set up**, as GRPO groups: "
@@ -419,7 +421,7 @@ def build_app(work_dir: str | Path = DEFAULT_WORK_DIR, allow_custom_code: bool =
             on.runs_table, None, runs_outputs, api_visibility="private")
 
         browse_inputs = [run_choice, step_from, step_to, min_reward, function, text_filter]
-        browse_button.click(on.completions, browse_inputs, [completions_df, function, browse_message],
+        browse_button.click(on.completions, browse_inputs, [completions_df, function, browse_message, trajectories],
                             api_name="completions")
 
         wb_button.click(on.score_rewards, [*(fields[k] for k in REWARD_FIELDS), wb_prompt, wb_answer, wb_completions,

@@ -17,6 +17,7 @@ so the demo's reward curve climbs visibly instead of crawling.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from pathlib import Path
@@ -72,23 +73,30 @@ def build_tokenizer():
 
 def build_tiny_model(path: str | Path, seed: int = 0) -> Path:
     """Build, warm up and save the tiny model and its tokenizer to `path` (atomically)."""
-    path = Path(path)
-    # A private RNG: building the model on first use must not change the random stream of
-    # the training run that triggered it (resumed and fresh runs must sample the same).
-    # One thread: the warm-up's float sums, split across threads, round differently with each
-    # thread count, and after a few hundred updates the weights differ by up to 0.2, so the demo's
-    # curve depended on how many threads the process that first built the model happened to have.
+    with single_threaded(seed):
+        return save_atomically(Path(path), *_build())
+
+
+@contextlib.contextmanager
+def single_threaded(seed: int):
+    """Seeded, on one thread, and without touching the caller's random stream.
+
+    A private RNG: building the model on first use must not change the random stream of the
+    training run that triggered it (resumed and fresh runs must sample the same). One thread:
+    the warm-up's float sums, split across threads, round differently with each thread count,
+    and after a few hundred updates the weights differ by up to 0.2, so the demo's curve
+    depended on how many threads the process that first built the model happened to have."""
     threads = torch.get_num_threads()
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         torch.set_num_threads(1)
         try:
-            return _build_and_save(path)
+            yield
         finally:
             torch.set_num_threads(threads)
 
 
-def _build_and_save(path: Path) -> Path:
+def _build():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     tokenizer = build_tokenizer()
@@ -101,7 +109,11 @@ def _build_and_save(path: Path) -> Path:
     _warm_up(model, tokenizer)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model, tokenizer
 
+
+def save_atomically(path: Path, model, tokenizer) -> Path:
+    """Save to a temporary directory, then rename: a reader sees the whole model or none."""
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)

@@ -202,10 +202,14 @@ def estimate_memory(model_config: Any, train_config: TrainConfig, *,
     if conv_layers:
         generation[f"convolution state ({gen_chunk} seq x {conv_layers} layers)"] = \
             gen_chunk * conv_layers * H * shape.conv_kernel * db
+    # With tools, each later turn prefills the whole trajectory so far, tool results included
+    # (agent/loop.py starts every turn from the token ids, not from the previous turn's cache).
+    prefill = seq if (c.tools or c.environment_factory) else prompt
+    what = "prompt + trajectory with tool results" if prefill == seq else "prompt"
     generation.update({
         # The prefill runs one layer at a time without gradients: the widest moment is the MLP.
-        f"prefill activations (one layer, {gen_chunk} x {prompt} tokens)":
-            gen_chunk * prompt * _nograd_layer_bytes_per_token(shape, db),
+        f"prefill activations (one layer, {gen_chunk} x {prefill} tokens: {what})":
+            gen_chunk * prefill * _nograd_layer_bytes_per_token(shape, db),
         "sampling logits (fp32)": gen_chunk * V * 4 * SAMPLING_FP32_COPIES,
     })
     if dequant:

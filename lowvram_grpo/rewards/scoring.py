@@ -88,16 +88,24 @@ class RewardScores:
 
 def score_rows(reward_functions: list[RewardFunction], rows: list[dict], completions: list[str],
                completion_ids: list[list[int]] | None, num_generations: int = 1,
-               should_stop: Callable[[], bool] | None = None, trainer_state: Any = None) -> RewardScores:
+               should_stop: Callable[[], bool] | None = None, trainer_state: Any = None,
+               completion_messages: list[list[dict]] | None = None,
+               extra_columns: dict[str, list] | None = None) -> RewardScores:
     """Score `num_generations` completions per dataset row (a row's completions contiguous):
     each completion is paired with its row's prompt and other columns, and conversational
-    prompts get TRL's conversational completion form. See score_completions for `should_stop`
-    and `trainer_state`."""
+    prompts get TRL's conversational completion form. Multi-turn rollouts pass their
+    trajectories as `completion_messages` (assistant turns, tool calls, tool results), which
+    reward functions then receive as the completions, and `extra_columns` with one value per
+    completion (each rollout's `environments`, a rollout_func's extra fields), as TRL passes
+    them. See score_completions for `should_stop` and `trainer_state`."""
     prompts = [row["prompt"] for row in rows for _ in range(num_generations)]
-    if isinstance(prompts[0], list):
+    if completion_messages is not None:
+        completions = completion_messages
+    elif isinstance(prompts[0], list):
         completions = [[{"role": "assistant", "content": c}] for c in completions]
     columns = {key: [row.get(key) for row in rows for _ in range(num_generations)]
                for key in rows[0] if key != "prompt"}
+    columns.update(extra_columns or {})
     return score_completions(reward_functions, prompts, completions, completion_ids, columns, should_stop,
                              trainer_state)
 

@@ -1,0 +1,120 @@
+"""The built-in tiny tools model (`builtin:tiny-tools`): the tiny model's recipe for tool calls.
+
+A Qwen2 model as small as `builtin:tiny`, with a tokenizer for the two-digit sums of
+calculator.py and a chat template that shows tools and writes tool calls in the Hermes format
+(`<tool_call>{"name": "add", "arguments": {"a": 37, "b": 48}}</tool_call>`, as Qwen does), with
+`{% generation %}` markers so the warm-up trains on the assistant's tokens only. The pieces of a
+call's JSON are single tokens, so a call is ten tokens, not fifty characters.
+
+The warm-up (supervised, on one thread, like tiny_model.py's) answers most problems directly and one
+in `TOOL_EVERY` through the calculator, so the model starts out calling it now and then and
+mostly guessing otherwise: GRPO has a behaviour to find and reinforce. Built once and cached
+next to the tiny model, under its own name: the tiny-cpu demo's model is untouched.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lowvram_grpo.builtin import calculator
+from lowvram_grpo.builtin.tiny_model import default_cache_dir, save_atomically, single_threaded
+
+TINY_TOOLS_VERSION = 1
+SPECIAL_TOKENS = ["<pad>", "<eos>", "<unk>"]
+CHAT_TOKENS = ["<|tools|>", "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>", "<|end|>", "<tool_call>",
+               "</tool_call>"]
+# A call's JSON as the chat template's tojson writes it, cut into a few tokens.
+JSON_TOKENS = ['{"name": "add", "arguments": {"a": ', ', "b": ', '}}']
+CHAT_TEMPLATE = (
+    "{% if tools %}<|tools|>{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}<|assistant|>{% generation %}{{ message['content'] }}"
+    "{% if message.tool_calls is defined %}{% for call in message.tool_calls %}"
+    "<tool_call>{{ call['function'] | tojson }}</tool_call>{% endfor %}{% endif %}<eos>{% endgeneration %}"
+    "{% else %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+WARMUP_PROBLEMS = 400
+TOOL_EVERY = 2  # every other warm-up problem goes through the calculator
+WARMUP_STEPS = 300
+WARMUP_LR = 3e-3
+
+
+def tiny_tools_model_path(cache_dir: str | Path | None = None) -> Path:
+    """Directory of the built-in tiny tools model, building it first if it is not there yet."""
+    path = Path(cache_dir or default_cache_dir()) / f"tiny-tools-v{TINY_TOOLS_VERSION}"
+    if not (path / "config.json").is_file():
+        build_tiny_tools_model(path)
+    return path
+
+
+def build_tokenizer():
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + list(calculator.ALPHABET) + CHAT_TOKENS + JSON_TOKENS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(CHAT_TOKENS[:6])
+    tok.add_tokens(CHAT_TOKENS[6:] + JSON_TOKENS)  # matched whole before the split, kept when decoding
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>", padding_side="left",
+        additional_special_tokens=CHAT_TOKENS[:6])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_tools_model(path: str | Path, seed: int = 0, warmup_problems: int = WARMUP_PROBLEMS,
+                           warmup_steps: int = WARMUP_STEPS) -> Path:
+    """Build, warm up and save the tiny tools model and its tokenizer to `path` (atomically).
+    (Tests build a less trained one in seconds with fewer problems and steps.)"""
+    with single_threaded(seed):
+        return save_atomically(Path(path), *_build(warmup_problems, warmup_steps))
+
+
+def _build(warmup_problems: int, warmup_steps: int):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers.utils import get_json_schema
+
+    tokenizer = build_tokenizer()
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    model = Qwen2ForCausalLM(config)
+    tools = [get_json_schema(calculator.add)]
+    input_ids, labels = [], []
+    for conversation in calculator.warmup_conversations(warmup_problems, TOOL_EVERY):
+        encoded = tokenizer.apply_chat_template(conversation, tools=tools, return_dict=True,
+                                                return_assistant_tokens_mask=True)
+        ids, trained = encoded["input_ids"], encoded["assistant_masks"]
+        input_ids.append(ids)
+        labels.append([t if m else -100 for t, m in zip(ids, trained)])
+    _train(model, tokenizer.pad_token_id, input_ids, labels, warmup_steps)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model, tokenizer
+
+
+def _train(model, pad_id: int, input_ids: list[list[int]], labels: list[list[int]], steps: int) -> None:
+    """Full-batch supervised training, loss on the labelled (assistant) tokens only."""
+    width = max(len(ids) for ids in input_ids)
+    ids = torch.full((len(input_ids), width), pad_id)
+    targets = torch.full((len(input_ids), width), -100)
+    attention = torch.zeros((len(input_ids), width), dtype=torch.long)
+    for i, (row, row_labels) in enumerate(zip(input_ids, labels)):
+        ids[i, :len(row)] = torch.tensor(row)
+        targets[i, :len(row)] = torch.tensor(row_labels)
+        attention[i, :len(row)] = 1
+    optimizer = torch.optim.AdamW(model.parameters(), lr=WARMUP_LR)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=ids, attention_mask=attention, labels=targets).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
