@@ -178,8 +178,8 @@ def test_resume_with_tools_matches_an_uninterrupted_run(quick_tools_model, tmp_p
 def test_the_workbench_samples_and_scores_multi_turn_groups(quick_tools_model):
     """The app's workbench samples the base model's groups through the tools, as the first
     training step would, and shows each trajectory turn by turn."""
-    from lowvram_grpo.app.playground import ModelSlot
-    from lowvram_grpo.app.workbench import BaseSampler
+    from lowvram_grpo.app.use_adapter import ModelSlot
+    from lowvram_grpo.app.try_rewards import BaseSampler
 
     config = load_config(preset="tiny-cpu-tools", overrides={"model_name_or_path": str(quick_tools_model)})
     seed_everything(0)
