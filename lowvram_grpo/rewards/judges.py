@@ -20,14 +20,12 @@ out of the weighted sum) and counted in `rewards/<name>/none_frac`.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+
+import httpx
 
 from lowvram_grpo.rewards.base import TRAINER_KEYWORDS, RewardFunctionError, completion_text
 
@@ -119,22 +117,33 @@ class SelfJudge:
 
 
 class EndpointJudge:
-    """judge:<URL>: an OpenAI-compatible chat-completions server judges each completion."""
+    """judge:<URL>: an OpenAI-compatible chat-completions server judges each completion.
+
+    httpx does the HTTP (JSON, timeouts, one pool of connections shared by the threads). Two
+    things stay ours, because httpx has neither: retrying on 408/429/5xx and on read timeouts
+    (its transport retries only failed connects), and running `judge_concurrency` requests at
+    once with a thread pool rather than asyncio, since a reward is called synchronously, also
+    from threads that already run an event loop (a notebook, the app), where asyncio.run fails.
+    """
 
     def __init__(self, url: str, config):
         self.config = config
         base = url.rstrip("/")
         self.endpoint = base if base.endswith("/chat/completions") else base + "/chat/completions"
-        host = urllib.parse.urlsplit(url).netloc or "endpoint"
-        self.__name__ = "judge_" + re.sub(r"[^\w.-]", "_", host)
+        self.__name__ = "judge_" + re.sub(r"[^\w.-]", "_", httpx.URL(url).netloc.decode() or "endpoint")
 
     def __call__(self, prompts, completions, **columns) -> list[float | None]:
         texts = _prompts(self.config.judge_template or DEFAULT_JUDGE_TEMPLATE, prompts, completions,
                          _dataset_columns(columns))
         if not texts:
             return []
-        with ThreadPoolExecutor(max_workers=min(self.config.judge_concurrency, len(texts))) as pool:
-            replies = list(pool.map(self.ask, texts))
+        workers = min(self.config.judge_concurrency, len(texts))
+        key = os.environ.get(self.config.judge_api_key_env)  # read now: never stored in the config
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        with httpx.Client(headers=headers, timeout=self.config.judge_timeout_s,
+                          limits=httpx.Limits(max_connections=workers)) as client, \
+                ThreadPoolExecutor(max_workers=workers) as pool:
+            replies = list(pool.map(lambda text: self.ask(client, text), texts))
         if all(reply is None for reply in replies):
             raise RewardFunctionError(
                 f"judge {self.endpoint}: no request succeeded ({self._last_error}); is the server running, "
@@ -143,32 +152,31 @@ class EndpointJudge:
 
     _last_error = "no answer"
 
-    def ask(self, text: str) -> str | None:
+    def ask(self, client: httpx.Client, text: str) -> str | None:
         """The server's reply to one judge prompt; None when every try failed."""
-        body = json.dumps({"model": self.config.judge_model, "messages": [{"role": "user", "content": text}],
-                           "max_tokens": self.config.judge_max_tokens, "temperature": 0}).encode()
-        headers = {"Content-Type": "application/json"}
-        key = os.environ.get(self.config.judge_api_key_env)
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
+        body = {"model": self.config.judge_model, "messages": [{"role": "user", "content": text}],
+                "max_tokens": self.config.judge_max_tokens, "temperature": 0}
         for attempt in range(self.config.judge_retries + 1):
             if attempt:
                 time.sleep(min(0.25 * 2 ** attempt, 5.0))
-            request = urllib.request.Request(self.endpoint, data=body, headers=headers, method="POST")
             try:
-                with urllib.request.urlopen(request, timeout=self.config.judge_timeout_s) as response:
-                    answer = json.loads(response.read())
-                return completion_text(answer["choices"][0]["message"])
-            except urllib.error.HTTPError as err:
-                # Not the key: error texts may echo request headers.
-                self._last_error = f"HTTP {err.code} {err.reason}"
-                if err.code not in RETRY_STATUS:
+                response = client.post(self.endpoint, json=body)
+            except httpx.TimeoutException:
+                self._last_error = f"TimeoutError: no answer within judge_timeout_s={self.config.judge_timeout_s} s"
+                continue
+            except httpx.TransportError as err:  # refused, reset, DNS: the server may be starting
+                self._last_error = f"{type(err).__name__}: {err}"
+                continue
+            if response.is_error:
+                # Status and reason only: error texts may echo request headers, and so the key.
+                self._last_error = f"HTTP {response.status_code} {response.reason_phrase}"
+                if response.status_code not in RETRY_STATUS:
                     raise RewardFunctionError(
                         f"judge {self.endpoint}: the server refused the request ({self._last_error}); check "
-                        f"judge_model ({self.config.judge_model!r}) and the key in ${self.config.judge_api_key_env}"
-                    ) from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
-                self._last_error = type(err).__name__ + (f": {err.reason}" if hasattr(err, "reason") else "")
+                        f"judge_model ({self.config.judge_model!r}) and the key in ${self.config.judge_api_key_env}")
+                continue
+            try:
+                return completion_text(response.json()["choices"][0]["message"])
             except (ValueError, KeyError, IndexError, TypeError):
                 self._last_error = "a reply that is not a chat completion"
         return None
