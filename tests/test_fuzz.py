@@ -14,11 +14,12 @@ import json
 import string
 
 import pytest
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lowvram_grpo import rundir
-from lowvram_grpo.config import ALIASES, ConfigError, TrainConfig, load_config
+from lowvram_grpo.config import ALIASES, ConfigError, RewardSpec, TrainConfig, load_config, save_config
 from lowvram_grpo.data import DatasetError, read_prompt_rows
 
 
@@ -137,10 +138,47 @@ raw_values = st.sampled_from(["", "0", "-1", "1e-3", "1e", "true", "null", "none
 
 @bounded(300)
 @given(overrides=st.lists(st.tuples(keys, raw_values), max_size=4))
-def test_random_overrides_give_a_config_or_a_config_error(overrides):
+def test_random_overrides_give_a_config_or_a_config_error(tmp_path_factory, overrides):
     try:
         config = load_config(preset="tiny-cpu", overrides=[f"{key}={value}" for key, value in overrides])
     except ConfigError as err:
         assert str(err)
         return
-    assert isinstance(config, TrainConfig)
+    # What the overrides imply: each overridden key holds its last value, every other key the
+    # preset's, and the config.yaml a run saves loads back as the same config.
+    given = {ALIASES.get(key, key): raw for key, raw in overrides}
+    preset = load_config(preset="tiny-cpu")
+    for name in TrainConfig.__dataclass_fields__:
+        if name in given:
+            assert _holds(getattr(config, name), _yaml(given[name])), (name, given[name], getattr(config, name))
+        else:
+            assert _same(getattr(config, name), getattr(preset, name)), name
+    saved = tmp_path_factory.mktemp("config") / "config.yaml"
+    save_config(config, saved)
+    assert _same(load_config(config_path=saved).to_dict(), config.to_dict())
+
+
+def _yaml(raw: str):
+    """An override's value as the CLI reads it: YAML, or the text itself where that is not YAML."""
+    try:
+        return yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def _holds(typed, given) -> bool:
+    """Whether a field's typed value is the value the override gave (a number may come as text,
+    e.g. YAML reads 1e-3 as a string; a reward as a name or a {name, weight, args} mapping)."""
+    if isinstance(typed, list) and typed and isinstance(typed[0], RewardSpec):
+        given = given if isinstance(given, list) else [given]
+        return [spec.name for spec in typed] == [g if isinstance(g, str) else g["name"] for g in given]
+    if isinstance(typed, float):
+        return _same(typed, float(given))
+    if isinstance(typed, str) and not isinstance(given, str):
+        return typed == str(given)
+    return typed == given and type(typed) is type(given)
+
+
+def _same(a, b) -> bool:
+    """Equal, NaN counting as equal to NaN (nan is a valid value of some keys)."""
+    return a == b or yaml.safe_dump(a) == yaml.safe_dump(b)
