@@ -27,6 +27,7 @@ from lowvram_grpo.rewards.base import RewardFunction, RewardFunctionError
 from lowvram_grpo.rewards.scoring import score_completions
 from lowvram_grpo.stopping import StepInterrupted, call_with_deadline
 from lowvram_grpo.metrics import mean_over_updates
+from lowvram_grpo.planning.backoff import MemoryBudgetError
 from lowvram_grpo.trainer import train
 
 LINE_SEPARATORS = "\u2028\u2029\u0085\x1c\x1d\x1e\x0b\x0c\r"
@@ -443,7 +444,7 @@ def test_a_failed_run_leaves_the_process_group_it_created(tmp_path, monkeypatch)
     monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: destroyed.append(True))
     config = _config(tmp_path, vram_gb=0.001, micro_batch_size="auto")
-    with pytest.raises(Exception):
+    with pytest.raises(MemoryBudgetError, match=r"vram_gb: this run does not fit in 0\.0 GB"):
         train(config, progress=False)
     assert destroyed == [True]
 
