@@ -3,7 +3,8 @@
 The engines are the usual ones: a launcher (`accelerate launch` or `torchrun`) starts N copies
 of `python -m lowvram_grpo train ...`, accelerate's `PartialState` joins them into one
 `torch.distributed` process group (nccl on GPUs, gloo on the CPU) and gives each its device,
-and the helpers below are thin wrappers around `torch.distributed` collectives.
+and the helpers below are accelerate's collectives (`accelerate.utils`) where it has the one
+needed, `torch.distributed` where it has not (each such helper says why).
 
 How a step is shared (see trainer.py):
 - every process draws the same global prompt list and takes a contiguous share (whole groups),
@@ -25,10 +26,12 @@ import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence, TypeVar
+from typing import Any, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
+from accelerate import PartialState
+from accelerate.utils import broadcast, gather, gather_object, pad_across_processes
 
 from lowvram_grpo.config import ConfigError
 
@@ -80,8 +83,6 @@ def world() -> World:
     global _world, _owns_process_group
     if _world is None:
         if launched_world_size() > 1 or (dist.is_available() and dist.is_initialized()):
-            from accelerate import PartialState
-
             had_group = dist.is_initialized()
             # cpu=True where there is no GPU: PartialState then uses gloo (MULTI_CPU) instead
             # of deciding there is nothing to distribute.
@@ -134,19 +135,17 @@ def abort() -> None:
 # --- collectives (no-ops for one process) -----------------------------------------------------
 
 
+# Each helper first asks world(): a single process never creates accelerate's state.
+
+
 def barrier() -> None:
     if world().distributed:
-        dist.barrier()
+        PartialState().wait_for_everyone()
 
 
-@contextlib.contextmanager
-def main_process_first() -> Iterator[None]:
+def main_process_first() -> contextlib.AbstractContextManager[None]:
     """Rank 0 runs the block first, the others after it (e.g. build or download a model once)."""
-    if not world().is_main:
-        barrier()
-    yield
-    if world().is_main:
-        barrier()
+    return PartialState().main_process_first() if world().distributed else contextlib.nullcontext()
 
 
 def local_share(items: Sequence[T] | torch.Tensor) -> Sequence[T] | torch.Tensor:
@@ -171,16 +170,21 @@ def broadcast_parameters(params: Sequence[torch.Tensor], src: int = 0) -> None:
     if not world().distributed:
         return
     with torch.no_grad():
-        for p in params:
-            buffer = p.data.to(world().device)
-            dist.broadcast(buffer, src)
-            p.data.copy_(buffer)
+        # On the process group's device (a CUDA tensor for nccl), then back where each lives.
+        received = broadcast([p.data.to(world().device) for p in params], from_process=src)
+        for p, value in zip(params, received):
+            p.data.copy_(value)
 
 
 def all_reduce_gradients(params: Sequence[torch.Tensor]) -> None:
     """Sum every parameter's gradient over processes, in place (one flat buffer per dtype).
 
     A missing gradient counts as zeros, so that every process sends the same buffer layout.
+    Ours, not accelerate's: its answer is to wrap the model in DDP, which all-reduces during
+    every backward; a process that backs off after an OOM (planning/backoff.py) redoes its
+    micro-batches in smaller pieces, so the processes would run different numbers of backward
+    passes and wait in collectives the others never enter. Summing once, after a step's
+    micro-batches, syncs only where every process arrives.
     """
     if not world().distributed:
         return
@@ -204,6 +208,8 @@ def all_reduce_gradients(params: Sequence[torch.Tensor]) -> None:
 
 
 def _reduce(values, op):
+    """Ours: accelerate's `reduce` takes tensors only and has no maximum; this one also reduces
+    numbers and dicts of numbers (metrics), which keep their type."""
     if not world().distributed:
         return values
     device = world().device
@@ -245,33 +251,27 @@ def all_gather_tensor(tensor: torch.Tensor, pad_value: float = 0) -> torch.Tenso
     Shapes may differ: dim 0 may have any length, and the other dims are padded with
     `pad_value` to the largest among processes (e.g. right-padded completion ids).
     """
-    w = world()
-    if not w.distributed:
+    if not world().distributed:
         return tensor
     is_bool = tensor.dtype == torch.bool
-    local = tensor.detach().to(w.device)
+    local = tensor.detach().to(world().device)
     if is_bool:  # not every backend reduces or gathers bool
         local = local.to(torch.uint8)
-    shape = torch.tensor(local.shape, dtype=torch.long, device=w.device)
-    shapes = [torch.zeros_like(shape) for _ in range(w.world_size)]
-    dist.all_gather(shapes, shape)
-    largest = torch.stack(shapes).max(0).values.tolist()
-    padded = torch.full(largest, pad_value, dtype=local.dtype, device=w.device)
-    padded[tuple(slice(0, n) for n in local.shape)] = local
-    gathered = [torch.empty_like(padded) for _ in range(w.world_size)]
-    dist.all_gather(gathered, padded)
-    out = torch.cat([g[:int(s[0])] for g, s in zip(gathered, shapes)]).to(tensor.device)
+    # accelerate's gather needs one shape everywhere: pad every dim to the largest (dim 0 too),
+    # gather, then cut each process's rows back to its own count.
+    rows = gather_objects(local.shape[0])
+    for dim in range(local.dim()):
+        local = pad_across_processes(local, dim=dim, pad_index=pad_value)
+    parts = gather(local).unflatten(0, (world().world_size, -1))
+    out = torch.cat([part[:n] for part, n in zip(parts, rows)]).to(tensor.device)
     return out.bool() if is_bool else out
 
 
 def gather_objects(obj: Any) -> list[Any]:
     """Every process's picklable `obj`, as a list in rank order (on every process)."""
-    w = world()
-    if not w.distributed:
+    if not world().distributed:
         return [obj]
-    out: list[Any] = [None] * w.world_size
-    dist.all_gather_object(out, obj)
-    return out
+    return gather_object([obj])  # accelerate concatenates the processes' lists
 
 
 # --- launching: `lowvram-grpo train --num-processes N` -----------------------------------------
