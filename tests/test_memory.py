@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lowvram_grpo.planning import memory, model_shape, planner
-from lowvram_grpo.config import TrainConfig
+from lowvram_grpo.config import TrainConfig, load_config
 from lowvram_grpo.planning.memory import GIB, estimate_memory
 from lowvram_grpo.planning.model_shape import (PlannerError, count_parameters, load_arch, resolve_model_config,
                                                shipped_architectures)
@@ -241,9 +241,15 @@ def test_plan_advises_a_shorter_completion_when_only_the_length_is_too_much():
     assert any("max_completion_length" in line for line in result.advice)
 
 
-def test_plan_overrides_are_valid_config_values():
-    result = plan(config(), 12, model_config=load_arch("qwen2.5-3b"))
-    TrainConfig(**{**config().to_dict(), **result.overrides})  # validates
+def test_plan_overrides_load_as_the_config_the_plan_estimated():
+    arch = load_arch("qwen2.5-3b")
+    result = plan(config(), 12, model_config=arch)
+    own = {key: getattr(config(), key) for key in result.overrides}
+    assert result.fits and result.overrides != own  # 12 GB takes larger chunks than config()'s
+    planned = load_config(overrides={**config().to_dict(), **result.overrides})
+    assert {key: getattr(planned, key) for key in result.overrides} == result.chunking.as_dict()
+    # The loaded config, estimated with its own chunk sizes, is what the plan chose: it fits.
+    assert estimate_memory(arch, planned).total_bytes == result.estimate.total_bytes <= result.usable_gb * GIB
 
 
 def test_format_plan_shows_every_part_and_the_verdict():
