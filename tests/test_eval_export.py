@@ -49,16 +49,25 @@ def logits(model, tokenizer) -> torch.Tensor:
         return model(**batch).logits.float()
 
 
-def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
-    """Plain transformers greedy decoding, one prompt at a time: the independent reference."""
+def greedy_generations(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[tuple[str, int, bool]]:
+    """Plain transformers greedy decoding, one prompt at a time: the independent reference.
+    Per prompt: the completion, its length in tokens (the EOS counted, as TRL counts it), and
+    whether max_new_tokens cut it off (no EOS at its end)."""
+    eos = model.generation_config.eos_token_id
+    eos = set(eos) if isinstance(eos, list) else {eos}
     out = []
     for prompt in prompts:
         ids = tokenizer(prompt, return_tensors="pt")
         with torch.no_grad():
             generated = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
-                                       pad_token_id=tokenizer.pad_token_id)
-        out.append(tokenizer.decode(generated[0, ids["input_ids"].size(1):], skip_special_tokens=True))
+                                       pad_token_id=tokenizer.pad_token_id)[0, ids["input_ids"].size(1):]
+        out.append((tokenizer.decode(generated, skip_special_tokens=True), len(generated),
+                    int(generated[-1]) not in eos))
     return out
+
+
+def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+    return [text for text, _, _ in greedy_generations(model, tokenizer, prompts, max_new_tokens)]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -78,13 +87,14 @@ def test_evaluate_base_and_adapter_score_their_own_greedy_completions(setup, tin
 
     for adapter, model in ((False, base), (True, policy)):
         metrics = evaluate(policy, tokenizer, ROWS, rewards, config, adapter=adapter)
-        completions = greedy_completions(model, tokenizer, prompts, config.max_completion_length)
+        completions, lengths, clipped = zip(*greedy_generations(model, tokenizer, prompts, config.max_completion_length))
         right = [c.strip() == row["answer"] for c, row in zip(completions, ROWS)]
         assert metrics["eval/accuracy"] == pytest.approx(sum(right) / len(ROWS))
         assert metrics["eval/reward"] == pytest.approx(sum(right) / len(ROWS))
         assert metrics["eval/rewards/arith_answer/mean"] == pytest.approx(sum(right) / len(ROWS))
         assert metrics["eval/num_prompts"] == len(ROWS)
-        assert 0.0 <= metrics["eval/completions/clipped_ratio"] <= 1.0
+        assert metrics["eval/completions/mean_length"] == pytest.approx(sum(lengths) / len(ROWS))
+        assert metrics["eval/completions/clipped_ratio"] == pytest.approx(sum(clipped) / len(ROWS))
 
 
 def test_evaluate_leaves_the_policy_as_it_found_it(setup):
