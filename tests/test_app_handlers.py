@@ -422,6 +422,7 @@ def tiny_adapter(tiny_cache, tmp_path_factory):
     from lowvram_grpo.config import load_config
     from lowvram_grpo.model import load_policy
 
+    torch.manual_seed(0)  # LoRA A's initialisation too: the same adapter whatever ran before
     policy, _ = load_policy(load_config(preset="tiny-cpu"), torch.device("cpu"))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
