@@ -11,7 +11,7 @@ Names are imported on first use, so `import lowvram_grpo` (and the CLI's start-u
 and does not pull in torch until something needs it.
 """
 
-from importlib import import_module
+from lowvram_grpo.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -32,15 +32,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(import_module(f"lowvram_grpo.{_EXPORTS[name]}"), name)
-        globals()[name] = value  # cache: later lookups skip this function
-        return value
-    raise AttributeError(f"module 'lowvram_grpo' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(list(globals()) + __all__)
+lazy_exports(__name__, _EXPORTS)

@@ -7,7 +7,7 @@ first use, as in the package root, so that importing one submodule (the sandbox,
 not pull in the others.
 """
 
-from importlib import import_module
+from lowvram_grpo.lazy import lazy_exports
 
 _EXPORTS = {
     "RewardContext": "base", "RewardFunction": "base", "RewardFunctionError": "base",
@@ -18,11 +18,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(import_module(f"lowvram_grpo.rewards.{_EXPORTS[name]}"), name)
-        globals()[name] = value  # cache: later lookups skip this function
-        return value
-    raise AttributeError(f"module 'lowvram_grpo.rewards' has no attribute {name!r}")
+lazy_exports(__name__, _EXPORTS)
