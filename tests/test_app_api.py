@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-gradio_client = pytest.importorskip("gradio_client")
-import gradio_client.exceptions  # noqa: E402
+pytest.importorskip("gradio_client")
+import gradio_client.exceptions  # noqa: E402  (binds gradio_client, with its exceptions loaded)
 pytest.importorskip("gradio")
 
 from lowvram_grpo.app import dashboard, ui  # noqa: E402
@@ -213,16 +213,20 @@ def test_start_watch_refuse_second_stop_resume(app):
 
 
 def test_use_the_adapter(app):
-    client, _, _ = app
+    client, _, work_dir = app
     path, message = client.predict(RUN, None, api_name="/zip_adapter")
     names = zipfile.ZipFile(path).namelist()
     assert f"{RUN}-adapter/adapter_model.safetensors" in names
     assert f"{RUN}-adapter/adapter_config.json" in names
     assert not any(name.endswith("trainer_state.pt") for name in names)  # no optimizer state
 
-    base, tuned, message = client.predict(RUN, None, "3+5=", 4, api_name="/try_it")
-    assert "checkpoint-" in message, message
-    assert isinstance(base, str) and isinstance(tuned, str) and tuned
+    # Oracle: the greedy completions of the run's model, with the newest adapter off and on.
+    prompts = ["3+5=", "0+0=", "0+1=", "1+0=", "2+7=", "9+9="]
+    expected = greedy_base_and_tuned(work_dir / "runs" / RUN, prompts, 4)
+    for prompt, answers in zip(prompts, expected):
+        base, tuned, message = client.predict(RUN, None, prompt, 4, api_name="/try_it")
+        assert "checkpoint-" in message, message
+        assert (base, tuned) == answers, prompt
 
     # The long model work streams progress notes on the page; a script gets the final result.
     message, metrics, examples = client.predict(RUN, None, 2, api_name="/evaluate_adapter")
@@ -230,6 +234,32 @@ def test_use_the_adapter(app):
     assert len(examples["data"]) == 2
     groups, message = client.predict(**form(), num_rows=1, api_name="/score_base_model")
     assert len(groups["data"]) == 8 and "mean reward" in message  # G = 8 completions of the first row
+
+
+def greedy_base_and_tuned(run_dir: Path, prompts: list[str], max_new_tokens: int) -> list[tuple[str, str]]:
+    """The base model's and the adapter's greedy answers to each prompt, posed as the run's
+    training prompts are, with the run's newest adapter loaded on top of the run's model."""
+    import torch
+
+    from lowvram_grpo.model import load_policy, reference_model
+    from lowvram_grpo.prompts import with_system_prompt
+    from lowvram_grpo.rollout import generate_greedy
+    from lowvram_grpo.rundir import RunDir
+
+    adapter = RunDir(run_dir).newest_adapter()
+    config = RunDir(run_dir).read_config({"adapter_path": str(adapter)})
+    policy, tokenizer = load_policy(config, torch.device("cpu"), inference_only=True)
+
+    def answer(prompt: str) -> str:  # one prompt at a time, as try-it generates
+        return generate_greedy(policy.eval(), tokenizer, [with_system_prompt(prompt, config.system_prompt)],
+                               max_new_tokens=max_new_tokens, max_prompt_length=config.max_prompt_length,
+                               chunk_size=1).completions[0]
+
+    with reference_model(policy):
+        base = [answer(p) for p in prompts]
+    tuned = [answer(p) for p in prompts]
+    assert base != tuned, "the adapter changed no answer: this check could not tell them apart"
+    return list(zip(base, tuned))
 
 
 def test_failed_and_killed_runs_say_so(tmp_path):
