@@ -87,7 +87,8 @@ def test_evaluate_base_and_adapter_score_their_own_greedy_completions(setup, tin
 
     for adapter, model in ((False, base), (True, policy)):
         metrics = evaluate(policy, tokenizer, ROWS, rewards, config, adapter=adapter)
-        completions, lengths, clipped = zip(*greedy_generations(model, tokenizer, prompts, config.max_completion_length))
+        generations = greedy_generations(model, tokenizer, prompts, config.max_completion_length)
+        completions, lengths, clipped = zip(*generations)
         right = [c.strip() == row["answer"] for c, row in zip(completions, ROWS)]
         assert metrics["eval/accuracy"] == pytest.approx(sum(right) / len(ROWS))
         assert metrics["eval/reward"] == pytest.approx(sum(right) / len(ROWS))
