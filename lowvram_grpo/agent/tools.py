@@ -32,12 +32,9 @@ from __future__ import annotations
 
 import asyncio
 import difflib
-import hashlib
 import importlib
-import importlib.util
 import inspect
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -45,6 +42,7 @@ from typing import Any, Callable
 from lowvram_grpo.config import ConfigError
 from lowvram_grpo.errors import one_line
 from lowvram_grpo.stopping import CallTimedOut, StepInterrupted, call_with_deadline
+from lowvram_grpo.user_code import UserFileError, import_user_file
 
 PYTHON_TOOL = "python"
 # What the python tool hands back at most: a tool result is read by the model, token by token,
@@ -82,27 +80,10 @@ def load_object(spec: str, key: str) -> Any:
 
 
 def _import_file(path: Path, spec: str, key: str):
-    if not path.is_file():
-        raise ConfigError(f"{key}: '{spec}': file not found: {path.resolve()} (relative paths are relative "
-                          f"to the current directory, {Path.cwd()})")
-    path = path.resolve()
-    # A stable module name per file, registered in sys.modules so pickling and dataclasses in
-    # the user's file work as in a normal import.
-    name = f"lowvram_user_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
-    if name in sys.modules:
-        return sys.modules[name]
-    module_spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[name] = module
-    sys.path.insert(0, str(path.parent))  # so the file can import its sibling modules
     try:
-        module_spec.loader.exec_module(module)
-    except BaseException as err:
-        del sys.modules[name]
-        raise ConfigError(f"{key}: '{spec}': importing {path} failed: {one_line(err)}") from None
-    finally:
-        sys.path.remove(str(path.parent))
-    return module
+        return import_user_file(path)
+    except UserFileError as err:
+        raise ConfigError(f"{key}: '{spec}': {err}") from None
 
 
 def tool_schema(fn: Callable, key: str = "tools") -> dict:

@@ -11,11 +11,7 @@ from __future__ import annotations
 
 import difflib
 import functools
-import hashlib
 import importlib
-import importlib.util
-import sys
-from pathlib import Path
 from typing import Callable
 
 from lowvram_grpo.config import RewardSpec
@@ -23,6 +19,7 @@ from lowvram_grpo.errors import one_line
 from lowvram_grpo.rewards.base import RewardContext, RewardFunction, RewardFunctionError
 from lowvram_grpo.rewards.builtins import BUILTIN_REWARDS, check_builtin_args, overlong_penalty
 from lowvram_grpo.rewards.code import code_tests_from_config
+from lowvram_grpo.user_code import UserFileError, import_user_file
 
 def resolve_reward(name: str, context: RewardContext | None = None) -> Callable:
     """The function for a reward name: a built-in, `model:<id or dir>`, `judge:self`,
@@ -83,30 +80,10 @@ def _unknown_builtin_message(name: str) -> str:
 
 
 def _import_file(spec: str, source: str):
-    path = Path(source).expanduser()
-    if not path.is_file():
-        raise RewardFunctionError(
-            f"reward '{spec}': file not found: {path.resolve()} "
-            f"(relative paths are relative to the current directory, {Path.cwd()})")
-    path = path.resolve()
-    # A stable, unique module name per file, registered in sys.modules so dataclasses, pickling
-    # and relative lookups inside the user's module behave as in a normal import.
-    module_name = f"lowvram_user_reward_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    module_spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[module_name] = module
-    # The file's folder goes on sys.path while it runs, so it can import its sibling modules.
-    sys.path.insert(0, str(path.parent))
     try:
-        module_spec.loader.exec_module(module)
-    except BaseException as e:
-        del sys.modules[module_name]
-        raise RewardFunctionError(f"reward '{spec}': importing {path} failed: {one_line(e)}") from e
-    finally:
-        sys.path.remove(str(path.parent))
-    return module
+        return import_user_file(source)
+    except UserFileError as err:
+        raise RewardFunctionError(f"reward '{spec}': {err}") from err.__cause__
 
 
 def _import_module(spec: str, module_name: str):
