@@ -15,8 +15,11 @@ The parts (numbered as in the issue that asked for them, #17):
 3. backoff: the out-of-memory back-off meeting CUDA's allocator limit (bench.oom_backoff).
 4. profile: where a generated token's time goes (bench.decode_profile), Qwen2.5-1.5B shape,
    generation chunks of 8 and 32 sequences, beside the memory-bandwidth floor.
+5. longctx (issue 25): one update of a 16K-token sequence, Qwen2.5-1.5B shape, as it is, with
+   offloaded activations, and with sequence-chunked layers too (bench.long_context_step): peak
+   memory, step time and the planner's estimate.
 
-They run in three stages: profile, then compare, each with the GPU to itself because they time
+They run in four stages: profile, compare, longctx, each with the GPU to itself because they time
 things; then memory and backoff together, side by side on the GPU (the two architectures of
 part 2 in parallel too), because they only measure memory (torch's per-process figures,
 unaffected by other processes) and correctness.
@@ -63,11 +66,13 @@ COMPARE_ARCH = "qwen2.5-1.5b"
 # imports and loading plus 2 steps of ~40 s (1024 decode steps, then the update), each trainer
 # getting half; memory = build, save and load a 7B/8B model, one step; backoff = 2 steps with
 # retries of the cheap phases.
-GPU_BUDGETS = {"profile": 70, "compare": 235, "memory": 150, "backoff": 150}
+# longctx = load the 1.5B model (built by profile) and three 16K-token updates of ~2-5 s each after
+# a warm-up each; compare gives up 40 s for it.
+GPU_BUDGETS = {"profile": 70, "compare": 195, "longctx": 40, "memory": 150, "backoff": 150}
 # A dry run on a small, shared CPU: the parts take 15-40 s each there.
-DRY_RUN_BUDGETS = {"profile": 60, "compare": 90, "memory": 90, "backoff": 90}
+DRY_RUN_BUDGETS = {"profile": 60, "compare": 90, "longctx": 90, "memory": 90, "backoff": 90}
 # Parts in one inner list run at the same time.
-STAGES = [["profile"], ["compare"], ["memory", "backoff"]]
+STAGES = [["profile"], ["compare"], ["longctx"], ["memory", "backoff"]]
 
 
 @dataclass
@@ -108,6 +113,9 @@ def part_jobs(part: str, args, results: Path, docs: Path, deadline: float) -> li
                     ["--device", device, "--arch", arch, *tiny, *small_run, "--only", "ours", "--warmup", "0",
                      "--steps", "1", "--target-gb", f"{target:g}"])
                 for arch, target in MEMORY_TARGETS_GB.items()]
+    if part == "longctx":
+        sizes = ["--tokens", "512", "--prompt-length", "32", "--chunk", "128"] if dry else ["--tokens", "16384"]
+        return [job("longctx", "bench.long_context_step", ["--device", device, "--arch", COMPARE_ARCH, *tiny, *sizes])]
     if part == "backoff":
         lengths = ["--prompt-length", "16", "--completion-length", "32"] if dry else []
         return [job("backoff", "bench.oom_backoff",

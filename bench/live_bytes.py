@@ -8,6 +8,7 @@ limit in its dry run.
 from __future__ import annotations
 
 import weakref
+from typing import Callable
 
 import torch
 from torch.utils import _pytree as pytree
@@ -18,10 +19,14 @@ class LiveTensorBytes(TorchDispatchMode):
     """Counts the bytes of the tensor storages created under it that are still alive, and the
     peak of that count. Views share their base's storage, so nothing is counted twice."""
 
-    def __init__(self):
+    def __init__(self, offloaded: Callable[[], int] = lambda: 0):
         super().__init__()
         self.sizes: dict[int, int] = {}
         self.current = self.peak = 0
+        # Bytes of the counted storages that stand for CPU memory (offload.ActivationOffloader's
+        # host copies, on a CPU run): `device_peak` is the peak of the rest, as a GPU would hold it.
+        self.offloaded = offloaded
+        self.device_peak = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -29,7 +34,12 @@ class LiveTensorBytes(TorchDispatchMode):
             if isinstance(leaf, torch.Tensor):
                 self._track(leaf.untyped_storage())
         self.peak = max(self.peak, self.current)
+        self.device_peak = max(self.device_peak, self.current - self.offloaded())
         return out
+
+    def reset_peaks(self) -> None:
+        self.peak = self.current
+        self.device_peak = self.current - self.offloaded()
 
     def _track(self, storage) -> None:
         key = id(storage)

@@ -259,16 +259,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise ConfigError(str(err)) from None
     print(format_plan(result))
     if not result.fits:
-        print(f"error: this run does not fit in {args.vram_gb:g} GB even one sequence at a time; "
-              + "; ".join(result.advice), file=sys.stderr)
+        print(f"error: this run does not fit in {args.vram_gb:g} GB (and {result.ram_gb:.0f} GB of CPU memory) even "
+              "one sequence at a time; " + "; ".join(result.advice), file=sys.stderr)
         return 1
     source = f"--preset {args.preset} " if args.preset else f"--config {args.config} " if args.config else ""
     # The user's other overrides, then the chosen chunk sizes (replacing any given, "auto" too).
     kept = [o for o in args.overrides if o.partition("=")[0] not in result.overrides]
     words = ["lowvram-grpo", "train", *source.split(), *kept,
-             *(f"{key}={value}" for key, value in result.overrides.items())]
+             *(f"{key}={_yaml_word(value)}" for key, value in result.overrides.items())]
     print("\nto train with these: " + " ".join(words))
     return 0
+
+
+def _yaml_word(value) -> str:
+    """A value as `key=value` on the command line reads back (overrides are parsed as YAML)."""
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def add_ui_parser(commands) -> argparse.ArgumentParser:

@@ -72,9 +72,9 @@ class RewardSpec:
 
 
 # The groups of keys, in the order the app's form, `lowvram-grpo keys` and the README show them.
-MODEL, DATA, REWARDS, GENERATION, TOOLS, OBJECTIVE, OPTIMISATION, OUTPUT = (
+MODEL, DATA, REWARDS, GENERATION, TOOLS, OBJECTIVE, OPTIMISATION, LONG_CONTEXT, OUTPUT = (
     "model", "data", "rewards", "generation (rollouts)", "tools and environments", "GRPO objective", "optimisation",
-    "output")
+    "long context", "output")
 
 
 def key(default: Any, group: str, help: str) -> Any:
@@ -251,6 +251,17 @@ class TrainConfig:
         256, OPTIMISATION, "Positions per LM-head chunk: a number, or auto = the planner's choice for vram_gb.")
     vram_gb: float | None = key(
         None, OPTIMISATION, "Memory budget for the auto settings; null = what the GPU has free at the start.")
+    # Long sequences (offload.py, sequence_chunks.py).
+    offload_activations: Union[bool, Literal["auto"]] = key(
+        AUTO, LONG_CONTEXT, "Keep each decoder layer's checkpointed input in pinned CPU memory between forward and "
+        "backward, copied on a side stream; auto: on only when the planner says the run does not fit the GPU "
+        "without it (never on the CPU). Needs gradient_checkpointing.")
+    sequence_chunk_size: Union[int, Literal["auto"], None] = key(
+        AUTO, LONG_CONTEXT, "Run each layer's per-token modules (norms, attention projections, MLP) over this many "
+        "positions at a time, so that one layer's intermediates stay bounded whatever the length; null: never; "
+        "auto: the planner's choice (off when the run fits without it, and on the CPU).")
+    ram_gb: float | None = key(
+        None, LONG_CONTEXT, "CPU memory the planner may fill with offloaded activations; null: this machine's RAM.")
     learning_rate: float = key(1e-5, OPTIMISATION, "Peak learning rate (alias: lr).")
     lr_scheduler: Literal["constant", "linear", "cosine"] = key(
         "cosine", OPTIMISATION, "Learning-rate schedule after the warm-up.")
@@ -302,6 +313,12 @@ class TrainConfig:
             value = getattr(self, key)
             need(value == AUTO or value >= 1, key, f"must be at least 1 or auto, got {value}")
         need(self.vram_gb is None or self.vram_gb > 0, "vram_gb", f"must be > 0, got {self.vram_gb}")
+        need(self.ram_gb is None or self.ram_gb > 0, "ram_gb", f"must be > 0, got {self.ram_gb}")
+        need(self.sequence_chunk_size in (None, AUTO) or self.sequence_chunk_size >= 1, "sequence_chunk_size",
+             f"must be at least 1 (e.g. 2048), null or auto, got {self.sequence_chunk_size}")
+        need(self.offload_activations is not True or self.gradient_checkpointing, "offload_activations",
+             "offloads the inputs that gradient checkpointing keeps, so it needs gradient_checkpointing: true "
+             "(or set offload_activations: false)")
         for key in ("code_memory_mb", "reward_model_batch_size", "judge_max_tokens", "judge_concurrency"):
             need(getattr(self, key) >= 1, key, f"must be at least 1, got {getattr(self, key)}")
         for key in ("code_timeout_s", "judge_timeout_s"):

@@ -37,6 +37,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lowvram_grpo.config import (  # the values, named once, with the config
     IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, SCALE_REWARDS)
+from lowvram_grpo.offload import activation_memory
 
 # The loss types whose per-token loss is PPO's clipped surrogate (the others reshape the ratio).
 CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
@@ -238,7 +239,8 @@ def sequence_logprobs(
     backbone, head = causal_lm.get_decoder(), causal_lm.get_output_embeddings()
     logit_scale, softcap = _logit_transform(causal_lm.config.get_text_config())
 
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    with activation_memory(model):
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     # The hidden state at position t predicts token t+1, hence the shift by one.
     hidden = hidden[:, -logits_to_keep - 1 : -1, :]
     batch, keep, width = hidden.shape

@@ -22,6 +22,38 @@ def peak_memory_gb(device: torch.device) -> float:
     return peak_resident_bytes() / 2**30
 
 
+def kv_cache_bytes_per_token(policy, length: int) -> int | None:
+    """Generation's KV cache per token of one sequence of `length` tokens, from the model's
+    config (None for an architecture the planner cannot model)."""
+    from lowvram_grpo.planning.memory import kv_bytes_per_token
+    from lowvram_grpo.planning.model_shape import ModelShape, PlannerError
+
+    try:
+        shape = ModelShape.from_config(policy.config)
+    except PlannerError:
+        return None
+    return kv_bytes_per_token(shape, policy.dtype.itemsize, length)
+
+
+def long_context_memory(policy, generation_chunk_size: int, rollout) -> dict[str, float]:
+    """Memory that grows with length, as a step used it: `generation/kv_cache_gb`, the KV cache of
+    its largest generation chunk at the step's longest length, and `offloaded_activations_gb`,
+    the most the update held in CPU memory (with offload_activations; the count restarts)."""
+    from lowvram_grpo.offload import offloader_of
+
+    result: dict[str, float] = {}
+    length = rollout.prompt_ids.size(1) + rollout.completion_ids.size(1)
+    per_token = kv_cache_bytes_per_token(policy, length)
+    if per_token is not None:
+        sequences = min(generation_chunk_size, rollout.num_sequences)
+        result["generation/kv_cache_gb"] = sequences * length * per_token / 2**30
+    offloader = offloader_of(policy)
+    if offloader is not None:
+        result["offloaded_activations_gb"] = offloader.peak_host_bytes / 2**30
+        offloader.reset_peak()
+    return result
+
+
 def peak_resident_bytes() -> float:
     """The process's peak resident memory: getrusage on POSIX (`resource` does not exist on
     native Windows), the peak working set there, NaN elsewhere."""

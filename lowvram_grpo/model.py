@@ -206,6 +206,17 @@ def _warn_about_unquantised_experts(model, dtype: torch.dtype) -> None:
                       "`lowvram-grpo plan` counts them", UserWarning, stacklevel=3)
 
 
+def enable_long_context(policy, offload_activations: bool, sequence_chunk_size: int | None) -> None:
+    """Switch on what long sequences need (see offload.py and sequence_chunks.py): decoder-layer
+    inputs kept in CPU memory between forward and backward, per-token modules run over chunks."""
+    from lowvram_grpo import offload, sequence_chunks
+
+    if offload_activations:
+        offload.install(policy)
+    if sequence_chunk_size:
+        sequence_chunks.install(policy, sequence_chunk_size)
+
+
 @contextlib.contextmanager
 def reference_model(policy) -> Iterator[None]:
     """Inside this block `policy` computes the reference model: the same weights, adapter off."""

@@ -41,10 +41,13 @@ from lowvram_grpo.planning.chunking import GENERATION, LOGPROBS, UPDATE, Chunkin
 from lowvram_grpo.config import ConfigError, TrainConfig
 from lowvram_grpo.data import PromptRows, finish_prompt_data, read_prompt_rows
 from lowvram_grpo.entropy_control import EntropyControl
+from lowvram_grpo.offload import offloader_of
+from lowvram_grpo.sequence_chunks import is_chunked
 from lowvram_grpo.evaluate import evaluate
 from lowvram_grpo.health import HealthMonitor
-from lowvram_grpo.model import check_model_available, compute_dtype, load_policy, reference_model, resolve_model_path
-from lowvram_grpo.planning.planner import resolve_chunking
+from lowvram_grpo.model import (check_model_available, compute_dtype, enable_long_context, load_policy,
+                                reference_model, resolve_model_path)
+from lowvram_grpo.planning.planner import resolve_chunking, resolve_long_context
 from lowvram_grpo.reporting import make_reporters
 from lowvram_grpo.rewards.base import RewardContext, RewardFunction, RewardFunctionError
 from lowvram_grpo.rewards.scoring import RewardScores, score_rows
@@ -348,7 +351,9 @@ def _train(config: TrainConfig, inputs: RunInputs, run: RunDir, resume: bool, pr
     scaler = build_loss_scaler(config, device)  # before the model loads: a refusal comes in seconds
     with distributed.main_process_first():  # a model to build or download: once, not per process
         resolve_model_path(config.model_name_or_path)
+    offload_activations, sequence_chunk_size = resolve_long_context(config, device, announce=main)
     policy, tokenizer = load_policy(config, device)
+    enable_long_context(policy, offload_activations, sequence_chunk_size)
     if inputs.agent is not None:  # before the length filter: the tools' schemas are part of every prompt
         inputs.agent.prepare(tokenizer)
     if world.rank > 0:
@@ -552,6 +557,7 @@ def grpo_step(learner: Learner, rows: list[dict], sampler: PromptSampler, step: 
         "num_prompts_truncated": counts["num_prompts_truncated"],
         **chunking.as_dict(),
         "oom_retries": counts["oom_retries"],
+        **_long_context_metrics(learner, rollout),
     }
     # The slowest process sets the pace; peak memory is the largest of any process's.
     slowest = distributed.all_reduce_max({"step_time": time.perf_counter() - started,
@@ -568,6 +574,12 @@ def grpo_step(learner: Learner, rows: list[dict], sampler: PromptSampler, step: 
                                        rollout.completion_messages)
         samples = [s for part in distributed.gather_objects(local) for s in part][:config.num_completions_to_log]
     return record, samples
+
+
+def _long_context_metrics(learner: Learner, rollout: Rollout) -> dict[str, float]:
+    """metrics.long_context_memory of this step, the largest of any process's."""
+    return {name: distributed.all_reduce_max(value) for name, value in metrics.long_context_memory(
+        learner.policy, learner.chunking.generation_chunk_size, rollout).items()}
 
 
 def _trainer_state(config: TrainConfig, sampler: PromptSampler, step: int):
@@ -599,10 +611,10 @@ def _sample_groups(learner: Learner, rows: list[dict], sampler: PromptSampler, t
                 num_generations=config.num_generations, chunk_size=chunking.generation_chunk_size,
                 max_prompt_length=config.max_prompt_length, max_completion_length=config.max_completion_length,
                 temperature=config.temperature, top_p=config.top_p, top_k=config.top_k, should_stop=should_stop),
-                oom_events)
+                oom_events, hint=_kv_cache_hint(learner))
         else:
             rollout, extra_columns = retry_on_oom(GENERATION, chunking, lambda: _tool_rollouts(
-                learner, batch, should_stop), oom_events)
+                learner, batch, should_stop), oom_events, hint=_kv_cache_hint(learner))
     generation_time = time.perf_counter() - started
     # TRL's calling convention, one entry per completion (with tools: the trajectory as messages,
     # and each rollout's environment or a rollout_func's extra fields).
@@ -627,6 +639,17 @@ def _tool_rollouts(learner: Learner, batch: list[dict], should_stop: Callable[[]
         max_completion_length=config.max_completion_length, max_iterations=agent.max_iterations,
         temperature=config.temperature, top_p=config.top_p, top_k=config.top_k, should_stop=should_stop)
     return rollout, {"environments": environments} if environments is not None else {}
+
+
+def _kv_cache_hint(learner: Learner) -> str:
+    """What one sequence's KV cache takes at the run's longest length (for the out-of-memory message)."""
+    config = learner.config
+    length = config.max_prompt_length + config.max_completion_length
+    per_token = metrics.kv_cache_bytes_per_token(learner.policy, length)
+    if per_token is None:
+        return ""
+    return (f"one sequence's KV cache at {length} tokens takes ~{per_token * length / 2**30:.1f} GB "
+            f"({per_token / 1024:.0f} KB per token)")
 
 
 def _informative_groups(scores: RewardScores, num_generations: int, aggregation: str) -> torch.Tensor:
@@ -737,7 +760,7 @@ def _update(learner: Learner, rollout: Rollout, advantages: torch.Tensor, ref_lo
     with learner.on_phase(UPDATE):
         sums, extremes = retry_on_oom(UPDATE, learner.chunking, lambda: _accumulate_gradients(
             learner, rollout, advantages, ref_logps, old_logps, num_sequences, num_tokens),
-            oom_events if oom_events is not None else [])
+            oom_events if oom_events is not None else [], hint=_update_hint(learner))
 
     # All-reduce the LoRA gradients (SUM): every process now holds the whole step's gradient.
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -796,6 +819,13 @@ def _update(learner: Learner, rollout: Rollout, advantages: torch.Tensor, ref_lo
             logger.warning(f"non-finite loss ({loss_total}) or gradient norm ({grad_norm}); "
                            "this update was skipped, not applied")
     return result
+
+
+def _update_hint(learner: Learner) -> str:
+    """For the out-of-memory message of the update: the long-context settings that are off."""
+    off = [name for name, on in (("offload_activations", offloader_of(learner.policy) is not None),
+                                 ("sequence_chunk_size", is_chunked(learner.policy))) if not on]
+    return f"or set {' and '.join(f'{name}=auto' for name in off)} (see `lowvram-grpo plan`)" if off else ""
 
 
 def _mean_of_micro_batch_extremes(per_process: list[dict[str, list[float]]], key: str, extreme) -> float:

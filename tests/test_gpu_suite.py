@@ -38,7 +38,7 @@ def test_dry_run_runs_every_part_and_reports_it(tmp_path):
 
     text = (out / "benchmarks.md").read_text()
     suite = _section(text, "cpu-gpu-suite")
-    for name in ("profile", "compare", "memory-qwen2.5-7b", "memory-llama-3.1-8b", "backoff"):
+    for name in ("profile", "compare", "longctx", "memory-qwen2.5-7b", "memory-llama-3.1-8b", "backoff"):
         assert re.search(rf"\| \w+ \| {re.escape(name)} \| \d+ \| \d+ \| complete \|", suite), suite
 
     # 1. ours vs TRL, both rows and the ratios.
@@ -60,6 +60,14 @@ def test_dry_run_runs_every_part_and_reports_it(tmp_path):
         assert category in profile
     assert re.search(r"^\| 8 \| \d+\.\d+ \|", profile, re.MULTILINE)
     assert re.search(r"^\| 32 \| \d+\.\d+ \|", profile, re.MULTILINE)
+
+    # 5. long sequences: the three updates, each with its peak, the planner's figure and its time.
+    long_context = _section(text, "cpu-long-context")
+    rows = re.findall(r"^\| (as it is|offload_activations[^|]*) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|",
+                      long_context, re.MULTILINE)
+    assert [r[0] for r in rows] == ["as it is", "offload_activations", "offload_activations + sequence_chunk_size=128"]
+    assert float(rows[0][3]) == 0 and float(rows[1][3]) > 0  # offloaded bytes only with offloading
+    assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)
 
     with tarfile.open(out / "benchwork.tgz") as tar:
         names = tar.getnames()

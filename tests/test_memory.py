@@ -8,6 +8,7 @@ parameter count is checked against the real transformers architecture, not only 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -306,7 +307,7 @@ def test_cli_plan_as_a_subprocess(tiny_cache):
 
 
 def _kv_parts(estimate) -> int:
-    return sum(v for k, v in estimate.phases["generation"].items() if "KV cache" in k)
+    return sum(v for k, v in estimate.phases["generation"].items() if "KV cache" in k and "growth" not in k)
 
 
 def test_sliding_window_layers_cache_only_their_window():
@@ -388,3 +389,118 @@ def test_with_tools_later_turns_prefill_the_trajectory_tool_results_included():
     kv = lambda est: next(v for k, v in est.phases["generation"].items() if k.startswith("KV cache"))
     assert kv(tools) == kv(plain)  # both already 256 + 1024 tokens per sequence
     assert tools.total_bytes >= plain.total_bytes
+
+
+# --- long sequences: offloaded activations and sequence-chunked layers (issue 25) -----------------
+
+
+def _long(arch: str, completion: int, **overrides) -> TrainConfig:
+    preset = {"qwen3-8b": "qwen3-8b-gsm8k", "llama-3.1-8b": "llama3.1-8b-gsm8k"}[arch]
+    from lowvram_grpo.config import load_config
+
+    return load_config(preset=preset, overrides={"max_completion_length": completion, **overrides})
+
+
+def test_offloading_moves_the_checkpointed_inputs_to_cpu_memory_and_chunking_bounds_the_layer():
+    arch, c = load_arch("qwen3-8b"), _long("qwen3-8b", 32768)
+    one = dict(generation_chunk_size=1, micro_batch_size=1, logprob_chunk_size=16)
+    plain = estimate_memory(arch, c, **one, offload_activations=False, sequence_chunk_size=None)
+    offloaded = estimate_memory(arch, c, **one, offload_activations=True, sequence_chunk_size=None)
+    both = estimate_memory(arch, c, **one, offload_activations=True, sequence_chunk_size=2048)
+    tokens, H, L = 256 + 32768, 4096, 36
+    inputs = tokens * H * 2 * L  # 295 KB per token in bf16, ~9.7 GB
+    assert offloaded.host_bytes - plain.host_bytes == inputs
+    assert plain.phase_bytes("update: layers") - offloaded.phase_bytes("update: layers") == inputs - 2 * tokens * H * 2
+    # The chunked layer keeps ~a quarter of what the whole layer does at this length.
+    assert both.phase_bytes("update: layers") < 0.6 * offloaded.phase_bytes("update: layers")
+    assert both.total_gb < 16 * 0.9 < offloaded.total_gb
+
+
+def test_plan_turns_offloading_and_chunking_on_only_when_the_run_does_not_fit_without():
+    arch = load_arch("qwen3-8b")
+    short = plan(_long("qwen3-8b", 1024), 16, model_config=arch, ram_gb=64)
+    assert short.fits and not short.offload_activations and short.sequence_chunk_size is None
+    long = plan(_long("qwen3-8b", 32768), 16, model_config=arch, ram_gb=64)
+    assert long.fits and long.offload_activations and long.sequence_chunk_size
+    assert long.overrides["offload_activations"] is True
+    TrainConfig(**{**_long("qwen3-8b", 32768).to_dict(), **long.overrides})  # valid config values
+    assert long.longest_completion >= 32768
+    text = format_plan(long)
+    assert "offloaded layer inputs" in text and "CPU memory" in text and f"{long.longest_completion:,}" in text
+    fixed = plan(_long("qwen3-8b", 32768, offload_activations=False, sequence_chunk_size=None), 16, model_config=arch)
+    assert not fixed.fits and any("offload_activations=auto" in line for line in fixed.advice)
+
+
+def test_plan_refuses_a_run_whose_offloaded_activations_exceed_the_ram_with_the_number():
+    arch = load_arch("qwen3-8b")
+    # 32K tokens fit 16 GB only with offloading: ~10 GB of layer inputs (+ the process) a 12 GB machine lacks.
+    result = plan(_long("qwen3-8b", 32768), 16, model_config=arch, ram_gb=12)
+    assert not result.fits and result.offload_activations
+    needed = estimate_memory(arch, _long("qwen3-8b", 32768), generation_chunk_size=1, micro_batch_size=1,
+                             logprob_chunk_size=16, offload_activations=True,
+                             sequence_chunk_size=result.sequence_chunk_size).host_bytes / GIB
+    assert any(f"~{needed:.1f} GB of CPU memory" in line and "10.8 GB is usable" in line for line in result.advice)
+
+
+def test_the_issue_goals_for_qwen3_8b_are_met_by_the_planner():
+    arch, c = load_arch("qwen3-8b"), _long("qwen3-8b", 1024)
+    for vram_gb, goal in ((16, 32 * 1024), (24, 64 * 1024), (80, 256 * 1024)):
+        assert planner.longest_completion(c, vram_gb, arch, ram_gb=2048) >= goal
+        assert planner.longest_completion(c, vram_gb, arch, ram_gb=2048, candidates=[(False, None)]) < goal
+
+
+def test_generation_memory_is_reported_per_token_of_length():
+    arch = load_arch("qwen3-8b")
+    estimate = estimate_memory(arch, _long("qwen3-8b", 32768), generation_chunk_size=1)
+    assert estimate.kv_bytes_per_token == 2 * 8 * 128 * 2 * 36  # K and V, 8 heads x 128, bf16, 36 layers
+    kv = next(v for k, v in estimate.phases["generation"].items() if k.startswith("KV cache ("))
+    assert kv == (256 + 32768) * estimate.kv_bytes_per_token
+
+
+# The three models of the issue's table, scaled down with their proportions: q width = hidden,
+# k/v width = hidden / 4 (Qwen3-8B, Llama-3.1-8B) or / 6 (Qwen2.5-1.5B), their MLP widths.
+SCALED_DOWN = {
+    "qwen3-8b": dict(hidden_size=256, intermediate_size=768, num_attention_heads=4, num_key_value_heads=1),
+    "llama-3.1-8b": dict(hidden_size=256, intermediate_size=896, num_attention_heads=4, num_key_value_heads=1),
+    "qwen2.5-1.5b": dict(hidden_size=192, intermediate_size=1120, num_attention_heads=3, num_key_value_heads=1),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(SCALED_DOWN))
+def test_update_bytes_per_token_agree_with_live_tensors_within_5_percent(arch, tmp_path):
+    """The planner's per-token update terms with offloading and chunked layers, against the bytes
+    a real update keeps alive (bench.update_bytes: device-resident and offloaded apart), on the
+    architecture scaled down (2 layers, head_dim 64), in fp32 on the CPU. Per token: two lengths,
+    so that what does not grow with the length cancels."""
+    from bench.update_bytes import build_model, measure_updates
+
+    values = {**load_arch(arch), "num_hidden_layers": 2, "head_dim": 64, "vocab_size": 512, **SCALED_DOWN[arch]}
+    model = build_model(values, tmp_path / "model")
+    config = TrainConfig(model_name_or_path=str(model), quantization="none", dtype="float32", lora_dropout=0.0,
+                         micro_batch_size=1, prompts_per_step=1, num_generations=2, max_prompt_length=32,
+                         logprob_chunk_size=64, offload_activations=True, sequence_chunk_size=64)
+    lengths = (224, 480)
+    measured = measure_updates(config, 32, list(lengths))
+    estimates = [estimate_memory(values, dataclasses.replace(config, max_completion_length=n)) for n in lengths]
+
+    def per_token(values: list[int]) -> float:
+        return (values[1] - values[0]) / (lengths[1] - lengths[0])
+
+    update = [max(e.phase_bytes(p) for p in e.phases if p.startswith("update")) for e in estimates]
+    device = per_token([m.device_peak for m in measured])
+    assert per_token(update) == pytest.approx(device, rel=0.05)
+    host = per_token([m.host_peak for m in measured])
+    assert host == 2 * values["hidden_size"] * 4  # every layer's input, fp32
+    assert per_token([e.host_bytes for e in estimates]) == pytest.approx(host, rel=0.05)
+
+
+def test_a_run_resolves_auto_long_context_settings_from_the_plan_on_a_gpu_and_off_on_the_cpu(capsys):
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # vram_gb is set: no GPU is asked
+    long = _long("qwen3-8b", 32768, vram_gb=16, ram_gb=64, model_name_or_path="qwen3-8b")
+    assert planner.resolve_long_context(long, cuda) == (True, 4096)
+    assert "offload_activations=True, sequence_chunk_size=4096" in capsys.readouterr().out
+    short = _long("qwen3-8b", 1024, vram_gb=16, ram_gb=64, model_name_or_path="qwen3-8b")
+    assert planner.resolve_long_context(short, cuda) == (False, None)
+    assert planner.resolve_long_context(long, cpu) == (False, None)  # offloading saves nothing on the CPU
+    fixed = _long("qwen3-8b", 1024, offload_activations=True, sequence_chunk_size=512)
+    assert planner.resolve_long_context(fixed, cpu) == (True, 512)

@@ -33,8 +33,9 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def retry_on_oom(phase: str, chunking: Chunking, attempt: Callable[[], T], events: list[str]) -> T:
-    """Run `attempt()`; on out-of-memory halve what bounds `phase` in `chunking` and run it again."""
+def retry_on_oom(phase: str, chunking: Chunking, attempt: Callable[[], T], events: list[str], hint: str = "") -> T:
+    """Run `attempt()`; on out-of-memory halve what bounds `phase` in `chunking` and run it again.
+    `hint` (what this phase's memory grows with) joins the message when nothing is left to halve."""
     while True:
         try:
             return attempt()
@@ -46,6 +47,6 @@ def retry_on_oom(phase: str, chunking: Chunking, attempt: Callable[[], T], event
             raise MemoryBudgetError(
                 f"out of memory during {phase} even with {chunking.describe(phase)}: reduce "
                 "max_completion_length, max_prompt_length or num_generations, or use a smaller model "
-                "(`lowvram-grpo plan` estimates what fits)")
+                "(`lowvram-grpo plan` estimates what fits)" + (f"; {hint}" if hint else ""))
         events.append(f"out of memory during {phase}: {change}")
         logger.warning(f"out of memory during {phase}; {change}; redoing it")

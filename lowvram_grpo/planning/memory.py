@@ -36,10 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lowvram_grpo.config import TrainConfig
+from lowvram_grpo.config import AUTO, TrainConfig
 from lowvram_grpo.planning.chunking import GENERATION, LOGPROBS, UPDATE
-from lowvram_grpo.planning.model_shape import (ModelShape, ParamCounts, PlannerError, billions, count_parameters,
-                                               lora_parameters, lora_targets, millions, resolve_model_config)
+from lowvram_grpo.planning.model_shape import (QK_NORM_TYPES, ModelShape, ParamCounts, PlannerError, billions,
+                                               count_parameters, lora_parameters, lora_targets, millions,
+                                               resolve_model_config)
 
 GIB = 2**30
 
@@ -67,6 +68,14 @@ ADAM8BIT_BYTES_PER_PARAM = 2 * (1 + 4 / 256)
 # MiB depending on GPU and driver, invisible to torch.cuda.max_memory_allocated but not to the
 # card. 0.5 GiB is a round, slightly conservative figure.
 CUDA_OVERHEAD_BYTES = GIB // 2
+
+# Offloaded activations: the GPU holds the layer input being recomputed and the one prefetched
+# for the next layer backward (offload.py).
+OFFLOADED_ON_DEVICE = 2
+
+# CPU memory a training process needs besides offloaded activations: Python, torch, the CUDA
+# runtime and libraries, the tokenizer and data (3-4 GB resident on a GPU machine).
+HOST_PROCESS_BYTES = 4 * GIB
 
 # The LM-head chunk (rows x vocab) exists as the logits in the compute dtype plus fp32 tensors
 # of the same shape: with gradients ~4 at the peak (fp32 upcast, log_softmax, the entropy
@@ -104,10 +113,18 @@ class MemoryEstimate:
     lora_params: int
     settings: dict[str, Any]
     notes: list[str] = field(default_factory=list)
+    # CPU memory the run needs besides the GPU's: offloaded activations, the process itself.
+    host_parts: dict[str, int] = field(default_factory=dict)
+    # Generation's KV cache per token of one sequence (every attention layer, keys and values).
+    kv_bytes_per_token: int = 0
 
     @property
     def total_gb(self) -> float:
         return self.total_bytes / GIB
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(self.host_parts.values())
 
     @property
     def allocated_bytes(self) -> int:
@@ -126,11 +143,14 @@ def _dtype_bytes(train_config: TrainConfig) -> int:
 
 def estimate_memory(model_config: Any, train_config: TrainConfig, *,
                     generation_chunk_size: int | None = None, micro_batch_size: int | None = None,
-                    logprob_chunk_size: int | None = None) -> MemoryEstimate:
-    """Estimate the peak GPU memory of training `model_config` as `train_config` says.
+                    logprob_chunk_size: int | None = None, offload_activations: bool | None = None,
+                    sequence_chunk_size: int | None | str = AUTO) -> MemoryEstimate:
+    """Estimate the peak GPU memory (and the CPU memory offloading needs) of training
+    `model_config` as `train_config` says.
 
-    `model_config` is a config dict (config.json) or a transformers PretrainedConfig. The three
-    chunk sizes default to the train config's; plan() passes candidates instead.
+    `model_config` is a config dict (config.json) or a transformers PretrainedConfig. The chunk
+    sizes and the long-context settings default to the train config's ("auto" ones: off, the
+    run as it is); plan() passes candidates instead.
     """
     shape = ModelShape.from_config(model_config)
     counts = count_parameters(shape)
@@ -138,6 +158,11 @@ def estimate_memory(model_config: Any, train_config: TrainConfig, *,
     gen_chunk = generation_chunk_size or c.generation_chunk_size
     micro = micro_batch_size or c.micro_batch_size
     lp_chunk = logprob_chunk_size or c.logprob_chunk_size
+    if offload_activations is None:
+        offload_activations = c.offload_activations is True
+    if sequence_chunk_size == AUTO:
+        sequence_chunk_size = c.sequence_chunk_size if c.sequence_chunk_size != AUTO else None
+    offload = offload_activations and c.gradient_checkpointing
     db = _dtype_bytes(c)
     H, L, V = shape.hidden_size, shape.num_layers, shape.vocab_size
     kv_width = shape.num_kv_heads * shape.head_dim
@@ -202,6 +227,9 @@ def estimate_memory(model_config: Any, train_config: TrainConfig, *,
     if conv_layers:
         generation[f"convolution state ({gen_chunk} seq x {conv_layers} layers)"] = \
             gen_chunk * conv_layers * H * shape.conv_kernel * db
+    if full_layers or sliding_layers:
+        # The cache grows by concatenation: for a moment one layer's keys or values exist twice.
+        generation["KV cache growth (one layer's keys copied)"] = gen_chunk * seq * kv_bytes // 2
     # With tools, each later turn prefills the whole trajectory so far, tool results included
     # (agent/loop.py starts every turn from the token ids, not from the previous turn's cache).
     prefill = seq if (c.tools or c.environment_factory) else prompt
@@ -209,7 +237,7 @@ def estimate_memory(model_config: Any, train_config: TrainConfig, *,
     generation.update({
         # The prefill runs one layer at a time without gradients: the widest moment is the MLP.
         f"prefill activations (one layer, {gen_chunk} x {prefill} tokens: {what})":
-            gen_chunk * prefill * _nograd_layer_bytes_per_token(shape, db),
+            _nograd_layer_bytes(shape, db, gen_chunk, prefill, sequence_chunk_size),
         "sampling logits (fp32)": gen_chunk * V * 4 * SAMPLING_FP32_COPIES,
     })
     if dequant:
@@ -219,19 +247,29 @@ def estimate_memory(model_config: Any, train_config: TrainConfig, *,
     tokens = micro * seq
     rows = min(lp_chunk, micro * completion)  # the LM head runs on completion positions only
     reference = {
-        f"forward activations (one layer, {micro} x {seq} tokens)": tokens * _nograd_layer_bytes_per_token(shape, db),
+        f"forward activations (one layer, {micro} x {seq} tokens)":
+            _nograd_layer_bytes(shape, db, micro, seq, sequence_chunk_size),
         "final hidden states": tokens * H * db,
         f"LM-head chunk ({rows} positions x {V} vocab)": rows * V * 4 * LOGPROB_FP32_COPIES_NO_GRAD,
     }
     if dequant:
         reference[DEQUANT_TERM] = dequant
+    if micro > 1:
+        # Rows of different lengths need a padding mask: SDPA gets it as a (B, 1, T, T) boolean.
+        reference[f"attention mask ({micro} x {seq} x {seq}, bool)"] = micro * seq * seq
 
     # ---- phases 3 and 4: the update of one micro-batch, with gradients ----
     # Autograd runs the LM head's chunks backward first, then the decoder layers, so the
     # LM-head chunk and the recomputed layer are never alive together: two phases.
     update_common: dict[str, int] = {}
-    if c.gradient_checkpointing:
+    host: dict[str, int] = {}
+    if offload:
+        # In pinned CPU memory instead; the GPU holds the ones being brought back (below).
+        host[f"offloaded layer inputs ({micro} x {seq} tokens x {L} layers, pinned)"] = tokens * H * db * L
+    elif c.gradient_checkpointing:
         update_common[f"checkpointed layer inputs ({micro} x {seq} tokens x {L} layers)"] = tokens * H * db * L
+    if micro > 1:
+        update_common[f"attention mask ({micro} x {seq} x {seq}, bool)"] = micro * seq * seq
     # The final norm's output (and its fp32 upcast), the completion positions sliced out of it
     # for the LM head, and their gradients.
     update_common["final hidden states (+ gradients)"] = 2 * (tokens + micro * completion) * H * db + tokens * H * 4
@@ -246,8 +284,25 @@ def estimate_memory(model_config: Any, train_config: TrainConfig, *,
     update_head[f"LM-head chunk ({rows} positions x {V} vocab, fp32)"] = rows * V * (db + LOGPROB_FP32_COPIES * 4)
 
     update_layers = dict(update_common)
+    chunked = c.gradient_checkpointing and bool(sequence_chunk_size) and sequence_chunk_size < seq
+    if chunked:
+        # By the time backward reaches the layers the LM head's and the final norm's tensors are
+        # gone; what crosses a layer boundary is the gradient arriving at its output and the one
+        # leaving for its input. (The unchunked layer's count was calibrated with the final
+        # hidden states in, so it keeps them.)
+        del update_layers["final hidden states (+ gradients)"]
+        update_layers["gradients at the layer's output and input"] = 2 * tokens * H * db
     layer_bytes = _train_layer_bytes_per_token(shape, db, c)
-    if c.gradient_checkpointing:
+    if offload:
+        update_layers[f"layer inputs back from CPU memory ({OFFLOADED_ON_DEVICE} layers)"] = \
+            tokens * H * db * OFFLOADED_ON_DEVICE
+    if chunked:
+        positions = micro * sequence_chunk_size
+        update_layers[f"one layer recomputed, per-token modules in chunks of {sequence_chunk_size} positions"] = \
+            tokens * _chunked_layer_bytes_per_token(shape, db)
+        update_layers[f"one chunk's modules recomputed in backward ({micro} x {sequence_chunk_size} positions)"] = \
+            positions * layer_bytes
+    elif c.gradient_checkpointing:
         update_layers["one layer recomputed in backward (+ its gradients)"] = tokens * layer_bytes
     else:
         update_layers[f"activations of all {L} layers (no gradient checkpointing)"] = tokens * layer_bytes * L
@@ -268,13 +323,15 @@ def estimate_memory(model_config: Any, train_config: TrainConfig, *,
     peak_phase = max(phases, key=lambda p: sum(phases[p].values()))
     parts = {**static, **{f"[{peak_phase}] {k}": v for k, v in phases[peak_phase].items()}}
     static_bytes = sum(static.values())
+    host["Python, torch and the CUDA runtime (constant)"] = HOST_PROCESS_BYTES
     return MemoryEstimate(
         parts=parts, phases=phases, peak_phase=peak_phase, static_bytes=static_bytes,
         total_bytes=sum(parts.values()), weights_bytes=weights_bytes, optimizer_bytes=optimizer,
         params=counts, lora_params=lora,
         settings={"generation_chunk_size": gen_chunk, "micro_batch_size": micro, "logprob_chunk_size": lp_chunk,
-                  "seq_len": seq, "dtype_bytes": db},
-        notes=notes)
+                  "seq_len": seq, "dtype_bytes": db, "offload_activations": offload,
+                  "sequence_chunk_size": sequence_chunk_size},
+        notes=notes, host_parts=host, kv_bytes_per_token=kv_bytes_per_token(shape, db, seq))
 
 
 def _nograd_layer_bytes_per_token(shape: ModelShape, db: int) -> int:
@@ -283,6 +340,28 @@ def _nograd_layer_bytes_per_token(shape: ModelShape, db: int) -> int:
     down-projection's input (LoRA adapters run in fp32)."""
     H, I = shape.hidden_size, shape.active_intermediate_size
     return db * (3 * H + 3 * I) + 4 * I
+
+
+def _nograd_layer_bytes(shape: ModelShape, db: int, rows: int, length: int, sequence_chunk_size: int | None) -> int:
+    """One decoder layer's forward without autograd for `rows` sequences of `length` tokens.
+    With sequence chunking the MLP's width exists for one chunk of positions only; the residual
+    stream, its normed copy and the attention's q, k, v and output span the whole length."""
+    if not sequence_chunk_size or sequence_chunk_size >= length:
+        return rows * length * _nograd_layer_bytes_per_token(shape, db)
+    H, I = shape.hidden_size, shape.active_intermediate_size
+    q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    whole = db * (3 * H + 2 * q + 2 * kv)
+    chunk = db * (H + 3 * I) + 4 * I
+    return rows * (length * whole + sequence_chunk_size * chunk)
+
+
+def kv_bytes_per_token(shape: ModelShape, db: int, length: int) -> int:
+    """Generation's KV cache per token of one sequence `length` tokens long, averaged over the
+    length (sliding-window layers stop growing at their window; convolution layers keep none)."""
+    per_layer = 2 * shape.num_kv_heads * shape.head_dim * db
+    full, sliding = shape.layer_kinds.count("full"), shape.layer_kinds.count("sliding")
+    window = min(length, shape.sliding_window or length)
+    return per_layer * full + per_layer * sliding * window // max(length, 1)
 
 
 def _train_layer_bytes_per_token(shape: ModelShape, db: int, c: TrainConfig) -> int:
@@ -310,6 +389,23 @@ def _train_layer_bytes_per_token(shape: ModelShape, db: int, c: TrainConfig) -> 
     lora_rank = len(targets) * c.lora_r * 4  # A's output, kept for B's gradient
     # (B's fp32 output, its scaled and cast copies are transient: no later op keeps them.)
     return norms + attention + mlp + lora_inputs + lora_rank
+
+
+def _chunked_layer_bytes_per_token(shape: ModelShape, db: int) -> int:
+    """Bytes per token of one decoder layer recomputed in backward when its per-token modules
+    run over chunks of positions (sequence_chunks.py): what spans the whole sequence is only
+    what the chunked modules take in and give out and what attention keeps, not their insides.
+
+    At the peak (counted op by op on the CPU, see tests/test_memory.py): three hidden-sized
+    tensors (the input's norm, the residual after attention and its norm), three query-sized
+    (q, the rotary q, SDPA's output or the o-projection's input) and three key/value-sized
+    (k, v, the rotary k), and with per-head q/k norms (Qwen3) their outputs; the gradients
+    flowing back inside the layer fit in what has been freed by then.
+    """
+    H = shape.hidden_size
+    q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    qk_norms = q + kv if shape.model_type in QK_NORM_TYPES else 0  # their outputs feed the rotary q and k
+    return db * (3 * H + 3 * q + 3 * kv + qk_norms)
 
 
 def _modules_to_save_params(shape: ModelShape, modules: list[str], notes: list[str]) -> int:

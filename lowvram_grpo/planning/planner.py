@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,8 @@ SAFETY_MARGIN = 0.10
 # Candidates plan() tries for the LM-head chunk (rows of B*K positions per chunk).
 LOGPROB_CHUNK_CANDIDATES = (1024, 512, 256, 128, 64, 32, MIN_LOGPROB_CHUNK)
 MIN_GOOD_LOGPROB_CHUNK = 64  # below this the Python loop over chunks starts to cost time
+# Candidates for sequence_chunk_size, largest (fewest extra kernel launches) first.
+SEQUENCE_CHUNK_CANDIDATES = (4096, 2048, 1024, 512)
 
 
 # --- the plan ----------------------------------------------------------------------------------
@@ -45,15 +48,81 @@ class Plan:
     configured: MemoryEstimate  # at the train config's own settings
     model_name: str
     advice: list[str] = field(default_factory=list)
+    offload_activations: bool = False
+    sequence_chunk_size: int | None = None
+    ram_gb: float = 0.0  # the CPU memory planned with
+    longest_completion: int = 0  # the longest max_completion_length that fits (0: none)
 
     @property
     def chunking(self) -> Chunking:
         return Chunking(self.generation_chunk_size, self.micro_batch_size, self.logprob_chunk_size)
 
     @property
-    def overrides(self) -> dict[str, int]:
+    def overrides(self) -> dict[str, Any]:
         """The chosen settings as config keys, ready for `load_config(overrides=...)`."""
-        return self.chunking.as_dict()
+        return {**self.chunking.as_dict(), "offload_activations": self.offload_activations,
+                "sequence_chunk_size": self.sequence_chunk_size}
+
+
+# --- long-context settings ---------------------------------------------------------------------
+
+
+def activation_candidates(c: TrainConfig) -> list[tuple[bool, int | None]]:
+    """(offload_activations, sequence_chunk_size) pairs to try, least machinery first: neither,
+    offloading alone (its copies overlap with compute), then ever smaller sequence chunks
+    (each costs one more forward of the per-token modules), without and with offloading.
+    A setting the config fixes is the only candidate for it."""
+    offloads = [False, True] if c.offload_activations == AUTO else [bool(c.offload_activations)]
+    if not c.gradient_checkpointing:
+        offloads = [False]
+    chunks = [None, *SEQUENCE_CHUNK_CANDIDATES] if c.sequence_chunk_size == AUTO else [c.sequence_chunk_size]
+    seq = c.max_prompt_length + c.max_completion_length
+    chunks = [s for s in chunks if s is None or s < seq] or [None]  # a chunk as long as the sequence is none
+    return [(o, s) for s in chunks for o in offloads]
+
+
+def machine_ram_gb() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+
+
+def host_budget_bytes(c: TrainConfig, ram_gb: float | None = None, margin: float = SAFETY_MARGIN) -> float:
+    """CPU memory a plan may fill: `ram_gb`, else the config's, else this machine's, less the margin."""
+    return (ram_gb or c.ram_gb or machine_ram_gb()) * GIB * (1 - margin)
+
+
+def fitting_activation_settings(c: TrainConfig, model_config: Any, budget: float, host_budget: float,
+                                candidates: list[tuple[bool, int | None]] | None = None
+                                ) -> tuple[bool, int | None, MemoryEstimate] | None:
+    """The first candidate (see activation_candidates) with which one sequence at a time fits
+    both the GPU budget and the CPU memory; None if none does."""
+    for offload, chunk in candidates or activation_candidates(c):
+        estimate = estimate_memory(model_config, c, **Chunking.smallest().as_dict(), offload_activations=offload,
+                                   sequence_chunk_size=chunk)
+        if estimate.total_bytes <= budget and estimate.host_bytes <= host_budget:
+            return offload, chunk, estimate
+    return None
+
+
+def longest_completion(c: TrainConfig, vram_gb: float, model_config: Any, ram_gb: float | None = None,
+                       candidates: list[tuple[bool, int | None]] | None = None, margin: float = SAFETY_MARGIN,
+                       limit: int = 1 << 22) -> int:
+    """The longest max_completion_length (up to `limit`) with which one sequence at a time fits
+    in `vram_gb` and the CPU memory, with the best of `candidates` (default: what the config
+    allows; [(False, None)] is the run without long-context machinery). 0 if none fits."""
+    budget, host_budget = vram_gb * GIB * (1 - margin), host_budget_bytes(c, ram_gb, margin)
+
+    def fits(length: int) -> bool:
+        trial = dataclasses.replace(c, max_completion_length=length)
+        options = candidates or activation_candidates(trial)
+        return fitting_activation_settings(trial, model_config, budget, host_budget, options) is not None
+
+    if not fits(1):
+        return 0
+    low, high = 1, limit
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid - 1)
+    return low
 
 
 def _divisors_desc(n: int) -> list[int]:
@@ -61,7 +130,7 @@ def _divisors_desc(n: int) -> list[int]:
 
 
 def plan(train_config: TrainConfig, vram_gb: float, model_config: Any = None,
-         margin: float = SAFETY_MARGIN, model_name: str | None = None) -> Plan:
+         margin: float = SAFETY_MARGIN, model_name: str | None = None, ram_gb: float | None = None) -> Plan:
     """Choose the largest chunk sizes that fit in `vram_gb` with `margin` kept free.
 
     Larger generation chunks make generation (most of a GRPO step's time) faster, so the
@@ -70,6 +139,13 @@ def plan(train_config: TrainConfig, vram_gb: float, model_config: Any = None,
     possible). Chunk sizes are divisors of prompts_per_step * num_generations so every chunk is
     full. If even one sequence at a time does not fit, `fits` is False and `advice` says what
     to reduce.
+
+    Long sequences: offload_activations and sequence_chunk_size set to "auto" are chosen first
+    (see activation_candidates): the least machinery with which one sequence at a time fits the
+    GPU, and whose offloaded activations fit the CPU memory (`ram_gb`, default the config's or
+    this machine's). A run that would fit the GPU only by needing more CPU memory than there is
+    does not fit, and the advice says how much it needs. `longest_completion` is the longest
+    max_completion_length that fits with the best settings the config allows.
 
     `model_config` defaults to `resolve_model_config(train_config.model_name_or_path)`;
     `model_name` is only the label printed by format_plan.
@@ -82,11 +158,17 @@ def plan(train_config: TrainConfig, vram_gb: float, model_config: Any = None,
     else:
         model_name = model_name or f"a {ModelShape.from_config(model_config).model_type or 'custom'} model"
     budget = vram_gb * GIB * (1 - margin)
+    host_budget = host_budget_bytes(train_config, ram_gb, margin)
+    ram = host_budget / GIB / (1 - margin)
     sequences = train_config.sequences_per_step
+    longest = longest_completion(train_config, vram_gb, model_config, ram, margin=margin)
+    found = fitting_activation_settings(train_config, model_config, budget, host_budget)
+    # If nothing fits, the estimate shown is the most frugal candidate's (the last one).
+    offload, seq_chunk = found[:2] if found else activation_candidates(train_config)[-1]
 
     def estimate(g: int, m: int, lp: int) -> MemoryEstimate:
         return estimate_memory(model_config, train_config, generation_chunk_size=g, micro_batch_size=m,
-                               logprob_chunk_size=lp)
+                               logprob_chunk_size=lp, offload_activations=offload, sequence_chunk_size=seq_chunk)
 
     def configured_estimate(g: int, m: int, lp: int) -> MemoryEstimate:
         """The user's own settings; an "auto" one takes the value this plan chose for it."""
@@ -94,16 +176,20 @@ def plan(train_config: TrainConfig, vram_gb: float, model_config: Any = None,
                for key, chosen in zip(Chunking.keys(), (g, m, lp))]
         return estimate(*own)
 
+    long_context = dict(offload_activations=offload, sequence_chunk_size=seq_chunk, ram_gb=ram,
+                        longest_completion=longest)
     smallest = estimate(1, 1, LOGPROB_CHUNK_CANDIDATES[-1])
-    if smallest.total_bytes > budget:
+    if found is None:
         configured = configured_estimate(1, 1, LOGPROB_CHUNK_CANDIDATES[-1])
         return Plan(fits=False, vram_gb=vram_gb, usable_gb=budget / GIB, generation_chunk_size=1,
                     micro_batch_size=1, logprob_chunk_size=LOGPROB_CHUNK_CANDIDATES[-1], estimate=smallest,
                     configured=configured, model_name=model_name,
-                    advice=_advice(smallest, train_config, model_config, budget))
+                    advice=_advice(smallest, train_config, model_config, budget, host_budget, longest),
+                    **long_context)
 
     def fits(g: int, m: int, lp: int) -> bool:
-        return estimate(g, m, lp).total_bytes <= budget
+        trial = estimate(g, m, lp)
+        return trial.total_bytes <= budget and trial.host_bytes <= host_budget
 
     generation = next(g for g in _divisors_desc(sequences) if fits(g, 1, LOGPROB_CHUNK_CANDIDATES[-1]))
     good = [lp for lp in LOGPROB_CHUNK_CANDIDATES if lp >= MIN_GOOD_LOGPROB_CHUNK]
@@ -123,10 +209,11 @@ def plan(train_config: TrainConfig, vram_gb: float, model_config: Any = None,
         advice.append(f"your settings need ~{configured.total_gb:.1f} GB: use the chosen chunk sizes")
     return Plan(fits=True, vram_gb=vram_gb, usable_gb=budget / GIB, generation_chunk_size=generation,
                 micro_batch_size=micro, logprob_chunk_size=logprob, estimate=chosen, configured=configured,
-                model_name=model_name, advice=advice)
+                model_name=model_name, advice=advice, **long_context)
 
 
-def _advice(smallest: MemoryEstimate, c: TrainConfig, model_config: Any, budget: float) -> list[str]:
+def _advice(smallest: MemoryEstimate, c: TrainConfig, model_config: Any, budget: float, host_budget: float,
+            longest: int) -> list[str]:
     """What to reduce when even one sequence at a time does not fit."""
     gb = lambda b: f"{b / GIB:.1f} GB"  # noqa: E731
     # Every estimate below is at the smallest chunking, as `smallest` is (and so never meets
@@ -151,24 +238,21 @@ def _advice(smallest: MemoryEstimate, c: TrainConfig, model_config: Any, budget:
                 advice.append(f"or a smaller adapter: lora_r=8 (static ~{gb(low_rank.static_bytes)})")
         return advice
     peak = smallest.peak_phase
-    advice.append(f"one sequence of {c.max_prompt_length}+{c.max_completion_length} tokens needs "
-                  f"~{gb(smallest.phase_bytes(peak))} in the {peak} phase on top of "
-                  f"~{gb(smallest.static_bytes)} static")
-    # The longest completion that would fit with everything else unchanged.
-    low, high = 0, c.max_completion_length
-    while low < high:
-        mid = (low + high + 1) // 2
-        trial = dataclasses.replace(c, max_completion_length=max(mid, 1))
-        if estimate_memory(model_config, trial, **smallest_chunks).total_bytes <= budget:
-            low = mid
-        else:
-            high = mid - 1
-    if low >= 1:
-        advice.append(f"reduce max_completion_length to {low} or less (or shorten max_prompt_length)")
+    if smallest.total_bytes <= budget and smallest.host_bytes > host_budget:
+        advice.append(f"its offloaded activations need ~{gb(smallest.host_bytes)} of CPU memory, and "
+                      f"{gb(host_budget)} is usable here (ram_gb sets what to plan with)")
+    else:
+        advice.append(f"one sequence of {c.max_prompt_length}+{c.max_completion_length} tokens needs "
+                      f"~{gb(smallest.phase_bytes(peak))} in the {peak} phase on top of "
+                      f"~{gb(smallest.static_bytes)} static")
+    if longest >= 1:  # with everything else unchanged
+        advice.append(f"reduce max_completion_length to {longest} or less (or shorten max_prompt_length)")
     else:
         advice.append("reduce max_prompt_length, or choose a smaller model")
     if not c.gradient_checkpointing:
         advice.append("turn gradient_checkpointing on")
+    if AUTO not in (c.offload_activations, c.sequence_chunk_size):
+        advice.append("or let the planner choose offload_activations=auto and sequence_chunk_size=auto")
     return advice
 
 
@@ -194,6 +278,13 @@ def format_plan(p: Plan) -> str:
               if phase != est.peak_phase]
     lines.append(f"  (phases do not overlap; the peak is {est.peak_phase}"
                  + (f"; others: {', '.join(others)})" if others else ")"))
+    host = ", ".join(f"{label} {value / GIB:.1f} GB" for label, value in est.host_parts.items())
+    lines.append(f"  CPU memory: ~{est.host_bytes / GIB:.1f} GB of {p.ram_gb:.0f} GB ({host})")
+    if est.kv_bytes_per_token:
+        lines.append(f"  generation: the KV cache takes {est.kv_bytes_per_token / 1024:.0f} KB per token of a sequence, "
+                     f"{est.kv_bytes_per_token * c['seq_len'] / GIB:.2f} GB per sequence at {c['seq_len']:,} tokens")
+    if p.longest_completion:
+        lines.append(f"  the longest max_completion_length that fits one sequence at a time: {p.longest_completion:,}")
     lines.append("")
     verdict = "fits" if p.fits else "does NOT fit"
     needs = f"{est.total_gb:.{1 if est.total_gb >= 1 else 2}f}"
@@ -244,4 +335,29 @@ def device_memory_gb(device) -> float:
 
         free, total = torch.cuda.mem_get_info(device)
         return min(total, free + CUDA_OVERHEAD_BYTES) / GIB
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+    return machine_ram_gb()
+
+
+def resolve_long_context(config: TrainConfig, device, announce: bool = True) -> tuple[bool, int | None]:
+    """(offload_activations, sequence_chunk_size) a run works with: the config's, with "auto"
+    ones chosen by `plan` on a GPU (off when the run fits without them) and off on the CPU, where
+    offloading saves nothing and the tiny models need no chunks."""
+    offload, chunk = config.offload_activations, config.sequence_chunk_size
+    if AUTO not in (offload, chunk):
+        return bool(offload), chunk
+    if device.type != "cuda":
+        return offload is True, chunk if chunk != AUTO else None
+    from lowvram_grpo.planning.model_shape import PlannerError
+
+    try:
+        chosen = plan(config, config.vram_gb or device_memory_gb(device))
+    except PlannerError as err:  # an architecture the planner cannot model: the run as configured
+        logging.getLogger(__name__).warning("offload_activations/sequence_chunk_size auto: off (%s)", err)
+        return offload is True, chunk if chunk != AUTO else None
+    settings = (chosen.offload_activations if offload == AUTO else bool(offload),
+                chosen.sequence_chunk_size if chunk == AUTO else chunk)
+    if announce and (offload == AUTO and settings[0] or chunk == AUTO and settings[1]):
+        print(f"long sequences: offload_activations={settings[0]}, sequence_chunk_size={settings[1]} "
+              f"(the planner's choice; host memory for offloaded activations ~{chosen.estimate.host_bytes / GIB:.1f} GB)",
+              flush=True)
+    return settings
