@@ -25,18 +25,20 @@ exactly (tests/test_grpo_oracle.py checks losses and LoRA gradients against it):
 - `group_advantages`  step 2 (`normalize_then_sum_advantages` for GDPO's per-function variant).
 - `sequence_logprobs` per-token log pi(token) without ever materialising (B, T, V) logits:
   for a 150k vocabulary that tensor, in fp32, is the single largest allocation of a GRPO step.
-- `grpo_loss`         steps 3-4 for one micro-batch, pre-scaled for gradient accumulation.
+- `grpo_loss`         steps 3-4 for one micro-batch, pre-scaled for gradient accumulation, for
+                      an `Objective` (the loss type and its options); returns `LossStats`.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, fields
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from lowvram_grpo.config import (  # the values, named once, with the config
-    IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, SCALE_REWARDS)
+    IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, SCALE_REWARDS, TrainConfig)
 from lowvram_grpo.offload import activation_memory
 
 # The loss types whose per-token loss is PPO's clipped surrogate (the others reshape the ratio).
@@ -269,6 +271,114 @@ def sequence_logprobs(
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Objective:
+    """The GRPO objective of a run: the policy term, its clipping and aggregation, the KL and
+    the entropy terms. Field names are TRL's (`GRPOTrainer`'s attributes and `GRPOConfig`'s keys).
+
+    Built once from the config (`from_config`); `entropy_coef` is the config's starting value,
+    which the trainer's entropy control replaces for each update (`dataclasses.replace`).
+    """
+
+    loss_type: str  # the policy term and how per-token losses become one number (grpo_loss)
+    beta: float  # KL coefficient
+    epsilon_low: float  # clip range [1 - epsilon_low, 1 + epsilon_high]
+    epsilon_high: float  # for cispo: the cap on the ratio itself
+    max_completion_length: int  # dr_grpo's constant denominator per sequence
+    # Multiply the k3 term by the (differentiable) ratio pi / pi_old, as TRL 1.16 does by default
+    # (DeepSeek-V3.2): k3's plain gradient is a biased estimate of the reverse-KL gradient, ratio
+    # * k3's is unbiased. On-policy (ratio == 1) this leaves the loss value unchanged but not its
+    # gradient.
+    use_bias_correction_kl: bool = True
+    # "token" (one ratio per token) or "sequence" (GSPO: one ratio per sequence, exp of the mean
+    # token log-ratio, shared by all its tokens).
+    importance_sampling_level: str = "token"
+    # INTELLECT-2's two-sided clipping: also cap the unclipped ratio at `delta`, so a
+    # negative-advantage token whose ratio exploded cannot dominate the step.
+    delta: float | None = None
+    sapo_temperature_pos: float = 1.0  # SAPO's gate temperatures for positive / other advantages
+    sapo_temperature_neg: float = 1.05
+    vespo_k_pos: float = 2.0  # VESPO's weight shape (vespo_weights)
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
+    # DeepSeek-V3.2's off-policy sequence mask: drop sequences with a negative advantage whose
+    # mean log(pi_old / pi) exceeds it (None: off).
+    off_policy_mask_threshold: float | None = None
+    top_entropy_quantile: float = 1.0  # keep only the top quantile of tokens by entropy in the policy term
+    entropy_coef: float = 0.0  # subtract coef * (masked mean entropy) from the loss (exploration bonus)
+
+    def __post_init__(self) -> None:
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        if self.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+            raise ValueError(f"importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}, "
+                             f"got {self.importance_sampling_level!r}")
+
+    @classmethod
+    def from_config(cls, config: TrainConfig) -> "Objective":
+        return cls(loss_type=config.loss_type, beta=config.beta, epsilon_low=config.epsilon,
+                   epsilon_high=config.clip_high, max_completion_length=config.max_completion_length,
+                   use_bias_correction_kl=config.use_bias_correction_kl,
+                   importance_sampling_level=config.importance_sampling_level, delta=config.delta,
+                   sapo_temperature_pos=config.sapo_temperature_pos, sapo_temperature_neg=config.sapo_temperature_neg,
+                   vespo_k_pos=config.vespo_k_pos, vespo_lambda_pos=config.vespo_lambda_pos,
+                   vespo_k_neg=config.vespo_k_neg, vespo_lambda_neg=config.vespo_lambda_neg,
+                   off_policy_mask_threshold=config.off_policy_mask_threshold,
+                   top_entropy_quantile=config.top_entropy_quantile, entropy_coef=config.entropy_coef)
+
+    @property
+    def needs_entropy(self) -> bool:
+        """Whether the loss uses the per-token entropy (not only logs it)."""
+        return self.top_entropy_quantile < 1.0 or self.entropy_coef != 0.0
+
+
+@dataclass
+class LossStats:
+    """One micro-batch's loss statistics, detached.
+
+    Sums over this micro-batch, to be summed over the step and divided by their counts for
+    logging (`sums()`), but for the two `extremes()`. None where the objective has no such
+    statistic.
+    """
+
+    token_count: torch.Tensor  # completion tokens
+    # What the ratio statistics are over: tokens, or sequences when the ratio is per sequence
+    # (as TRL counts them).
+    ratio_count: torch.Tensor
+    # The masked KL term as it enters the loss (TRL's logged `kl`); with ref_logps.
+    kl_sum: torch.Tensor | None = None
+    entropy_sum: torch.Tensor | None = None  # over token_count; with entropies
+    # Entropy over the tokens the policy term and entropy bonus act on: what the adaptive
+    # entropy control measures; with entropies.
+    bonus_entropy_sum: torch.Tensor | None = None
+    bonus_token_count: torch.Tensor | None = None
+    # The clipped family: ratios clipped low / high / either, over ratio_count.
+    clip_low_count: torch.Tensor | None = None
+    clip_high_count: torch.Tensor | None = None
+    clip_region_count: torch.Tensor | None = None
+    # Not sums: the smallest / largest fraction of a sequence's ratios clipped low / high in this
+    # micro-batch (TRL's `clip_ratio/low_min` and `/high_max` before averaging over
+    # micro-batches; NaN when no sequence has a token).
+    clip_low_min: torch.Tensor | None = None
+    clip_high_max: torch.Tensor | None = None
+    cispo_clip_count: torch.Tensor | None = None  # cispo: ratios capped, over ratio_count
+    vespo_phi_sum: torch.Tensor | None = None  # vespo: sequence weights, over ratio_count (sequences)
+
+    EXTREMES = ("clip_low_min", "clip_high_max")
+
+    def _present(self) -> dict[str, float]:
+        return {f.name: float(v) for f in fields(self) if (v := getattr(self, f.name)) is not None}
+
+    def sums(self) -> dict[str, float]:
+        """The statistics that add up over micro-batches, by field name."""
+        return {k: v for k, v in self._present().items() if k not in self.EXTREMES}
+
+    def extremes(self) -> dict[str, float]:
+        """The per-micro-batch extremes (`clip_low_min`, `clip_high_max`), by field name."""
+        return {k: v for k, v in self._present().items() if k in self.EXTREMES}
+
+
 def high_entropy_mask(entropies: torch.Tensor, mask: torch.Tensor, top_quantile: float) -> torch.Tensor:
     """True for the completion tokens whose entropy is in the top `top_quantile` of this micro-batch.
 
@@ -316,74 +426,41 @@ def grpo_loss(
     ref_logps: torch.Tensor | None,
     advantages: torch.Tensor,
     completion_mask: torch.Tensor,
+    objective: Objective,
     *,
-    loss_type: str,
-    beta: float,
-    epsilon_low: float,
-    epsilon_high: float,
-    max_completion_length: int,
     num_sequences_in_step: int,
     num_tokens_in_step: float,
     num_micro_batches: int,
-    use_bias_correction_kl: bool = True,
-    importance_sampling_level: str = "token",
-    delta: float | None = None,
-    sapo_temperature_pos: float = 1.0,
-    sapo_temperature_neg: float = 1.05,
-    vespo_k_pos: float = 2.0,
-    vespo_lambda_pos: float = 3.0,
-    vespo_k_neg: float = 3.0,
-    vespo_lambda_neg: float = 2.0,
-    off_policy_mask_threshold: float | None = None,
     entropies: torch.Tensor | None = None,
-    top_entropy_quantile: float = 1.0,
-    entropy_coef: float = 0.0,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+) -> tuple[torch.Tensor, LossStats]:
     """One micro-batch's share of the step loss: policy term + beta * KL, aggregated.
 
     Scaled so that calling `.backward()` on every micro-batch's loss accumulates exactly the
     gradient of the whole step's loss, i.e. what TRL 1.16's `_compute_loss` produces when the
-    step is split into `num_micro_batches` equal micro-batches. Parameter names are TRL's.
+    step is split into `num_micro_batches` equal micro-batches. Names are TRL's.
 
     Args:
         logps: (B, T) log-probs under the current policy, with grad.
         old_logps: (B, T) log-probs of the policy that sampled the completions, or None when
             this is the first (only) update on them: then the ratio is exactly 1 but its
             gradient, d ratio = d logp, still flows.
-        ref_logps: (B, T) reference-model log-probs; required when beta > 0.
+        ref_logps: (B, T) reference-model log-probs; required when objective.beta > 0.
         advantages: (B,) one advantage per completion, shared by all its tokens.
         completion_mask: (B, T) 1 for real completion tokens, 0 for padding.
-        loss_type: the policy term and how per-token losses become one number (tables below).
-        beta: KL coefficient. epsilon_low / epsilon_high: clip range [1 - low, 1 + high]
-            (for cispo, epsilon_high is the cap on the ratio itself).
-        max_completion_length: dr_grpo's constant denominator per sequence.
+        objective: the loss type and its options (`Objective`).
         num_sequences_in_step: completions in the whole optimizer step (all micro-batches).
         num_tokens_in_step: active completion tokens in the whole step (dapo's denominator).
         num_micro_batches: micro-batches (gradient-accumulation steps) in the step.
-        use_bias_correction_kl: multiply the k3 term by the (differentiable) ratio pi / pi_old,
-            as TRL 1.16 does by default (DeepSeek-V3.2): k3's plain gradient is a biased estimate
-            of the reverse-KL gradient, ratio * k3's is unbiased. On-policy (ratio == 1) this
-            leaves the loss value unchanged but not its gradient.
-        importance_sampling_level: "token" (one ratio per token) or "sequence" (GSPO: one ratio
-            per sequence, exp of the mean token log-ratio, shared by all its tokens).
-        delta: INTELLECT-2's two-sided clipping: also cap the unclipped ratio at `delta`, so a
-            negative-advantage token whose ratio exploded cannot dominate the step.
-        sapo_temperature_pos / _neg: SAPO's gate temperatures for positive / other advantages.
-        vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: VESPO's weight shape.
-        off_policy_mask_threshold: DeepSeek-V3.2's off-policy sequence mask: drop sequences with
-            a negative advantage whose mean log(pi_old / pi) exceeds it (None: off).
         entropies: (B, T) per-token entropy; needed for top_entropy_quantile < 1 and
             entropy_coef != 0 (then with grad, see `sequence_logprobs(entropy_grad=True)`).
-        top_entropy_quantile: keep only the top quantile of tokens by entropy in the policy term.
-        entropy_coef: subtract coef * (masked mean entropy) from the loss (exploration bonus).
 
-    Policy term per token (r = ratio, A = advantage):
+    Policy term per token (r = ratio, A = advantage), `policy_token_loss`:
         grpo, bnpo, dr_grpo, dapo, luspo  -min(r A, clip(r, 1 - low, 1 + high) A)
         cispo   -sg(min(r, epsilon_high)) A log pi      (clip the weight, keep every gradient)
         sapo    -(4 / tau) sigmoid(tau (r - 1)) A       (a soft gate instead of a hard clip)
         vespo   -sg(phi(w_seq)) A log pi                (smooth sequence weight, see vespo_weights)
 
-    Aggregation (S = num_sequences_in_step, M = num_micro_batches):
+    Aggregation (S = num_sequences_in_step, M = num_micro_batches), `aggregate_loss`:
         grpo, sapo          sum over these sequences of (masked token mean) / S
         bnpo                masked token mean of this micro-batch / M
         dr_grpo             masked token sum / (S * max_completion_length)
@@ -391,134 +468,167 @@ def grpo_loss(
         luspo               masked token sum / S (each sequence weighs by its length)
 
     Returns:
-        (loss, stats): stats are detached sums over this micro-batch, to be summed over the step
-        and divided by their denominators for logging: "kl_sum" (masked KL term as it enters the
-        loss, TRL's logged `kl`; present when ref_logps is given) and "token_count"; with
-        `entropies`, "entropy_sum" over those tokens and "bonus_entropy_sum" over
-        "bonus_token_count", the tokens the policy term and entropy bonus act on (what the
-        adaptive entropy control measures); for the clipped family "clip_low_count",
-        "clip_high_count", "clip_region_count", for cispo "cispo_clip_count", for vespo
-        "vespo_phi_sum", all over "ratio_count" (tokens, or sequences when the ratio is per
-        sequence, as TRL counts them). Not sums: "clip_low_min" and "clip_high_max", the
-        smallest / largest fraction of a sequence's ratios clipped low / high in this
-        micro-batch (TRL's `clip_ratio/low_min` and `/high_max` before averaging over
-        micro-batches; NaN when no sequence has a token).
+        (loss, `LossStats` of this micro-batch).
     """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
-        raise ValueError(f"importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}, "
-                         f"got {importance_sampling_level!r}")
-    if beta != 0.0 and ref_logps is None:
+    o = objective
+    if o.beta != 0.0 and ref_logps is None:
         raise ValueError("ref_logps is required when beta != 0")
-    if entropies is None and (top_entropy_quantile < 1.0 or entropy_coef != 0.0):
+    if entropies is None and o.needs_entropy:
         raise ValueError("entropies are required when top_entropy_quantile < 1 or entropy_coef != 0")
 
     mask = completion_mask.to(logps.dtype)
-    valid = mask.bool()
     if old_logps is None:
         old_logps = logps.detach()
     advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
 
     # Padding positions are zeroed before exp(): they are masked out anyway, but an overflow to
     # inf there would turn into inf * 0 = NaN in both the loss and its gradient.
-    log_ratio = torch.where(valid, logps - old_logps, 0.0)
-    if importance_sampling_level == "token":
-        log_weights = log_ratio
-    else:  # GSPO: the geometric mean of the token ratios, one per sequence, shape (B, 1)
-        log_weights = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
-    coef_1 = torch.exp(log_weights)
-
-    keep = None
-    if off_policy_mask_threshold is not None:
-        # Mean per-token log(pi_old / pi) of each sequence: how far the policy has moved from
-        # the one that sampled it. Only sequences with a negative advantage are ever dropped.
-        drift = torch.where(valid, old_logps - logps.detach(), 0.0)
-        seq_drift = drift.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
-        keep = ((advantages >= 0) | (seq_drift <= off_policy_mask_threshold)).to(mask.dtype)
-
+    log_ratio = torch.where(mask.bool(), logps - old_logps, 0.0)
+    coef_1 = importance_ratio(log_ratio, mask, o.importance_sampling_level)
     kl = None
     if ref_logps is not None:
-        ref_log_ratio = torch.where(valid, ref_logps - logps, 0.0)  # log(pi_ref / pi) per token
-        kl = torch.exp(ref_log_ratio) - ref_log_ratio - 1  # k3: >= 0, and exactly 0 where policy == reference
-        if use_bias_correction_kl:
-            kl = kl * coef_1
-
+        kl = k3_kl(logps, ref_logps, mask, coef_1 if o.use_bias_correction_kl else None)
     phi = None
-    if loss_type == "cispo":
-        per_token_loss = -torch.clamp(coef_1, max=epsilon_high).detach() * advantages * logps
-    elif loss_type in CLIPPED_LOSS_TYPES:
-        coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + epsilon_high)
-        if delta is not None:
-            coef_1 = torch.clamp(coef_1, max=delta)
-        # Pessimistic bound: clipping only ever removes the incentive to move the ratio further.
-        per_token_loss = -torch.min(coef_1 * advantages, coef_2 * advantages)
-    elif loss_type == "sapo":
-        tau = torch.where(advantages > 0, sapo_temperature_pos, sapo_temperature_neg)
-        per_token_loss = -torch.sigmoid(tau * (coef_1 - 1)) * 4 / tau * advantages
-    else:  # vespo
-        phi = vespo_weights(advantages, log_ratio, mask, vespo_k_pos, vespo_lambda_pos, vespo_k_neg,
-                            vespo_lambda_neg)
-        per_token_loss = -phi * advantages * logps
+    if o.loss_type == "vespo":
+        phi = vespo_weights(advantages, log_ratio, mask, o.vespo_k_pos, o.vespo_lambda_pos, o.vespo_k_neg,
+                            o.vespo_lambda_neg)
 
-    if keep is not None:
-        per_token_loss = per_token_loss * keep
-    entropy_mask = None
-    if top_entropy_quantile < 1.0:
-        entropy_mask = high_entropy_mask(entropies, mask, top_entropy_quantile).to(mask.dtype)
+    per_token_loss = policy_token_loss(o, coef_1, advantages, logps, phi)
+    if o.off_policy_mask_threshold is not None:
+        per_token_loss = per_token_loss * off_policy_keep(logps, old_logps, advantages, mask,
+                                                          o.off_policy_mask_threshold)
+    # The tokens the policy term trains on; the entropy bonus acts on the same.
+    acting = mask
+    if o.top_entropy_quantile < 1.0:
+        entropy_mask = high_entropy_mask(entropies, mask, o.top_entropy_quantile).to(mask.dtype)
         per_token_loss = per_token_loss * entropy_mask
-    if beta != 0.0:  # the KL applies to every token, masked or not by the options above
-        per_token_loss = per_token_loss + beta * kl
+        acting = mask * entropy_mask
+    if o.beta != 0.0:  # the KL applies to every token, masked or not by the options above
+        per_token_loss = per_token_loss + o.beta * kl
 
-    # (B, 1) sequence-level terms broadcast against the mask here.
-    masked = per_token_loss * mask
-    if loss_type in ("grpo", "sapo"):
-        seq_mean = masked.sum(-1) / mask.sum(-1).clamp(min=1.0)
-        loss = seq_mean.sum() / num_sequences_in_step
-    elif loss_type == "bnpo":
-        loss = masked.sum() / mask.sum().clamp(min=1.0) / num_micro_batches
-    elif loss_type == "dr_grpo":
-        loss = masked.sum() / (num_sequences_in_step * max_completion_length)
-    elif loss_type == "luspo":
-        loss = masked.sum() / num_sequences_in_step
-    else:  # dapo, cispo, vespo
-        loss = masked.sum() / max(float(num_tokens_in_step), 1.0)
-
-    # The entropy bonus acts on the tokens the policy term trains on.
-    acting = mask if entropy_mask is None else mask * entropy_mask
-    if entropy_coef != 0.0:
-        # The bonus is a plain mean over the tokens it acts on, whatever the loss type's
-        # normaliser, so entropy_coef means the same for every loss type (as in TRL).
-        loss = loss - entropy_coef * (entropies * acting).sum() / acting.sum().clamp(min=1.0) / num_micro_batches
-
-    with torch.no_grad():
-        per_sequence = coef_1.size(1) == 1  # TRL counts sequence-level ratios once per sequence
-
-        def total(x: torch.Tensor) -> torch.Tensor:
-            return x.float().sum() if per_sequence else (x * mask).sum()
-
-        stats = {"token_count": mask.sum(),
-                 "ratio_count": torch.tensor(float(coef_1.size(0))) if per_sequence else mask.sum()}
-
-        def per_sequence_mean(x: torch.Tensor) -> torch.Tensor:  # NaN for a sequence without tokens
-            return x.float().squeeze(1) if per_sequence else (x * mask).sum(-1) / mask.sum(-1)
-
-        if entropies is not None:
-            stats.update(entropy_sum=(entropies.detach() * mask).sum(),
-                         bonus_entropy_sum=(entropies.detach() * acting).sum(), bonus_token_count=acting.sum())
-        if loss_type in CLIPPED_LOSS_TYPES:
-            # Same definitions as TRL: a token counts as clipped only where clipping changes the loss.
-            is_low = (coef_1 < 1 - epsilon_low) & (advantages < 0)
-            is_high = (coef_1 > 1 + epsilon_high) & (advantages > 0)
-            stats.update(clip_low_count=total(is_low), clip_high_count=total(is_high),
-                         clip_region_count=total(is_low | is_high),
-                         clip_low_min=_nan_extreme(per_sequence_mean(is_low), torch.min),
-                         clip_high_max=_nan_extreme(per_sequence_mean(is_high), torch.max))
-        elif loss_type == "cispo":
-            stats["cispo_clip_count"] = total((coef_1 > epsilon_high) & (advantages > 0))
-        elif loss_type == "vespo":
-            stats["vespo_phi_sum"] = phi.sum()
-            stats["ratio_count"] = torch.tensor(float(phi.size(0)))
-        if kl is not None:
-            stats["kl_sum"] = (kl * mask).sum()
+    loss = aggregate_loss(per_token_loss, mask, o, num_sequences_in_step, num_tokens_in_step, num_micro_batches)
+    if o.entropy_coef != 0.0:
+        loss = loss - entropy_bonus(o.entropy_coef, entropies, acting, num_micro_batches)
+    stats = loss_stats(o, mask, coef_1, advantages, kl=kl, phi=phi, entropies=entropies, acting=acting)
     return loss, stats
+
+
+def importance_ratio(log_ratio: torch.Tensor, mask: torch.Tensor, level: str) -> torch.Tensor:
+    """TRL's `coef_1`: pi / pi_old per token (B, T), or per sequence (B, 1) for GSPO's "sequence"
+    level: the geometric mean of the token ratios, shared by all its tokens."""
+    if level == "token":
+        return torch.exp(log_ratio)
+    return torch.exp(((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1))
+
+
+def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor,
+          ratio: torch.Tensor | None) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi || pi_ref), times `ratio` if given (use_bias_correction_kl)."""
+    ref_log_ratio = torch.where(mask.bool(), ref_logps - logps, 0.0)  # log(pi_ref / pi) per token
+    kl = torch.exp(ref_log_ratio) - ref_log_ratio - 1  # k3: >= 0, and exactly 0 where policy == reference
+    return kl if ratio is None else kl * ratio
+
+
+def off_policy_keep(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                    threshold: float) -> torch.Tensor:
+    """(B, 1) 0 for the sequences DeepSeek-V3.2's off-policy mask drops, 1 for the others.
+
+    The mean per-token log(pi_old / pi) of each sequence is how far the policy has moved from
+    the one that sampled it. Only sequences with a negative advantage are ever dropped.
+    """
+    drift = torch.where(mask.bool(), old_logps - logps.detach(), 0.0)
+    seq_drift = drift.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
+    return ((advantages >= 0) | (seq_drift <= threshold)).to(mask.dtype)
+
+
+def policy_token_loss(o: Objective, coef_1: torch.Tensor, advantages: torch.Tensor, logps: torch.Tensor,
+                      phi: torch.Tensor | None) -> torch.Tensor:
+    """The policy term per token, by loss type (the table in `grpo_loss`)."""
+    if o.loss_type == "cispo":
+        return -torch.clamp(coef_1, max=o.epsilon_high).detach() * advantages * logps
+    if o.loss_type in CLIPPED_LOSS_TYPES:
+        return clipped_surrogate(coef_1, advantages, o.epsilon_low, o.epsilon_high, o.delta)
+    if o.loss_type == "sapo":
+        tau = torch.where(advantages > 0, o.sapo_temperature_pos, o.sapo_temperature_neg)
+        return -torch.sigmoid(tau * (coef_1 - 1)) * 4 / tau * advantages
+    return -phi * advantages * logps  # vespo
+
+
+def clipped_surrogate(coef_1: torch.Tensor, advantages: torch.Tensor, epsilon_low: float, epsilon_high: float,
+                      delta: float | None) -> torch.Tensor:
+    """PPO's pessimistic bound: clipping only ever removes the incentive to move the ratio further."""
+    coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + epsilon_high)
+    if delta is not None:
+        coef_1 = torch.clamp(coef_1, max=delta)
+    return -torch.min(coef_1 * advantages, coef_2 * advantages)
+
+
+def aggregate_loss(per_token_loss: torch.Tensor, mask: torch.Tensor, o: Objective, num_sequences_in_step: int,
+                   num_tokens_in_step: float, num_micro_batches: int) -> torch.Tensor:
+    """Per-token losses -> this micro-batch's share of the step loss, by loss type (the table in
+    `grpo_loss`). (B, 1) sequence-level terms broadcast against the mask here."""
+    masked = per_token_loss * mask
+    if o.loss_type in ("grpo", "sapo"):
+        seq_mean = masked.sum(-1) / mask.sum(-1).clamp(min=1.0)
+        return seq_mean.sum() / num_sequences_in_step
+    if o.loss_type == "bnpo":
+        return masked.sum() / mask.sum().clamp(min=1.0) / num_micro_batches
+    if o.loss_type == "dr_grpo":
+        return masked.sum() / (num_sequences_in_step * o.max_completion_length)
+    if o.loss_type == "luspo":
+        return masked.sum() / num_sequences_in_step
+    return masked.sum() / max(float(num_tokens_in_step), 1.0)  # dapo, cispo, vespo
+
+
+def entropy_bonus(entropy_coef: float, entropies: torch.Tensor, acting: torch.Tensor,
+                  num_micro_batches: int) -> torch.Tensor:
+    """entropy_coef times the mean entropy over the tokens the bonus acts on, this micro-batch's
+    share: a plain mean whatever the loss type's normaliser, so entropy_coef means the same for
+    every loss type (as in TRL)."""
+    return entropy_coef * (entropies * acting).sum() / acting.sum().clamp(min=1.0) / num_micro_batches
+
+
+@torch.no_grad()
+def loss_stats(o: Objective, mask: torch.Tensor, coef_1: torch.Tensor, advantages: torch.Tensor, *,
+               kl: torch.Tensor | None, phi: torch.Tensor | None, entropies: torch.Tensor | None,
+               acting: torch.Tensor) -> LossStats:
+    """This micro-batch's `LossStats`, with TRL's definitions."""
+    per_sequence = coef_1.size(1) == 1  # TRL counts sequence-level ratios once per sequence
+    stats = LossStats(token_count=mask.sum(),
+                      ratio_count=torch.tensor(float(coef_1.size(0))) if per_sequence else mask.sum())
+    if entropies is not None:
+        stats.entropy_sum = (entropies.detach() * mask).sum()
+        stats.bonus_entropy_sum, stats.bonus_token_count = (entropies.detach() * acting).sum(), acting.sum()
+    if o.loss_type in CLIPPED_LOSS_TYPES:
+        # TRL counts the ratio as it entered the surrogate: capped at delta.
+        ratio = coef_1 if o.delta is None else torch.clamp(coef_1, max=o.delta)
+        _clip_stats(stats, ratio, advantages, mask, o.epsilon_low, o.epsilon_high)
+    elif o.loss_type == "cispo":
+        stats.cispo_clip_count = _ratio_total((coef_1 > o.epsilon_high) & (advantages > 0), mask)
+    elif o.loss_type == "vespo":
+        stats.vespo_phi_sum = phi.sum()
+        stats.ratio_count = torch.tensor(float(phi.size(0)))
+    if kl is not None:
+        stats.kl_sum = (kl * mask).sum()
+    return stats
+
+
+def _ratio_total(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum of a per-ratio statistic: per token over the mask, or once per sequence."""
+    return x.float().sum() if x.size(1) == 1 else (x * mask).sum()
+
+
+def _clip_stats(stats: LossStats, ratio: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                epsilon_low: float, epsilon_high: float) -> None:
+    """The clipped family's clip statistics: a ratio counts as clipped only where clipping
+    changes the loss (TRL's definition)."""
+    is_low = (ratio < 1 - epsilon_low) & (advantages < 0)
+    is_high = (ratio > 1 + epsilon_high) & (advantages > 0)
+
+    def per_sequence_mean(x: torch.Tensor) -> torch.Tensor:  # NaN for a sequence without tokens
+        return x.float().squeeze(1) if x.size(1) == 1 else (x * mask).sum(-1) / mask.sum(-1)
+
+    stats.clip_low_count, stats.clip_high_count = _ratio_total(is_low, mask), _ratio_total(is_high, mask)
+    stats.clip_region_count = _ratio_total(is_low | is_high, mask)
+    stats.clip_low_min = _nan_extreme(per_sequence_mean(is_low), torch.min)
+    stats.clip_high_max = _nan_extreme(per_sequence_mean(is_high), torch.max)

@@ -26,6 +26,7 @@ import os
 import random
 import time
 import traceback
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager
 
@@ -306,10 +307,12 @@ class Learner:
     # The entropy bonus's coefficient; adaptive, it changes after every update. None: from the config.
     entropy_control: EntropyControl | None = None
     agent: Agent | None = None  # tools and environment: multi-turn rollouts (agent/loop.py)
+    objective: grpo.Objective = dataclasses.field(init=False)  # the loss, from the config
 
     def __post_init__(self) -> None:
         if self.entropy_control is None:
             self.entropy_control = EntropyControl.from_config(self.config)
+        self.objective = grpo.Objective.from_config(self.config)
 
     def resume_state(self, sampler: PromptSampler) -> dict[str, Any]:
         """What a checkpoint needs besides the adapter weights and the random state."""
@@ -515,8 +518,8 @@ def grpo_step(learner: Learner, rows: list[dict], sampler: PromptSampler, step: 
 
     # 5. Frozen log-probs: reference (adapter off) for the KL, old policy for the ratio.
     def logprobs_now() -> torch.Tensor:
-        return retry_on_oom(LOGPROBS, chunking, lambda: frozen_logprobs(
-            policy, trained, chunking, config.temperature, device), oom_events)
+        return retry_on_oom(LOGPROBS, chunking, lambda sizes: frozen_logprobs(
+            policy, trained, sizes, config.temperature, device), oom_events)
 
     ref_logps = old_logps = None
     with learner.on_phase(LOGPROBS):
@@ -606,15 +609,15 @@ def _sample_groups(learner: Learner, rows: list[dict], sampler: PromptSampler, t
     extra_columns: dict[str, list] = {}
     with learner.on_phase(GENERATION):
         if learner.agent is None:
-            rollout = retry_on_oom(GENERATION, chunking, lambda: generate_rollouts(
+            rollout = retry_on_oom(GENERATION, chunking, lambda sizes: generate_rollouts(
                 learner.policy, learner.tokenizer, [row["prompt"] for row in batch],
-                num_generations=config.num_generations, chunk_size=chunking.generation_chunk_size,
+                num_generations=config.num_generations, chunk_size=sizes.generation_chunk_size,
                 max_prompt_length=config.max_prompt_length, max_completion_length=config.max_completion_length,
                 temperature=config.temperature, top_p=config.top_p, top_k=config.top_k, should_stop=should_stop),
                 oom_events, hint=_kv_cache_hint(learner))
         else:
-            rollout, extra_columns = retry_on_oom(GENERATION, chunking, lambda: _tool_rollouts(
-                learner, batch, should_stop), oom_events, hint=_kv_cache_hint(learner))
+            rollout, extra_columns = retry_on_oom(GENERATION, chunking, lambda sizes: _tool_rollouts(
+                learner, batch, sizes.generation_chunk_size, should_stop), oom_events, hint=_kv_cache_hint(learner))
     generation_time = time.perf_counter() - started
     # TRL's calling convention, one entry per completion (with tools: the trajectory as messages,
     # and each rollout's environment or a rollout_func's extra fields).
@@ -624,9 +627,10 @@ def _sample_groups(learner: Learner, rows: list[dict], sampler: PromptSampler, t
     return batch, rollout, scores, generation_time
 
 
-def _tool_rollouts(learner: Learner, batch: list[dict], should_stop: Callable[[], bool] | None):
-    """Multi-turn rollouts of `batch` with the run's tools (or its rollout_func), and the extra
-    columns rewards get with them: each rollout's environment, or what rollout_func returned.
+def _tool_rollouts(learner: Learner, batch: list[dict], chunk_size: int, should_stop: Callable[[], bool] | None):
+    """Multi-turn rollouts of `batch` with the run's tools (or its rollout_func), `chunk_size`
+    sequences generated at a time, and the extra columns rewards get with them: each rollout's
+    environment, or what rollout_func returned.
     Every attempt starts fresh episodes: after an out-of-memory retry (a smaller chunk), no
     trajectory continues from a half-played one, and no step is lost or counted twice."""
     config, agent = learner.config, learner.agent
@@ -635,7 +639,7 @@ def _tool_rollouts(learner: Learner, batch: list[dict], should_stop: Callable[[]
     prompts, toolboxes, environments = agent.start(batch, config.num_generations, should_stop)
     rollout = generate_tool_rollouts(
         learner.policy, learner.tokenizer, prompts, toolboxes, num_generations=config.num_generations,
-        chunk_size=learner.chunking.generation_chunk_size, max_prompt_length=config.max_prompt_length,
+        chunk_size=chunk_size, max_prompt_length=config.max_prompt_length,
         max_completion_length=config.max_completion_length, max_iterations=agent.max_iterations,
         temperature=config.temperature, top_p=config.top_p, top_k=config.top_k, should_stop=should_stop)
     return rollout, {"environments": environments} if environments is not None else {}
@@ -758,8 +762,8 @@ def _update(learner: Learner, rollout: Rollout, advantages: torch.Tensor, ref_lo
                        distributed.all_reduce_sum(float(rollout.loss_mask.sum())))
     num_sequences, num_tokens = max(step_counts[0], 1), step_counts[1]
     with learner.on_phase(UPDATE):
-        sums, extremes = retry_on_oom(UPDATE, learner.chunking, lambda: _accumulate_gradients(
-            learner, rollout, advantages, ref_logps, old_logps, num_sequences, num_tokens),
+        sums, extremes = retry_on_oom(UPDATE, learner.chunking, lambda sizes: _accumulate_gradients(
+            learner, rollout, advantages, ref_logps, old_logps, num_sequences, num_tokens, sizes),
             oom_events if oom_events is not None else [], hint=_update_hint(learner))
 
     # All-reduce the LoRA gradients (SUM): every process now holds the whole step's gradient.
@@ -841,20 +845,19 @@ def _mean_of_micro_batch_extremes(per_process: list[dict[str, list[float]]], key
     return sum(values) / len(values) if values else math.nan
 
 
-# grpo_loss statistics that are per micro-batch extremes, not sums.
-MICRO_BATCH_EXTREMES = ("clip_low_min", "clip_high_max")
-
-
 def _accumulate_gradients(learner: Learner, rollout: Rollout, advantages: torch.Tensor,
                           ref_logps: torch.Tensor | None, old_logps: torch.Tensor | None,
-                          num_sequences: int, num_tokens: float) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """Backward every micro-batch of `rollout`, leaving the summed gradient in `.grad` (times
-    the loss scale, with a scaler); returns the summed loss ("loss") and the loss statistics
-    (sums, for token-weighted means), and the MICRO_BATCH_EXTREMES, one value per micro-batch."""
+                          num_sequences: int, num_tokens: float,
+                          chunking: Chunking) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Backward every micro-batch of `rollout` at `chunking`'s sizes, leaving the summed gradient
+    in `.grad` (times the loss scale, with a scaler); returns the summed loss ("loss") and the
+    loss statistics' sums (`LossStats.sums`, for token-weighted means), and their extremes
+    (`LossStats.extremes`), one value per micro-batch."""
     config, scaler = learner.config, learner.scaler
-    entropy_coef = learner.entropy_control.applied_coef()  # the same for every micro-batch of the step
+    # The coefficient the entropy control sets, the same for every micro-batch of the step.
+    objective = dataclasses.replace(learner.objective, entropy_coef=learner.entropy_control.applied_coef())
     learner.optimizer.zero_grad(set_to_none=True)  # a clean slate, also when redone after out-of-memory
-    batches = micro_batches(rollout, learner.chunking.micro_batch_size, learner.device)
+    batches = micro_batches(rollout, chunking.micro_batch_size, learner.device)
     # bnpo divides each micro-batch's token mean by the number of micro-batches. Counting every
     # process's micro-batches (this one's times the number of processes) makes the summed
     # gradient the average of the processes' per-micro-batch means: what DDP's gradient
@@ -866,36 +869,20 @@ def _accumulate_gradients(learner: Learner, rollout: Rollout, advantages: torch.
     for mb in batches:
         logps, entropy = grpo.sequence_logprobs(
             learner.policy, mb.input_ids, mb.attention_mask, mb.logits_to_keep,
-            temperature=config.temperature, chunk_size=learner.chunking.logprob_chunk_size, compute_entropy=True,
-            entropy_grad=entropy_coef != 0.0)
+            temperature=config.temperature, chunk_size=chunking.logprob_chunk_size, compute_entropy=True,
+            entropy_grad=objective.entropy_coef != 0.0)
         loss, stats = grpo.grpo_loss(
             logps, _rows_of(old_logps, mb), _rows_of(ref_logps, mb), advantages[mb.rows], mb.completion_mask,
-            num_sequences_in_step=num_sequences, num_tokens_in_step=num_tokens,
-            num_micro_batches=num_micro_batches, entropies=entropy,
-            entropy_coef=entropy_coef, **objective_options(config))
+            objective, num_sequences_in_step=num_sequences, num_tokens_in_step=num_tokens,
+            num_micro_batches=num_micro_batches, entropies=entropy)
         (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_total += loss.item()
-        for key, value in stats.items():
-            if key in MICRO_BATCH_EXTREMES:
-                extremes.setdefault(key, []).append(float(value))
-            else:
-                sums[key] = sums.get(key, 0.0) + float(value)
+        for key, value in stats.sums().items():
+            sums[key] = sums.get(key, 0.0) + value
+        for key, value in stats.extremes().items():
+            extremes.setdefault(key, []).append(value)
     sums["loss"] = loss_total
     return sums, extremes
-
-
-def objective_options(config: TrainConfig) -> dict[str, Any]:
-    """The config's objective settings as `grpo.grpo_loss` keywords (TRL's names), but for
-    `entropy_coef`, which the learner's entropy control sets for each update."""
-    return dict(loss_type=config.loss_type, beta=config.beta, epsilon_low=config.epsilon,
-                epsilon_high=config.clip_high, max_completion_length=config.max_completion_length,
-                use_bias_correction_kl=config.use_bias_correction_kl,
-                importance_sampling_level=config.importance_sampling_level, delta=config.delta,
-                sapo_temperature_pos=config.sapo_temperature_pos, sapo_temperature_neg=config.sapo_temperature_neg,
-                vespo_k_pos=config.vespo_k_pos, vespo_lambda_pos=config.vespo_lambda_pos,
-                vespo_k_neg=config.vespo_k_neg, vespo_lambda_neg=config.vespo_lambda_neg,
-                off_policy_mask_threshold=config.off_policy_mask_threshold,
-                top_entropy_quantile=config.top_entropy_quantile)
 
 
 def _progress_bar(enabled: bool, start: int, total: int):

@@ -18,14 +18,15 @@ def test_retry_halves_the_phase_setting_until_it_fits(caplog):
     chunking = Chunking(generation_chunk_size=8, micro_batch_size=4, logprob_chunk_size=256)
     sizes, events = [], []
 
-    def generate():
-        sizes.append(chunking.generation_chunk_size)
-        if chunking.generation_chunk_size > 2:
+    def generate(current: Chunking):
+        sizes.append(current.generation_chunk_size)
+        if current.generation_chunk_size > 2:
             raise torch.OutOfMemoryError("injected")
         return "done"
 
     assert retry_on_oom("generation", chunking, generate, events) == "done"
     assert sizes == [8, 4, 2] and len(events) == 2
+    assert chunking.generation_chunk_size == 2, "the shrunk size stays for the rest of the run"
     # Each back-off is a warning, through logging (the CLI shows it as a `warning:` line).
     assert [(r.name, r.levelname, r.getMessage()) for r in caplog.records] == [
         ("lowvram_grpo.planning.backoff", "WARNING",
@@ -37,7 +38,7 @@ def test_retry_halves_the_phase_setting_until_it_fits(caplog):
 def test_update_shrinks_micro_batch_then_logprob_chunk_then_gives_up():
     chunking = Chunking(generation_chunk_size=8, micro_batch_size=2, logprob_chunk_size=32)
 
-    def always_oom():
+    def always_oom(current: Chunking):
         raise torch.OutOfMemoryError("injected")
 
     with pytest.raises(MemoryBudgetError, match="micro_batch_size=1, logprob_chunk_size=16: reduce max_completion_length"):

@@ -19,7 +19,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from lowvram_grpo.grpo import group_advantages, grpo_loss, sequence_logprobs
+from lowvram_grpo.grpo import Objective, group_advantages, grpo_loss, sequence_logprobs
 
 TINY = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2)
@@ -89,10 +89,16 @@ def test_advantage_argument_validation():
 # ---------------------------------------------------------------------------------------------
 
 
+STEP_KEYS = ("num_sequences_in_step", "num_tokens_in_step", "num_micro_batches")
+
+
 def loss_kwargs(**overrides):
+    """grpo_loss's keywords: the Objective and the step's counts."""
     kwargs = dict(loss_type="grpo", beta=0.0, epsilon_low=0.2, epsilon_high=0.2, max_completion_length=4,
                   num_sequences_in_step=2, num_tokens_in_step=5.0, num_micro_batches=1)
-    return {**kwargs, **overrides}
+    kwargs = {**kwargs, **overrides}
+    step = {key: kwargs.pop(key) for key in STEP_KEYS}
+    return {"objective": Objective(**kwargs), **step}
 
 
 MASK = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])  # 3 + 2 = 5 real tokens
@@ -120,28 +126,28 @@ def test_clipping_stops_the_gradient_only_where_it_is_pessimistic():
     grad = logps.grad.squeeze(1)
     assert grad[0] == 0 and grad[1] == 0, "A>0 & ratio>1+eps, A<0 & ratio<1-eps: clipped, no gradient"
     assert grad[2] != 0 and grad[3] != 0, "moving back towards the old policy is never clipped"
-    assert stats["clip_high_count"] == 1 and stats["clip_low_count"] == 1 and stats["clip_region_count"] == 2
+    assert stats.clip_high_count == 1 and stats.clip_low_count == 1 and stats.clip_region_count == 2
 
 
 def test_asymmetric_clip_range():
     logps = torch.log(torch.tensor([[1.25]])).requires_grad_()
     kw = loss_kwargs(num_sequences_in_step=1)
     _, stats = grpo_loss(logps, torch.zeros(1, 1), None, torch.tensor([1.0]), torch.ones(1, 1), **kw)
-    assert stats["clip_high_count"] == 1, "1.25 > 1 + 0.2"
-    kw["epsilon_high"] = 0.28  # DAPO's clip-higher
+    assert stats.clip_high_count == 1, "1.25 > 1 + 0.2"
+    kw = loss_kwargs(num_sequences_in_step=1, epsilon_high=0.28)  # DAPO's clip-higher
     _, stats = grpo_loss(logps, torch.zeros(1, 1), None, torch.tensor([1.0]), torch.ones(1, 1), **kw)
-    assert stats["clip_high_count"] == 0, "1.25 < 1 + 0.28"
+    assert stats.clip_high_count == 0, "1.25 < 1 + 0.28"
 
 
 def test_k3_kl_is_zero_when_policy_equals_reference_and_positive_otherwise():
     logps = torch.randn(2, 4).requires_grad_()
     loss0, _ = grpo_loss(logps, None, None, torch.zeros(2), MASK, **loss_kwargs())
     loss, stats = grpo_loss(logps, None, logps.detach(), torch.zeros(2), MASK, **loss_kwargs(beta=0.1))
-    assert stats["kl_sum"] == 0 and loss.item() == loss0.item() == 0
+    assert stats.kl_sum == 0 and loss.item() == loss0.item() == 0
     loss.backward()
     assert torch.equal(logps.grad, torch.zeros(2, 4)), "KL gradient vanishes at the reference"
     _, stats = grpo_loss(logps, None, logps.detach() + 0.3, torch.zeros(2), MASK, **loss_kwargs(beta=0.1))
-    assert stats["kl_sum"] > 0
+    assert stats.kl_sum > 0
 
 
 def test_padding_positions_never_reach_the_loss_or_gradient():
@@ -154,7 +160,7 @@ def test_padding_positions_never_reach_the_loss_or_gradient():
         loss, stats = grpo_loss(lp, torch.zeros(2, 4), torch.zeros(2, 4), torch.tensor([1.0, -1.0]), MASK,
                                 **loss_kwargs(beta=0.04))
         loss.backward()
-        results.append((loss, lp.grad, stats["kl_sum"]))
+        results.append((loss, lp.grad, stats.kl_sum))
     (loss_a, grad_a, kl_a), (loss_b, grad_b, kl_b) = results
     assert torch.isfinite(loss_b) and torch.isfinite(grad_b).all()
     assert loss_a == loss_b and torch.equal(grad_a, grad_b) and kl_a == kl_b
@@ -179,7 +185,7 @@ def test_micro_batch_split_gives_the_same_step_loss(loss_type):
 def test_aggregation_formulas_by_hand():
     logps = torch.zeros(2, 4)
     adv = torch.tensor([1.0, 3.0])  # on-policy, beta 0: per-token loss is -A
-    kw = loss_kwargs(max_completion_length=10, num_sequences_in_step=4, num_tokens_in_step=20.0, num_micro_batches=2)
+    kw = dict(max_completion_length=10, num_sequences_in_step=4, num_tokens_in_step=20.0, num_micro_batches=2)
     expected = {
         "grpo": (-1.0 - 3.0) / 4,  # per-sequence means, over all 4 sequences of the step
         "bnpo": (-1.0 * 3 - 3.0 * 2) / 5 / 2,  # token mean of this micro-batch, / micro-batches
@@ -187,9 +193,9 @@ def test_aggregation_formulas_by_hand():
         "dapo": (-1.0 * 3 - 3.0 * 2) / 20,  # / tokens in the step
     }
     for loss_type, value in expected.items():
-        loss, stats = grpo_loss(logps, None, None, adv, MASK, **{**kw, "loss_type": loss_type})
+        loss, stats = grpo_loss(logps, None, None, adv, MASK, **loss_kwargs(**kw, loss_type=loss_type))
         assert math.isclose(loss.item(), value, rel_tol=1e-6), f"{loss_type}: {loss.item()} != {value}"
-        assert stats["token_count"] == 5
+        assert stats.token_count == 5
 
 
 def test_loss_argument_validation():

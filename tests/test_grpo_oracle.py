@@ -19,7 +19,7 @@ import warnings
 import pytest
 import torch
 
-from lowvram_grpo.grpo import group_advantages, grpo_loss, normalize_then_sum_advantages, sequence_logprobs
+from lowvram_grpo.grpo import Objective, group_advantages, grpo_loss, normalize_then_sum_advantages, sequence_logprobs
 
 TINY = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2)
@@ -177,16 +177,18 @@ def compare_with_trl(trainer, rollouts, loss_type, beta, bias_correction_kl, old
             rollouts["ref_per_token_logps"][mb],
             rollouts["advantages"][mb],
             rollouts["completion_mask"][mb],
-            loss_type=loss_type,
-            beta=beta,
-            epsilon_low=trainer.epsilon_low,
-            max_completion_length=MAX_COMPLETION_LENGTH,
+            Objective(
+                loss_type=loss_type,
+                beta=beta,
+                epsilon_low=trainer.epsilon_low,
+                max_completion_length=MAX_COMPLETION_LENGTH,
+                use_bias_correction_kl=bias_correction_kl,
+                **{**DEFAULT_OPTIONS, **options},
+            ),
             num_sequences_in_step=input_ids.size(0),
             num_tokens_in_step=float(rollouts["num_items_in_batch"]),
             num_micro_batches=len(MICRO_BATCHES),
-            use_bias_correction_kl=bias_correction_kl,
             entropies=entropies,
-            **{**DEFAULT_OPTIONS, **options},
         )
         loss.backward()
         our_losses.append(loss.item())
@@ -210,19 +212,21 @@ def compare_logged_metrics(our_stats, metrics, beta, first_micro_batch=0):
         for key, trl_key in [("clip_low_count", "clip_ratio/low_mean"), ("clip_high_count", "clip_ratio/high_mean"),
                              ("clip_region_count", "clip_ratio/region_mean"), ("cispo_clip_count", "cispo_clip_ratio"),
                              ("vespo_phi_sum", "vespo/phi_seq_mean")]:
-            assert (key in ours) == (trl_key in metrics), key
-            if key in ours:
-                assert (ours[key] / ours["ratio_count"]).item() == pytest.approx(metrics[trl_key][mb], abs=1e-6), key
+            value = getattr(ours, key)
+            assert (value is not None) == (trl_key in metrics), key
+            if value is not None:
+                assert (value / ours.ratio_count).item() == pytest.approx(metrics[trl_key][mb], abs=1e-6), key
         # Extremes over the micro-batch's sequences (NaN where none has a token), not means.
         for key, trl_key in [("clip_low_min", "clip_ratio/low_min"), ("clip_high_max", "clip_ratio/high_max")]:
-            assert (key in ours) == (trl_key in metrics), key
-            if key in ours:
-                assert ours[key].item() == pytest.approx(metrics[trl_key][mb], abs=1e-6, nan_ok=True), key
-        if "entropy_sum" in ours:
-            entropy = (ours["entropy_sum"] / ours["token_count"]).item()
+            value = getattr(ours, key)
+            assert (value is not None) == (trl_key in metrics), key
+            if value is not None:
+                assert value.item() == pytest.approx(metrics[trl_key][mb], abs=1e-6, nan_ok=True), key
+        if ours.entropy_sum is not None:
+            entropy = (ours.entropy_sum / ours.token_count).item()
             assert entropy == pytest.approx(metrics["entropy"][mb], abs=1e-5), "entropy"
         if beta != 0.0:
-            assert (ours["kl_sum"] / ours["token_count"]).item() == pytest.approx(metrics["kl"][mb], abs=1e-6), "kl"
+            assert (ours.kl_sum / ours.token_count).item() == pytest.approx(metrics["kl"][mb], abs=1e-6), "kl"
 
 
 @pytest.mark.parametrize("old_given", [False, True], ids=["on_policy", "off_policy"])
@@ -232,8 +236,8 @@ def compare_logged_metrics(our_stats, metrics, beta, first_micro_batch=0):
 def test_loss_and_lora_gradients_match_trl(trainer, rollouts, loss_type, beta, bias_correction_kl, old_given):
     stats = compare_with_trl(trainer, rollouts, loss_type, beta, bias_correction_kl, old_given)
     if old_given:  # sanity: the off-policy case really exercises clipping, and the extremes differ
-        assert sum(s["clip_region_count"] for s in stats) > 0
-        assert any(s["clip_high_max"] > 0 for s in stats) or any(s["clip_low_min"] > 0 for s in stats)
+        assert sum(s.clip_region_count for s in stats) > 0
+        assert any(s.clip_high_max > 0 for s in stats) or any(s.clip_low_min > 0 for s in stats)
 
 
 # Every other objective and loss-shaping option of TRL 1.16 that applies without vLLM, with
@@ -323,16 +327,17 @@ def test_adaptive_entropy_control_matches_trl(trainer, rollouts, loss_type, opti
                                                      chunk_size=4, compute_entropy=True, entropy_grad=coef != 0.0)
                 loss, stats = grpo_loss(
                     logps, rollouts["old_per_token_logps"][mb], rollouts["ref_per_token_logps"][mb],
-                    rollouts["advantages"][mb], rollouts["completion_mask"][mb], loss_type=loss_type, beta=0.04,
-                    epsilon_low=trainer.epsilon_low, max_completion_length=MAX_COMPLETION_LENGTH,
+                    rollouts["advantages"][mb], rollouts["completion_mask"][mb],
+                    Objective(loss_type=loss_type, beta=0.04, epsilon_low=trainer.epsilon_low,
+                              max_completion_length=MAX_COMPLETION_LENGTH, entropy_coef=coef,
+                              **{**DEFAULT_OPTIONS, **options}),
                     num_sequences_in_step=input_ids.size(0), num_tokens_in_step=float(rollouts["num_items_in_batch"]),
-                    num_micro_batches=len(MICRO_BATCHES), entropies=entropies, entropy_coef=coef,
-                    **{**DEFAULT_OPTIONS, **options})
+                    num_micro_batches=len(MICRO_BATCHES), entropies=entropies)
                 loss.backward()
                 our_losses.append(loss.item())
                 our_stats.append(stats)
-            ours.update(float(sum(s["bonus_entropy_sum"] for s in our_stats) /
-                              sum(s["bonus_token_count"] for s in our_stats)))
+            ours.update(float(sum(s.bonus_entropy_sum for s in our_stats) /
+                              sum(s.bonus_token_count for s in our_stats)))
             our_coefs.append((ours.coef, ours.last_world_entropy))
 
             assert our_losses == pytest.approx(trl_losses, abs=1e-5), f"step {step + 1}: loss"
@@ -533,10 +538,11 @@ def test_tool_masked_loss_matches_trl(trainer, rollouts, loss_type):
         loss, stats = grpo_loss(
             logps, rollouts["old_per_token_logps"][mb.rows, :mb.logits_to_keep],
             rollouts["ref_per_token_logps"][mb.rows, :mb.logits_to_keep], rollouts["advantages"][mb.rows],
-            mb.completion_mask, loss_type=loss_type, beta=0.04, epsilon_low=trainer.epsilon_low,
-            max_completion_length=MAX_COMPLETION_LENGTH, num_sequences_in_step=6,
-            num_tokens_in_step=float(rollout.loss_mask.sum()), num_micro_batches=len(MICRO_BATCHES),
-            entropies=entropies, **{**DEFAULT_OPTIONS, **options})
+            mb.completion_mask,
+            Objective(loss_type=loss_type, beta=0.04, epsilon_low=trainer.epsilon_low,
+                      max_completion_length=MAX_COMPLETION_LENGTH, **{**DEFAULT_OPTIONS, **options}),
+            num_sequences_in_step=6, num_tokens_in_step=float(rollout.loss_mask.sum()),
+            num_micro_batches=len(MICRO_BATCHES), entropies=entropies)
         loss.backward()
         our_losses.append(loss.item())
         our_stats.append(stats)
@@ -549,5 +555,5 @@ def test_tool_masked_loss_matches_trl(trainer, rollouts, loss_type):
         torch.testing.assert_close(our_grads[name], trl_grad, rtol=0, atol=1e-5, msg=f"gradient of {name}")
     compare_logged_metrics(our_stats, metrics, beta=0.04)
     # The tool results really are out of the loss: the same rollout without a tool mask differs.
-    assert sum(float(s["token_count"]) for s in our_stats) == float(loss_mask.sum()) < float(
+    assert sum(float(s.token_count) for s in our_stats) == float(loss_mask.sum()) < float(
         rollouts["completion_mask"].sum())

@@ -329,9 +329,9 @@ def test_fp16_loss_scaling_keeps_gradients_that_underflow_without_it(tiny_cache,
     cpu = torch.device("cpu")
 
     def gradients(advantage_factor, scaler):
-        _accumulate_gradients(_learner(config, policy, optimizer, scaler=scaler), rollout,
-                              advantages * advantage_factor, None, None, rollout.num_sequences,
-                              float(rollout.completion_mask.sum()))
+        learner = _learner(config, policy, optimizer, scaler=scaler)
+        _accumulate_gradients(learner, rollout, advantages * advantage_factor, None, None, rollout.num_sequences,
+                              float(rollout.completion_mask.sum()), learner.chunking)
         if scaler is not None:
             scaler.unscale_(optimizer)
             scaler.update()

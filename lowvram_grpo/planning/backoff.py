@@ -10,6 +10,7 @@ The smaller setting is kept for the rest of the run.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 from typing import Callable, TypeVar
@@ -33,12 +34,15 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def retry_on_oom(phase: str, chunking: Chunking, attempt: Callable[[], T], events: list[str], hint: str = "") -> T:
-    """Run `attempt()`; on out-of-memory halve what bounds `phase` in `chunking` and run it again.
-    `hint` (what this phase's memory grows with) joins the message when nothing is left to halve."""
+def retry_on_oom(phase: str, chunking: Chunking, attempt: Callable[[Chunking], T], events: list[str],
+                 hint: str = "") -> T:
+    """Run `attempt(sizes)`; on out-of-memory halve what bounds `phase` in `chunking` and run it
+    again. Each attempt gets a copy of the sizes in force when it starts: it works with those,
+    and the shrunk ones stay in `chunking` for the rest of the run. `hint` (what this phase's
+    memory grows with) joins the message when nothing is left to halve."""
     while True:
         try:
-            return attempt()
+            return attempt(dataclasses.replace(chunking))
         except torch.OutOfMemoryError:
             pass  # leave the except block first: its traceback keeps the failed tensors alive
         free_memory()
