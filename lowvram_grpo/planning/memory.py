@@ -155,8 +155,9 @@ def estimate_memory(model_config: Any, train_config: TrainConfig, *,
     shape = ModelShape.from_config(model_config)
     counts = count_parameters(shape)
     c = train_config
-    gen_chunk = generation_chunk_size or c.generation_chunk_size
-    micro = micro_batch_size or c.micro_batch_size
+    sequences = c.sequences_per_step
+    gen_chunk = min(generation_chunk_size or c.generation_chunk_size, sequences)
+    micro = min(micro_batch_size or c.micro_batch_size, sequences)
     lp_chunk = logprob_chunk_size or c.logprob_chunk_size
     if offload_activations is None:
         offload_activations = c.offload_activations is True
@@ -164,18 +165,53 @@ def estimate_memory(model_config: Any, train_config: TrainConfig, *,
         sequence_chunk_size = c.sequence_chunk_size if c.sequence_chunk_size != AUTO else None
     offload = offload_activations and c.gradient_checkpointing
     db = _dtype_bytes(c)
-    H, L, V = shape.hidden_size, shape.num_layers, shape.vocab_size
-    kv_width = shape.num_kv_heads * shape.head_dim
-    prompt, completion = c.max_prompt_length, c.max_completion_length
-    seq = prompt + completion  # worst case: every completion runs to max_completion_length
-    sequences = c.sequences_per_step
-    gen_chunk, micro = min(gen_chunk, sequences), min(micro, sequences)
+    seq = c.max_prompt_length + c.max_completion_length  # worst case: every completion runs to max_completion_length
     notes: list[str] = []
-    linear_shapes = shape.all_linear_shapes()
 
-    # ---- static: lives for the whole run ----
+    static, weights_bytes = _weight_parts(shape, counts, db, c.quantization)
+    lora, lora_notes = lora_parameters(shape, c)
+    notes += lora_notes
+    saved_modules = _modules_to_save_params(shape, c.lora_modules_to_save, notes)
+    adapter, optimizer = _adapter_parts(c, lora, saved_modules, db)
+    static.update(adapter)
+    static["CUDA context + cuBLAS workspace (constant)"] = CUDA_OVERHEAD_BYTES
+
+    # DEQUANT_TERM: the largest linear layer exists once in the compute dtype, transiently.
+    largest_linear = max(i * o for i, o in shape.all_linear_shapes().values())
+    dequant = {DEQUANT_TERM: largest_linear * db} if c.quantization == "nf4" else {}
+    host: dict[str, int] = {}
+    common = _update_common_parts(shape, c, micro, lora * 4 + saved_modules * db, db, offload, host)
+    rows = min(lp_chunk, micro * c.max_completion_length)  # the LM head runs on completion positions only
+    update_head = {**common, f"LM-head chunk ({rows} positions x {shape.vocab_size} vocab, fp32)":
+                   rows * shape.vocab_size * (db + LOGPROB_FP32_COPIES * 4)}
+    update_layers = _update_layer_parts(shape, c, micro, common, db, offload, sequence_chunk_size, notes)
+    phases = {GENERATION: {**_generation_parts(shape, c, gen_chunk, db, sequence_chunk_size), **dequant},
+              LOGPROBS: _logprob_parts(shape, c, micro, lp_chunk, db, sequence_chunk_size, dequant),
+              f"{UPDATE}: LM head": update_head, f"{UPDATE}: layers": {**update_layers, **dequant}}
+    # model: rewards stay loaded for the whole run and run between generation and update.
+    reward_static, reward_phase = reward_model_memory(c, db)
+    static.update(reward_static)
+    if reward_phase:
+        phases["reward model"] = reward_phase
+    if c.beta == 0 and c.num_iterations == 1:
+        del phases[LOGPROBS]  # no frozen log-probs are computed at all
+    peak_phase = max(phases, key=lambda p: sum(phases[p].values()))
+    parts = {**static, **{f"[{peak_phase}] {k}": v for k, v in phases[peak_phase].items()}}
+    host["Python, torch and the CUDA runtime (constant)"] = HOST_PROCESS_BYTES
+    return MemoryEstimate(
+        parts=parts, phases=phases, peak_phase=peak_phase, static_bytes=sum(static.values()),
+        total_bytes=sum(parts.values()), weights_bytes=weights_bytes, optimizer_bytes=optimizer,
+        params=counts, lora_params=lora,
+        settings={"generation_chunk_size": gen_chunk, "micro_batch_size": micro, "logprob_chunk_size": lp_chunk,
+                  "seq_len": seq, "dtype_bytes": db, "offload_activations": offload,
+                  "sequence_chunk_size": sequence_chunk_size},
+        notes=notes, host_parts=host, kv_bytes_per_token=kv_bytes_per_token(shape, db, seq))
+
+
+def _weight_parts(shape: ModelShape, counts: ParamCounts, db: int, quantization: str) -> tuple[dict[str, int], int]:
+    """The base model's weights as loaded, by part, and their total."""
     static: dict[str, int] = {}
-    if c.quantization == "nf4":
+    if quantization == "nf4":
         # transformers' bitsandbytes integration quantises the decoder layers' nn.Linear only:
         # embeddings, the LM head (tied or not), norms and biases stay in the compute dtype.
         static[f"4-bit NF4 linear weights ({billions(counts.linear)} params, ~4.13 bit each)"] = \
@@ -187,34 +223,37 @@ def estimate_memory(model_config: Any, train_config: TrainConfig, *,
     head = "tied lm_head" if shape.tied_embeddings else "lm_head"
     kept = counts.embedding + counts.lm_head + counts.other
     static[f"{db * 8}-bit embeddings + {head} + norms ({billions(kept)})"] = kept * db
+    return static, sum(static.values())
 
-    weights_bytes = sum(static.values())
 
-    lora, lora_notes = lora_parameters(shape, c)
-    notes += lora_notes
+def _adapter_parts(c: TrainConfig, lora: int, saved_modules: int, db: int) -> tuple[dict[str, int], int]:
+    """What training adds for the whole run: the LoRA weights, fully trained modules and the
+    optimizer's states, by part; and the optimizer's bytes."""
+    parts: dict[str, int] = {}
     # peft keeps adapter weights in fp32 on a 16-bit/4-bit base (see model.py).
-    static[f"LoRA weights, fp32 (r={c.lora_r}, {millions(lora)} params)"] = lora * 4
-    saved_modules = _modules_to_save_params(shape, c.lora_modules_to_save, notes)
+    parts[f"LoRA weights, fp32 (r={c.lora_r}, {millions(lora)} params)"] = lora * 4
     if saved_modules:
-        static[f"modules_to_save copies ({millions(saved_modules)} params)"] = saved_modules * db
+        parts[f"modules_to_save copies ({millions(saved_modules)} params)"] = saved_modules * db
     if c.optimizer == "paged_adamw_8bit":
         optimizer = round((lora + saved_modules) * ADAM8BIT_BYTES_PER_PARAM)
-        static["optimizer: paged 8-bit AdamW states (~2 bytes/param)"] = optimizer
+        parts["optimizer: paged 8-bit AdamW states (~2 bytes/param)"] = optimizer
     else:
         # torch AdamW keeps exp_avg and exp_avg_sq in the parameter's dtype.
         optimizer = lora * 8 + saved_modules * 2 * db
-        static["optimizer: AdamW states (2 x fp32 per LoRA param)"] = optimizer
-    static["CUDA context + cuBLAS workspace (constant)"] = CUDA_OVERHEAD_BYTES
+        parts["optimizer: AdamW states (2 x fp32 per LoRA param)"] = optimizer
+    return parts, optimizer
 
-    # DEQUANT_TERM: the largest linear layer exists once in the compute dtype, transiently.
-    largest_linear = max(i * o for i, o in linear_shapes.values())
-    dequant = largest_linear * db if c.quantization == "nf4" else 0
 
-    # ---- phase 1: generation of one chunk ----
-    # K and V for every attention layer, every position, every sequence of the chunk; a
-    # sliding-window layer keeps only its window (transformers' sliding cache layers drop older
-    # positions); a convolution layer keeps its last few inputs instead.
-    kv_bytes = 2 * kv_width * db
+def _generation_parts(shape: ModelShape, c: TrainConfig, gen_chunk: int, db: int,
+                      sequence_chunk_size: int | None) -> dict[str, int]:
+    """Phase 1: the generation of one chunk of `gen_chunk` sequences.
+
+    K and V for every attention layer, every position, every sequence of the chunk; a
+    sliding-window layer keeps only its window (transformers' sliding cache layers drop older
+    positions); a convolution layer keeps its last few inputs instead.
+    """
+    prompt, seq = c.max_prompt_length, c.max_prompt_length + c.max_completion_length
+    kv_bytes = 2 * shape.num_kv_heads * shape.head_dim * db
     full_layers, sliding_layers = shape.layer_kinds.count("full"), shape.layer_kinds.count("sliding")
     window = min(seq, shape.sliding_window or seq)
     generation = {
@@ -226,7 +265,7 @@ def estimate_memory(model_config: Any, train_config: TrainConfig, *,
     conv_layers = shape.layer_kinds.count("conv")
     if conv_layers:
         generation[f"convolution state ({gen_chunk} seq x {conv_layers} layers)"] = \
-            gen_chunk * conv_layers * H * shape.conv_kernel * db
+            gen_chunk * conv_layers * shape.hidden_size * shape.conv_kernel * db
     if full_layers or sliding_layers:
         # The cache grows by concatenation: for a moment one layer's keys or values exist twice.
         generation["KV cache growth (one layer's keys copied)"] = gen_chunk * seq * kv_bytes // 2
@@ -238,100 +277,94 @@ def estimate_memory(model_config: Any, train_config: TrainConfig, *,
         # The prefill runs one layer at a time without gradients: the widest moment is the MLP.
         f"prefill activations (one layer, {gen_chunk} x {prefill} tokens: {what})":
             _nograd_layer_bytes(shape, db, gen_chunk, prefill, sequence_chunk_size),
-        "sampling logits (fp32)": gen_chunk * V * 4 * SAMPLING_FP32_COPIES,
+        "sampling logits (fp32)": gen_chunk * shape.vocab_size * 4 * SAMPLING_FP32_COPIES,
     })
-    if dequant:
-        generation[DEQUANT_TERM] = dequant
+    return generation
 
-    # ---- phase 2: reference / old-policy log-probs, no gradients ----
-    tokens = micro * seq
-    rows = min(lp_chunk, micro * completion)  # the LM head runs on completion positions only
+
+def _logprob_parts(shape: ModelShape, c: TrainConfig, micro: int, lp_chunk: int, db: int,
+                   sequence_chunk_size: int | None, dequant: dict[str, int]) -> dict[str, int]:
+    """Phase 2: reference / old-policy log-probs of one micro-batch, no gradients."""
+    seq = c.max_prompt_length + c.max_completion_length
+    tokens, V = micro * seq, shape.vocab_size
+    rows = min(lp_chunk, micro * c.max_completion_length)  # the LM head runs on completion positions only
     reference = {
         f"forward activations (one layer, {micro} x {seq} tokens)":
             _nograd_layer_bytes(shape, db, micro, seq, sequence_chunk_size),
-        "final hidden states": tokens * H * db,
+        "final hidden states": tokens * shape.hidden_size * db,
         f"LM-head chunk ({rows} positions x {V} vocab)": rows * V * 4 * LOGPROB_FP32_COPIES_NO_GRAD,
+        **dequant,
     }
-    if dequant:
-        reference[DEQUANT_TERM] = dequant
     if micro > 1:
         # Rows of different lengths need a padding mask: SDPA gets it as a (B, 1, T, T) boolean.
         reference[f"attention mask ({micro} x {seq} x {seq}, bool)"] = micro * seq * seq
+    return reference
 
-    # ---- phases 3 and 4: the update of one micro-batch, with gradients ----
-    # Autograd runs the LM head's chunks backward first, then the decoder layers, so the
-    # LM-head chunk and the recomputed layer are never alive together: two phases.
-    update_common: dict[str, int] = {}
-    host: dict[str, int] = {}
+
+def _update_common_parts(shape: ModelShape, c: TrainConfig, micro: int, gradient_bytes: int, db: int,
+                         offload: bool, host: dict[str, int]) -> dict[str, int]:
+    """Phases 3 and 4, the update of one micro-batch with gradients: what both hold.
+
+    Autograd runs the LM head's chunks backward first, then the decoder layers, so the LM-head
+    chunk and the recomputed layer are never alive together: two phases. `gradient_bytes` are
+    the LoRA (and modules_to_save) gradients; offloaded layer inputs go to `host`.
+    """
+    H, L, completion = shape.hidden_size, shape.num_layers, c.max_completion_length
+    seq = c.max_prompt_length + completion
+    tokens = micro * seq
+    common: dict[str, int] = {}
     if offload:
         # In pinned CPU memory instead; the GPU holds the ones being brought back (below).
         host[f"offloaded layer inputs ({micro} x {seq} tokens x {L} layers, pinned)"] = tokens * H * db * L
     elif c.gradient_checkpointing:
-        update_common[f"checkpointed layer inputs ({micro} x {seq} tokens x {L} layers)"] = tokens * H * db * L
+        common[f"checkpointed layer inputs ({micro} x {seq} tokens x {L} layers)"] = tokens * H * db * L
     if micro > 1:
-        update_common[f"attention mask ({micro} x {seq} x {seq}, bool)"] = micro * seq * seq
+        common[f"attention mask ({micro} x {seq} x {seq}, bool)"] = micro * seq * seq
     # The final norm's output (and its fp32 upcast), the completion positions sliced out of it
     # for the LM head, and their gradients.
-    update_common["final hidden states (+ gradients)"] = 2 * (tokens + micro * completion) * H * db + tokens * H * 4
+    common["final hidden states (+ gradients)"] = 2 * (tokens + micro * completion) * H * db + tokens * H * 4
     # Gradients accumulate over micro-batches, so they exist from the first backward on.
-    update_common["LoRA gradients (fp32)"] = lora * 4 + saved_modules * db
+    common["LoRA gradients (fp32)"] = gradient_bytes
     # Token ids and masks of the micro-batch, and per-token reference/old log-probs of the step.
     frozen_copies = (1 if c.beta > 0 else 0) + (1 if c.num_iterations > 1 else 0)
-    update_common["rollout tensors (ids, masks, frozen log-probs)"] = \
-        tokens * 8 * 2 + sequences * completion * 4 * (frozen_copies + 2)
+    common["rollout tensors (ids, masks, frozen log-probs)"] = \
+        tokens * 8 * 2 + c.sequences_per_step * completion * 4 * (frozen_copies + 2)
+    return common
 
-    update_head = dict(update_common)
-    update_head[f"LM-head chunk ({rows} positions x {V} vocab, fp32)"] = rows * V * (db + LOGPROB_FP32_COPIES * 4)
 
-    update_layers = dict(update_common)
+def _update_layer_parts(shape: ModelShape, c: TrainConfig, micro: int, common: dict[str, int], db: int,
+                        offload: bool, sequence_chunk_size: int | None, notes: list[str]) -> dict[str, int]:
+    """Phase 4, the update's decoder layers in backward: `common` and the layer recomputed
+    (whole, or its per-token modules in chunks of positions), or every layer's activations."""
+    H, L = shape.hidden_size, shape.num_layers
+    seq = c.max_prompt_length + c.max_completion_length
+    tokens = micro * seq
+    layers = dict(common)
     chunked = c.gradient_checkpointing and bool(sequence_chunk_size) and sequence_chunk_size < seq
     if chunked:
         # By the time backward reaches the layers the LM head's and the final norm's tensors are
         # gone; what crosses a layer boundary is the gradient arriving at its output and the one
         # leaving for its input. (The unchunked layer's count was calibrated with the final
         # hidden states in, so it keeps them.)
-        del update_layers["final hidden states (+ gradients)"]
-        update_layers["gradients at the layer's output and input"] = 2 * tokens * H * db
+        del layers["final hidden states (+ gradients)"]
+        layers["gradients at the layer's output and input"] = 2 * tokens * H * db
     layer_bytes = _train_layer_bytes_per_token(shape, db, c)
     if offload:
-        update_layers[f"layer inputs back from CPU memory ({OFFLOADED_ON_DEVICE} layers)"] = \
+        layers[f"layer inputs back from CPU memory ({OFFLOADED_ON_DEVICE} layers)"] = \
             tokens * H * db * OFFLOADED_ON_DEVICE
     if chunked:
         positions = micro * sequence_chunk_size
-        update_layers[f"one layer recomputed, per-token modules in chunks of {sequence_chunk_size} positions"] = \
+        layers[f"one layer recomputed, per-token modules in chunks of {sequence_chunk_size} positions"] = \
             tokens * _chunked_layer_bytes_per_token(shape, db)
-        update_layers[f"one chunk's modules recomputed in backward ({micro} x {sequence_chunk_size} positions)"] = \
+        layers[f"one chunk's modules recomputed in backward ({micro} x {sequence_chunk_size} positions)"] = \
             positions * layer_bytes
     elif c.gradient_checkpointing:
-        update_layers["one layer recomputed in backward (+ its gradients)"] = tokens * layer_bytes
+        layers["one layer recomputed in backward (+ its gradients)"] = tokens * layer_bytes
     else:
-        update_layers[f"activations of all {L} layers (no gradient checkpointing)"] = tokens * layer_bytes * L
+        layers[f"activations of all {L} layers (no gradient checkpointing)"] = tokens * layer_bytes * L
         notes.append("gradient_checkpointing is off: every layer's activations are kept; "
                      "turn it on to save most of them")
-    if dequant:
-        update_layers[DEQUANT_TERM] = dequant
-
-    phases = {GENERATION: generation, LOGPROBS: reference, f"{UPDATE}: LM head": update_head,
-              f"{UPDATE}: layers": update_layers}
-    # model: rewards stay loaded for the whole run and run between generation and update.
-    reward_static, reward_phase = reward_model_memory(c, db)
-    static.update(reward_static)
-    if reward_phase:
-        phases["reward model"] = reward_phase
-    if c.beta == 0 and c.num_iterations == 1:
-        del phases[LOGPROBS]  # no frozen log-probs are computed at all
-    peak_phase = max(phases, key=lambda p: sum(phases[p].values()))
-    parts = {**static, **{f"[{peak_phase}] {k}": v for k, v in phases[peak_phase].items()}}
-    static_bytes = sum(static.values())
-    host["Python, torch and the CUDA runtime (constant)"] = HOST_PROCESS_BYTES
-    return MemoryEstimate(
-        parts=parts, phases=phases, peak_phase=peak_phase, static_bytes=static_bytes,
-        total_bytes=sum(parts.values()), weights_bytes=weights_bytes, optimizer_bytes=optimizer,
-        params=counts, lora_params=lora,
-        settings={"generation_chunk_size": gen_chunk, "micro_batch_size": micro, "logprob_chunk_size": lp_chunk,
-                  "seq_len": seq, "dtype_bytes": db, "offload_activations": offload,
-                  "sequence_chunk_size": sequence_chunk_size},
-        notes=notes, host_parts=host, kv_bytes_per_token=kv_bytes_per_token(shape, db, seq))
+    return layers
 
 
 def _nograd_layer_bytes_per_token(shape: ModelShape, db: int) -> int:
