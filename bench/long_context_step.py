@@ -52,7 +52,7 @@ def measure(learner, prompt: int, completion: int, device: torch.device) -> dict
 
     def update() -> None:
         trainer._accumulate_gradients(learner, rollout, torch.ones(1, device=device), ref_logps, None, 1,
-                                      float(completion))
+                                      float(completion), learner.chunking)
         if offloader:
             offloader.synchronize()
         if device.type == "cuda":

@@ -83,7 +83,8 @@ def measure_updates(config, prompt: int, completions: list[int]) -> list[UpdateB
             ref_logps = torch.zeros(1, completion) if config.beta > 0 else None
 
             def update() -> None:
-                trainer._accumulate_gradients(learner, rollout, torch.ones(1), ref_logps, None, 1, float(completion))
+                trainer._accumulate_gradients(learner, rollout, torch.ones(1), ref_logps, None, 1, float(completion),
+                                              learner.chunking)
 
             if not results:
                 update()  # a first update makes what every later one finds made (caches, LoRA gradients)
