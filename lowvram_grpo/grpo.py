@@ -17,7 +17,7 @@ GRPO (Group Relative Policy Optimization, DeepSeekMath 2024) in one step:
    tokens, dr_grpo divides by a constant so long and short completions weigh the same per token.
    The later variants also change the per-token term: cispo clips the ratio as a weight (all
    tokens keep a gradient), sapo gates it smoothly, vespo weights whole sequences smoothly,
-   luspo is GSPO with each sequence weighted by its length (see `grpo_loss`).
+   luspo is GSPO with each sequence weighted by its length (see `policy_token_loss`).
 
 These functions implement this, and they are written to reproduce TRL 1.16's `GRPOTrainer`
 exactly (tests/test_grpo_oracle.py checks losses and LoRA gradients against it):
@@ -454,18 +454,7 @@ def grpo_loss(
         entropies: (B, T) per-token entropy; needed for top_entropy_quantile < 1 and
             entropy_coef != 0 (then with grad, see `sequence_logprobs(entropy_grad=True)`).
 
-    Policy term per token (r = ratio, A = advantage), `policy_token_loss`:
-        grpo, bnpo, dr_grpo, dapo, luspo  -min(r A, clip(r, 1 - low, 1 + high) A)
-        cispo   -sg(min(r, epsilon_high)) A log pi      (clip the weight, keep every gradient)
-        sapo    -(4 / tau) sigmoid(tau (r - 1)) A       (a soft gate instead of a hard clip)
-        vespo   -sg(phi(w_seq)) A log pi                (smooth sequence weight, see vespo_weights)
-
-    Aggregation (S = num_sequences_in_step, M = num_micro_batches), `aggregate_loss`:
-        grpo, sapo          sum over these sequences of (masked token mean) / S
-        bnpo                masked token mean of this micro-batch / M
-        dr_grpo             masked token sum / (S * max_completion_length)
-        dapo, cispo, vespo  masked token sum / num_tokens_in_step
-        luspo               masked token sum / S (each sequence weighs by its length)
+    The loss type sets the per-token term (`policy_token_loss`) and the aggregation (`aggregate_loss`).
 
     Returns:
         (loss, `LossStats` of this micro-batch).
@@ -543,7 +532,13 @@ def off_policy_keep(logps: torch.Tensor, old_logps: torch.Tensor, advantages: to
 
 def policy_token_loss(o: Objective, coef_1: torch.Tensor, advantages: torch.Tensor, logps: torch.Tensor,
                       phi: torch.Tensor | None) -> torch.Tensor:
-    """The policy term per token, by loss type (the table in `grpo_loss`)."""
+    """The policy term per token, by loss type (r = ratio, A = advantage, sg = no gradient):
+
+        grpo, bnpo, dr_grpo, dapo, luspo  -min(r A, clip(r, 1 - low, 1 + high) A)
+        cispo   -sg(min(r, epsilon_high)) A log pi      (clip the weight, keep every gradient)
+        sapo    -(4 / tau) sigmoid(tau (r - 1)) A       (a soft gate instead of a hard clip)
+        vespo   -sg(phi(w_seq)) A log pi                (smooth sequence weight, see vespo_weights)
+    """
     if o.loss_type == "cispo":
         return -torch.clamp(coef_1, max=o.epsilon_high).detach() * advantages * logps
     if o.loss_type in CLIPPED_LOSS_TYPES:
@@ -565,8 +560,17 @@ def clipped_surrogate(coef_1: torch.Tensor, advantages: torch.Tensor, epsilon_lo
 
 def aggregate_loss(per_token_loss: torch.Tensor, mask: torch.Tensor, o: Objective, num_sequences_in_step: int,
                    num_tokens_in_step: float, num_micro_batches: int) -> torch.Tensor:
-    """Per-token losses -> this micro-batch's share of the step loss, by loss type (the table in
-    `grpo_loss`). (B, 1) sequence-level terms broadcast against the mask here."""
+    """Per-token losses -> this micro-batch's share of the step loss, by loss type
+    (S = num_sequences_in_step, M = num_micro_batches):
+
+        grpo, sapo          sum over these sequences of (masked token mean) / S
+        bnpo                masked token mean of this micro-batch / M
+        dr_grpo             masked token sum / (S * max_completion_length)
+        dapo, cispo, vespo  masked token sum / num_tokens_in_step
+        luspo               masked token sum / S (each sequence weighs by its length)
+
+    (B, 1) sequence-level terms broadcast against the mask here.
+    """
     masked = per_token_loss * mask
     if o.loss_type in ("grpo", "sapo"):
         seq_mean = masked.sum(-1) / mask.sum(-1).clamp(min=1.0)
