@@ -316,7 +316,7 @@ class Objective:
                              f"got {self.importance_sampling_level!r}")
 
     @classmethod
-    def from_config(cls, config: TrainConfig) -> "Objective":
+    def from_config(cls, config: TrainConfig) -> Objective:
         return cls(loss_type=config.loss_type, beta=config.beta, epsilon_low=config.epsilon,
                    epsilon_high=config.clip_high, max_completion_length=config.max_completion_length,
                    use_bias_correction_kl=config.use_bias_correction_kl,
