@@ -93,7 +93,7 @@ def main(argv=None) -> None:
         metrics, next_step = run / "metrics.jsonl", itertools.count(args.steps + 1)
 
         def new_app():
-            return Handlers(ctx, JobManager(ctx.work_dir), try_it=None)
+            return Handlers(ctx, JobManager(ctx.work_dir), adapter_try_it=None)
 
         first_s, first = timed(lambda handlers: handlers.refresh("long", [], {}), setup=new_app)
         handlers = new_app()
