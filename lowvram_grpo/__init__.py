@@ -24,7 +24,7 @@ _EXPORTS = {
     "REWARD_KINDS": "rewards", "resolve_reward": "rewards", "RewardContext": "rewards",
     "load_policy": "model", "reference_model": "model",
     "train": "trainer", "TrainResult": "rundir", "RunDir": "rundir",
-    "generate_greedy": "rollout",
+    "generate_greedy": "rollout", "model_prompt": "vision",
     "evaluate": "evaluate", "compare": "evaluate", "format_comparison": "evaluate",
     "merge_adapter": "export",
     "estimate_memory": "planning.memory", "plan": "planning.planner", "format_plan": "planning.planner",

@@ -75,6 +75,7 @@ class RewardSpec:
 MODEL, DATA, REWARDS, GENERATION, TOOLS, OBJECTIVE, OPTIMISATION, LONG_CONTEXT, OUTPUT = (
     "model", "data", "rewards", "generation (rollouts)", "tools and environments", "GRPO objective", "optimisation",
     "long context", "output")
+VISION = "vision"  # images in prompts (issue 24)
 
 
 def key(default: Any, group: str, help: str) -> Any:
@@ -129,6 +130,13 @@ class TrainConfig:
         None, DATA, "Held-out prompts from a separate file or hub id; a hub eval_dataset is read from eval_split (it "
         "may be `dataset` itself with another split, e.g. openai/gsm8k's test; dataset_config then applies to it too).")
     eval_split: str = key("test", DATA, "The split of a hub eval_dataset.")
+    # Images (an `image` or `images` column): vision tokens, and so memory and time, grow with the pixels.
+    image_size: int | None = key(
+        None, VISION, "Longest side of an image in pixels; larger images are shrunk, keeping their aspect ratio "
+        "(null: as they are).")
+    max_pixels: int | None = key(
+        None, VISION, "Most pixels (width x height) per image; larger images are shrunk, keeping their aspect "
+        "ratio (null: no limit).")
 
     rewards: list[RewardSpec] = key(
         [RewardSpec("arith_answer")], REWARDS, "Reward functions and their weights: names, or {name, weight, args} "
@@ -381,6 +389,9 @@ class TrainConfig:
             need(name != "model:", "rewards", "'model:' needs a reward model: model:<hub id or local directory>")
         need(bool(self.judge_api_key_env.strip()), "judge_api_key_env",
              "the name of an environment variable (the key itself never goes in the config)")
+        for key in ("image_size", "max_pixels"):
+            need(getattr(self, key) is None or getattr(self, key) >= 16, key,
+                 f"must be at least 16 pixels, or null to keep the images as they are; got {getattr(self, key)}")
         need(0 <= self.eval_fraction < 1, "eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
         need(self.tool_timeout > 0, "tool_timeout", f"must be more than 0 seconds, got {self.tool_timeout}")
         need(self.max_tool_calling_iterations is None or self.max_tool_calling_iterations >= 0,
@@ -390,6 +401,13 @@ class TrainConfig:
             need(bool(spec.strip()), "tools", "every entry names a function: python, path/to/file.py:function "
                  "or package.module.function")
         need(len(set(self.tools)) == len(self.tools), "tools", f"a tool is listed twice: {self.tools}")
+        # Tool-calling trajectories are re-tokenised turn by turn from text (agent/loop.py): they carry
+        # no pixel values, so an image prompt would be trained on without its images.
+        agent_key = next((k for k in ("tools", "environment_factory", "rollout_func") if getattr(self, k)), None)
+        image_key = next((k for k in ("image_size", "max_pixels") if getattr(self, k) is not None), None)
+        need(agent_key is None or image_key is None, agent_key,
+             f"cannot be combined with {image_key} (images): multi-turn rollouts with tools do not carry images; "
+             f"use tools with text prompts, or images without {agent_key}")
         need(bool(self.output_dir), "output_dir", "must not be empty")
 
     def to_dict(self) -> dict[str, Any]:

@@ -26,12 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from lowvram_grpo.builtin import arith
-from lowvram_grpo.builtin import code_tasks
-from lowvram_grpo.builtin import calculator, guess_number
+from lowvram_grpo import vision
+from lowvram_grpo.builtin import arith, calculator, code_tasks, guess_number, squares
 from lowvram_grpo.config import TrainConfig
 from lowvram_grpo.errors import DatasetError, clip, names, one_line, type_name
-from lowvram_grpo.prompts import fill_template, prompt_lengths, with_system_prompt
+from lowvram_grpo.prompts import fill_template, with_system_prompt
 
 # Extensions read from local files. Text formats may also be gzip-compressed (`.jsonl.gz`).
 TEXT_FORMATS = (".jsonl", ".json", ".csv", ".tsv")
@@ -43,6 +42,9 @@ BUILTINS: dict[str, Callable[[], list[dict]]] = {
     "builtin:code": lambda: code_tasks.code_rows(),  # Python tasks with tests, for code_tests
     "builtin:sums": lambda: calculator.sums_rows(1000, seed=0),  # two-digit sums, for the calculator tool demo
     "builtin:guess-number": lambda: guess_number.guess_number_rows(1000, seed=0),  # for the GuessNumber environment
+    # Count the squares in a picture (the vision demo), and its control with blank pictures.
+    "builtin:squares": lambda: squares.squares_rows(),
+    "builtin:squares-blank": lambda: squares.squares_rows(blank=True),
 }
 
 # Built-in tasks that come with a held-out split of their own, as a hub dataset has its "test":
@@ -51,6 +53,9 @@ BUILTINS: dict[str, Callable[[], list[dict]]] = {
 # builtin:arith has only 100 distinct sums, so its test sums also occur among the training rows.
 BUILTIN_TEST_SPLITS: dict[str, Callable[[], list[dict]]] = {
     "builtin:arith": lambda: arith.arith_rows(100, seed=1),
+    # (seed 1 made the tiny vision model's warm-up pictures)
+    "builtin:squares": lambda: squares.squares_rows(100, seed=2),
+    "builtin:squares-blank": lambda: squares.squares_rows(100, seed=2, blank=True),
 }
 
 # Roles a conversation may use; anything else is almost always a typo ("bot", "human").
@@ -214,6 +219,10 @@ class _Table:
         """E.g. "data/train.jsonl (1,234 rows)"."""
         detail = f"{self.detail}, " if self.detail else ""
         return f"{self.description} ({detail}{len(self.rows):,} rows)"
+
+    def folder(self, i: int) -> Path:
+        """The folder of the file row `i` came from (image paths are relative to it)."""
+        return Path(self.origins[i][0]).parent if self.origins else Path.cwd()
 
     def where(self, i: int) -> str:
         if self.origins is None:
@@ -517,6 +526,14 @@ def _prepare(table: _Table, config: TrainConfig, key: str) -> list[dict]:
             problem = _prompt_problem(prompt, config)
         except DatasetError as err:
             problem = str(err)
+        images = vision.row_images(raw)
+        if images is not None and not problem:
+            try:
+                row["images"] = [vision.load_image(image, table.folder(i), config.image_size, config.max_pixels)
+                                 for image in images]
+                prompt = vision.image_prompt(prompt, len(images))
+            except DatasetError as err:
+                problem = str(err)
         if problem:
             problems.append(f"{table.where(i)}: {problem}")
             continue
@@ -600,12 +617,29 @@ def _conversation_problem(messages: list) -> str | None:
         if message["role"] not in KNOWN_ROLES:
             return (f"message {n} has role {message['role']!r}; known roles: "
                     f"{', '.join(KNOWN_ROLES)}")
-        if not isinstance(message["content"], str):
-            return (f"message {n} content is a {type_name(message['content'])}, expected text "
-                    "(only text conversations are supported)")
-        problem = _text_problem(message["content"], f"message {n}")
+        problem = _content_problem(message["content"], n)
         if problem:
             return problem
+    return None
+
+
+def _content_problem(content: Any, n: int) -> str | None:
+    """A message's content is text, or a list of parts: {"type": "text", "text": ...} and
+    {"type": "image"} placeholders (the images themselves come from the image/images column)."""
+    if isinstance(content, str):
+        return _text_problem(content, f"message {n}")
+    if not isinstance(content, list):
+        return (f"message {n} content is a {type_name(content)}, expected text or a list of "
+                '{"type": "text", "text": ...} and {"type": "image"} parts')
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            problem = _text_problem(part["text"], f"message {n}")
+            if problem:
+                return problem
+        elif kind != "image":
+            return (f"message {n} has a content part {clip(repr(part), 60)}; parts are "
+                    '{"type": "text", "text": ...} or {"type": "image"}')
     return None
 
 
@@ -627,7 +661,7 @@ def _text_problem(text: str, what: str) -> str | None:
 def _filter_by_length(rows: list[dict], tokenizer, max_length: int,
                       key: str) -> tuple[list[dict], int]:
     """Drop rows whose prompt is longer than `max_length` tokens as the model sees it."""
-    lengths = prompt_lengths(tokenizer, [r["prompt"] for r in rows])
+    lengths = vision.prompt_lengths(tokenizer, [vision.model_prompt(r) for r in rows])  # image tokens included
     kept = [r for r, n in zip(rows, lengths) if n <= max_length]
     if not kept:
         raise DatasetError(

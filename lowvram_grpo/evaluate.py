@@ -30,7 +30,7 @@ from typing import Callable
 
 import torch
 
-from lowvram_grpo import distributed
+from lowvram_grpo import distributed, vision
 from lowvram_grpo.agent.loop import Agent, generate_tool_rollouts
 from lowvram_grpo.config import AUTO, TrainConfig
 from lowvram_grpo.data import load_prompt_data
@@ -115,7 +115,7 @@ def _greedy_scores(policy, tokenizer, rows: list[dict], reward_functions: list[R
     agent = Agent.from_config(config)
     extra_columns = {}
     if agent is None:
-        rollout = generate_greedy(policy, tokenizer, [row["prompt"] for row in rows], chunk_size=chunk,
+        rollout = generate_greedy(policy, tokenizer, [vision.model_prompt(row) for row in rows], chunk_size=chunk,
                                   max_prompt_length=config.max_prompt_length,
                                   max_new_tokens=config.max_completion_length)
     else:  # with tools: greedy trajectories, tool results and all, as training rolls them out

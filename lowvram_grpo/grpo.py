@@ -216,6 +216,7 @@ def sequence_logprobs(
     chunk_size: int = 256,
     compute_entropy: bool = False,
     entropy_grad: bool = False,
+    model_inputs: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log-probs of the last `logits_to_keep` tokens, without full (B, T, V) logits.
 
@@ -228,6 +229,9 @@ def sequence_logprobs(
         chunk_size: rows (flattened B*K positions) projected through the LM head at a time.
         compute_entropy: also return the per-token entropy (for logging and top_entropy_quantile).
         entropy_grad: let gradients flow through that entropy (for the entropy bonus, entropy_coef).
+        model_inputs: extra forward inputs, e.g. an image-text model's pixel_values and
+            image_grid_thw for these rows (see Rollout.forward_inputs); the model's own
+            multimodal backbone then merges the image features into the token embeddings.
 
     Returns:
         (logps (B, K) float32, entropy (B, K) or None). Padding positions get a (meaningless)
@@ -241,8 +245,12 @@ def sequence_logprobs(
     backbone, head = causal_lm.get_decoder(), causal_lm.get_output_embeddings()
     logit_scale, softcap = _logit_transform(causal_lm.config.get_text_config())
 
+    if model_inputs:
+        # The image-text model's backbone (vision tower + language model), not only its decoder.
+        backbone = getattr(causal_lm, causal_lm.base_model_prefix)
     with activation_memory(model):
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                          **(model_inputs or {})).last_hidden_state
     # The hidden state at position t predicts token t+1, hence the shift by one.
     hidden = hidden[:, -logits_to_keep - 1 : -1, :]
     batch, keep, width = hidden.shape

@@ -94,9 +94,10 @@ def mean_over_updates(updates: list[dict[str, float]]) -> dict[str, float]:
 
 
 def sample_records(step: int, prompts: list, completions: list[str], scores, advantages: torch.Tensor,
-                   config, messages: list[list[dict]] | None = None) -> list[dict[str, Any]]:
+                   config, messages: list[list[dict]] | None = None, images: list | None = None) -> list[dict[str, Any]]:
     """The first completions of the step (one group, usually), for completions.jsonl; with
-    tools, each one's trajectory as `messages` (the completions browser shows its turns)."""
+    tools, each one's trajectory as `messages` (the completions browser shows its turns); with a
+    prompt's `images` (PIL images, per prompt), their thumbnails too (the app shows them)."""
     G = config.num_generations
     records = []
     for i in range(min(config.num_completions_to_log, len(completions))):
@@ -105,6 +106,10 @@ def sample_records(step: int, prompts: list, completions: list[str], scores, adv
                   "rewards": {name: float(scores.per_function[i, j]) for j, name in enumerate(scores.names)}}
         if messages is not None:
             record["messages"] = messages[i]
+        if images and images[i // G]:
+            from lowvram_grpo.vision import thumbnail
+
+            record["images"] = [thumbnail(image) for image in images[i // G]]
         if scores.extra:  # columns reward functions gave log_extra
             record["extra"] = {column: values[i] for column, values in scores.extra.items()}
         records.append(record)

@@ -22,6 +22,7 @@ from lowvram_grpo.quantization import nf4_config, set_cpu_inference_packing
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_TINY = "builtin:tiny"
 BUILTIN_TINY_TOOLS = "builtin:tiny-tools"  # the tiny model warmed up to call a calculator (builtin/tiny_tools_model.py)
+BUILTIN_TINY_VISION = "builtin:tiny-vision"  # a tiny Qwen2.5-VL for the offline vision demo
 
 
 class ModelLoadError(UserError, RuntimeError):
@@ -42,6 +43,10 @@ def resolve_model_path(name: str) -> str:
         from lowvram_grpo.builtin.tiny_tools_model import tiny_tools_model_path
 
         return str(tiny_tools_model_path())
+    if name == BUILTIN_TINY_VISION:
+        from lowvram_grpo.builtin.tiny_vlm import tiny_vision_model_path
+
+        return str(tiny_vision_model_path())
     if name.startswith(BUILTIN_PREFIX):
         check_model_available(name)  # an unknown built-in: refused with the same message
     return name
@@ -53,9 +58,9 @@ def check_model_available(name: str) -> None:
     the local cache while the Hub cannot be reached. Asking the Hub for config.json is the
     first thing loading would do anyway (and it lands in the cache)."""
     if name.startswith(BUILTIN_PREFIX):
-        if name not in (BUILTIN_TINY, BUILTIN_TINY_TOOLS):
+        if name not in (BUILTIN_TINY, BUILTIN_TINY_TOOLS, BUILTIN_TINY_VISION):
             raise ModelLoadError(f"model_name_or_path: unknown built-in model '{name}'; the built-in ones are "
-                                 f"{BUILTIN_TINY} and {BUILTIN_TINY_TOOLS}")
+                                 f"{BUILTIN_TINY}, {BUILTIN_TINY_TOOLS} and {BUILTIN_TINY_VISION}")
         return
     path = Path(name).expanduser()
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
@@ -134,18 +139,40 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template_kwa
 
 def load_policy(config: TrainConfig, device: torch.device | None = None, inference_only: bool = False):
     """Load base model (4-bit unless quantization=none) + LoRA; returns (peft_model, tokenizer).
-    `inference_only`: the model will only generate, never train (evaluation, the app's try-it)."""
+    `inference_only`: the model will only generate, never train (evaluation, the app's try-it).
+
+    An image-text model (its config has a vision_config: Qwen2.5-VL, Qwen3-VL, Gemma 3 4B...)
+    loads as its own image-text class, with its processor riding on the tokenizer (see
+    vision.attach_processor); its vision tower and projector stay in 16 bits, frozen, without
+    LoRA: only the language model is quantised and adapted."""
     from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    from lowvram_grpo import vision
 
     device = device or default_device()
     dtype = compute_dtype(config, device)
     path = resolve_model_path(config.model_name_or_path)
     tokenizer = load_tokenizer(path, config.trust_remote_code, config.chat_template_kwargs)
+    try:
+        is_vision = vision.is_vision_config(AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code))
+    except (OSError, ValueError):
+        is_vision = False  # from_pretrained below says what is wrong
+    vision_modules: list[str] = []
+    if is_vision:
+        processor = vision.load_processor(path, config.trust_remote_code)
+        if processor is not None:
+            vision.attach_processor(tokenizer, processor)
+        vision_modules = vision.vision_module_names(path, config.trust_remote_code)
 
     quantization_config = nf4_config(dtype) if config.quantization == "nf4" else None
+    if quantization_config is not None and vision_modules:
+        # The vision tower is small next to the language model and sees every image token: it
+        # stays in 16 bits (the planner counts it so). lm_head is transformers' own default.
+        quantization_config.llm_int8_skip_modules = [*vision_modules, "lm_head"]
+    model_class = AutoModelForImageTextToText if is_vision else AutoModelForCausalLM
     try:
-        base = AutoModelForCausalLM.from_pretrained(
+        base = model_class.from_pretrained(
             path, quantization_config=quantization_config, dtype=dtype, device_map={"": device},
             trust_remote_code=config.trust_remote_code)
     except OSError as err:
@@ -171,9 +198,11 @@ def load_policy(config: TrainConfig, device: torch.device | None = None, inferen
     if config.adapter_path:
         policy = PeftModel.from_pretrained(base, config.adapter_path, is_trainable=True)
     else:
+        targets = vision.language_model_targets(base, config.lora_target_modules) if is_vision \
+            else config.lora_target_modules
         lora = LoraConfig(
             r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-            target_modules=config.lora_target_modules,
+            target_modules=targets,
             modules_to_save=config.lora_modules_to_save or None, task_type="CAUSAL_LM")
         try:
             with warnings.catch_warnings():

@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from lowvram_grpo import vision
 from lowvram_grpo.prompts import encode_prompts
 from lowvram_grpo.stopping import StepInterrupted, generation_stopper
 
@@ -34,6 +35,9 @@ class Rollout:
     # reward functions receive as each completion; None for single-turn text.
     completion_messages: list[list[dict]] | None = None
     tool_counts: list | None = None  # per sequence, its tools.ToolCounts (calls, failures, turns)
+    # Per sequence: its prompt's processed images (one object shared by a group's sequences: each
+    # prompt's images are processed once), or None for a text prompt; None for a text-only rollout.
+    model_inputs: list[vision.ImageInputs | None] | None = None
 
     @property
     def num_sequences(self) -> int:
@@ -45,6 +49,15 @@ class Rollout:
         Tool results stay in the context (completion_mask, the attention) but were not sampled
         from the policy, so they are no part of its objective."""
         return self.completion_mask if self.tool_mask is None else self.completion_mask * self.tool_mask
+
+    def forward_inputs(self, rows: slice | list[int], prompt_width: int, completion_width: int = 0) -> dict:
+        """The extra forward inputs (pixel_values, ...) of these sequences, their prompts
+        right-aligned in `prompt_width` columns (see vision.forward_inputs); {} without images."""
+        if self.model_inputs is None:
+            return {}
+        rows = list(range(self.num_sequences))[rows] if isinstance(rows, slice) else rows
+        return vision.forward_inputs([self.model_inputs[i] for i in rows],
+                                     [int(self.prompt_mask[i].sum()) for i in rows], prompt_width, completion_width)
 
     def completion_token_lists(self) -> list[list[int]]:
         """Each completion's token ids without padding (what reward functions receive)."""
@@ -60,7 +73,8 @@ class Rollout:
             tool_mask=None if self.tool_mask is None else self.tool_mask[index],
             completion_messages=None if self.completion_messages is None
             else [self.completion_messages[i] for i in rows],
-            tool_counts=None if self.tool_counts is None else [self.tool_counts[i] for i in rows])
+            tool_counts=None if self.tool_counts is None else [self.tool_counts[i] for i in rows],
+            model_inputs=None if self.model_inputs is None else [self.model_inputs[i] for i in rows])
 
     def mask_truncated(self) -> "Rollout":
         """A copy whose truncated completions (no EOS before max_completion_length) have an
@@ -91,7 +105,9 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
         # Padding is 1 in the tool mask, as TRL pads it: the completion mask zeroes it anyway.
         tool_mask=torch.cat([pad(p.tool_mask, completion_width, 1, False) for p in parts]) if multi_turn else None,
         completion_messages=_joined([p.completion_messages for p in parts]),
-        tool_counts=_joined([p.tool_counts for p in parts]))
+        tool_counts=_joined([p.tool_counts for p in parts]),
+        model_inputs=None if all(p.model_inputs is None for p in parts) else
+        [x for p in parts for x in (p.model_inputs or [None] * p.num_sequences)])
 
 
 def _joined(lists: list[list | None]) -> list | None:
@@ -101,7 +117,10 @@ def _joined(lists: list[list | None]) -> list | None:
 def tokenize_prompts(tokenizer, prompts: list, max_prompt_length: int) -> tuple[list[list[int]], int]:
     """Token ids per prompt (see prompts.encode_prompts), keeping the last `max_prompt_length`
     (the end of a prompt, where the question and the generation prompt are, matters most).
-    Returns (ids, how many were cut)."""
+    Returns (ids, how many were cut). Prompts with images are never cut (an image's tokens must
+    stay whole): the data's length filter has dropped those that are too long."""
+    if any(vision.has_images(p) for p in prompts):
+        return vision.encode_image_prompts(tokenizer, prompts)[0], 0
     encoded = encode_prompts(tokenizer, prompts)
     truncated = sum(len(ids) > max_prompt_length for ids in encoded)
     return [ids[-max_prompt_length:] for ids in encoded], truncated
@@ -146,16 +165,30 @@ def generate_rollouts(model, tokenizer, prompts: list, *, num_generations: int,
     """Sample `num_generations` completions for each prompt, `chunk_size` sequences at a time.
 
     A prompt is a plain string, or a conversation that goes through the chat template (which
-    already contains the model's special tokens, so none are added on top). Once
+    already contains the model's special tokens, so none are added on top); a conversation may
+    hold images ({"type": "image", "image": <PIL image>} parts, see vision.with_images), which
+    the tokenizer's processor turns into image tokens and pixel values, once per prompt. Once
     `should_stop()` is true, generation ends at the next token and StepInterrupted is raised:
     a long generation must not delay a requested stop by minutes."""
-    prompt_ids, num_truncated = tokenize_prompts(tokenizer, prompts, max_prompt_length)
+    image_inputs = None
+    if any(vision.has_images(p) for p in prompts):
+        prompt_ids, image_inputs = vision.encode_image_prompts(tokenizer, prompts)
+        num_truncated = 0
+    else:
+        prompt_ids, num_truncated = tokenize_prompts(tokenizer, prompts, max_prompt_length)
     # Repeat each prompt G times, keeping a group's rows together.
     sequences = [ids for ids in prompt_ids for _ in range(num_generations)]
+    if image_inputs is not None:  # the vision tower runs here, once per prompt, for the whole step
+        vision.encode_images(model, image_inputs)
+    model_inputs = None if image_inputs is None else [x for x in image_inputs for _ in range(num_generations)]
     eos_ids = eos_token_ids(model, tokenizer)
+    # An image token sampled into a completion would ask the forward pass for image features
+    # that are not there.
+    suppress = vision.image_token_ids(model.config) if model_inputs is not None else None
     completion_ids = generate_completions(
         model, tokenizer, sequences, chunk_size=chunk_size, max_new_tokens=max_completion_length, eos_ids=eos_ids,
-        temperature=temperature, top_p=top_p, top_k=top_k, do_sample=do_sample, should_stop=should_stop)
+        temperature=temperature, top_p=top_p, top_k=top_k, do_sample=do_sample, should_stop=should_stop,
+        model_inputs=model_inputs, suppress_tokens=suppress)
     completion_mask = completion_mask_from_eos(completion_ids, eos_ids)
     has_eos = torch.isin(completion_ids, torch.tensor(eos_ids)).any(dim=1)
     # Tokens after the first EOS are padding, whatever generate() put there.
@@ -165,15 +198,18 @@ def generate_rollouts(model, tokenizer, prompts: list, *, num_generations: int,
     return Rollout(
         prompt_ids=all_prompt_ids, prompt_mask=all_prompt_mask, completion_ids=completion_ids,
         completion_mask=completion_mask, completions=completions, is_clipped=~has_eos,
-        num_prompts_truncated=num_truncated)
+        num_prompts_truncated=num_truncated, model_inputs=model_inputs)
 
 
 @torch.no_grad()
 def generate_completions(model, tokenizer, sequences: list[list[int]], *, chunk_size: int, max_new_tokens: int,
                          eos_ids: list[int], temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                         do_sample: bool = True, should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
+                         do_sample: bool = True, should_stop: Callable[[], bool] | None = None,
+                         model_inputs: list | None = None, suppress_tokens: list[int] | None = None) -> torch.Tensor:
     """(N, W) new tokens after each of `sequences` (right-padded; what follows the first EOS is
-    whatever generate() put there), `chunk_size` sequences per generate() call."""
+    whatever generate() put there), `chunk_size` sequences per generate() call; `model_inputs`
+    holds each sequence's processed images (vision.ImageInputs or None), `suppress_tokens` the
+    ids never to sample."""
     device = next(model.parameters()).device
     # Gradient checkpointing is only active in training mode; eval mode also turns LoRA
     # dropout off. Together with use_cache=True this keeps generation linear in length:
@@ -186,9 +222,13 @@ def generate_completions(model, tokenizer, sequences: list[list[int]], *, chunk_
         for start in range(0, len(sequences), chunk_size):
             if should_stop is not None and should_stop():
                 raise StepInterrupted()
-            ids, mask = left_pad(sequences[start:start + chunk_size], tokenizer.pad_token_id)
+            chunk = sequences[start:start + chunk_size]
+            ids, mask = left_pad(chunk, tokenizer.pad_token_id)
+            extra = {} if model_inputs is None else vision.forward_inputs(
+                model_inputs[start:start + chunk_size], [len(s) for s in chunk], ids.size(1))
             output = model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device),
+                **_to_device(extra, device), suppress_tokens=suppress_tokens,
                 max_new_tokens=max_new_tokens, do_sample=do_sample,
                 temperature=temperature if do_sample else None,
                 top_p=top_p if do_sample else None, top_k=top_k if do_sample else None,
@@ -202,6 +242,11 @@ def generate_completions(model, tokenizer, sequences: list[list[int]], *, chunk_
     width = max(c.size(1) for c in chunks)
     return torch.cat([torch.nn.functional.pad(c, (0, width - c.size(1)), value=tokenizer.pad_token_id)
                       for c in chunks])
+
+
+def _to_device(inputs: dict, device) -> dict:
+    """Forward inputs on `device`: tensors moved, pre-encoded image features (already there) kept."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
 def generate_greedy(model, tokenizer, prompts: list, *, max_new_tokens: int, max_prompt_length: int,

@@ -33,7 +33,7 @@ from typing import Any, Callable, ContextManager
 import numpy as np
 import torch
 
-from lowvram_grpo import distributed, grpo, metrics
+from lowvram_grpo import distributed, grpo, metrics, vision
 from lowvram_grpo.agent.loop import Agent, call_rollout_func, generate_tool_rollouts, tool_metrics
 from lowvram_grpo.planning.backoff import retry_on_oom
 from lowvram_grpo.checkpoint import (load_checkpoint, read_resume_state, restore_rng_state, rng_state, save_adapter,
@@ -140,6 +140,7 @@ class MicroBatch:
     attention_mask: torch.Tensor
     completion_mask: torch.Tensor  # (B, C) float: the tokens the loss counts (Rollout.loss_mask)
     rows: slice  # which rows of the step's rollout these are
+    model_inputs: dict[str, torch.Tensor]  # pixel_values etc. of these rows' images ({} for text)
 
     @property
     def logits_to_keep(self) -> int:
@@ -163,7 +164,9 @@ def micro_batches(rollout: Rollout, size: int, device: torch.device) -> list[Mic
             input_ids=torch.cat([prompt_ids, completion_ids], 1).to(device),
             attention_mask=torch.cat([prompt_mask[:, first_prompt_col:], completion_mask[:, :completion_width]], 1).to(device),
             completion_mask=loss_mask[:, :completion_width].float().to(device),
-            rows=rows))
+            rows=rows, model_inputs={k: v.to(device) if isinstance(v, torch.Tensor) else v
+                                     for k, v in rollout.forward_inputs(rows, prompt_ids.size(1),
+                                                                        completion_width).items()}))
     return batches
 
 
@@ -184,7 +187,7 @@ def frozen_logprobs(policy, rollout: Rollout, chunking: Chunking, temperature: f
         for mb in micro_batches(rollout, chunking.micro_batch_size, device):
             out[mb.rows, :mb.logits_to_keep] = grpo.sequence_logprobs(
                 policy, mb.input_ids, mb.attention_mask, mb.logits_to_keep,
-                temperature=temperature, chunk_size=chunking.logprob_chunk_size)[0]
+                temperature=temperature, chunk_size=chunking.logprob_chunk_size, model_inputs=mb.model_inputs)[0]
     finally:
         policy.train(was_training)
     return out
@@ -268,6 +271,11 @@ def check_inputs(config: TrainConfig, check_model: bool = True) -> RunInputs:
         key = "tools" if config.tools else "environment_factory"
         raise ConfigError(f"{key}: the prompts are plain text, but tools are shown to the model through the chat "
                           "template: use conversational prompts (a dataset of message lists, or set system_prompt)")
+    if agent is not None and any(row.get("images") for row in prompts.train + prompts.eval):
+        key = next(k for k in ("tools", "environment_factory", "rollout_func") if getattr(config, k))
+        raise ConfigError(f"{key}: cannot be combined with the dataset's images (its image/images column): multi-turn "
+                          f"rollouts with tools do not carry images; use tools with text prompts, or images without "
+                          f"{key}")
     return RunInputs(reward_functions=reward_functions, prompts=prompts, reward_context=reward_context, agent=agent)
 
 
@@ -574,7 +582,7 @@ def grpo_step(learner: Learner, rows: list[dict], sampler: PromptSampler, step: 
     if step % config.log_completions_every == 0 or step == 1:
         # The step's first completions, wherever they were generated.
         local = metrics.sample_records(step, prompts, rollout.completions, scores, advantages, config,
-                                       rollout.completion_messages)
+                                       rollout.completion_messages, images=[row.get("images") for row in batch])
         samples = [s for part in distributed.gather_objects(local) for s in part][:config.num_completions_to_log]
     return record, samples
 
@@ -610,7 +618,7 @@ def _sample_groups(learner: Learner, rows: list[dict], sampler: PromptSampler, t
     with learner.on_phase(GENERATION):
         if learner.agent is None:
             rollout = retry_on_oom(GENERATION, chunking, lambda sizes: generate_rollouts(
-                learner.policy, learner.tokenizer, [row["prompt"] for row in batch],
+                learner.policy, learner.tokenizer, [vision.model_prompt(row) for row in batch],
                 num_generations=config.num_generations, chunk_size=sizes.generation_chunk_size,
                 max_prompt_length=config.max_prompt_length, max_completion_length=config.max_completion_length,
                 temperature=config.temperature, top_p=config.top_p, top_k=config.top_k, should_stop=should_stop),
@@ -870,7 +878,7 @@ def _accumulate_gradients(learner: Learner, rollout: Rollout, advantages: torch.
         logps, entropy = grpo.sequence_logprobs(
             learner.policy, mb.input_ids, mb.attention_mask, mb.logits_to_keep,
             temperature=config.temperature, chunk_size=chunking.logprob_chunk_size, compute_entropy=True,
-            entropy_grad=objective.entropy_coef != 0.0)
+            entropy_grad=objective.entropy_coef != 0.0, model_inputs=mb.model_inputs)
         loss, stats = grpo.grpo_loss(
             logps, _rows_of(old_logps, mb), _rows_of(ref_logps, mb), advantages[mb.rows], mb.completion_mask,
             objective, num_sequences_in_step=num_sequences, num_tokens_in_step=num_tokens,

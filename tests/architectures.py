@@ -29,12 +29,10 @@ class Arch:
     source: str  # the checkpoint the config class's defaults (and our values) mirror
     features: str  # what is special about it, for the support table
     overrides: dict = field(default_factory=dict)  # on top of SMALL
-    # A multimodal checkpoint (what the hub id holds): its composite model_type and the tiny
-    # vision tower around the text model. Loaded as AutoModelForCausalLM gives it, i.e. the
-    # whole ...ForConditionalGeneration, with LoRA on the language model only (see the preset).
-    multimodal: str | None = None
-    vision: dict = field(default_factory=dict)
     lora_target_modules: str = "all-linear"
+    # An image-text model built with its processor by lowvram_grpo.builtin.tiny_vlm (that module's
+    # architecture name); tests/test_vision.py checks it with images, the matrix with text.
+    image_text: str | None = None
 
 
 SLIDING_THEN_FULL = ["sliding_attention"] * 3 + ["full_attention"]
@@ -58,11 +56,15 @@ ARCHITECTURES: dict[str, Arch] = {
     "gemma3": Arch("gemma3_text", "google/gemma-3-1b-it", "5 sliding : 1 full attention, 262k vocabulary",
                    dict(sliding_window=WINDOW, query_pre_attn_scalar=16, layer_types=SLIDING_THEN_FULL)),
     "gemma3-multimodal": Arch(
-        "gemma3_text", "google/gemma-3-4b-it", "the 4B checkpoint: Gemma3ForConditionalGeneration (vision tower)",
-        dict(sliding_window=WINDOW, query_pre_attn_scalar=16, layer_types=SLIDING_THEN_FULL), multimodal="gemma3",
-        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
-                    patch_size=14),
-        lora_target_modules=LANGUAGE_MODEL_LINEARS),
+        "gemma3_text", "google/gemma-3-4b-it",
+        "the 4B checkpoint: Gemma3ForConditionalGeneration, SigLIP tower, 4 pooled tokens per image; images: tests/test_vision.py",
+        lora_target_modules=LANGUAGE_MODEL_LINEARS, image_text="gemma3"),
+    "qwen2_5_vl": Arch("qwen2_5_vl_text", "Qwen/Qwen2.5-VL-3B-Instruct",
+                       "image-text: windowed ViT, 2x2 patch merger, M-RoPE; images: tests/test_vision.py",
+                       image_text="qwen2_5_vl"),
+    "qwen3_vl": Arch("qwen3_vl_text", "Qwen/Qwen3-VL-8B-Instruct",
+                     "image-text: deepstack ViT features, interleaved M-RoPE; images: tests/test_vision.py",
+                     image_text="qwen3_vl"),
     "gemma4": Arch("gemma4_text", "google/gemma-4-e2b-it",
                    "sliding/full, per-layer embeddings, logit soft-capping",
                    dict(sliding_window=WINDOW, hidden_size_per_layer_input=8, vocab_size_per_layer_input=VOCAB,
@@ -95,16 +97,15 @@ def build_tiny_arch(name: str, path: Path) -> Path:
     from lowvram_grpo.builtin.tiny_model import build_tokenizer
 
     arch = ARCHITECTURES[name]
+    if arch.image_text:
+        from lowvram_grpo.builtin.tiny_vlm import build_tiny_vlm
+
+        build_tiny_vlm(arch.image_text, path, hidden=SMALL["hidden_size"], layers=SMALL["num_hidden_layers"])
+        return path
     tokenizer = build_tokenizer()
     text = dict(**{**SMALL, **arch.overrides}, pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
-    if arch.multimodal:
-        # Image tokens only matter with images; they get ids inside the tiny vocabulary.
-        config = CONFIG_MAPPING[arch.multimodal](
-            text_config=text, vision_config=arch.vision, mm_tokens_per_image=4, image_token_index=VOCAB - 4,
-            boi_token_index=VOCAB - 3, eoi_token_index=VOCAB - 2)
-    else:
-        config = CONFIG_MAPPING[arch.model_type](**text)
+    config = CONFIG_MAPPING[arch.model_type](**text)
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config)

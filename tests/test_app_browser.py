@@ -8,7 +8,8 @@ by hand, no training) and checks the overlay, the health warning, the completion
 reward workbench, field errors and text contrast. The third moves the smoothing slider on such a
 run and checks the redrawn reward line against the smoothed values of metrics.jsonl. The fourth
 reads the base model's rewards and advantages off the workbench's table, then evaluates and
-merges an adapter on the Use tab.
+merges an adapter on the Use tab. The fifth reads the thumbnails of an image dataset's preview
+and of a vision run's logged completions back from the page, pixels included.
 LOWVRAM_GRPO_UPDATE_SCREENSHOT=1 refreshes the README's screenshots (docs/app.png, docs/app-*.png).
 
 Without /usr/bin/chromium the test is skipped locally but fails under CI (CI=1): a browser test
@@ -547,3 +548,57 @@ def test_workbench_base_model_groups_and_use_tab_eval_and_merge(tuned, open_page
     expect(page.locator("#merge-message")).to_contain_text("already exists and is not empty")
     screenshot(page, "app-use.png", tmp_path, full_page=True)
 
+
+def _red_square_png(path: Path) -> None:
+    from PIL import Image
+
+    image = Image.new("RGB", (40, 40), (255, 255, 255))
+    image.paste(Image.new("RGB", (20, 20), (220, 30, 30)), (10, 10))
+    image.save(path)
+
+
+THUMBNAILS = """(sel) => [...document.querySelectorAll(sel + ' [role=gridcell] img')].map(img => {
+  const canvas = document.createElement('canvas');
+  canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+  const ctx = canvas.getContext('2d');
+  ctx.drawImage(img, 0, 0);
+  const [r, g, b] = ctx.getImageData(img.naturalWidth >> 1, img.naturalHeight >> 1, 1, 1).data;
+  return {width: img.naturalWidth, centre: [r, g, b], src: img.src.slice(0, 22)};
+})"""
+
+
+def test_images_show_as_thumbnails_in_the_preview_and_the_completions(work_dir, open_page, tmp_path):
+    """An image dataset's preview and a vision run's logged completions show each row's picture:
+    a person sees the red square (the thumbnail's pixels are read back from the page)."""
+    from lowvram_grpo.vision import thumbnail
+    from PIL import Image
+
+    data = tmp_path / "pictures"
+    data.mkdir()
+    _red_square_png(data / "square.png")
+    (data / "train.jsonl").write_text("".join(json.dumps({"prompt": f"how many squares? ({i})", "image": "square.png",
+                                                          "answer": "1"}) + "\n" for i in range(3)))
+    _seed_run(work_dir / "runs", "vision", [0.5, 1.0])
+    completions = work_dir / "runs" / "vision" / "completions.jsonl"
+    records = [json.loads(line) for line in completions.read_text().splitlines()]
+    for record in records:
+        record["images"] = [thumbnail(Image.open(data / "square.png"))]
+    completions.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    page = open_page()
+    page.get_by_label("Dataset").first.fill(str(data / "train.jsonl"))
+    page.get_by_role("button", name="Preview").click()
+    expect(page.locator("#preview")).to_contain_text("how many squares? (2)")
+    page.wait_for_function("(sel) => document.querySelectorAll(sel + ' [role=gridcell] img').length == 3",
+                           arg="#preview")
+    shown = page.evaluate(THUMBNAILS, "#preview")
+    assert all(t["src"] == "data:image/png;base64," and t["width"] == 40 for t in shown), shown
+    assert all(t["centre"] == [220, 30, 30] for t in shown), shown  # the red square, as drawn
+
+    page.get_by_role("tab", name="Completions").click()
+    page.locator("#browse").click()
+    expect(page.locator("#browse-message")).to_contain_text("2 of 2")
+    page.wait_for_function("(sel) => document.querySelectorAll(sel + ' [role=gridcell] img').length == 2",
+                           arg="#completions")
+    shown = page.evaluate(THUMBNAILS, "#completions")
+    assert all(t["centre"] == [220, 30, 30] for t in shown), shown

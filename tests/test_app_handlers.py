@@ -385,12 +385,12 @@ def test_adapter_picker(handlers, tmp_path):
 
 def test_try_rewards_scores_pasted_completions_as_a_group(handlers):
     columns_in = ["arith_answer", 1.0, "", 1.0, "", 1.0]
-    table, message = handlers.score_rewards(*columns_in, "3+5=", "8", "8\n---\n9\n---\n", "group")
+    table, message = handlers.score_rewards(*columns_in, "3+5=", "8", "8\n---\n9\n---\n", "group", None)
     assert list(table.columns) == ["completion", "arith_answer", "total", "advantage"]
     assert list(table["completion"]) == ["8", "9"]
     right, wrong = table["advantage"]
     assert table["arith_answer"][0] > table["arith_answer"][1] and right > 0 > wrong
-    assert "⚠" in handlers.score_rewards("my.py:fn", 1.0, "", 1.0, "", 1.0, "p", "a", "x", "group")[1]
+    assert "⚠" in handlers.score_rewards("my.py:fn", 1.0, "", 1.0, "", 1.0, "p", "a", "x", "group", None)[1]
 
 
 # --- run health (the rules themselves: tests/test_health.py) ------------------------------------

@@ -27,7 +27,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 from architectures import ARCHITECTURES, build_tiny_arch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
 from lowvram_grpo import grpo
 from lowvram_grpo.config import load_config
@@ -68,6 +68,11 @@ def arch(request, tmp_path_factory):
     return name, path, policy, tokenizer
 
 
+def _model_class(name: str):
+    """The class that loads the checkpoint whole: image-text models have their own."""
+    return AutoModelForImageTextToText if ARCHITECTURES[name].image_text else AutoModelForCausalLM
+
+
 def _record(name: str, check: str, outcome: str = "ok") -> None:
     RESULTS[name][check] = outcome
 
@@ -75,9 +80,11 @@ def _record(name: str, check: str, outcome: str = "ok") -> None:
 def test_base_is_4bit_with_lora_on_every_linear_layer(arch):
     name, _, policy, _ = arch
     base = policy.get_base_model()
-    # Every linear of the language model is 4-bit and carries a LoRA adapter (a vision tower,
-    # mostly 4-bit too, gets none: text prompts never use it).
+    # Every linear of the language model is 4-bit and carries a LoRA adapter; a vision tower
+    # stays 16-bit and gets none (the planner counts it so).
     decoder = base.get_decoder()
+    vision_parts = [m for n, m in base.named_modules() if any(part in n for part in ("visual", "vision_tower"))]
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in vision_parts), "the vision tower stays 16-bit"
     layers = [m for n, m in decoder.named_modules() if isinstance(m, torch.nn.Linear) and "lora_" not in n
               and ".base_layer" not in n]
     plain = [m for m in layers if not isinstance(m, bnb.nn.Linear4bit)]
@@ -89,7 +96,7 @@ def test_base_is_4bit_with_lora_on_every_linear_layer(arch):
     assert in_decoder and in_decoder <= lora_owners
     trainable = [n for n, p in base.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
-    assert not any("vision" in n for n in trainable), "LoRA belongs on the language model"
+    assert not any("vision" in n or "visual" in n for n in trainable), "LoRA belongs on the language model"
     assert base.is_activation_checkpointing
     # Experts stored as 3-D tensors (transformers 5's fused MoE) are not nn.Linear: bitsandbytes
     # leaves them in 16 bits. Record it for the table (and the planner counts them so).
@@ -158,7 +165,7 @@ def test_adapter_off_is_the_plain_base_model(arch):
         with reference_model(policy):
             reference, _ = grpo.sequence_logprobs(policy, ids, mask, 6)
         adapted, _ = grpo.sequence_logprobs(policy, ids, mask, 6)
-        base = AutoModelForCausalLM.from_pretrained(path, quantization_config=nf4_config(torch.float32),
+        base = _model_class(name).from_pretrained(path, quantization_config=nf4_config(torch.float32),
                                                     dtype=torch.float32)
         set_cpu_inference_packing(base, inference_only=False)  # the float32 path the policy takes
         plain = _full_logprobs(base, ids, mask, 6)
@@ -248,8 +255,9 @@ def test_the_planner_counts_what_training_loads_or_refuses(arch):
         _record(name, "planner", "refused")
         return
     with torch.device("meta"):
-        meta = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
-    language_model = sum(p.numel() for n, p in meta.named_parameters() if "vision" not in n and "projector" not in n)
+        meta = _model_class(name).from_config(AutoConfig.for_model(**config))
+    language_model = sum(p.numel() for n, p in meta.named_parameters()
+                         if not any(part in n for part in ("vision", "visual", "projector")))
     assert counted.total == language_model
     lora = sum(p.numel() for n, p in policy.named_parameters() if "lora_" in n)
     assert lora_parameters(config, train_config)[0] == lora

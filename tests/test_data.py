@@ -431,8 +431,11 @@ MALFORMED = [
      {"d.jsonl": '{"question": [{"role": "bot", "content": "hi"}], "answer": "1"}\n'}, {},
      ["line 1", "role 'bot'", "system, user, assistant"]),
     ("conversation content not text",
+     {"d.jsonl": '{"question": [{"role": "user", "content": 7}], "answer": "1"}\n'}, {},
+     ["message 1 content is a number", "expected text or a list of"]),
+    ("conversation content part not text or image",  # lists of typed parts are fine (images)
      {"d.jsonl": '{"question": [{"role": "user", "content": ["a"]}], "answer": "1"}\n'}, {},
-     ["message 1 content is a list", "expected text"]),
+     ["message 1 has a content part 'a'", '{"type": "image"}']),
     ("conversation message not an object",
      {"d.jsonl": '{"question": ["hello"], "answer": "1"}\n'}, {},
      ["message 1", "string", '{"role": ..., "content": ...}']),

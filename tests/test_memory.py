@@ -29,6 +29,8 @@ PUBLISHED_PARAMS = {
     "qwen3-30b-a3b": 30.5e9, "smollm3-3b": 3.08e9, "lfm2-1.2b": 1.17e9,
     # Gemma 3 4B is 4.3B with its 0.42B SigLIP vision tower; the planner models the language model.
     "gemma-3-4b": 4.3e9 - 0.42e9,
+    # Image-text checkpoints shipped whole: the language model plus the vision tower.
+    "qwen2.5-vl-3b": 3.75e9, "qwen3-vl-8b": 8.77e9,
 }
 
 
@@ -49,26 +51,31 @@ def test_every_expected_architecture_is_shipped():
 
 @pytest.mark.parametrize("arch", sorted(PUBLISHED_PARAMS))
 def test_arch_json_is_a_transformers_config_with_the_published_size(arch):
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    from lowvram_grpo.planning.vision_memory import vision_shape
 
     values = load_arch(arch)
     hf_config = AutoConfig.for_model(**values)
     assert hf_config.model_type == values["model_type"]
-    assert type(hf_config).__name__.lower().startswith(values["model_type"].replace("_", ""))
+    assert type(hf_config).__name__.lower().replace("_", "").startswith(values["model_type"].replace("_", ""))
 
-    counted = count_parameters(values).total
+    images = vision_shape(values, None)  # an image-text checkpoint: its vision tower counts too
+    counted = count_parameters(values).total + (images.tower_params if images else 0)
     assert counted == pytest.approx(PUBLISHED_PARAMS[arch], rel=0.02)
 
     # The planner's formula against the real module tree (meta device: shapes, no memory).
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config)
+        model = (AutoModelForImageTextToText if images else AutoModelForCausalLM).from_config(hf_config)
     assert counted == sum(p.numel() for p in model.parameters())  # tied weights count once
 
 
 def test_arch_files_carry_the_keys_the_planner_and_bench_need():
     for arch in shipped_architectures():
         raw = json.loads((model_shape.ARCH_DIR / f"{arch}.json").read_text())
-        for key in ("architectures", "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+        assert "architectures" in raw and "model_type" in raw, arch
+        raw = raw.get("text_config", raw)  # an image-text checkpoint's language model
+        for key in ("hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads", "num_key_value_heads", "vocab_size", "tie_word_embeddings",
                     "max_position_embeddings", "rope_theta"):
             assert key in raw, f"{arch}: {key}"

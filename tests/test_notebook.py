@@ -166,6 +166,7 @@ def test_notebook_runs_offline_on_tiny_cpu(tiny_cache, tmp_path, monkeypatch):
     set_flag(nb, "custom-reward", "USE_CUSTOM_REWARD", True)
     set_flag(nb, "plan", "USE_PLANNED_CHUNKS", True)
     set_flag(nb, "merge", "MERGE", True)
+    set_flag(nb, "vision", "VISION_STEPS", 2)  # the vision example runs too, briefly
     nb.cells.append(nbformat.v4.new_code_cell(
         "assert torch.get_num_threads() == 1, torch.get_num_threads()", id="check-threads"))
 
@@ -205,3 +206,6 @@ def test_notebook_runs_offline_on_tiny_cpu(tiny_cache, tmp_path, monkeypatch):
     assert "metric" in compare and "accuracy" in compare
     assert "--- with the adapter ---" in text_output(cell(nb, "side-by-side"))
     assert "nothing uploaded" in text_output(cell(nb, "push-to-hub"))
+    vision = cell(nb, "vision")
+    assert re.search(r"\d of 6 counted right after 2 steps", text_output(vision)), text_output(vision)
+    assert any("image/png" in o.get("data", {}) for o in vision.outputs), "the pictures with their answers"

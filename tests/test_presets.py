@@ -44,9 +44,13 @@ EXPECTED = {  # name -> (model, target GB): the table users pick from
     "qwen3-1.7b-gsm8k-python": ("Qwen/Qwen3-1.7B", 8),
     "qwen3-4b-gsm8k-python": ("Qwen/Qwen3-4B", 12),
     "qwen3-1.7b-guess-number": ("Qwen/Qwen3-1.7B", 8),
+    # Image-text models: diagrams in, LoRA on the language model.
+    "qwen2.5-vl-3b-geometry": ("Qwen/Qwen2.5-VL-3B-Instruct", 12),
+    "qwen3-vl-8b-geometry": ("Qwen/Qwen3-VL-8B-Instruct", 16),
 }
 # Thinking models: their template's own thinking is off, so our <think>/<answer> format is used.
-THINKING = [name for name in EXPECTED if name.startswith(("qwen3-", "smollm3-"))]
+# (Qwen3-VL's Instruct checkpoints do not think: the thinking ones are separate checkpoints.)
+THINKING = [name for name in EXPECTED if name.startswith(("qwen3-", "smollm3-")) and "-vl-" not in name]
 
 
 def header_lines(name: str) -> list[str]:
@@ -101,8 +105,9 @@ def test_gpu_presets_follow_the_low_memory_recipe(name):
     assert config.optimizer == "paged_adamw_8bit"
     assert config.num_generations == 8
     assert config.beta == 0.04 and config.loss_type == "dapo"
-    # With tools, the chat template lists their schemas in every prompt.
-    assert config.max_prompt_length == (512 if config.tools or config.environment_factory else 256)
+    # With tools, the chat template lists their schemas in every prompt; an image's vision tokens are
+    # part of the prompt (up to 256 at the vision presets' image_size).
+    assert config.max_prompt_length == (512 if config.tools or config.environment_factory or config.image_size else 256)
     assert 256 <= config.max_completion_length <= 512
     assert 5e-6 <= config.learning_rate <= 1e-5
     assert 16 <= config.lora_r <= 32

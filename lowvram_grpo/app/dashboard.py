@@ -23,6 +23,7 @@ from typing import Any
 
 from lowvram_grpo.rewards.base import completion_text
 from lowvram_grpo.rundir import JsonlFollower, RunDir
+from lowvram_grpo.vision import thumbnails_markdown
 
 # The curves, in page order. "series" are metric keys; "prefix"/"suffix" pick every matching
 # key (one line per reward function); "band" is the key of a ±band around the first series.
@@ -230,7 +231,9 @@ def run_row(run_dir: Path, status: dict, records: list[dict]) -> list[Any]:
 
 # --- completions browser -----------------------------------------------------------------------
 
-COMPLETION_COLUMNS = ["step", "reward", "advantage", "rewards", "prompt", "completion"]
+COMPLETION_COLUMNS = ["step", "reward", "advantage", "rewards", "prompt", "completion", "image"]
+# How the browser's table shows each column: the prompt's images as thumbnails (markdown images).
+COMPLETION_DATATYPES = ["number", "number", "number", "str", "str", "str", "markdown"]
 
 
 def _shown(prompt: Any) -> str:
@@ -252,7 +255,7 @@ def filter_completions(samples: list[dict], step_from: float | None = None, step
         rewards = ", ".join(f"{k} {v:.3g}" for k, v in per_function.items() if isinstance(v, (int, float)))
         rows.append([s.get("step") or 0, round(float(s.get("reward") or 0.0), 4),
                      round(float(s.get("advantage") or 0.0), 4), rewards, _shown(s.get("prompt")),
-                     str(s.get("completion"))])
+                     str(s.get("completion")), thumbnails_markdown(s.get("images") or [])])
     return rows
 
 

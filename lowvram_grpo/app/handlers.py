@@ -144,7 +144,8 @@ class Handlers:
         if answer_column and answer_column not in columns:
             answer_column = next((c for c in LIKELY_ANSWER if c in columns), "")
             note += f" Answer column set to `{answer_column or '(none)'}`."
-        return (pd.DataFrame(rows, columns=columns), gr.update(choices=columns, value=prompt_column),
+        table = gr.update(value=pd.DataFrame(rows, columns=columns), datatype=setup.preview_datatypes(columns))
+        return (table, gr.update(choices=columns, value=prompt_column),
                 gr.update(choices=["", *columns], value=answer_column), note)
 
     def upload_dataset(self, file, prompt_column, answer_column):
@@ -335,7 +336,7 @@ class Handlers:
 
     def score_rewards(self, *values):
         """Score pasted completions with the form's reward functions, as one group."""
-        *reward_values, prompt, answer, pasted, scale = values
+        *reward_values, prompt, answer, pasted, scale, image = values
         from lowvram_grpo.app import try_rewards
         from lowvram_grpo.rewards.base import RewardFunctionError
 
@@ -350,6 +351,8 @@ class Handlers:
         if not specs:
             return pd.DataFrame(), "⚠ pick at least one reward function on the Set up tab"
         row = {"prompt": prompt or "", "answer": answer or ""}
+        if image is not None:  # reward functions get it as TRL passes an image column: `images`
+            row["images"] = [image]
         try:
             columns, table = try_rewards.score_group(specs, row, try_rewards.split_completions(pasted),
                                                      scale or "group")
@@ -422,7 +425,7 @@ class Handlers:
             return None, f"⚠ {err}"
         return str(out), f"Adapter from `{source.name}` zipped."
 
-    def try_it(self, name, adapter, prompt, max_new_tokens):
+    def try_it(self, name, adapter, prompt, max_new_tokens, image=None):
         run_dir = self.run_dir(name)
         if run_dir is None:
             return "", "", "⚠ choose a run first"
@@ -435,7 +438,7 @@ class Handlers:
         if source is None:
             return "", "", "⚠ this run has no adapter yet: wait for the first checkpoint"
         try:
-            base, tuned = self.adapter_try_it.generate(run_dir, source, prompt, int(max_new_tokens or 32))
+            base, tuned = self.adapter_try_it.generate(run_dir, source, prompt, int(max_new_tokens or 32), image)
         except Exception as err:  # show any load/generation failure on the page, never crash it
             return "", "", f"⚠ {type(err).__name__}: {err}"
         return base, tuned, f"Adapter: `{source.name}`, greedy decoding."

@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from lowvram_grpo import vision
 from lowvram_grpo.config import ConfigError, TrainConfig, build_config, preset_path, read_yaml
 from lowvram_grpo.config_docs import key_groups
 from lowvram_grpo.data import SUPPORTED, DatasetError, _looks_like_path, load_prompt_data, preview
@@ -427,11 +428,29 @@ def merge_destination(text: str, ctx: AppContext) -> Path:
 
 
 def preview_rows(source: str, n: int = 5) -> tuple[list[str], list[list[str]]]:
-    """Columns and first rows of a dataset as text; raises DatasetError (also for a slow hub
-    download)."""
+    """Columns and first rows of a dataset as text, an image column's images as markdown
+    thumbnails (or the one-line reason one cannot be read); raises DatasetError (also for a
+    slow hub download)."""
     try:
         columns, rows = _background.submit(preview, source, n).result(timeout=PREVIEW_TIMEOUT_S)
     except concurrent.futures.TimeoutError:
         raise DatasetError(f"{source}: no answer within {PREVIEW_TIMEOUT_S} s (offline?)") from None
-    text = lambda v: v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)  # noqa: E731
-    return columns, [[text(row.get(c)) for c in columns] for row in rows]
+    text = lambda v: v if isinstance(v, str) else json.dumps(v, ensure_ascii=False, default=str)  # noqa: E731
+    path = Path(source).expanduser()
+    folder = path if path.is_dir() else path.parent if path.is_file() else Path.cwd()
+
+    def cell(row: dict, column: str) -> str:
+        if column not in vision.IMAGE_COLUMNS or row.get(column) is None:
+            return text(row.get(column))
+        try:
+            images = vision.row_images({column: row[column]})
+            return vision.thumbnails_markdown([vision.thumbnail(vision.load_image(v, folder)) for v in images])
+        except DatasetError as err:
+            return f"⚠ {err}"
+
+    return columns, [[cell(row, c) for c in columns] for row in rows]
+
+
+def preview_datatypes(columns: list[str]) -> list[str]:
+    """How the preview table shows each column: images as thumbnails, the rest as plain text."""
+    return ["markdown" if c in vision.IMAGE_COLUMNS else "str" for c in columns]

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from lowvram_grpo import vision
 from lowvram_grpo.config import RewardSpec, TrainConfig
 from lowvram_grpo.app.use_adapter import ModelSlot, load_for_inference
 
@@ -116,8 +117,8 @@ class BaseSampler:
             with reference_model(policy):  # the base model exactly, whatever LoRA the slot's model has
                 if agent is None:
                     rollout = generate_rollouts(
-                        policy, tokenizer, [row["prompt"] for row in rows], num_generations=G, chunk_size=chunk_size,
-                        max_prompt_length=config.max_prompt_length,
+                        policy, tokenizer, [vision.model_prompt(row) for row in rows], num_generations=G,
+                        chunk_size=chunk_size, max_prompt_length=config.max_prompt_length,
                         max_completion_length=config.max_completion_length, temperature=config.temperature,
                         top_p=config.top_p, top_k=config.top_k)
                 else:

@@ -342,7 +342,7 @@ def _completions_tab() -> SimpleNamespace:
     browse_button = gr.Button("Show", elem_id="browse")
     browse_message = gr.Markdown(elem_id="browse-message")
     completions_df = gr.Dataframe(label="Logged completions (completions.jsonl), newest first",
-                                  headers=dashboard.COMPLETION_COLUMNS,
+                                  headers=dashboard.COMPLETION_COLUMNS, datatype=dashboard.COMPLETION_DATATYPES,
                                   interactive=False, wrap=True, max_height=600, elem_id="completions")
     # Multi-turn completions (runs with tools) as turns: model text, tool calls, tool results.
     trajectories = gr.HTML(elem_id="trajectories")
@@ -360,6 +360,8 @@ def _workbench_tab() -> SimpleNamespace:
         wb_prompt = gr.Textbox(label="Prompt", value="3+5=", elem_id="wb-prompt")
         wb_answer = gr.Textbox(label="Answer (the answer column's value)", value="8", elem_id="wb-answer")
         wb_scale = gr.Dropdown(list(SCALE_REWARDS), value="group", label="scale_rewards")
+    wb_image = gr.Image(type="pil", label="Image (optional: reward functions get it as `images`)",
+                        height=160, elem_id="wb-image")
     wb_completions = gr.Textbox(label="Completions, separated by lines of ---", lines=8,
                                 value="8\n---\n9\n---\nThe answer is 8\n---\n", elem_id="wb-completions")
     wb_button = gr.Button("Score", variant="primary", elem_id="wb-score")
@@ -378,7 +380,8 @@ def _workbench_tab() -> SimpleNamespace:
     wb_sample_table = gr.Dataframe(label="The base model's groups: rewards and advantages",
                                    headers=["row", "prompt", "answer", "completion", "total", "advantage"],
                                    interactive=False, wrap=True, max_height=600, elem_id="wb-sample-table")
-    return SimpleNamespace(wb_prompt=wb_prompt, wb_answer=wb_answer, wb_scale=wb_scale, wb_completions=wb_completions,
+    return SimpleNamespace(wb_prompt=wb_prompt, wb_answer=wb_answer, wb_scale=wb_scale, wb_image=wb_image,
+                           wb_completions=wb_completions,
                            wb_button=wb_button, wb_message=wb_message, wb_table=wb_table, wb_rows=wb_rows,
                            wb_sample_button=wb_sample_button, wb_sample_message=wb_sample_message,
                            wb_sample_table=wb_sample_table)
@@ -396,6 +399,8 @@ def _use_tab(ctx: AppContext, on: Handlers) -> SimpleNamespace:
     gr.Markdown("**Try it**: greedy generation with the adapter off (the base model) and on. The model "
                 "loads into this app's process the first time you ask.")
     try_prompt = gr.Textbox(label="Prompt", placeholder="3+5=")
+    try_image = gr.Image(type="pil", label="Image (optional, for image-text models: shown before the prompt)",
+                         height=160, elem_id="try-image")
     try_tokens = gr.Number(32, label="Max new tokens", precision=0, minimum=1, maximum=2048)
     try_button = gr.Button("Generate")
     with gr.Row():
@@ -428,7 +433,8 @@ def _use_tab(ctx: AppContext, on: Handlers) -> SimpleNamespace:
     merge_message = gr.Markdown(elem_id="merge-message")
     return SimpleNamespace(
         use_run=use_run, use_adapter=use_adapter, zip_button=zip_button, adapter_file=adapter_file,
-        try_prompt=try_prompt, try_tokens=try_tokens, try_button=try_button, base_out=base_out, tuned_out=tuned_out,
+        try_prompt=try_prompt, try_image=try_image, try_tokens=try_tokens, try_button=try_button, base_out=base_out,
+        tuned_out=tuned_out,
         use_message=use_message, eval_prompts=eval_prompts, eval_button=eval_button, eval_message=eval_message,
         eval_table=eval_table, eval_examples=eval_examples, merge_dir=merge_dir, merge_dtype=merge_dtype,
         merge_button=merge_button, merge_message=merge_message)
@@ -496,7 +502,7 @@ def _wire_other_tabs(on: Handlers, p: SimpleNamespace) -> None:
                           [p.completions_df, p.function, p.browse_message, p.trajectories], api_name="completions")
 
     p.wb_button.click(on.score_rewards, [*(p.fields[k] for k in REWARD_FIELDS), p.wb_prompt, p.wb_answer,
-                                     p.wb_completions, p.wb_scale], [p.wb_table, p.wb_message],
+                                     p.wb_completions, p.wb_scale, p.wb_image], [p.wb_table, p.wb_message],
                       api_name="score_rewards")
     # Model work (sampling, try-it, eval, merge) runs one at a time: one GPU, one model in memory.
     model_work = {"concurrency_limit": 1, "concurrency_id": "model"}
@@ -506,7 +512,8 @@ def _wire_other_tabs(on: Handlers, p: SimpleNamespace) -> None:
 
     adapter = [p.use_run, p.use_adapter]
     p.zip_button.click(on.zip, adapter, [p.adapter_file, p.use_message], api_name="zip_adapter")
-    p.try_button.click(on.try_it, [*adapter, p.try_prompt, p.try_tokens], [p.base_out, p.tuned_out, p.use_message],
+    p.try_button.click(on.try_it, [*adapter, p.try_prompt, p.try_tokens, p.try_image],
+                       [p.base_out, p.tuned_out, p.use_message],
                        api_name="try_it", **model_work)
     p.eval_button.click(on.evaluate, [*adapter, p.eval_prompts], [p.eval_message, p.eval_table, p.eval_examples],
                         api_name="evaluate_adapter", **model_work)

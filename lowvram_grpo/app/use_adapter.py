@@ -64,7 +64,11 @@ class AdapterTryIt:
     def __init__(self, models: ModelSlot | None = None):
         self.models = models or ModelSlot()
 
-    def generate(self, run_dir: Path, adapter: Path, prompt: str, max_new_tokens: int) -> tuple[str, str]:
+    def generate(self, run_dir: Path, adapter: Path, prompt: str, max_new_tokens: int,
+                 image=None) -> tuple[str, str]:
+        """The base model's and the adapter's greedy answers to `prompt`, with `image` (a PIL
+        image, for an image-text model) shown before it, shrunk as the run's images were."""
+        from lowvram_grpo import vision
         from lowvram_grpo.model import reference_model
         from lowvram_grpo.prompts import with_system_prompt
         from lowvram_grpo.rollout import generate_greedy
@@ -72,6 +76,9 @@ class AdapterTryIt:
         with self.models.lock:
             policy, tokenizer, config = self._load(run_dir, adapter)
             messages = with_system_prompt(prompt, config.system_prompt)  # as the run's training prompts
+            if image is not None:
+                image = vision.load_image(image, run_dir, config.image_size, config.max_pixels)
+                messages = vision.with_images(vision.image_prompt(messages, 1), [image])
 
             def run() -> str:
                 return generate_greedy(policy, tokenizer, [messages], chunk_size=1, max_new_tokens=max_new_tokens,

@@ -41,6 +41,7 @@ from lowvram_grpo.planning.chunking import GENERATION, LOGPROBS, UPDATE
 from lowvram_grpo.planning.model_shape import (QK_NORM_TYPES, ModelShape, ParamCounts, PlannerError, billions,
                                                count_parameters, lora_parameters, lora_targets, millions,
                                                resolve_model_config)
+from lowvram_grpo.planning.vision_memory import vision_shape, vision_terms
 
 GIB = 2**30
 
@@ -155,6 +156,8 @@ def estimate_memory(model_config: Any, train_config: TrainConfig, *,
     shape = ModelShape.from_config(model_config)
     counts = count_parameters(shape)
     c = train_config
+    full_config = model_config.to_dict() if hasattr(model_config, "to_dict") else model_config
+    images = vision_shape(full_config, c.image_size)  # None for a text model
     sequences = c.sequences_per_step
     gen_chunk = min(generation_chunk_size or c.generation_chunk_size, sequences)
     micro = min(micro_batch_size or c.micro_batch_size, sequences)
@@ -193,6 +196,13 @@ def estimate_memory(model_config: Any, train_config: TrainConfig, *,
     static.update(reward_static)
     if reward_phase:
         phases["reward model"] = reward_phase
+    if images is not None:  # an image-text model: its vision tower, and encoding one prompt's image
+        vision_static, vision_phases, vision_notes = vision_terms(images, c, db, NF4_BYTES_PER_PARAM)
+        static.update(vision_static)
+        weights_bytes += sum(vision_static.values())
+        for phase, parts in vision_phases.items():
+            phases[phase].update(parts)
+        notes += vision_notes
     if c.beta == 0 and c.num_iterations == 1:
         del phases[LOGPROBS]  # no frozen log-probs are computed at all
     peak_phase = max(phases, key=lambda p: sum(phases[p].values()))

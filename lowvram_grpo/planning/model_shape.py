@@ -40,7 +40,10 @@ UNMODELLED = {
 # stored as one 3-D tensor per projection, a linear router).
 MOE_TYPES = ("qwen3_moe",)
 # Per-head RMSNorm on queries and keys (head_dim weights each, per attention layer).
-QK_NORM_TYPES = ("qwen3", "qwen3_moe", "gemma3_text", "lfm2")
+QK_NORM_TYPES = ("qwen3", "qwen3_moe", "gemma3_text", "lfm2", "qwen3_vl_text")
+# Qwen2 hard-codes a bias on q, k and v (its config has no key for it), and so do the language
+# models of Qwen2-VL and Qwen2.5-VL.
+QKV_BIAS_TYPES = ("qwen2", "qwen2_vl_text", "qwen2_5_vl_text")
 # Gemma 2/3 normalise before and after both attention and MLP: four norms per layer.
 SANDWICH_NORM_TYPES = ("gemma2", "gemma3_text")
 
@@ -111,9 +114,8 @@ class ModelShape:
             # A config.json without the key gets its model class's default (untied for Llama
             # and Qwen2, tied for others); assuming untied can only over-estimate.
             tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            # Qwen2 hard-codes a bias on q, k and v (its config has no key for it); Llama-style
-            # configs switch all four attention projections with `attention_bias`.
-            qkv_bias=model_type == "qwen2" or attention_bias,
+            # Llama-style configs switch all four attention projections with `attention_bias`.
+            qkv_bias=model_type in QKV_BIAS_TYPES or attention_bias,
             o_bias=attention_bias,
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             model_type=model_type,
@@ -359,7 +361,7 @@ def resolve_model_config(name_or_path: str) -> dict[str, Any]:
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(name_or_path).get_text_config().to_dict()
+        return AutoConfig.from_pretrained(name_or_path).to_dict()  # an image-text model's vision_config too
     except Exception as err:  # offline, unknown id, gated repo...
         raise PlannerError(
             f"model_name_or_path: no config for '{name_or_path}': it is not in the local Hugging Face cache "
