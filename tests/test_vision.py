@@ -86,12 +86,19 @@ def test_image_columns_in_every_form_load_as_rgb_with_placeholders(tmp_path):
     assert rows[0]["images"][0].size == (10, 10) and rows[0]["images"][0].getpixel((0, 0)) == COLOURS[1]
 
 
-@pytest.mark.parametrize("problem", ["missing", "corrupt", "mode", "too large", "count"])
+@pytest.mark.parametrize("problem", ["missing", "corrupt", "mode", "too large", "count", "url offline"])
 def test_a_bad_image_is_one_line_naming_its_row(tmp_path, problem, monkeypatch):
     good = tmp_path / "ok.png"
     square(16, COLOURS[0]).save(good)
     bad = {"missing": "nowhere.png", "corrupt": "corrupt.png", "mode": "float.tif", "too large": "big.png",
-           "count": "ok.png"}[problem]
+           "count": "ok.png", "url offline": "https://example.com/square.png"}[problem]
+    import urllib.error
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     Image.new("F", (8, 8), 1.5).save(tmp_path / "float.tif")
     Image.new("RGB", (40, 40)).save(tmp_path / "big.png")
@@ -106,7 +113,8 @@ def test_a_bad_image_is_one_line_naming_its_row(tmp_path, problem, monkeypatch):
     message = str(caught.value)
     assert "\n" not in message and message.startswith(f"{data} line 3: ")
     expected = {"missing": "not found", "corrupt": "not an image PIL can read", "mode": "mode F",
-                "too large": "40x40 pixels", "count": "2 image placeholders but the row has 1"}[problem]
+                "too large": "40x40 pixels", "count": "2 image placeholders but the row has 1",
+                "url offline": "could not be fetched (URLError: <urlopen error no network>); download the images"}[problem]
     assert expected in message, message
 
 
