@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"Measured {datetime.date.today()} on {common.device_description('cpu')}, "
         + ", ".join(f"{k} {v}" for k, v in common.versions().items()) + ".",
-        f"Building and warming up the tiny Qwen2.5-VL took {build_seconds:.1f} s (cached after).",
+        f"Building and warming up the tiny Qwen2.5-VL took {build_seconds:.1f} s (cached after). Load average "
+        f"at the end: {os.getloadavg()[0]:.1f} (times are indicative on a shared machine; rewards are seeded).",
         "",
         *table,
         "",
