@@ -12,7 +12,6 @@ template, so the parsers are compared too.
 import warnings
 
 import pytest
-import torch
 
 from lowvram_grpo.agent.loop import Agent, generate_tool_rollouts, tool_metrics
 from lowvram_grpo.agent.tools import ToolBox

@@ -198,7 +198,7 @@ def test_the_app_offers_tools_safely(tmp_path):
 
 
 def test_the_guess_number_example_environment():
-    from lowvram_grpo.builtin.guess_number import GuessNumber, guess_number_rows
+    from lowvram_grpo.builtin.guess_number import guess_number_rows
 
     row = guess_number_rows(3, seed=1)[0]
     agent = Agent(tools=[], environment=load_environment("lowvram_grpo.builtin.guess_number.GuessNumber"), timeout=5.0)
