@@ -442,12 +442,78 @@ def check_trajectory_turns(page) -> None:
     assert len(set(backgrounds.values())) == 3, backgrounds  # model, call and result look different
 
 
-def test_smoothing_slider_draws_the_smoothed_reward(agent_run, noisy, open_page):
+def _red_square_png(path: Path) -> None:
+    from PIL import Image
+
+    image = Image.new("RGB", (40, 40), (255, 255, 255))
+    image.paste(Image.new("RGB", (20, 20), (220, 30, 30)), (10, 10))
+    image.save(path)
+
+
+@pytest.fixture
+def vision_run(work_dir, tmp_path):
+    """A dataset of pictures (a red square each) and a finished vision run whose logged
+    completions carry that picture's thumbnail; returns the dataset file."""
+    from lowvram_grpo.vision import thumbnail
+    from PIL import Image
+
+    data = tmp_path / "pictures"
+    data.mkdir()
+    _red_square_png(data / "square.png")
+    (data / "train.jsonl").write_text("".join(json.dumps({"prompt": f"how many squares? ({i})", "image": "square.png",
+                                                          "answer": "1"}) + "\n" for i in range(3)))
+    _seed_run(work_dir / "runs", "vision", [0.5, 1.0])
+    completions = work_dir / "runs" / "vision" / "completions.jsonl"
+    records = [json.loads(line) for line in completions.read_text().splitlines()]
+    for record in records:
+        record["images"] = [thumbnail(Image.open(data / "square.png"))]
+    completions.write_text("".join(json.dumps(r) + "\n" for r in records))
+    time.sleep(0.05)  # older than the runs seeded after it: the page opens on theirs
+    return data / "train.jsonl"
+
+
+THUMBNAILS = """(sel) => [...document.querySelectorAll(sel + ' [role=gridcell] img')].map(img => {
+  const canvas = document.createElement('canvas');
+  canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+  const ctx = canvas.getContext('2d');
+  ctx.drawImage(img, 0, 0);
+  const [r, g, b] = ctx.getImageData(img.naturalWidth >> 1, img.naturalHeight >> 1, 1, 1).data;
+  return {width: img.naturalWidth, centre: [r, g, b], src: img.src.slice(0, 22)};
+})"""
+
+
+def check_thumbnails(page, dataset: Path) -> None:
+    """An image dataset's preview and the vision run's logged completions show each row's
+    picture: a person sees the red square (the thumbnail's pixels are read back from the page)."""
+    page.get_by_role("tab", name="Set up").click()
+    page.get_by_label("Dataset").first.fill(str(dataset))
+    page.get_by_role("button", name="Preview").click()
+    expect(page.locator("#preview")).to_contain_text("how many squares? (2)")
+    page.wait_for_function("(sel) => document.querySelectorAll(sel + ' [role=gridcell] img').length == 3",
+                           arg="#preview")
+    shown = page.evaluate(THUMBNAILS, "#preview")
+    assert all(t["src"] == "data:image/png;base64," and t["width"] == 40 for t in shown), shown
+    assert all(t["centre"] == [220, 30, 30] for t in shown), shown  # the red square, as drawn
+
+    page.get_by_role("tab", name="Train and watch").click()
+    page.locator("#run-choice input").click()
+    page.get_by_role("option", name="vision", exact=True).click()
+    page.get_by_role("tab", name="Completions").click()
+    page.locator("#browse").click()
+    expect(page.locator("#browse-message")).to_contain_text("2 of 2")
+    page.wait_for_function("(sel) => document.querySelectorAll(sel + ' [role=gridcell] img').length == 2",
+                           arg="#completions")
+    shown = page.evaluate(THUMBNAILS, "#completions")
+    assert all(t["centre"] == [220, 30, 30] for t in shown), shown
+
+
+def test_smoothing_slider_draws_the_smoothed_reward(vision_run, agent_run, noisy, open_page):
     """Moving the smoothing slider redraws the reward line as the smoothed rewards of
     metrics.jsonl (drawn points mapped back through the axes), and back to the raw ones at 0.
     The run's loss is constant: smoothed, it wobbles in its last digits and must still draw
     (it once sent the axis ticks into an endless loop that stopped every redraw). Then a run
-    with tools: its trajectories as turns (check_trajectory_turns)."""
+    with tools: its trajectories as turns (check_trajectory_turns); and images as thumbnails
+    (check_thumbnails)."""
     page = open_page(1280)
     page.get_by_role("tab", name="Train and watch").click()
     page.wait_for_function("""() => { const l = document.querySelector('#curve-reward polyline.line');
@@ -481,6 +547,7 @@ def test_smoothing_slider_draws_the_smoothed_reward(agent_run, noisy, open_page)
     assert max(abs(a - b) for a, b in zip(ema(ZIGZAG, 0.6), ZIGZAG)) > 0.3  # smoothed lines are other lines
 
     check_trajectory_turns(page)  # issue 23, on the same page (one app start fewer)
+    check_thumbnails(page, vision_run)  # issue 24, likewise
 
 
 @pytest.fixture
@@ -547,58 +614,3 @@ def test_workbench_base_model_groups_and_use_tab_eval_and_merge(tuned, open_page
     page.locator("#merge").click()
     expect(page.locator("#merge-message")).to_contain_text("already exists and is not empty")
     screenshot(page, "app-use.png", tmp_path, full_page=True)
-
-
-def _red_square_png(path: Path) -> None:
-    from PIL import Image
-
-    image = Image.new("RGB", (40, 40), (255, 255, 255))
-    image.paste(Image.new("RGB", (20, 20), (220, 30, 30)), (10, 10))
-    image.save(path)
-
-
-THUMBNAILS = """(sel) => [...document.querySelectorAll(sel + ' [role=gridcell] img')].map(img => {
-  const canvas = document.createElement('canvas');
-  canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
-  const ctx = canvas.getContext('2d');
-  ctx.drawImage(img, 0, 0);
-  const [r, g, b] = ctx.getImageData(img.naturalWidth >> 1, img.naturalHeight >> 1, 1, 1).data;
-  return {width: img.naturalWidth, centre: [r, g, b], src: img.src.slice(0, 22)};
-})"""
-
-
-def test_images_show_as_thumbnails_in_the_preview_and_the_completions(work_dir, open_page, tmp_path):
-    """An image dataset's preview and a vision run's logged completions show each row's picture:
-    a person sees the red square (the thumbnail's pixels are read back from the page)."""
-    from lowvram_grpo.vision import thumbnail
-    from PIL import Image
-
-    data = tmp_path / "pictures"
-    data.mkdir()
-    _red_square_png(data / "square.png")
-    (data / "train.jsonl").write_text("".join(json.dumps({"prompt": f"how many squares? ({i})", "image": "square.png",
-                                                          "answer": "1"}) + "\n" for i in range(3)))
-    _seed_run(work_dir / "runs", "vision", [0.5, 1.0])
-    completions = work_dir / "runs" / "vision" / "completions.jsonl"
-    records = [json.loads(line) for line in completions.read_text().splitlines()]
-    for record in records:
-        record["images"] = [thumbnail(Image.open(data / "square.png"))]
-    completions.write_text("".join(json.dumps(r) + "\n" for r in records))
-
-    page = open_page()
-    page.get_by_label("Dataset").first.fill(str(data / "train.jsonl"))
-    page.get_by_role("button", name="Preview").click()
-    expect(page.locator("#preview")).to_contain_text("how many squares? (2)")
-    page.wait_for_function("(sel) => document.querySelectorAll(sel + ' [role=gridcell] img').length == 3",
-                           arg="#preview")
-    shown = page.evaluate(THUMBNAILS, "#preview")
-    assert all(t["src"] == "data:image/png;base64," and t["width"] == 40 for t in shown), shown
-    assert all(t["centre"] == [220, 30, 30] for t in shown), shown  # the red square, as drawn
-
-    page.get_by_role("tab", name="Completions").click()
-    page.locator("#browse").click()
-    expect(page.locator("#browse-message")).to_contain_text("2 of 2")
-    page.wait_for_function("(sel) => document.querySelectorAll(sel + ' [role=gridcell] img').length == 2",
-                           arg="#completions")
-    shown = page.evaluate(THUMBNAILS, "#completions")
-    assert all(t["centre"] == [220, 30, 30] for t in shown), shown

@@ -129,6 +129,22 @@ def test_bad_images_stop_a_run_before_the_model_loads(tmp_path, monkeypatch):
         train(_config(data, output_dir=str(tmp_path / "run"), rewards=["format_soft"]), progress=False)
 
 
+def test_tools_with_images_are_refused_naming_both(tmp_path):
+    """Tool-calling trajectories carry no pixel values: a run asking for both stops with one line
+    that names the tools key and the images, before the model loads."""
+    from lowvram_grpo.config import ConfigError
+    from lowvram_grpo.trainer import check_inputs
+
+    square(20, COLOURS[0]).save(tmp_path / "red.png")
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"prompt": "how many squares?", "image": "red.png"}))
+    tools = {"tools": ["lowvram_grpo.builtin.calculator.add"], "rewards": ["format_soft"]}
+    with pytest.raises(ConfigError, match=r"^tools: cannot be combined with image_size \(images\)"):
+        _config(data, image_size=32, **tools)
+    with pytest.raises(ConfigError, match=r"^tools: cannot be combined with the dataset's images"):
+        check_inputs(_config(data, **tools), check_model=False)
+
+
 # --- the oracle: TRL 1.16 on the same images, prompts and completions ------------------------------
 
 TEMPERATURE = 0.7
