@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 
 from lowvram_grpo import distributed, vision
-from lowvram_grpo.agent.loop import Agent, generate_tool_rollouts
+from lowvram_grpo.agent.loop import Agent, generate_tool_rollouts, refuse_images
 from lowvram_grpo.config import AUTO, TrainConfig
 from lowvram_grpo.data import load_prompt_data
 from lowvram_grpo.model import default_device, load_policy, reference_model, resolve_model_path
@@ -119,6 +119,7 @@ def _greedy_scores(policy, tokenizer, rows: list[dict], reward_functions: list[R
                                   max_prompt_length=config.max_prompt_length,
                                   max_new_tokens=config.max_completion_length)
     else:  # with tools: greedy trajectories, tool results and all, as training rolls them out
+        refuse_images(config, rows)
         agent.prepare(tokenizer)
         prompts, toolboxes, environments = agent.start(rows, num_generations=1)
         rollout = generate_tool_rollouts(

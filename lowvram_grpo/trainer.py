@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from lowvram_grpo import distributed, grpo, metrics, vision
-from lowvram_grpo.agent.loop import Agent, call_rollout_func, generate_tool_rollouts, tool_metrics
+from lowvram_grpo.agent.loop import Agent, call_rollout_func, generate_tool_rollouts, refuse_images, tool_metrics
 from lowvram_grpo.planning.backoff import retry_on_oom
 from lowvram_grpo.checkpoint import (load_checkpoint, read_resume_state, restore_rng_state, rng_state, save_adapter,
                                      save_checkpoint, set_rng_state)
@@ -271,11 +271,8 @@ def check_inputs(config: TrainConfig, check_model: bool = True) -> RunInputs:
         key = "tools" if config.tools else "environment_factory"
         raise ConfigError(f"{key}: the prompts are plain text, but tools are shown to the model through the chat "
                           "template: use conversational prompts (a dataset of message lists, or set system_prompt)")
-    if agent is not None and any(row.get("images") for row in prompts.train + prompts.eval):
-        key = next(k for k in ("tools", "environment_factory", "rollout_func") if getattr(config, k))
-        raise ConfigError(f"{key}: cannot be combined with the dataset's images (its image/images column): multi-turn "
-                          f"rollouts with tools do not carry images; use tools with text prompts, or images without "
-                          f"{key}")
+    if agent is not None:
+        refuse_images(config, prompts.train + prompts.eval)
     return RunInputs(reward_functions=reward_functions, prompts=prompts, reward_context=reward_context, agent=agent)
 
 

@@ -115,6 +115,16 @@ class Agent:
         return prompts, toolboxes, environments if self.environment is not None else None
 
 
+def refuse_images(config, rows: list[dict]) -> None:
+    """Trajectories with tool calls are re-tokenised turn by turn from text: they carry no pixel
+    values, so an image prompt would be trained on without its images. Refused, naming both."""
+    if any(row.get("images") for row in rows):
+        key = next(k for k in ("tools", "environment_factory", "rollout_func") if getattr(config, k))
+        raise ConfigError(f"{key}: cannot be combined with the dataset's images (its image/images column): multi-turn "
+                          f"rollouts with tools do not carry images; use tools with text prompts, or images without "
+                          f"{key}")
+
+
 @torch.no_grad()
 def generate_tool_rollouts(model, tokenizer, prompts: list, toolboxes: list[ToolBox], *, num_generations: int,
                            chunk_size: int, max_prompt_length: int, max_completion_length: int,

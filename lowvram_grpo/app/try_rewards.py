@@ -90,7 +90,7 @@ class BaseSampler:
         self.models = models
 
     def sample(self, config: TrainConfig, num_rows: int) -> SampledGroups:
-        from lowvram_grpo.agent.loop import Agent, generate_tool_rollouts
+        from lowvram_grpo.agent.loop import Agent, generate_tool_rollouts, refuse_images
         from lowvram_grpo.app.dashboard import trajectory_text
         from lowvram_grpo.data import read_prompt_rows
         from lowvram_grpo.model import default_device, reference_model
@@ -107,6 +107,7 @@ class BaseSampler:
         agent = Agent.from_config(config)  # tools, an environment: multi-turn groups, as training rolls them out
         if agent is not None:
             functions += agent.reward_functions(config.reward_timeout)
+            refuse_images(config, rows)
         device = default_device()
         chunk_size = resolve_chunking(config, device, announce=False).generation_chunk_size
         G = config.num_generations
