@@ -142,7 +142,9 @@ def test_uploaded_dataset_without_the_prompt_column(app, tmp_path):
     dataset, table, prompt_column, answer_column, message = client.predict(
         gradio_client.handle_file(str(data)), "prompt", "answer", api_name="/upload_dataset")
     assert Path(dataset).parent == work_dir / "uploads"  # copied under the app's own work dir
-    assert table["headers"] == ["question", "solution"] and len(table["data"]) == 2
+    # The preview is an update: the table and how each column shows (an image column as pictures).
+    assert table["datatype"] == ["str", "str"]
+    assert table["value"]["headers"] == ["question", "solution"] and len(table["value"]["data"]) == 2
     assert "question" in message
 
     errors = field_errors(client.predict(**form(dataset=dataset, prompt_column="prompt", answer_column="solution",
