@@ -25,7 +25,7 @@ from lowvram_grpo import vision
 from lowvram_grpo.config import load_config
 from lowvram_grpo.data import read_prompt_rows
 from lowvram_grpo.errors import DatasetError
-from lowvram_grpo.grpo import grpo_loss, sequence_logprobs
+from lowvram_grpo.grpo import Objective, grpo_loss, sequence_logprobs
 from lowvram_grpo.rollout import Rollout, generate_rollouts, left_pad
 from lowvram_grpo.builtin.tiny_vlm import ARCHITECTURES, IMAGE_SIZES, build_tiny_vlm
 
@@ -288,10 +288,11 @@ def test_loss_and_lora_gradients_match_trl_with_images(vlm, tmp_path, loss_type,
     our_losses = []
     for mb in MICRO_BATCHES:
         logps, entropies = ours_logps(mb, compute_entropy=True)
+        objective = Objective(loss_type=loss_type, beta=beta, epsilon_low=0.2, epsilon_high=0.28,
+                              max_completion_length=8)
         loss, _ = grpo_loss(logps, old[mb] if old_given else None, ref[mb], advantages[mb], completion_mask[mb],
-                            loss_type=loss_type, beta=beta, epsilon_low=0.2, epsilon_high=0.28,
-                            max_completion_length=8, num_sequences_in_step=6,
-                            num_tokens_in_step=float(completion_mask.sum()), num_micro_batches=2, entropies=entropies)
+                            objective, num_sequences_in_step=6, num_tokens_in_step=float(completion_mask.sum()),
+                            num_micro_batches=2, entropies=entropies)
         loss.backward()
         our_losses.append(loss.item())
     our_grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad}
