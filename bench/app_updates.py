@@ -32,11 +32,11 @@ from pathlib import Path
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from bench import common  # noqa: E402  (the docs writer)
+from lowvram_grpo.app.dashboard import CURVES  # noqa: E402
 from lowvram_grpo.app.handlers import Handlers  # noqa: E402
+from lowvram_grpo.app.jobs import JobManager  # noqa: E402
 from lowvram_grpo.app.setup import AppContext  # noqa: E402
 from lowvram_grpo.config import build_config, save_config  # noqa: E402
-from lowvram_grpo.app.dashboard import CURVES  # noqa: E402
-from lowvram_grpo.app.jobs import JobManager  # noqa: E402
 
 FUNCTIONS = ["accuracy", "format_strict", "format_soft", "length_penalty"]
 

@@ -190,8 +190,8 @@ def run_trl(s: Settings, out_dir: Path, log: StepLog) -> dict:
     from transformers import BitsAndBytesConfig, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from lowvram_grpo.rewards.builtins import arith_answer
     from lowvram_grpo.model import load_tokenizer
+    from lowvram_grpo.rewards.builtins import arith_answer
 
     cuda = s.device == "cuda"
     dtype = getattr(torch, s.dtype)

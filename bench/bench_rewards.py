@@ -24,10 +24,16 @@ import time
 from datetime import date
 
 from bench import common
-from lowvram_grpo.rewards.code import CodeTests
 from lowvram_grpo.config import TrainConfig
 from lowvram_grpo.planning.memory import reward_model_memory
-from lowvram_grpo.rewards.sandbox import SandboxLimits, default_workers, describe_isolation, isolation_report, run_program
+from lowvram_grpo.rewards.code import CodeTests
+from lowvram_grpo.rewards.sandbox import (
+    SandboxLimits,
+    default_workers,
+    describe_isolation,
+    isolation_report,
+    run_program,
+)
 
 DOCS_KEY = "rewards"
 COMMAND = "python -m bench.bench_rewards"

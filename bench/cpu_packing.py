@@ -20,7 +20,12 @@ from pathlib import Path
 import torch
 
 from bench.common import add_output_arguments, command_line, device_description, update_docs, versions
-from lowvram_grpo.quantization import import_bitsandbytes, is_packed_for_cpu_inference, nf4_config, set_cpu_inference_packing
+from lowvram_grpo.quantization import (
+    import_bitsandbytes,
+    is_packed_for_cpu_inference,
+    nf4_config,
+    set_cpu_inference_packing,
+)
 
 
 def build_model(directory: Path, hidden: int, layers: int) -> None:

@@ -8,7 +8,7 @@ limit in its dry run.
 from __future__ import annotations
 
 import weakref
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.utils import _pytree as pytree

@@ -98,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--device cuda: torch sees no GPU (use --device cpu for the dry run)")
     from bench.update_bytes import load_learner
     from lowvram_grpo.config import TrainConfig
-    from lowvram_grpo.planning.memory import estimate_memory
     from lowvram_grpo.model import enable_long_context
+    from lowvram_grpo.planning.memory import estimate_memory
 
     device = torch.device(args.device)
     if device.type == "cpu":

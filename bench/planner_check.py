@@ -46,10 +46,10 @@ DEFAULT_ARCHS = ("qwen2.5-0.5b", "llama-3.2-3b", "qwen2.5-7b", "qwen3-0.6b", "ge
 def check_architecture(arch: str, layers: int, work: Path) -> dict:
     """Measured and estimated bytes for one architecture: static, and each phase's peak."""
     from lowvram_grpo import trainer
-    from lowvram_grpo.planning.chunking import GENERATION, LOGPROBS, PHASES, UPDATE
     from lowvram_grpo.data import load_prompt_data
-    from lowvram_grpo.planning.memory import CUDA_OVERHEAD_BYTES, DEQUANT_TERM, estimate_memory
     from lowvram_grpo.model import load_policy
+    from lowvram_grpo.planning.chunking import GENERATION, LOGPROBS, PHASES, UPDATE
+    from lowvram_grpo.planning.memory import CUDA_OVERHEAD_BYTES, DEQUANT_TERM, estimate_memory
     from lowvram_grpo.planning.planner import resolve_chunking
     from lowvram_grpo.rewards.loading import load_reward_functions
 

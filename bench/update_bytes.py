@@ -41,11 +41,12 @@ def build_model(values: dict, out_dir: Path) -> Path:
     return out_dir
 
 
-def load_learner(config, device: torch.device = torch.device("cpu")):
+def load_learner(config, device: torch.device | None = None):
     """The policy as training loads it, long-context settings applied, in a trainer Learner."""
+    device = device or torch.device("cpu")
     from lowvram_grpo import trainer
-    from lowvram_grpo.planning.chunking import Chunking
     from lowvram_grpo.model import enable_long_context, load_policy
+    from lowvram_grpo.planning.chunking import Chunking
 
     policy, tokenizer = load_policy(config, device)
     policy.train()  # gradient checkpointing acts in training mode only
@@ -82,7 +83,7 @@ def measure_updates(config, prompt: int, completions: list[int]) -> list[UpdateB
                               is_clipped=torch.tensor([True]), num_prompts_truncated=0)
             ref_logps = torch.zeros(1, completion) if config.beta > 0 else None
 
-            def update() -> None:
+            def update(rollout=rollout, ref_logps=ref_logps, completion=completion) -> None:
                 trainer._accumulate_gradients(learner, rollout, torch.ones(1), ref_logps, None, 1, float(completion),
                                               learner.chunking)
 

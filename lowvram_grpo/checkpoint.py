@@ -25,6 +25,7 @@ import torch
 
 from lowvram_grpo.rundir import STATE_FILE, checkpoint_dirs, checkpoint_name
 
+
 def rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():

@@ -107,7 +107,7 @@ class TrainConfig:
     lora_r: int = key(16, MODEL, "LoRA rank.")
     lora_alpha: int = key(32, MODEL, "LoRA scaling numerator (the update is scaled by lora_alpha / lora_r).")
     lora_dropout: float = key(0.05, MODEL, "Dropout on the LoRA input.")
-    lora_target_modules: Union[str, list[str]] = key(
+    lora_target_modules: str | list[str] = key(
         "all-linear", MODEL, "Modules that get LoRA: all-linear or a list of names such as [q_proj, v_proj].")
     lora_modules_to_save: list[str] = key(
         [], MODEL, "Whole modules trained (and saved with the adapter) next to LoRA, e.g. [lm_head]: costs memory "
@@ -141,7 +141,7 @@ class TrainConfig:
     rewards: list[RewardSpec] = key(
         [RewardSpec("arith_answer")], REWARDS, "Reward functions and their weights: names, or {name, weight, args} "
         "(`lowvram-grpo rewards` lists every kind).")
-    reward_timeout: Union[float, Literal["none"], None] = key(
+    reward_timeout: float | Literal["none"] | None = key(
         DEFAULT_REWARD_TIMEOUT, REWARDS, "Seconds one reward function may take for one step's completions; a call that "
         "takes longer (a loop that never ends, a server that never answers) stops the run with an error naming it. "
         "none = no limit.")
@@ -171,7 +171,7 @@ class TrainConfig:
     judge_retries: int = key(2, REWARDS, "judge:<URL>: retries of a failed request.")
 
     num_generations: int = key(8, GENERATION, "G: completions per prompt, normalised as one group.")
-    generation_chunk_size: Union[int, Literal["auto"]] = key(
+    generation_chunk_size: int | Literal["auto"] = key(
         8, GENERATION, "Sequences generated at once: a number, or auto = the planner's choice for vram_gb. Halved "
         "on an out-of-memory error, and the work redone.")
     max_prompt_length: int = key(256, GENERATION, "Longer prompts are dropped when the data loads (and counted).")
@@ -253,18 +253,18 @@ class TrainConfig:
 
     max_steps: int = key(100, OPTIMISATION, "Optimizer steps.")
     prompts_per_step: int = key(4, OPTIMISATION, "Prompts per optimizer step; each brings G completions.")
-    micro_batch_size: Union[int, Literal["auto"]] = key(
+    micro_batch_size: int | Literal["auto"] = key(
         4, OPTIMISATION, "Sequences per forward/backward: a number, or auto = the planner's choice for vram_gb.")
-    logprob_chunk_size: Union[int, Literal["auto"]] = key(
+    logprob_chunk_size: int | Literal["auto"] = key(
         256, OPTIMISATION, "Positions per LM-head chunk: a number, or auto = the planner's choice for vram_gb.")
     vram_gb: float | None = key(
         None, OPTIMISATION, "Memory budget for the auto settings; null = what the GPU has free at the start.")
     # Long sequences (offload.py, sequence_chunks.py).
-    offload_activations: Union[bool, Literal["auto"]] = key(
+    offload_activations: bool | Literal["auto"] = key(
         AUTO, LONG_CONTEXT, "Keep each decoder layer's checkpointed input in pinned CPU memory between forward and "
         "backward, copied on a side stream; auto: on only when the planner says the run does not fit the GPU "
         "without it (never on the CPU). Needs gradient_checkpointing.")
-    sequence_chunk_size: Union[int, Literal["auto"], None] = key(
+    sequence_chunk_size: int | Literal["auto"] | None = key(
         AUTO, LONG_CONTEXT, "Run each layer's per-token modules (norms, attention projections, MLP) over this many "
         "positions at a time, so that one layer's intermediates stay bounded whatever the length; null: never; "
         "auto: the planner's choice (off when the run fits without it, and on the CPU).")

@@ -22,9 +22,10 @@ import gzip
 import io
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from lowvram_grpo import vision
 from lowvram_grpo.builtin import arith, calculator, code_tasks, guess_number, squares
@@ -570,7 +571,7 @@ def _check_columns(columns: list[str], config: TrainConfig, where: str) -> None:
             "prompt", config.prompt_column, columns, _LIKELY_PROMPT_COLUMNS), key="prompt_column")
     if config.prompt_template is not None:
         try:  # checks the placeholders once, before any row
-            fill_template(config.prompt_template, {c: "" for c in columns})
+            fill_template(config.prompt_template, dict.fromkeys(columns, ""))
         except DatasetError as err:
             raise DatasetError(f"{where}: {err}", key="prompt_template") from None
     if config.answer_column and config.answer_column not in columns:

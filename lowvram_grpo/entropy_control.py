@@ -34,7 +34,7 @@ class EntropyControl:
     last_world_entropy: float = math.inf
 
     @classmethod
-    def from_config(cls, config) -> "EntropyControl":
+    def from_config(cls, config) -> EntropyControl:
         return cls(coef=config.entropy_coef, adaptive=config.use_adaptive_entropy, target=config.entropy_target,
                    delta=config.entropy_coef_delta, coef_min=config.entropy_coef_min,
                    coef_max=config.entropy_coef_max)

@@ -38,7 +38,11 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from lowvram_grpo.config import (  # the values, named once, with the config
-    IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, SCALE_REWARDS, TrainConfig)
+    IMPORTANCE_SAMPLING_LEVELS,
+    LOSS_TYPES,
+    SCALE_REWARDS,
+    TrainConfig,
+)
 from lowvram_grpo.offload import activation_memory
 
 # The loss types whose per-token loss is PPO's clipped surrogate (the others reshape the ratio).

@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import weakref
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.autograd.graph import saved_tensors_hooks

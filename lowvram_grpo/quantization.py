@@ -27,8 +27,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 from types import ModuleType
-from typing import Iterator
 
 import torch
 

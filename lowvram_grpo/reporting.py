@@ -167,7 +167,7 @@ class Reporters:
                 logger.warning(f"closing {backend.name} failed: {err}")
         self.backends = []
 
-    def __enter__(self) -> "Reporters":
+    def __enter__(self) -> Reporters:
         return self
 
     def __exit__(self, *exc) -> None:

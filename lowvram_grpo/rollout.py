@@ -9,8 +9,8 @@ which is the layout group normalisation expects.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -63,7 +63,7 @@ class Rollout:
         """Each completion's token ids without padding (what reward functions receive)."""
         return [ids[mask.bool()].tolist() for ids, mask in zip(self.completion_ids, self.completion_mask)]
 
-    def select(self, rows: list[int]) -> "Rollout":
+    def select(self, rows: list[int]) -> Rollout:
         """These sequences only (num_prompts_truncated stays the whole rollout's count)."""
         index = torch.tensor(rows, dtype=torch.long)
         return dataclasses.replace(
@@ -76,7 +76,7 @@ class Rollout:
             tool_counts=None if self.tool_counts is None else [self.tool_counts[i] for i in rows],
             model_inputs=None if self.model_inputs is None else [self.model_inputs[i] for i in rows])
 
-    def mask_truncated(self) -> "Rollout":
+    def mask_truncated(self) -> Rollout:
         """A copy whose truncated completions (no EOS before max_completion_length) have an
         all-zero completion mask: no loss and no attention, as TRL's mask_truncated_completions.
         A cut-off completion was never judged on its ending, so its reward says little."""

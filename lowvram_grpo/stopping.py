@@ -15,7 +15,8 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from lowvram_grpo.processes import stop_signals
 

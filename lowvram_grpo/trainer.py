@@ -20,41 +20,56 @@ only rank 0 writes the run directory. One process runs exactly the loop above.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
 import random
 import time
 import traceback
-import dataclasses
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager
+from typing import Any
 
 import numpy as np
 import torch
 
 from lowvram_grpo import distributed, grpo, metrics, vision
 from lowvram_grpo.agent.loop import Agent, call_rollout_func, generate_tool_rollouts, refuse_images, tool_metrics
-from lowvram_grpo.planning.backoff import retry_on_oom
-from lowvram_grpo.checkpoint import (load_checkpoint, read_resume_state, restore_rng_state, rng_state, save_adapter,
-                                     save_checkpoint, set_rng_state)
-from lowvram_grpo.planning.chunking import GENERATION, LOGPROBS, UPDATE, Chunking
+from lowvram_grpo.checkpoint import (
+    load_checkpoint,
+    read_resume_state,
+    restore_rng_state,
+    rng_state,
+    save_adapter,
+    save_checkpoint,
+    set_rng_state,
+)
 from lowvram_grpo.config import ConfigError, TrainConfig
 from lowvram_grpo.data import PromptRows, finish_prompt_data, read_prompt_rows
 from lowvram_grpo.entropy_control import EntropyControl
-from lowvram_grpo.offload import offloader_of
-from lowvram_grpo.sequence_chunks import is_chunked
 from lowvram_grpo.evaluate import evaluate
 from lowvram_grpo.health import HealthMonitor
-from lowvram_grpo.model import (check_model_available, compute_dtype, enable_long_context, load_policy,
-                                reference_model, resolve_model_path)
+from lowvram_grpo.model import (
+    check_model_available,
+    compute_dtype,
+    enable_long_context,
+    load_policy,
+    reference_model,
+    resolve_model_path,
+)
+from lowvram_grpo.offload import offloader_of
+from lowvram_grpo.planning.backoff import retry_on_oom
+from lowvram_grpo.planning.chunking import GENERATION, LOGPROBS, UPDATE, Chunking
 from lowvram_grpo.planning.planner import resolve_chunking, resolve_long_context
 from lowvram_grpo.reporting import make_reporters
 from lowvram_grpo.rewards.base import RewardContext, RewardFunction, RewardFunctionError
-from lowvram_grpo.rewards.scoring import RewardScores, score_rows
 from lowvram_grpo.rewards.loading import load_reward_functions
+from lowvram_grpo.rewards.scoring import RewardScores, score_rows
 from lowvram_grpo.rollout import Rollout, concat_rollouts, generate_rollouts
 from lowvram_grpo.rundir import RunDir, TrainResult
+from lowvram_grpo.sequence_chunks import is_chunked
 from lowvram_grpo.stopping import StepInterrupted, StopRequested
 
 logger = logging.getLogger(__name__)
@@ -204,7 +219,7 @@ def seed_everything(seed: int) -> None:
 
 def train(config: TrainConfig, resume: bool = False, progress: bool = True,
           on_step: Callable[[dict[str, Any]], None] | None = None,
-          on_phase: Callable[[str], ContextManager] | None = None) -> TrainResult:
+          on_phase: Callable[[str], AbstractContextManager] | None = None) -> TrainResult:
     """Run GRPO as configured; returns how the run ended and where its adapter is.
 
     With `resume=True` the run continues from the newest checkpoint in `config.output_dir`.
@@ -308,7 +323,7 @@ class Learner:
     device: torch.device
     reward_functions: list[RewardFunction]
     # Entered around each memory phase of a step (chunking.PHASES), e.g. to measure its peak.
-    on_phase: Callable[[str], ContextManager] = lambda phase: contextlib.nullcontext()
+    on_phase: Callable[[str], AbstractContextManager] = lambda phase: contextlib.nullcontext()
     # The entropy bonus's coefficient; adaptive, it changes after every update. None: from the config.
     entropy_control: EntropyControl | None = None
     agent: Agent | None = None  # tools and environment: multi-turn rollouts (agent/loop.py)

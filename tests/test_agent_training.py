@@ -7,14 +7,13 @@ import time
 
 import pytest
 import torch
+from conftest import sgd_learner
 
 from lowvram_grpo.agent.loop import Agent
 from lowvram_grpo.config import load_config
 from lowvram_grpo.rewards import RewardFunction, load_reward_functions
 from lowvram_grpo.trainer import PromptSampler, grpo_step, seed_everything
-
-from conftest import sgd_learner
-from tests.agent_helpers import HANGING, TOOLS, hangs, chat_tokenizer, scripted_model
+from tests.agent_helpers import HANGING, TOOLS, chat_tokenizer, hangs, scripted_model
 
 ANSWERS = {0: "The sum is 5.", 2: "errors everywhere", HANGING: "gave up"}
 
@@ -178,8 +177,8 @@ def test_resume_with_tools_matches_an_uninterrupted_run(quick_tools_model, tmp_p
 def test_the_workbench_samples_and_scores_multi_turn_groups(quick_tools_model):
     """The app's workbench samples the base model's groups through the tools, as the first
     training step would, and shows each trajectory turn by turn."""
-    from lowvram_grpo.app.use_adapter import ModelSlot
     from lowvram_grpo.app.try_rewards import BaseSampler
+    from lowvram_grpo.app.use_adapter import ModelSlot
 
     config = load_config(preset="tiny-cpu-tools", overrides={"model_name_or_path": str(quick_tools_model)})
     seed_everything(0)
@@ -187,7 +186,7 @@ def test_the_workbench_samples_and_scores_multi_turn_groups(quick_tools_model):
     assert groups.columns == ["row", "prompt", "answer", "completion", "arith_answer", "total", "advantage"]
     called = [row for row in groups.table if "[calls add]" in row[3]]
     assert called, "no trajectory called the calculator"
-    for _, prompt, answer, completion, reward, total, _ in called:
+    for _, _prompt, answer, completion, reward, total, _ in called:
         lines = completion.split("\n")  # [text,] the call, the calculator's result[, the answer]
         call = next(i for i, line in enumerate(lines) if line.startswith("[calls add] {"))
         assert lines[call + 1].startswith("[add returned] ")

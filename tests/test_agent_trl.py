@@ -15,8 +15,8 @@ import pytest
 
 from lowvram_grpo.agent.loop import Agent, generate_tool_rollouts, tool_metrics
 from lowvram_grpo.agent.tools import ToolBox
-
 from tests.agent_helpers import LLAMA_SCRIPT, SCRIPT, TOOLS, chat_tokenizer, scripted_model
+
 
 def prompts_for(template: str) -> list:
     script = LLAMA_SCRIPT if template.startswith("llama") else SCRIPT

@@ -21,12 +21,13 @@ import pytest
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 pytest.importorskip("gradio_client")
 import gradio_client.exceptions  # noqa: E402  (binds gradio_client, with its exceptions loaded)
+
 pytest.importorskip("gradio")
+
+from conftest import apply_curve_delta  # noqa: E402
 
 from lowvram_grpo.app import dashboard, ui  # noqa: E402
 from lowvram_grpo.app import setup as app_setup  # noqa: E402
-
-from conftest import apply_curve_delta  # noqa: E402
 
 # gradio's own pandas calls warn under pandas 3; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:gradio.queueing")

@@ -454,8 +454,9 @@ def _red_square_png(path: Path) -> None:
 def vision_run(work_dir, tmp_path):
     """A dataset of pictures (a red square each) and a finished vision run whose logged
     completions carry that picture's thumbnail; returns the dataset file."""
-    from lowvram_grpo.vision import thumbnail
     from PIL import Image
+
+    from lowvram_grpo.vision import thumbnail
 
     data = tmp_path / "pictures"
     data.mkdir()

@@ -16,16 +16,16 @@ import pytest
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 pytest.importorskip("gradio")
 
+from conftest import apply_curve_delta  # noqa: E402
+
 from lowvram_grpo import config_docs, rundir  # noqa: E402
 from lowvram_grpo.app import dashboard  # noqa: E402
 from lowvram_grpo.app import setup as app_setup  # noqa: E402
-
-from conftest import apply_curve_delta  # noqa: E402
 from lowvram_grpo.app.handlers import Handlers  # noqa: E402
+from lowvram_grpo.app.jobs import Job, JobError, JobManager  # noqa: E402
 from lowvram_grpo.app.setup import ERROR_FIELDS, FORM_KEYS, AppContext  # noqa: E402
 from lowvram_grpo.config import ConfigError, TrainConfig, build_config, save_config  # noqa: E402
 from lowvram_grpo.errors import DatasetError  # noqa: E402
-from lowvram_grpo.app.jobs import Job, JobError, JobManager  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -207,7 +207,7 @@ def test_log_is_shown_in_a_pre_the_page_scrolls_to_its_end(handlers):
 
 def test_every_config_key_is_in_the_form_and_round_trips(handlers):
     """#9: every setting can be seen and changed; the form gives back the config it was filled from."""
-    keys = {f for f in TrainConfig.__dataclass_fields__} - {"rewards", "output_dir"}
+    keys = set(TrainConfig.__dataclass_fields__) - {"rewards", "output_dir"}
     assert keys <= set(FORM_KEYS)
     groups = dict(config_docs.key_groups())
     assert "temperature" in groups["generation (rollouts)"] and "prompts_per_step" in groups["optimisation"]

@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 from lowvram_grpo import grpo, trainer
+from lowvram_grpo.config import load_config
 from lowvram_grpo.planning.backoff import MemoryBudgetError, retry_on_oom
 from lowvram_grpo.planning.chunking import Chunking
-from lowvram_grpo.config import load_config
 from lowvram_grpo.trainer import train
 
 

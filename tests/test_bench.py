@@ -78,8 +78,8 @@ def test_bench_tokenizer_round_trips_prompts_for_qwen_and_llama(tmp_path):
     transformers picks for each model type (Qwen2Tokenizer for qwen2)."""
     import json
 
-    from lowvram_grpo.planning.model_shape import load_arch
     from lowvram_grpo.model import load_tokenizer
+    from lowvram_grpo.planning.model_shape import load_arch
 
     for arch in ("qwen2.5-0.5b", "llama-3.2-3b"):
         folder = tmp_path / arch
@@ -202,7 +202,7 @@ def test_planner_check_table_shows_measured_estimated_and_error():
     mib = 2**20
     part = {"measured": 100 * mib, "estimated": 110 * mib}
     result = {"arch": "qwen2.5-0.5b", "layers": 2, "loaded": part, "static": part,
-              "phases": {p: part for p in ("generation", "log-probs", "update")},
+              "phases": dict.fromkeys(("generation", "log-probs", "update"), part),
               "transient": {p: {"measured": 10 * mib, "estimated": 5 * mib} for p in ("generation", "log-probs",
                                                                                     "update")}}
     table = planner_check.format_results([result])

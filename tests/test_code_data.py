@@ -9,10 +9,10 @@ import sys
 from lowvram_grpo.config import load_config
 from lowvram_grpo.data import format_prompt, load_prompt_data
 from lowvram_grpo.rewards.base import RewardContext
-from lowvram_grpo.rewards.loading import load_reward_functions
-from lowvram_grpo.rewards.scoring import score_rows
-from lowvram_grpo.rewards.sandbox import SandboxLimits
 from lowvram_grpo.rewards.code import CodeTests
+from lowvram_grpo.rewards.loading import load_reward_functions
+from lowvram_grpo.rewards.sandbox import SandboxLimits
+from lowvram_grpo.rewards.scoring import score_rows
 
 
 def test_builtin_code_tasks_pass_with_their_solutions_and_fail_with_wrong_ones():

@@ -23,12 +23,11 @@ import time
 
 import pytest
 import torch
+from conftest import fixed_step, sgd_learner
 from safetensors.torch import load_file
 
 from lowvram_grpo import distributed, grpo, rundir
 from lowvram_grpo.config import ConfigError, load_config
-
-from conftest import fixed_step, sgd_learner
 
 WORLD_SIZE = 2
 NUM_PROMPTS, G = 4, 4  # 16 sequences: 8 per process, 2 micro-batches of 4 each
@@ -175,7 +174,7 @@ def _skip_steps(data_path):
                 rewards[group * G:(group + 1) * G] = 0.5
             share = rewards[rows]
             scores = RewardScores(names=["r"], per_function=share.unsqueeze(1), total=share)
-            trainer._sample_groups = lambda *args: (prompts, _rows(data["rollout"], rows), scores, 0.0)
+            trainer._sample_groups = lambda *args, scores=scores: (prompts, _rows(data["rollout"], rows), scores, 0.0)
             for loss_type in SKIP_LOSS_TYPES:
                 config = dataclasses.replace(data["config"], loss_type=loss_type, beta=0.0, zero_std_groups="skip",
                                              num_generations=G, prompts_per_step=NUM_PROMPTS)

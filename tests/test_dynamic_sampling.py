@@ -8,14 +8,13 @@
 
 import pytest
 import torch
+from conftest import sgd_learner
 
 from lowvram_grpo.config import RewardSpec, load_config
 from lowvram_grpo.data import load_prompt_data
 from lowvram_grpo.model import load_policy
 from lowvram_grpo.rewards.loading import load_reward_functions
 from lowvram_grpo.trainer import PromptSampler, grpo_step, seed_everything
-
-from conftest import sgd_learner
 
 CPU = torch.device("cpu")
 

@@ -21,8 +21,8 @@ from lowvram_grpo.evaluate import compare, evaluate, format_comparison
 from lowvram_grpo.export import ExportError, merge_adapter
 from lowvram_grpo.model import load_policy, reference_model
 from lowvram_grpo.rewards.base import RewardFunction
-from lowvram_grpo.rewards.loading import load_reward_functions
 from lowvram_grpo.rewards.builtins import tag_count
+from lowvram_grpo.rewards.loading import load_reward_functions
 
 ROWS = arith.all_arith_rows()[::7]  # 15 distinct problems
 

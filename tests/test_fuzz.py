@@ -23,7 +23,6 @@ from lowvram_grpo.config import ALIASES, ConfigError, RewardSpec, TrainConfig, l
 from lowvram_grpo.data import DatasetError, read_prompt_rows
 
 
-
 def bounded(examples: int) -> settings:
     """A fixed number of examples, the same ones every run (derandomize): CI stays fast and a
     failure reproduces."""

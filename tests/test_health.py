@@ -9,7 +9,6 @@ import pytest
 
 from lowvram_grpo import health, rundir
 
-
 HEALTHY = Path(__file__).parent / "data"
 
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from lowvram_grpo.config import ConfigError, TrainConfig, load_config
-from lowvram_grpo.rewards.judges import DEFAULT_JUDGE_TEMPLATE, judge_prompt, parse_score
 from lowvram_grpo.rewards.base import RewardContext, RewardFunctionError
+from lowvram_grpo.rewards.judges import DEFAULT_JUDGE_TEMPLATE, judge_prompt, parse_score
 from lowvram_grpo.rewards.loading import load_reward_functions, resolve_reward
 from lowvram_grpo.rewards.scoring import score_completions
 

@@ -23,4 +23,4 @@ def test_every_exported_name_is_its_submodules_object(package):
         assert getattr(module, name) is getattr(importlib.import_module(f"{package}.{submodule}"), name), name
     assert set(module.__all__) <= set(dir(module))
     with pytest.raises(AttributeError, match=f"module '{package}' has no attribute 'nope'"):
-        module.nope
+        _ = module.nope

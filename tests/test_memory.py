@@ -14,11 +14,16 @@ import json
 import pytest
 import torch
 
-from lowvram_grpo.planning import memory, model_shape, planner
 from lowvram_grpo.config import TrainConfig, load_config
+from lowvram_grpo.planning import memory, model_shape, planner
 from lowvram_grpo.planning.memory import GIB, estimate_memory
-from lowvram_grpo.planning.model_shape import (PlannerError, count_parameters, load_arch, resolve_model_config,
-                                               shipped_architectures)
+from lowvram_grpo.planning.model_shape import (
+    PlannerError,
+    count_parameters,
+    load_arch,
+    resolve_model_config,
+    shipped_architectures,
+)
 from lowvram_grpo.planning.planner import format_plan, plan
 
 # Published sizes (model cards / Hub "Model size") of the shipped architectures.
@@ -391,10 +396,12 @@ def test_with_tools_later_turns_prefill_the_trajectory_tool_results_included():
     model = resolve_model_config("qwen3-4b")
     plain = estimate_memory(model, config())
     tools = estimate_memory(model, config(tools=["python"]))
-    prefill = lambda est: next(v for k, v in est.phases["generation"].items() if k.startswith("prefill"))
+    def prefill(est):
+        return next(v for k, v in est.phases["generation"].items() if k.startswith("prefill"))
     assert prefill(tools) == prefill(plain) * (256 + 1024) // 256
     assert any("tool results" in k for k in tools.phases["generation"])
-    kv = lambda est: next(v for k, v in est.phases["generation"].items() if k.startswith("KV cache"))
+    def kv(est):
+        return next(v for k, v in est.phases["generation"].items() if k.startswith("KV cache"))
     assert kv(tools) == kv(plain)  # both already 256 + 1024 tokens per sequence
     assert tools.total_bytes >= plain.total_bytes
 

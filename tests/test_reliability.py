@@ -23,11 +23,11 @@ from lowvram_grpo import cli, rundir
 from lowvram_grpo.builtin import arith
 from lowvram_grpo.config import ConfigError, load_config
 from lowvram_grpo.data import DatasetError, read_prompt_rows
+from lowvram_grpo.metrics import mean_over_updates
+from lowvram_grpo.planning.backoff import MemoryBudgetError
 from lowvram_grpo.rewards.base import RewardFunction, RewardFunctionError
 from lowvram_grpo.rewards.scoring import score_completions
 from lowvram_grpo.stopping import StepInterrupted, call_with_deadline
-from lowvram_grpo.metrics import mean_over_updates
-from lowvram_grpo.planning.backoff import MemoryBudgetError
 from lowvram_grpo.trainer import train
 
 LINE_SEPARATORS = "\u2028\u2029\u0085\x1c\x1d\x1e\x0b\x0c\r"

@@ -64,7 +64,7 @@ def test_scores_match_trls_reward_model_scoring(tmp_path):
     completions = ["3", "77", "18", "3+3+3"]
     got = resolve_reward(f"model:{path}")(prompts=prompts, completions=completions)
     assert got == pytest.approx(trl_scores(path, prompts, completions), abs=1e-5)
-    assert len(set(round(x, 4) for x in got)) > 1  # the model really tells them apart
+    assert len({round(x, 4) for x in got}) > 1  # the model really tells them apart
 
 
 def test_conversational_prompts_go_through_the_chat_template(classifier):

@@ -11,8 +11,15 @@ import torch
 
 from lowvram_grpo.config import RewardSpec
 from lowvram_grpo.rewards.base import RewardFunction, RewardFunctionError, completion_text
-from lowvram_grpo.rewards.builtins import (BUILTIN_REWARDS, DEFAULT_MAX_LENGTH, DEFAULT_TARGET_LENGTH, arith_answer,
-                                          extract_number, numeric_answer, register_reward)
+from lowvram_grpo.rewards.builtins import (
+    BUILTIN_REWARDS,
+    DEFAULT_MAX_LENGTH,
+    DEFAULT_TARGET_LENGTH,
+    arith_answer,
+    extract_number,
+    numeric_answer,
+    register_reward,
+)
 from lowvram_grpo.rewards.loading import load_reward_functions, resolve_reward
 from lowvram_grpo.rewards.scoring import score_completions
 

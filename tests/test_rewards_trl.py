@@ -16,12 +16,12 @@ import textwrap
 
 import pytest
 
-from lowvram_grpo.rundir import RunDir
 from lowvram_grpo.config import RewardSpec, load_config
 from lowvram_grpo.rewards.base import RewardContext, RewardFunctionError
 from lowvram_grpo.rewards.builtins import BUILTIN_REWARDS, math_answer, overlong_penalty
 from lowvram_grpo.rewards.loading import load_reward_functions
 from lowvram_grpo.rewards.scoring import score_completions, score_rows
+from lowvram_grpo.rundir import RunDir
 
 # The way open-r1 (src/open_r1/rewards.py) writes its rewards: conversational completions,
 # a `solution` column, math-verify, None to skip unparseable references.

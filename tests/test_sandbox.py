@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from lowvram_grpo.rewards.code import CodeTests, extract_code, outputs_match
 from lowvram_grpo.rewards.base import RewardFunctionError
+from lowvram_grpo.rewards.code import CodeTests, extract_code, outputs_match
 from lowvram_grpo.rewards.loading import resolve_reward
 from lowvram_grpo.rewards.sandbox import SANDBOX_UID_BASE, SandboxLimits, isolation_report, run_many
 
@@ -238,7 +238,7 @@ def test_no_network_connection_can_be_opened():
         while time.monotonic() < deadline:
             try:
                 accepted.append(server.accept())
-            except socket.timeout:
+            except TimeoutError:
                 continue
 
     thread = threading.Thread(target=accept)

@@ -8,11 +8,10 @@ import time
 import pytest
 
 from lowvram_grpo.agent.loop import Agent, final_answer, tool_metrics
+from lowvram_grpo.agent.tools import ToolBox, ToolCounts, load_environment, load_tools, python_tool, tool_schema
 from lowvram_grpo.config import ConfigError, load_config
 from lowvram_grpo.rewards import RewardFunction, completion_text, load_reward_functions
 from lowvram_grpo.rewards.scoring import score_rows
-from lowvram_grpo.agent.tools import ToolBox, ToolCounts, load_environment, load_tools, python_tool, tool_schema
-
 from tests.agent_helpers import add, mul
 
 

@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from conftest import fixed_step
 from safetensors.torch import load_file
 
 from lowvram_grpo import grpo, rundir
@@ -18,8 +19,6 @@ from lowvram_grpo.builtin import arith
 from lowvram_grpo.config import load_config
 from lowvram_grpo.rewards.base import RewardFunctionError
 from lowvram_grpo.trainer import PromptSampler, train
-
-from conftest import fixed_step
 
 
 def _config(tmp_path, name="run", **overrides):

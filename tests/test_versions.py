@@ -3,8 +3,9 @@ names the upgraded library that breaks it."""
 
 import importlib.util
 import re
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 

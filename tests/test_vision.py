@@ -22,12 +22,12 @@ import torch
 from PIL import Image
 
 from lowvram_grpo import vision
+from lowvram_grpo.builtin.tiny_vlm import ARCHITECTURES, IMAGE_SIZES, build_tiny_vlm
 from lowvram_grpo.config import load_config
 from lowvram_grpo.data import read_prompt_rows
 from lowvram_grpo.errors import DatasetError
 from lowvram_grpo.grpo import Objective, grpo_loss, sequence_logprobs
 from lowvram_grpo.rollout import Rollout, generate_rollouts, left_pad
-from lowvram_grpo.builtin.tiny_vlm import ARCHITECTURES, IMAGE_SIZES, build_tiny_vlm
 
 COLOURS = [(220, 30, 30), (30, 160, 40), (40, 60, 200)]
 
@@ -77,7 +77,8 @@ def test_image_columns_in_every_form_load_as_rgb_with_placeholders(tmp_path):
     assert [p["type"] for p in train[2]["prompt"][0]["content"]] == ["text", "image", "image"]
 
     # Bytes and a datasets Image feature ({"bytes", "path"}, what a hub dataset gives undecoded).
-    from datasets import Dataset, Image as ImageFeature
+    from datasets import Dataset
+    from datasets import Image as ImageFeature
 
     table = Dataset.from_dict({"prompt": ["a", "b"], "image": [png_bytes(square(16, COLOURS[1]))] * 2})
     table = table.cast_column("image", ImageFeature(decode=False))
@@ -480,11 +481,11 @@ def test_the_planner_counts_the_vision_tower_and_tokens_the_processor_makes(vlm)
 def test_the_use_tab_and_the_workbench_take_images(tiny_cache, tmp_path):
     """Try-it (the Use tab) shows an uploaded picture to the model before the prompt, and the
     workbench samples the base model on an image dataset's first rows with their pictures."""
-    from lowvram_grpo.config import save_config
-    from lowvram_grpo.model import load_policy
+    from lowvram_grpo.app.try_rewards import BaseSampler
     from lowvram_grpo.app.use_adapter import AdapterTryIt
     from lowvram_grpo.builtin.squares import PROMPT, squares_image
-    from lowvram_grpo.app.try_rewards import BaseSampler
+    from lowvram_grpo.config import save_config
+    from lowvram_grpo.model import load_policy
 
     config = load_config(preset="tiny-cpu-vision", overrides={"output_dir": str(tmp_path / "run")})
     run = tmp_path / "run"

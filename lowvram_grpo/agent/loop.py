@@ -23,19 +23,27 @@ take a slot in the next turn, so one that finished early frees its place.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from lowvram_grpo.prompts import chat_template_kwargs, set_chat_template_kwargs
-from lowvram_grpo.rollout import Rollout, eos_token_ids, generate_completions, left_pad, tokenize_prompts
 from lowvram_grpo.agent.parsing import check_chat_template, parse_assistant, tool_suffix_ids
+from lowvram_grpo.agent.tools import (
+    ToolBox,
+    ToolCounts,
+    environment_methods,
+    load_environment,
+    load_object,
+    load_tools,
+    tool_schema,
+)
 from lowvram_grpo.config import ConfigError
 from lowvram_grpo.errors import UserError
+from lowvram_grpo.prompts import chat_template_kwargs, set_chat_template_kwargs
 from lowvram_grpo.rewards.base import RewardFunction
-from lowvram_grpo.agent.tools import (ToolBox, ToolCounts, environment_methods, load_environment, load_object, load_tools,
-                                tool_schema)
+from lowvram_grpo.rollout import Rollout, eos_token_ids, generate_completions, left_pad, tokenize_prompts
 
 
 @dataclass
@@ -49,7 +57,7 @@ class Agent:
     rollout_func: Callable | None = None  # the user's own loop, in place of ours (call_rollout_func)
 
     @classmethod
-    def from_config(cls, config) -> "Agent | None":
+    def from_config(cls, config) -> Agent | None:
         """The configured tools, environment or rollout_func, loaded and checked; None without any."""
         if not config.tools and not config.environment_factory and not config.rollout_func:
             return None

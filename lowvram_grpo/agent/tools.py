@@ -35,9 +35,10 @@ import difflib
 import importlib
 import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from lowvram_grpo.config import ConfigError
 from lowvram_grpo.errors import one_line

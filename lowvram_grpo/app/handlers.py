@@ -12,21 +12,21 @@ import concurrent.futures
 import itertools
 import queue
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import gradio as gr
 import gradio.utils
 import pandas as pd
 
-from lowvram_grpo.app import setup
-from lowvram_grpo.app import dashboard
+from lowvram_grpo.app import dashboard, setup
+from lowvram_grpo.app.jobs import LOG_NAME, JobError, JobManager, run_state, tail
 from lowvram_grpo.app.setup import ERROR_FIELDS, FORM_KEYS, REWARD_SLOTS, AppContext
+from lowvram_grpo.app.use_adapter import AdapterTryIt
 from lowvram_grpo.config import ConfigError, RewardSpec
 from lowvram_grpo.data import DatasetError
 from lowvram_grpo.health import check_health
-from lowvram_grpo.app.jobs import LOG_NAME, JobError, JobManager, run_state, tail
-from lowvram_grpo.app.use_adapter import AdapterTryIt
 from lowvram_grpo.rundir import RunDir
 
 LIKELY_PROMPT = ("prompt", "question", "problem", "instruction", "input", "query")
@@ -367,8 +367,8 @@ class Handlers:
         `num_rows` rows and score them with the form's rewards, one group per row. A generator:
         the page shows a note while the model loads and generates."""
         *form_values, num_rows = values
-        from lowvram_grpo.rewards.base import RewardFunctionError
         from lowvram_grpo.app.try_rewards import check_num_rows
+        from lowvram_grpo.rewards.base import RewardFunctionError
 
         rows = int(num_rows or 0)
         try:

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 
 from lowvram_grpo import vision
-from lowvram_grpo.config import RewardSpec, TrainConfig
 from lowvram_grpo.app.use_adapter import ModelSlot, load_for_inference
+from lowvram_grpo.config import RewardSpec, TrainConfig
 
 SEPARATOR = "---"  # a line of its own between pasted completions
 MAX_SAMPLE_ROWS = 8  # rows sampled at once: G completions each, on the app's own process

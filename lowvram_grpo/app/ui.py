@@ -36,14 +36,23 @@ import gradio as gr
 
 from lowvram_grpo.app import dashboard
 from lowvram_grpo.app.handlers import EVAL_COLUMNS, EXAMPLE_COLUMNS, Handlers
-from lowvram_grpo.app.setup import (DATASET_SUFFIXES, ERROR_FIELDS, FORM_KEYS, MAX_UPLOAD_MB, REWARD_FIELDS,
-                                    REWARD_SLOTS, TEXT_KEYS, AppContext, preset_form_values)
+from lowvram_grpo.app.jobs import JobManager
+from lowvram_grpo.app.setup import (
+    DATASET_SUFFIXES,
+    ERROR_FIELDS,
+    FORM_KEYS,
+    MAX_UPLOAD_MB,
+    REWARD_FIELDS,
+    REWARD_SLOTS,
+    TEXT_KEYS,
+    AppContext,
+    preset_form_values,
+)
+from lowvram_grpo.app.try_rewards import MAX_SAMPLE_ROWS
 from lowvram_grpo.config import LOSS_TYPES, SCALE_REWARDS, list_presets
 from lowvram_grpo.config_docs import key_groups, key_help
 from lowvram_grpo.export import DTYPES
-from lowvram_grpo.app.jobs import JobManager
 from lowvram_grpo.rewards.builtins import BUILTIN_REWARDS
-from lowvram_grpo.app.try_rewards import MAX_SAMPLE_ROWS
 
 logger = logging.getLogger(__name__)
 DEFAULT_WORK_DIR = "runs/app"

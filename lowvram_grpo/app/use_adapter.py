@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import gc
 import threading
+from collections.abc import Callable, Hashable
 from pathlib import Path
-from typing import Any, Callable, Hashable
+from typing import Any
 
 from lowvram_grpo.rundir import RunDir
 

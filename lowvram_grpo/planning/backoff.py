@@ -13,7 +13,8 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 

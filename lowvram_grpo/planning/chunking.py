@@ -42,7 +42,7 @@ class Chunking:
         return tuple(f.name for f in dataclasses.fields(cls))
 
     @classmethod
-    def smallest(cls) -> "Chunking":
+    def smallest(cls) -> Chunking:
         return cls(**cls.SMALLEST)
 
     def as_dict(self) -> dict[str, int]:

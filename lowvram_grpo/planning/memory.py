@@ -38,9 +38,18 @@ from typing import Any
 
 from lowvram_grpo.config import AUTO, TrainConfig
 from lowvram_grpo.planning.chunking import GENERATION, LOGPROBS, UPDATE
-from lowvram_grpo.planning.model_shape import (QK_NORM_TYPES, ModelShape, ParamCounts, PlannerError, billions,
-                                               count_parameters, lora_parameters, lora_targets, millions,
-                                               resolve_model_config)
+from lowvram_grpo.planning.model_shape import (
+    QK_NORM_TYPES,
+    ModelShape,
+    ParamCounts,
+    PlannerError,
+    billions,
+    count_parameters,
+    lora_parameters,
+    lora_targets,
+    millions,
+    resolve_model_config,
+)
 from lowvram_grpo.planning.vision_memory import vision_shape, vision_terms
 
 GIB = 2**30

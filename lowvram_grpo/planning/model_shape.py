@@ -76,7 +76,7 @@ class ModelShape:
     expert_intermediate_size: int = 0
 
     @classmethod
-    def from_config(cls, model_config: Any) -> "ModelShape":
+    def from_config(cls, model_config: Any) -> ModelShape:
         """From a config dict (config.json) or a transformers PretrainedConfig."""
         cfg = _config_dict(model_config)
         model_type = str(cfg.get("model_type", ""))

@@ -16,8 +16,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from lowvram_grpo.planning.chunking import MIN_LOGPROB_CHUNK, Chunking
 from lowvram_grpo.config import AUTO, TrainConfig
+from lowvram_grpo.planning.chunking import MIN_LOGPROB_CHUNK, Chunking
 from lowvram_grpo.planning.memory import CUDA_OVERHEAD_BYTES, GIB, MemoryEstimate, estimate_memory
 from lowvram_grpo.planning.model_shape import ModelShape, arch_for_model_name, billions, resolve_model_config
 

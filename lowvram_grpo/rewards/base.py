@@ -14,8 +14,9 @@ function and says how to fix it, because a bad reward is usually found mid-run.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from lowvram_grpo.errors import UserError
 

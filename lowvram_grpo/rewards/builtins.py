@@ -8,7 +8,8 @@ import difflib
 import math
 import re
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from lowvram_grpo.rewards.base import RewardFunctionError, completion_text
 from lowvram_grpo.rewards.code import CodeTests

@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import functools
 import importlib
-from typing import Callable
+from collections.abc import Callable
 
 from lowvram_grpo.config import RewardSpec
 from lowvram_grpo.errors import one_line
@@ -20,6 +20,7 @@ from lowvram_grpo.rewards.base import RewardContext, RewardFunction, RewardFunct
 from lowvram_grpo.rewards.builtins import BUILTIN_REWARDS, check_builtin_args, overlong_penalty
 from lowvram_grpo.rewards.code import code_tests_from_config
 from lowvram_grpo.user_code import UserFileError, import_user_file
+
 
 def resolve_reward(name: str, context: RewardContext | None = None) -> Callable:
     """The function for a reward name: a built-in, `model:<id or dir>`, `judge:self`,

@@ -16,8 +16,9 @@ import math
 import numbers
 import threading
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -67,14 +68,14 @@ class RewardScores:
             out[f"rewards/{name}/std"] = values.std().item() if len(values) > 1 else float("nan")
         return out
 
-    def select(self, rows: list[int]) -> "RewardScores":
+    def select(self, rows: list[int]) -> RewardScores:
         """These completions' scores (and extra columns); logged metrics stay whole."""
         index = torch.tensor(rows, dtype=torch.long)
         return RewardScores(self.names, self.per_function[index], self.total[index], self.logged,
                             {k: [v[i] for i in rows] for k, v in self.extra.items()})
 
     @staticmethod
-    def concat(parts: list["RewardScores"]) -> "RewardScores":
+    def concat(parts: list[RewardScores]) -> RewardScores:
         """Several batches' scores one after the other (columns a batch lacks read None)."""
         logged: dict[str, list[float]] = defaultdict(list)
         for part in parts:
