@@ -20,7 +20,9 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -45,12 +47,18 @@ def default_cache_dir() -> Path:
     return Path(root)
 
 
+def cached_model_path(name: str, build: Callable[[Path], Any], cache_dir: str | Path | None = None) -> Path:
+    """The built-in model directory `name` in the cache, made by `build(path)` first if it is not
+    there yet (the built-in models are built on first use, never downloaded)."""
+    path = Path(cache_dir or default_cache_dir()) / name
+    if not (path / "config.json").is_file():
+        build(path)
+    return path
+
+
 def tiny_model_path(cache_dir: str | Path | None = None) -> Path:
     """Directory of the built-in tiny model, building it first if it is not there yet."""
-    path = Path(cache_dir or default_cache_dir()) / f"tiny-v{TINY_VERSION}"
-    if not (path / "config.json").is_file():
-        build_tiny_model(path)
-    return path
+    return cached_model_path(f"tiny-v{TINY_VERSION}", build_tiny_model, cache_dir)
 
 
 def build_tokenizer():
@@ -114,9 +122,18 @@ def _build():
 
 def save_atomically(path: Path, model, tokenizer) -> Path:
     """Save to a temporary directory, then rename: a reader sees the whole model or none."""
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp = temporary_dir(path)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    return move_into_place(tmp, path)
+
+
+def temporary_dir(path: Path) -> Path:
+    """Where to write what becomes `path` (see move_into_place): beside it, this process's own."""
+    return path.with_name(path.name + f".tmp-{os.getpid()}")
+
+
+def move_into_place(tmp: Path, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         tmp.rename(path)

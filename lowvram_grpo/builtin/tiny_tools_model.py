@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from lowvram_grpo.builtin import calculator
-from lowvram_grpo.builtin.tiny_model import default_cache_dir, save_atomically, single_threaded
+from lowvram_grpo.builtin.tiny_model import cached_model_path, save_atomically, single_threaded
 
 TINY_TOOLS_VERSION = 1
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<unk>"]
@@ -44,10 +44,7 @@ WARMUP_LR = 3e-3
 
 def tiny_tools_model_path(cache_dir: str | Path | None = None) -> Path:
     """Directory of the built-in tiny tools model, building it first if it is not there yet."""
-    path = Path(cache_dir or default_cache_dir()) / f"tiny-tools-v{TINY_TOOLS_VERSION}"
-    if not (path / "config.json").is_file():
-        build_tiny_tools_model(path)
-    return path
+    return cached_model_path(f"tiny-tools-v{TINY_TOOLS_VERSION}", build_tiny_tools_model, cache_dir)
 
 
 def build_tokenizer():

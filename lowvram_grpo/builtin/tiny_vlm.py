@@ -155,38 +155,23 @@ WARMUP_LR = 2e-3
 
 def tiny_vision_model_path(cache_dir: str | Path | None = None) -> Path:
     """Directory of the built-in tiny image-text model, building it first if it is not there yet."""
-    from lowvram_grpo.builtin.tiny_model import default_cache_dir
+    from lowvram_grpo.builtin.tiny_model import cached_model_path
 
-    path = Path(cache_dir or default_cache_dir()) / f"tiny-vision-v{TINY_VISION_VERSION}"
-    if not (path / "config.json").is_file():
-        build_demo_model(path)
-    return path
+    return cached_model_path(f"tiny-vision-v{TINY_VISION_VERSION}", build_demo_model, cache_dir)
 
 
 def build_demo_model(path: str | Path, seed: int = 0, warmup_steps: int = WARMUP_STEPS) -> Path:
     """A tiny Qwen2.5-VL, warmed up briefly on the squares task, saved to `path` (atomically).
-    Built on one thread with a private random state, like the text demo's model (tiny.py)."""
-    import os
-    import shutil
+    Built on one thread with a private random state, like the text demo's model (tiny_model.py)."""
+    from lowvram_grpo.builtin.tiny_model import move_into_place, single_threaded, temporary_dir
 
     path = Path(path)
-    threads = torch.get_num_threads()
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        torch.set_num_threads(1)
-        try:
-            tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-            model, processor = build_tiny_vlm(DEMO_KIND, tmp, seed=seed)
-            _warm_up(model, processor, warmup_steps)
-            model.save_pretrained(tmp)
-        finally:
-            torch.set_num_threads(threads)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        tmp.rename(path)
-    except OSError:  # another process built it first: theirs is identical
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    tmp = temporary_dir(path)
+    with single_threaded(seed):
+        model, processor = build_tiny_vlm(DEMO_KIND, tmp, seed=seed)  # writes the processor there too
+        _warm_up(model, processor, warmup_steps)
+        model.save_pretrained(tmp)
+    return move_into_place(tmp, path)
 
 
 def warmup_batch(processor, rows: list[dict]) -> dict:
