@@ -153,19 +153,26 @@ def _warm_up(model, tokenizer) -> None:
         rows += [{**row, "answer": row["answer"] + str(rng.randrange(10))} for _ in range(WARMUP_COPIES - 1)]
     prompts = [tokenizer(r["prompt"])["input_ids"] for r in rows]
     answers = [tokenizer(r["answer"])["input_ids"] + [tokenizer.eos_token_id] for r in rows]
-    width = max(len(p) + len(a) for p, a in zip(prompts, answers))
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id)
-    labels = torch.full((len(rows), width), -100)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (p, a) in enumerate(zip(prompts, answers)):
-        seq = p + a
-        input_ids[i, : len(seq)] = torch.tensor(seq)
-        labels[i, len(p): len(seq)] = torch.tensor(a)
-        attention[i, : len(seq)] = 1
-    optimizer = torch.optim.AdamW(model.parameters(), lr=WARMUP_LR)
+    supervised_warm_up(model, tokenizer.pad_token_id, [p + a for p, a in zip(prompts, answers)],
+                       [[-100] * len(p) + a for p, a in zip(prompts, answers)], WARMUP_STEPS, WARMUP_LR)
+
+
+def supervised_warm_up(model, pad_id: int, input_ids: list[list[int]], labels: list[list[int]], steps: int,
+                       lr: float) -> None:
+    """Full-batch supervised training (AdamW), loss on the labelled tokens only (-100: unlabelled);
+    sequences right-padded with `pad_id`. What every built-in model's warm-up runs."""
+    width = max(len(ids) for ids in input_ids)
+    ids = torch.full((len(input_ids), width), pad_id)
+    targets = torch.full((len(input_ids), width), -100)
+    attention = torch.zeros((len(input_ids), width), dtype=torch.long)
+    for i, (row, row_labels) in enumerate(zip(input_ids, labels)):
+        ids[i, :len(row)] = torch.tensor(row)
+        targets[i, :len(row)] = torch.tensor(row_labels)
+        attention[i, :len(row)] = 1
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
-    for _ in range(WARMUP_STEPS):
-        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+    for _ in range(steps):
+        loss = model(input_ids=ids, attention_mask=attention, labels=targets).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

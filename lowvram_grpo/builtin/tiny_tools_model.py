@@ -16,10 +16,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from lowvram_grpo.builtin import calculator
-from lowvram_grpo.builtin.tiny_model import cached_model_path, save_atomically, single_threaded
+from lowvram_grpo.builtin.tiny_model import cached_model_path, save_atomically, single_threaded, supervised_warm_up
 
 TINY_TOOLS_VERSION = 1
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<unk>"]
@@ -91,27 +89,7 @@ def _build(warmup_problems: int, warmup_steps: int):
         ids, trained = encoded["input_ids"], encoded["assistant_masks"]
         input_ids.append(ids)
         labels.append([t if m else -100 for t, m in zip(ids, trained)])
-    _train(model, tokenizer.pad_token_id, input_ids, labels, warmup_steps)
+    supervised_warm_up(model, tokenizer.pad_token_id, input_ids, labels, warmup_steps, WARMUP_LR)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model, tokenizer
-
-
-def _train(model, pad_id: int, input_ids: list[list[int]], labels: list[list[int]], steps: int) -> None:
-    """Full-batch supervised training, loss on the labelled (assistant) tokens only."""
-    width = max(len(ids) for ids in input_ids)
-    ids = torch.full((len(input_ids), width), pad_id)
-    targets = torch.full((len(input_ids), width), -100)
-    attention = torch.zeros((len(input_ids), width), dtype=torch.long)
-    for i, (row, row_labels) in enumerate(zip(input_ids, labels)):
-        ids[i, :len(row)] = torch.tensor(row)
-        targets[i, :len(row)] = torch.tensor(row_labels)
-        attention[i, :len(row)] = 1
-    optimizer = torch.optim.AdamW(model.parameters(), lr=WARMUP_LR)
-    model.train()
-    for _ in range(steps):
-        loss = model(input_ids=ids, attention_mask=attention, labels=targets).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
