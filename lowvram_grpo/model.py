@@ -189,7 +189,7 @@ def load_policy(config: TrainConfig, device: torch.device | None = None, inferen
 
     # Only LoRA weights train. We do not call peft's prepare_model_for_kbit_training: it casts
     # the embeddings and LM head to fp32, which for a 150k-token vocabulary costs gigabytes.
-    # Log-probs are computed in fp32 chunk by chunk instead (see grpo.sequence_logprobs).
+    # Log-probs are computed in fp32 chunk by chunk instead (see logprobs.sequence_logprobs).
     base.requires_grad_(False)
     if config.gradient_checkpointing:
         base.activation_checkpointing_enable({"use_reentrant": False})

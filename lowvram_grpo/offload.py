@@ -176,7 +176,7 @@ def offloader_of(model) -> ActivationOffloader | None:
 
 @contextlib.contextmanager
 def activation_memory(model) -> Iterator[None]:
-    """Around one forward pass whose backward follows (grpo.sequence_logprobs): with offloading
+    """Around one forward pass whose backward follows (logprobs.sequence_logprobs): with offloading
     installed, copies still in flight from an earlier pass that ended in an error are waited for
     first, so that their buffers are not freed under them."""
     offloader = offloader_of(model)

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lowvram_grpo import distributed, grpo, metrics, vision
+from lowvram_grpo import distributed, grpo, logprobs, metrics, vision
 from lowvram_grpo.agent.loop import Agent, call_rollout_func, generate_tool_rollouts, refuse_images, tool_metrics
 from lowvram_grpo.checkpoint import (
     load_checkpoint,
@@ -200,7 +200,7 @@ def frozen_logprobs(policy, rollout: Rollout, chunking: Chunking, temperature: f
     out = torch.zeros(rollout.completion_ids.shape, dtype=torch.float32, device=device)
     try:
         for mb in micro_batches(rollout, chunking.micro_batch_size, device):
-            out[mb.rows, :mb.logits_to_keep] = grpo.sequence_logprobs(
+            out[mb.rows, :mb.logits_to_keep] = logprobs.sequence_logprobs(
                 policy, mb.input_ids, mb.attention_mask, mb.logits_to_keep,
                 temperature=temperature, chunk_size=chunking.logprob_chunk_size, model_inputs=mb.model_inputs)[0]
     finally:
@@ -887,7 +887,7 @@ def _accumulate_gradients(learner: Learner, rollout: Rollout, advantages: torch.
     extremes: dict[str, list[float]] = {}
     loss_total = 0.0
     for mb in batches:
-        logps, entropy = grpo.sequence_logprobs(
+        logps, entropy = logprobs.sequence_logprobs(
             learner.policy, mb.input_ids, mb.attention_mask, mb.logits_to_keep,
             temperature=config.temperature, chunk_size=chunking.logprob_chunk_size, compute_entropy=True,
             entropy_grad=objective.entropy_coef != 0.0, model_inputs=mb.model_inputs)

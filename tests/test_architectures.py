@@ -29,7 +29,7 @@ import torch
 from architectures import ARCHITECTURES, build_tiny_arch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
-from lowvram_grpo import grpo
+from lowvram_grpo import logprobs
 from lowvram_grpo.config import load_config
 from lowvram_grpo.model import load_policy, reference_model
 from lowvram_grpo.quantization import nf4_config, set_cpu_inference_packing
@@ -152,7 +152,7 @@ def test_chunked_logprobs_equal_the_models_own_logits(arch):
     name, _, policy, tokenizer = arch
     ids, mask = _scored_batch(policy, tokenizer)
     with torch.no_grad():
-        ours, _ = grpo.sequence_logprobs(policy, ids, mask, 6, chunk_size=5)  # chunks across rows
+        ours, _ = logprobs.sequence_logprobs(policy, ids, mask, 6, chunk_size=5)  # chunks across rows
         theirs = _full_logprobs(policy, ids, mask, 6)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
     _record(name, "log-probs")
@@ -163,8 +163,8 @@ def test_adapter_off_is_the_plain_base_model(arch):
     ids, mask = _scored_batch(policy, tokenizer)
     with torch.no_grad():
         with reference_model(policy):
-            reference, _ = grpo.sequence_logprobs(policy, ids, mask, 6)
-        adapted, _ = grpo.sequence_logprobs(policy, ids, mask, 6)
+            reference, _ = logprobs.sequence_logprobs(policy, ids, mask, 6)
+        adapted, _ = logprobs.sequence_logprobs(policy, ids, mask, 6)
         base = _model_class(name).from_pretrained(path, quantization_config=nf4_config(torch.float32),
                                                     dtype=torch.float32)
         set_cpu_inference_packing(base, inference_only=False)  # the float32 path the policy takes

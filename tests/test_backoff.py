@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lowvram_grpo import grpo, trainer
+from lowvram_grpo import logprobs, trainer
 from lowvram_grpo.config import load_config
 from lowvram_grpo.planning.backoff import MemoryBudgetError, retry_on_oom
 from lowvram_grpo.planning.chunking import Chunking
@@ -57,7 +57,7 @@ def test_oom_in_backward_redoes_the_step_exactly_once(tiny_cache, tmp_path, monk
     start from clean gradients, so the run equals one that used the smaller size throughout."""
     clean = train(_config(tmp_path, "clean", micro_batch_size=16), progress=False).adapter
 
-    real = grpo.sequence_logprobs
+    real = logprobs.sequence_logprobs
     grad_calls = {"n": 0}
 
     def oom_on_second_big_micro_batch(policy, input_ids, *args, **kwargs):
@@ -67,7 +67,7 @@ def test_oom_in_backward_redoes_the_step_exactly_once(tiny_cache, tmp_path, monk
                 raise torch.OutOfMemoryError("injected")
         return real(policy, input_ids, *args, **kwargs)
 
-    monkeypatch.setattr(grpo, "sequence_logprobs", oom_on_second_big_micro_batch)
+    monkeypatch.setattr(logprobs, "sequence_logprobs", oom_on_second_big_micro_batch)
     updates, real_step = [], torch.optim.AdamW.step
     monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: updates.append(1) or real_step(self, *a, **k))
     records = []

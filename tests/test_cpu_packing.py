@@ -16,7 +16,7 @@ import bitsandbytes
 import pytest
 import torch
 
-from lowvram_grpo import grpo
+from lowvram_grpo import logprobs
 from lowvram_grpo.config import load_config
 from lowvram_grpo.model import load_policy
 from lowvram_grpo.quantization import is_packed_for_cpu_inference
@@ -61,7 +61,7 @@ def _lora_gradients(policy, tokenizer, generate_first: bool) -> dict[str, torch.
                           max_completion_length=4)
     policy.train()
     policy.zero_grad()
-    logps, _ = grpo.sequence_logprobs(policy, ids.input_ids, ids.attention_mask, 2)
+    logps, _ = logprobs.sequence_logprobs(policy, ids.input_ids, ids.attention_mask, 2)
     logps.sum().backward()
     return {n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad}
 

@@ -19,7 +19,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from lowvram_grpo.grpo import Objective, group_advantages, grpo_loss, sequence_logprobs
+from lowvram_grpo.grpo import Objective, group_advantages, grpo_loss
+from lowvram_grpo.logprobs import sequence_logprobs
 
 TINY = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2)

@@ -19,7 +19,8 @@ import warnings
 import pytest
 import torch
 
-from lowvram_grpo.grpo import Objective, group_advantages, grpo_loss, normalize_then_sum_advantages, sequence_logprobs
+from lowvram_grpo.grpo import Objective, group_advantages, grpo_loss, normalize_then_sum_advantages
+from lowvram_grpo.logprobs import sequence_logprobs
 
 TINY = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2)

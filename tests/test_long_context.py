@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowvram_grpo import grpo, offload, sequence_chunks
+from lowvram_grpo import logprobs, offload, sequence_chunks
 from lowvram_grpo.config import TrainConfig
 from lowvram_grpo.model import enable_long_context, load_policy
 
@@ -37,7 +37,7 @@ def _lora_gradients(policy, input_ids, keep: int, seed: int = 0) -> dict[str, to
     """LoRA gradients of a weighted sum of the completion log-probs (dropout seeded alike)."""
     policy.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
-    logps, _ = grpo.sequence_logprobs(policy, input_ids, torch.ones_like(input_ids), keep, chunk_size=16)
+    logps, _ = logprobs.sequence_logprobs(policy, input_ids, torch.ones_like(input_ids), keep, chunk_size=16)
     weights = torch.linspace(-1, 1, logps.numel()).view_as(logps)
     (logps * weights).sum().backward()
     return {n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad}
@@ -76,13 +76,13 @@ def test_sequence_chunked_layers_give_the_same_gradients_within_float_tolerance(
     ids = _batch(length=50)  # chunks of 16, 16, 16 and 2 positions
     plain = _lora_gradients(policy, ids, keep=40)
     with torch.no_grad():
-        plain_logps, _ = grpo.sequence_logprobs(policy, ids, torch.ones_like(ids), 40)
+        plain_logps, _ = logprobs.sequence_logprobs(policy, ids, torch.ones_like(ids), 40)
     chunked_modules = sequence_chunks.install(policy, 16)
     # Per layer: 2 norms, q/k/v/o projections and the MLP.
     assert chunked_modules == len(offload.checkpointed_layers(policy)) * 7
     chunked = _lora_gradients(policy, ids, keep=40)
     with torch.no_grad():
-        chunked_logps, _ = grpo.sequence_logprobs(policy, ids, torch.ones_like(ids), 40)
+        chunked_logps, _ = logprobs.sequence_logprobs(policy, ids, torch.ones_like(ids), 40)
     torch.testing.assert_close(chunked_logps, plain_logps, rtol=1e-5, atol=1e-5)
     _assert_close(chunked, plain)
     assert any(g.abs().max() > 1e-3 for g in plain.values())  # gradients that say something

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lowvram_grpo import grpo
+from lowvram_grpo import logprobs
 from lowvram_grpo.config import load_config
 from lowvram_grpo.model import load_policy, reference_model
 from lowvram_grpo.quantization import nf4_config, set_cpu_inference_packing
@@ -49,8 +49,8 @@ def test_reference_logprobs_equal_the_plain_base_model(policy_and_tokenizer, tin
     ids, mask = _batch(tokenizer)
     with torch.no_grad():
         with reference_model(policy):
-            reference, _ = grpo.sequence_logprobs(policy, ids, mask, 2)
-        with_adapter, _ = grpo.sequence_logprobs(policy, ids, mask, 2)
+            reference, _ = logprobs.sequence_logprobs(policy, ids, mask, 2)
+        with_adapter, _ = logprobs.sequence_logprobs(policy, ids, mask, 2)
         base = AutoModelForCausalLM.from_pretrained(tiny_path, quantization_config=nf4_config(torch.float32),
                                                     dtype=torch.float32)
         set_cpu_inference_packing(base, inference_only=False)  # the float32 path the policy takes

@@ -26,7 +26,8 @@ from lowvram_grpo.builtin.tiny_vlm import ARCHITECTURES, IMAGE_SIZES, build_tiny
 from lowvram_grpo.config import load_config
 from lowvram_grpo.data import read_prompt_rows
 from lowvram_grpo.errors import DatasetError
-from lowvram_grpo.grpo import Objective, grpo_loss, sequence_logprobs
+from lowvram_grpo.grpo import Objective, grpo_loss
+from lowvram_grpo.logprobs import sequence_logprobs
 from lowvram_grpo.rollout import Rollout, generate_rollouts, left_pad
 
 COLOURS = [(220, 30, 30), (30, 160, 40), (40, 60, 200)]
