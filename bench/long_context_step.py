@@ -6,7 +6,7 @@
 
 One random-weight model of a shipped architecture (default the Qwen2.5-1.5B shape, which the
 suite's other parts have already built), loaded as training loads it (4-bit NF4 + LoRA,
-gradient checkpointing), runs the trainer's own update (`trainer._accumulate_gradients`: log-probs
+gradient checkpointing), runs the trainer's own update (`update._accumulate_gradients`: log-probs
 with gradients, GRPO loss, backward) on one sequence of `--tokens` tokens, three times: as it is,
 with offload_activations, then with sequence_chunk_size too (each switched on in turn on the same
 policy). Generation is left out: decoding 16K tokens would take minutes; its KV cache is the
@@ -36,9 +36,9 @@ DOCS_KEY = "long-context"
 def measure(learner, prompt: int, completion: int, device: torch.device) -> dict:
     """One warm-up and one measured update of one random sequence; bytes and seconds."""
     from bench.live_bytes import LiveTensorBytes
-    from lowvram_grpo import trainer
     from lowvram_grpo.offload import offloader_of
     from lowvram_grpo.rollout import Rollout
+    from lowvram_grpo.update import _accumulate_gradients
 
     generator = torch.Generator().manual_seed(0)
     vocab = learner.policy.config.vocab_size
@@ -51,8 +51,8 @@ def measure(learner, prompt: int, completion: int, device: torch.device) -> dict
     offloader = offloader_of(learner.policy)
 
     def update() -> None:
-        trainer._accumulate_gradients(learner, rollout, torch.ones(1, device=device), ref_logps, None, 1,
-                                      float(completion), learner.chunking)
+        _accumulate_gradients(learner, rollout, torch.ones(1, device=device), ref_logps, None, 1,
+                              float(completion), learner.chunking)
         if offloader:
             offloader.synchronize()
         if device.type == "cuda":

@@ -1,7 +1,7 @@
 """The bytes one micro-batch's update keeps alive, device-resident and offloaded apart, on the CPU.
 
 `measure_updates(config, prompt, completions)` runs the trainer's own update
-(`trainer._accumulate_gradients`: log-probs with gradients, the GRPO loss, backward) on one
+(`update._accumulate_gradients`: log-probs with gradients, the GRPO loss, backward) on one
 sequence of `prompt + completion` tokens under `bench.live_bytes.LiveTensorBytes`, with the run's
 offloading and sequence chunking switched on as training does, and returns the peak bytes the
 update added on the "device" and the peak the offloader held in CPU memory. The planner's
@@ -63,9 +63,9 @@ def measure_updates(config, prompt: int, completions: list[int]) -> list[UpdateB
 
     The policy loads under the same counter: a view of a weight made during the update (a
     transposed matrix) shares the weight's storage and must not count as new memory."""
-    from lowvram_grpo import trainer
     from lowvram_grpo.offload import offloader_of
     from lowvram_grpo.rollout import Rollout
+    from lowvram_grpo.update import _accumulate_gradients
 
     host = {"offloader": None}
     tracker = LiveTensorBytes(offloaded=lambda: host["offloader"].host_bytes if host["offloader"] else 0)
@@ -84,8 +84,8 @@ def measure_updates(config, prompt: int, completions: list[int]) -> list[UpdateB
             ref_logps = torch.zeros(1, completion) if config.beta > 0 else None
 
             def update(rollout=rollout, ref_logps=ref_logps, completion=completion) -> None:
-                trainer._accumulate_gradients(learner, rollout, torch.ones(1), ref_logps, None, 1, float(completion),
-                                              learner.chunking)
+                _accumulate_gradients(learner, rollout, torch.ones(1), ref_logps, None, 1, float(completion),
+                                      learner.chunking)
 
             if not results:
                 update()  # a first update makes what every later one finds made (caches, LoRA gradients)

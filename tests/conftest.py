@@ -65,7 +65,8 @@ def fixed_step(config, num_prompts: int, num_generations: int):
     from lowvram_grpo.model import load_policy, reference_model
     from lowvram_grpo.planning.planner import resolve_chunking
     from lowvram_grpo.rollout import generate_rollouts
-    from lowvram_grpo.trainer import frozen_logprobs, seed_everything
+    from lowvram_grpo.trainer import seed_everything
+    from lowvram_grpo.update import frozen_logprobs
 
     cpu = torch.device("cpu")
     seed_everything(0)

@@ -65,7 +65,7 @@ def test_prompts_must_divide_evenly_over_processes():
 def test_clip_extremes_are_per_micro_batch_over_every_process_then_averaged():
     """TRL's clip_ratio/low_min: per micro-batch, the min over every process's sequences in its
     micro-batch of that index; then the mean over micro-batches, NaN (no tokens) left out."""
-    from lowvram_grpo.trainer import _mean_of_micro_batch_extremes
+    from lowvram_grpo.update import _mean_of_micro_batch_extremes
 
     nan = float("nan")
     per_process = [{"clip_low_min": [0.1, nan]}, {"clip_low_min": [0.3, 0.2, 0.4]}, {}]
@@ -87,7 +87,7 @@ def _fixed_step(config, path):
     """One step's rollouts, advantages and log-probs, made once and saved: every process loads
     the same, so sampling randomness plays no part in the comparison."""
     from lowvram_grpo.planning.planner import resolve_chunking
-    from lowvram_grpo.trainer import frozen_logprobs
+    from lowvram_grpo.update import frozen_logprobs
 
     cpu = torch.device("cpu")
     policy, rollout, rewards, advantages, ref_logps = fixed_step(config, NUM_PROMPTS, G)
@@ -120,10 +120,10 @@ RATIO_STATISTIC = {"cispo": "cispo_clip_ratio", "vespo": "vespo/phi_seq_mean", "
 
 
 def _updates(data_path):
-    """For each case (loss_type and settings), from the same LoRA weights: one `trainer._update`
+    """For each case (loss_type and settings), from the same LoRA weights: one `update._update`
     (UPDATES: more) on this process's share of the fixed step, with plain SGD so the weight
     change is the gradient itself."""
-    from lowvram_grpo import trainer
+    from lowvram_grpo import update
     from lowvram_grpo.model import load_policy
 
     data = torch.load(data_path, weights_only=False)
@@ -138,8 +138,8 @@ def _updates(data_path):
         config = dataclasses.replace(data["config"], **settings)
         learner = sgd_learner(config, policy, data["lora"])
         for _ in range(UPDATES.get(case, 1)):
-            stats = trainer._update(learner, rollout, data["advantages"][rows], data["ref_logps"][rows],
-                                    data["old_logps"][rows])
+            stats = update._update(learner, rollout, data["advantages"][rows], data["ref_logps"][rows],
+                                   data["old_logps"][rows])
         out[case] = {"weights": {k: p.detach().clone() for k, p in params.items()}, "stats": stats,
                      "entropy_control": learner.entropy_control.state_dict()}
     return out

@@ -501,10 +501,10 @@ TOOL_RESULT_SPANS = {0: (1, 3), 1: (2, 5), 2: (0, 2), 4: (3, 6), 5: (4, 6)}
 @pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"])
 def test_tool_masked_loss_matches_trl(trainer, rollouts, loss_type):
     """Our update's path for a multi-turn rollout (a Rollout with a tool_mask, cut into
-    micro-batches by trainer.micro_batches, loss on Rollout.loss_mask) against TRL's
+    micro-batches by update.micro_batches, loss on Rollout.loss_mask) against TRL's
     `_compute_loss` given the same `tool_mask`: losses, LoRA gradients, KL and entropy."""
     from lowvram_grpo.rollout import Rollout
-    from lowvram_grpo.trainer import micro_batches
+    from lowvram_grpo.update import micro_batches
 
     tool_mask = torch.ones_like(rollouts["completion_mask"])
     for row, (start, end) in TOOL_RESULT_SPANS.items():

@@ -320,7 +320,8 @@ def test_fp16_loss_scaling_keeps_gradients_that_underflow_without_it(tiny_cache,
     """A loss a million times smaller (as when it is averaged over a million tokens) has
     gradients a million times smaller: fp16 activations flush most of them to zero unless the
     loss is scaled up for backward and the gradients scaled back down."""
-    from lowvram_grpo.trainer import _accumulate_gradients, build_loss_scaler
+    from lowvram_grpo.trainer import build_loss_scaler
+    from lowvram_grpo.update import _accumulate_gradients
 
     config, policy, rollout, advantages, ref_logps = _fp16_step(tmp_path)
     params = {n: p for n, p in policy.named_parameters() if p.requires_grad}
@@ -349,7 +350,7 @@ def test_fp16_loss_scaling_keeps_gradients_that_underflow_without_it(tiny_cache,
 
 
 def test_fp16_overflow_skips_the_update_and_lowers_the_scale(tiny_cache, tmp_path):
-    from lowvram_grpo.trainer import _update
+    from lowvram_grpo.update import _update
 
     config, policy, rollout, advantages, ref_logps = _fp16_step(tmp_path)
     params = {n: p for n, p in policy.named_parameters() if p.requires_grad}
