@@ -52,6 +52,7 @@ def check_architecture(arch: str, layers: int, work: Path) -> dict:
     from lowvram_grpo.planning.memory import CUDA_OVERHEAD_BYTES, DEQUANT_TERM, estimate_memory
     from lowvram_grpo.planning.planner import resolve_chunking
     from lowvram_grpo.rewards.loading import load_reward_functions
+    from lowvram_grpo.sampling import PromptSampler
 
     model_dir = common.build_random_model(arch, work / f"{arch}-{layers}-layers", num_hidden_layers=layers)
     dataset = work / "prompts.jsonl"
@@ -85,7 +86,7 @@ def check_architecture(arch: str, layers: int, work: Path) -> dict:
                                   trainer.build_scheduler(config, optimizer), None, device,
                                   load_reward_functions(config.rewards), on_phase=measure)
         rows = load_prompt_data(config, tokenizer).train
-        sampler = trainer.PromptSampler(len(rows), seed=0)
+        sampler = PromptSampler(len(rows), seed=0)
         trainer.grpo_step(learner, rows, sampler, step=1)  # the optimizer's states exist from here on
         before_step = tracker.current  # weights, LoRA, optimizer states, the data
         measuring = True

@@ -12,7 +12,8 @@ from conftest import sgd_learner
 from lowvram_grpo.agent.loop import Agent
 from lowvram_grpo.config import load_config
 from lowvram_grpo.rewards import RewardFunction, load_reward_functions
-from lowvram_grpo.trainer import PromptSampler, grpo_step, seed_everything
+from lowvram_grpo.sampling import PromptSampler
+from lowvram_grpo.trainer import grpo_step, seed_everything
 from tests.agent_helpers import HANGING, TOOLS, chat_tokenizer, hangs, scripted_model
 
 ANSWERS = {0: "The sum is 5.", 2: "errors everywhere", HANGING: "gave up"}

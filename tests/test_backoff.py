@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lowvram_grpo import logprobs, trainer
+from lowvram_grpo import logprobs, sampling
 from lowvram_grpo.config import load_config
 from lowvram_grpo.planning.backoff import MemoryBudgetError, retry_on_oom
 from lowvram_grpo.planning.chunking import Chunking
@@ -83,14 +83,14 @@ def test_oom_in_backward_redoes_the_step_exactly_once(tiny_cache, tmp_path, monk
 
 
 def _oom_when_generating_more_than_16(monkeypatch):
-    real = trainer.generate_rollouts
+    real = sampling.generate_rollouts
 
     def oom_above_16(*args, chunk_size, **kwargs):
         if chunk_size > 16:
             raise torch.OutOfMemoryError("injected")
         return real(*args, chunk_size=chunk_size, **kwargs)
 
-    monkeypatch.setattr(trainer, "generate_rollouts", oom_above_16)
+    monkeypatch.setattr(sampling, "generate_rollouts", oom_above_16)
 
 
 def test_oom_in_generation_halves_the_generation_chunk(tiny_cache, tmp_path, monkeypatch):

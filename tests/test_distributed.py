@@ -158,6 +158,7 @@ def _skip_steps(data_path):
     from lowvram_grpo import trainer
     from lowvram_grpo.model import load_policy
     from lowvram_grpo.rewards.scoring import RewardScores
+    from lowvram_grpo.sampling import PromptSampler
 
     data = torch.load(data_path, weights_only=False)
     w = distributed.world()
@@ -179,7 +180,7 @@ def _skip_steps(data_path):
                 config = dataclasses.replace(data["config"], loss_type=loss_type, beta=0.0, zero_std_groups="skip",
                                              num_generations=G, prompts_per_step=NUM_PROMPTS)
                 learner = sgd_learner(config, policy, data["lora"])
-                record, _ = trainer.grpo_step(learner, [], trainer.PromptSampler(NUM_PROMPTS, 0), step=1)
+                record, _ = trainer.grpo_step(learner, [], PromptSampler(NUM_PROMPTS, 0), step=1)
                 out[case, loss_type] = {"weights": {k: p.detach().clone() for k, p in params.items()},
                                         "record": record}
     finally:
@@ -210,7 +211,7 @@ def _evaluation(data_path):
 def _helper_checks(data_path):
     """The collectives the trainer relies on, with results only right if they really gathered."""
     from lowvram_grpo.rewards.scoring import RewardScores
-    from lowvram_grpo.trainer import _gather_scores
+    from lowvram_grpo.sampling import _gather_scores
 
     w = distributed.world()
     r = w.rank

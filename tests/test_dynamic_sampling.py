@@ -14,7 +14,8 @@ from lowvram_grpo.config import RewardSpec, load_config
 from lowvram_grpo.data import load_prompt_data
 from lowvram_grpo.model import load_policy
 from lowvram_grpo.rewards.loading import load_reward_functions
-from lowvram_grpo.trainer import PromptSampler, grpo_step, seed_everything
+from lowvram_grpo.sampling import PromptSampler
+from lowvram_grpo.trainer import grpo_step, seed_everything
 
 CPU = torch.device("cpu")
 

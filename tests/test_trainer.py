@@ -18,7 +18,8 @@ from lowvram_grpo import grpo, rundir
 from lowvram_grpo.builtin import arith
 from lowvram_grpo.config import load_config
 from lowvram_grpo.rewards.base import RewardFunctionError
-from lowvram_grpo.trainer import PromptSampler, train
+from lowvram_grpo.sampling import PromptSampler
+from lowvram_grpo.trainer import train
 
 
 def _config(tmp_path, name="run", **overrides):
@@ -229,11 +230,11 @@ def test_every_variant_trains(tiny_cache, tmp_path, overrides):
 
 
 def test_num_iterations_reuses_rollouts_for_several_updates(tiny_cache, tmp_path, monkeypatch):
-    from lowvram_grpo import trainer
+    from lowvram_grpo import sampling
 
     generations, updates = [], []
-    real_generate, real_step = trainer.generate_rollouts, torch.optim.AdamW.step
-    monkeypatch.setattr(trainer, "generate_rollouts", lambda *a, **k: generations.append(1) or real_generate(*a, **k))
+    real_generate, real_step = sampling.generate_rollouts, torch.optim.AdamW.step
+    monkeypatch.setattr(sampling, "generate_rollouts", lambda *a, **k: generations.append(1) or real_generate(*a, **k))
     monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: updates.append(1) or real_step(self, *a, **k))
     records = []
     train(_config(tmp_path, max_steps=2, num_iterations=3, epsilon=0.01, save_every=100),
