@@ -142,9 +142,10 @@ def dry_run_checks(config) -> None:
     """What --dry-run checks beyond the config, without downloading anything: every reward
     function loads, a local dataset reads and validates, a model directory exists. Hub datasets
     and models not in the local cache are noted; training checks them before the model loads."""
-    from lowvram_grpo.data import is_hub_id, read_prompt_rows
+    from lowvram_grpo.data import read_prompt_rows
     from lowvram_grpo.model import ModelNotDownloaded, check_model_available
     from lowvram_grpo.rewards.loading import load_reward_functions
+    from lowvram_grpo.tables import is_hub_id
 
     load_reward_functions(config.rewards)
     hub_data = [source for source in (config.dataset, config.eval_dataset) if source and is_hub_id(source)]

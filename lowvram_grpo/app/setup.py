@@ -28,9 +28,10 @@ import yaml
 from lowvram_grpo import vision
 from lowvram_grpo.config import ConfigError, TrainConfig, build_config, preset_path, read_yaml
 from lowvram_grpo.config_docs import key_groups
-from lowvram_grpo.data import SUPPORTED, DatasetError, _looks_like_path, load_prompt_data, preview
+from lowvram_grpo.data import DatasetError, load_prompt_data, preview
 from lowvram_grpo.model import ModelLoadError, check_model_available
 from lowvram_grpo.rewards.builtins import BUILTIN_REWARDS
+from lowvram_grpo.tables import SUPPORTED, _looks_like_path
 
 MAX_UPLOAD_MB = 200
 DATASET_SUFFIXES = list(SUPPORTED) + [ext + ".gz" for ext in SUPPORTED if ext != ".parquet"]
