@@ -104,16 +104,21 @@ def single_threaded(seed: int):
             torch.set_num_threads(threads)
 
 
-def _build():
+def tiny_qwen2(tokenizer, max_positions: int):
+    """The built-in text models' shape, randomly initialised: a 2-layer Qwen2 of width 128 over
+    `tokenizer`'s vocabulary, untied embeddings."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    tokenizer = build_tokenizer()
-    config = Qwen2Config(
+    return Qwen2ForCausalLM(Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
         tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
-    model = Qwen2ForCausalLM(config)
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=None))
+
+
+def _build():
+    tokenizer = build_tokenizer()
+    model = tiny_qwen2(tokenizer, max_positions=64)
     _warm_up(model, tokenizer)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id

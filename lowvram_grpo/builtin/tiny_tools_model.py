@@ -17,7 +17,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from lowvram_grpo.builtin import calculator
-from lowvram_grpo.builtin.tiny_model import cached_model_path, save_atomically, single_threaded, supervised_warm_up
+from lowvram_grpo.builtin.tiny_model import (
+    cached_model_path,
+    save_atomically,
+    single_threaded,
+    supervised_warm_up,
+    tiny_qwen2,
+)
 
 TINY_TOOLS_VERSION = 1
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<unk>"]
@@ -71,16 +77,10 @@ def build_tiny_tools_model(path: str | Path, seed: int = 0, warmup_problems: int
 
 
 def _build(warmup_problems: int, warmup_steps: int):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
     from transformers.utils import get_json_schema
 
     tokenizer = build_tokenizer()
-    config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
-    model = Qwen2ForCausalLM(config)
+    model = tiny_qwen2(tokenizer, max_positions=128)
     tools = [get_json_schema(calculator.add)]
     input_ids, labels = [], []
     for conversation in calculator.warmup_conversations(warmup_problems, TOOL_EVERY):
