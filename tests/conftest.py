@@ -114,3 +114,24 @@ def apply_curve_delta(store: dict, delta_text: str) -> dict:
         del rows[part["start"]:]
         rows.extend(dict(zip(part["keys"], row)) for row in part["rows"])
     return delta
+
+
+def assert_step_two_resumes_exactly(config, run, records: list[dict], final: dict) -> None:
+    """A 2-step run (`records`, its `final` adapter tensors) resumed from its step-1 checkpoint
+    redoes step 2 exactly: the same loss and the same adapter."""
+    import dataclasses
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from lowvram_grpo.trainer import train
+
+    shutil.rmtree(run / "checkpoint-000002")
+    shutil.rmtree(run / "final")
+    resumed = []
+    train(dataclasses.replace(config), resume=True, progress=False, on_step=resumed.append)
+    assert [r["step"] for r in resumed] == [2]
+    assert resumed[0]["loss"] == pytest.approx(records[1]["loss"], abs=1e-6)
+    again = load_file(str(run / "final" / "adapter_model.safetensors"))
+    for key in final:
+        torch.testing.assert_close(again[key], final[key], atol=1e-6, rtol=0)

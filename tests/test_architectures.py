@@ -16,10 +16,8 @@ The README's support table is generated from these results:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import shutil
 import warnings
 from pathlib import Path
 
@@ -27,6 +25,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 from architectures import ARCHITECTURES, build_tiny_arch
+from conftest import assert_step_two_resumes_exactly
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
 from lowvram_grpo import logprobs
@@ -196,15 +195,7 @@ def test_grpo_trains_and_resumes_exactly(arch, tmp_path):
     assert any(v.abs().sum() > 0 for k, v in first.items() if "lora_B" in k), "step 1 did not move LoRA B"
 
     # Resume from step 1: step 2 again, exactly as the uninterrupted run did it.
-    shutil.rmtree(run / "checkpoint-000002")
-    shutil.rmtree(run / "final")
-    resumed = []
-    train(dataclasses.replace(config), resume=True, progress=False, on_step=resumed.append)
-    assert [r["step"] for r in resumed] == [2]
-    assert resumed[0]["loss"] == pytest.approx(records[1]["loss"], abs=1e-6)
-    again = load_file(str(run / "final" / "adapter_model.safetensors"))
-    for key in final:
-        torch.testing.assert_close(again[key], final[key], atol=1e-6, rtol=0)
+    assert_step_two_resumes_exactly(config, run, records, final)
     _record(name, "GRPO + resume")
 
 

@@ -14,11 +14,11 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import shutil
 import warnings
 
 import pytest
 import torch
+from conftest import assert_step_two_resumes_exactly
 from PIL import Image
 
 from lowvram_grpo import vision
@@ -406,15 +406,7 @@ def test_4bit_training_with_images_resumes_exactly(vlm, tmp_path):
     assert samples and samples[0]["prompt"][0]["content"][0] == {"type": "image"}  # logged as placeholders...
     assert samples[0]["images"][0].startswith("data:image/png;base64,")  # ...with thumbnails for the app
 
-    shutil.rmtree(run / "checkpoint-000002")
-    shutil.rmtree(run / "final")
-    resumed = []
-    train(dataclasses.replace(config), resume=True, progress=False, on_step=resumed.append)
-    assert [r["step"] for r in resumed] == [2]
-    assert resumed[0]["loss"] == pytest.approx(records[1]["loss"], abs=1e-6)
-    again = load_file(str(run / "final" / "adapter_model.safetensors"))
-    for key in final:
-        torch.testing.assert_close(again[key], final[key], atol=1e-6, rtol=0)
+    assert_step_two_resumes_exactly(config, run, records, final)
 
 
 # --- the offline vision demo ---------------------------------------------------------------------
